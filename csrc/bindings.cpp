@@ -1,0 +1,17 @@
+// cai_fast._core: the compiled half of cai_fast. Integers in, integers out: token ids,
+// block ids and lengths. No libtorch here. Each concern registers itself from its own file.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+#define STRINGIFY(x) #x
+#define MACRO_STRINGIFY(x) STRINGIFY(x)
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "cai_fast compiled core: prefix cache and batch scheduler (integers only)";
+#ifdef VERSION_INFO
+    m.attr("__version__") = MACRO_STRINGIFY(VERSION_INFO);
+#else
+    m.attr("__version__") = "dev";
+#endif
+}

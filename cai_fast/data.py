@@ -1,0 +1,485 @@
+"""Prompt sets and prompt loaders: any supported file in, a clean, reported list of prompts out.
+
+`load_prompts(path_or_name)` reads one prompt source and returns a `PromptSet`: the prompts, in
+file order, and a `LoadReport` of everything that was dropped and why. Nothing is dropped
+silently and nothing is changed except surrounding whitespace.
+
+Formats (`fmt=`; "auto" picks one from the extension and the first record):
+
+- "text"        one prompt per line; blank lines are skipped, lines starting with '#' are comments.
+- "jsonl"       one JSON object per line; the prompt is `column` (default: the first of
+                prompt, text, instruction, question, turns found in the first record). A list
+                of strings in that column (MT-Bench `turns`) gives its first element.
+- "csv"         a header row and a named column (same defaults), read with the csv module.
+                Records are numbered by line; a quoted field spanning lines counts its last line.
+- "hh-rlhf"     JSONL of `chosen`/`rejected` transcripts ("\\n\\nHuman: … \\n\\nAssistant: …");
+                the prompt is the first Human turn of `chosen`.
+- "advbench"    the PyRIT YAML (`seeds: - value: …, harm_categories: […]`); needs PyYAML.
+- "donotanswer" JSONL of `{"prompt", "intents"}`, or a directory of such files, read in sorted
+                order; each prompt's meta gets the file stem as `risk_area`.
+
+Auto-detection: a directory is "donotanswer"; .txt is "text", .csv is "csv", .yaml/.yml is
+"advbench"; .jsonl/.json look at the first record: `chosen` holding "\\n\\nHuman:" is "hh-rlhf",
+`intents` is "donotanswer", anything else "jsonl". A bare name without extension or path
+separator that matches a shipped set ("red_team", "benign") loads that set from
+`cai_fast/prompt_sets/`; write "./red_team" to mean a local file of that name.
+
+Cleaning, in this order, each counted in the report:
+- empty prompts (whitespace only) are dropped;
+- over-long prompts, longer than `max_chars` characters after stripping, are dropped and their
+  locations reported. They are never truncated: a truncated request is a different request.
+  Token-level limits belong to the generator, which knows the tokenizer;
+- duplicates (same text after collapsing runs of whitespace) are dropped; the first is kept.
+`limit=N` keeps the first N prompts that survive cleaning and stops reading there, so records
+after them are not checked.
+
+Each `Prompt` has a stable id: the first 16 hex digits of sha256 of its stripped text, so the
+same file gives the same ids on every run (runs resume by these ids).
+
+Malformed records (a line that is not JSON, a missing column, a column that is not a string, a
+transcript with no Human turn) raise `PromptLoadError` naming the file, the line or record and
+the field, and saying what to do; with `on_error="skip"` they are dropped and counted instead.
+Problems with the file as a whole (missing, not UTF-8, a CSV without the column, no prompts at
+all) always raise.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+PROMPT_SETS_DIR = Path(__file__).resolve().parent / "prompt_sets"
+FORMATS = ("auto", "text", "jsonl", "csv", "hh-rlhf", "advbench", "donotanswer")
+DEFAULT_COLUMNS = ("prompt", "text", "instruction", "question", "turns")
+ON_ERROR = ("raise", "skip")
+REPORTED_LOCATIONS = 5  # how many drop locations a report keeps per reason
+_FIRST_HUMAN_TURN = re.compile(r"(?:^|\n\n)Human:(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.DOTALL)
+_SKIP_HINT = "fix the record, or pass on_error='skip' to drop bad records"
+
+
+class PromptLoadError(ValueError):
+    """A prompt source that cannot be read; the message names file, record and field."""
+
+    def __init__(self, source: str, problem: str, hint: str, field: str | None = None):
+        self.source = source
+        self.field = field
+        where = f"{source}: field '{field}'" if field else source
+        super().__init__(f"{where}: {problem}; {hint}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: stable content id, text, where it came from ("file:line"), extra fields."""
+
+    id: str
+    text: str
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class LoadReport:
+    """What a load kept and dropped; `*_at` keep the first few locations of each kind of drop."""
+
+    origin: str
+    fmt: str
+    max_chars: int
+    loaded: int = 0
+    empty: int = 0
+    duplicates: int = 0
+    too_long: int = 0
+    malformed: int = 0
+    limit_reached: bool = False
+    duplicates_at: list[str] = field(default_factory=list)
+    too_long_at: list[str] = field(default_factory=list)
+    malformed_at: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        dropped = (f"dropped {self.duplicates} duplicates, {self.empty} empty, "
+                   f"{self.too_long} over {self.max_chars} chars")
+        if self.malformed:
+            dropped += f", {self.malformed} malformed"
+        limit = ", stopped at the limit" if self.limit_reached else ""
+        return f"loaded {self.loaded} prompts from {self.origin} as {self.fmt} ({dropped}{limit})"
+
+
+@dataclass
+class PromptSet:
+    """The prompts of one source, in order, with the report of their loading."""
+
+    prompts: list[Prompt]
+    report: LoadReport
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self.prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> Prompt:
+        return self.prompts[index]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    text: str
+    source: str
+    meta: dict[str, Any]
+
+
+_Item = _Candidate | PromptLoadError  # readers yield bad records as errors; the collector decides
+
+
+def prompt_id(text: str) -> str:
+    """Stable id of a prompt: first 16 hex digits of sha256 of the stripped text."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def available_prompt_sets() -> list[str]:
+    """Names of the prompt sets shipped with the package, for `load_prompts(name)`."""
+    return sorted(p.stem for p in PROMPT_SETS_DIR.glob("*.jsonl"))
+
+
+def load_prompts(path: str | Path, *, fmt: str = "auto", column: str | None = None,
+                 limit: int | None = None, max_chars: int = 4000,
+                 on_error: str = "raise") -> PromptSet:
+    """Load prompts from a file, a Do-Not-Answer directory or a shipped set name (see module doc).
+
+    column: the field holding the prompt (jsonl, csv; also hh-rlhf's transcript field, default
+    "chosen", advbench's default "value", donotanswer's default "prompt").
+    limit: keep the first `limit` prompts after cleaning. max_chars: longer prompts are dropped.
+    on_error: "raise" on a malformed record, or "skip" to drop it and count it in the report.
+    """
+    _check_options(fmt, limit, max_chars, on_error)
+    resolved = _resolve_path(path)
+    fmt = detect_format(resolved) if fmt == "auto" else fmt
+    if fmt == "text" and column is not None:
+        raise ValueError(f"column={column!r} has no meaning for plain text ({resolved}); "
+                         "pass fmt='jsonl' or fmt='csv' for files with columns")
+    report = LoadReport(origin=str(resolved), fmt=fmt, max_chars=max_chars)
+    prompts = _collect(_READERS[fmt](resolved, column), report, limit, on_error)
+    if not prompts:
+        raise PromptLoadError(str(resolved), f"no prompts left ({report.summary()})",
+                              "check the file and the format/column options")
+    return PromptSet(prompts, report)
+
+
+def prompts_from_texts(texts: Iterable[str], *, origin: str = "<list>", limit: int | None = None,
+                       max_chars: int = 4000) -> PromptSet:
+    """Clean a list of prompt strings exactly as `load_prompts` cleans a file."""
+    _check_options("text", limit, max_chars, "raise")
+    candidates = (_list_item(text, f"{origin}:{number}") for number, text in enumerate(texts, 1))
+    report = LoadReport(origin=origin, fmt="list", max_chars=max_chars)
+    return PromptSet(_collect(candidates, report, limit, "raise"), report)
+
+
+def _list_item(text: Any, source: str) -> _Item:
+    if isinstance(text, str):
+        return _Candidate(text, source, {})
+    return PromptLoadError(source, f"has type {type(text).__name__}, expected a string",
+                           "pass a list of prompt strings")
+
+
+def detect_format(path: str | Path) -> str:
+    """The format name for `path`, from its extension and, for JSON, its first record."""
+    path = Path(path)
+    if path.is_dir():
+        return "donotanswer"
+    by_suffix = {".txt": "text", ".csv": "csv", ".yaml": "advbench", ".yml": "advbench"}
+    suffix = path.suffix.lower()
+    if suffix in by_suffix:
+        return by_suffix[suffix]
+    if suffix not in (".jsonl", ".json"):
+        raise PromptLoadError(str(path), f"cannot tell the format from the extension '{suffix}'",
+                              f"pass fmt= one of {', '.join(FORMATS[1:])}")
+    return _detect_json_format(_first_json_record(path))
+
+
+def _detect_json_format(record: Any) -> str:
+    if not isinstance(record, dict):
+        return "jsonl"
+    if isinstance(record.get("chosen"), str) and "\n\nHuman:" in record["chosen"]:
+        return "hh-rlhf"
+    return "donotanswer" if "intents" in record else "jsonl"
+
+
+def _first_json_record(path: Path) -> Any:
+    for _, line in _numbered_lines(path):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            return None  # the jsonl reader reports the bad line with its number
+    return None
+
+
+def _check_options(fmt: str, limit: int | None, max_chars: int, on_error: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of prompts, got {limit}")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+
+
+def _resolve_path(path: str | Path) -> Path:
+    name = str(path)
+    is_bare_name = "/" not in name and "\\" not in name and not Path(name).suffix
+    if is_bare_name and name in available_prompt_sets():
+        return PROMPT_SETS_DIR / f"{name}.jsonl"
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise PromptLoadError(name, "no such file or directory",
+                              f"give a path to a prompt file, or a shipped set: "
+                              f"{', '.join(available_prompt_sets())}")
+    return resolved
+
+
+def _collect(items: Iterable[_Item], report: LoadReport, limit: int | None,
+             on_error: str) -> list[Prompt]:
+    """Clean the readers' output into prompts, filling `report`; stop at `limit`."""
+    kept: list[Prompt] = []
+    first_seen: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, PromptLoadError):
+            _count_malformed(item, report, on_error)
+        elif _accept(item, report, first_seen):
+            kept.append(Prompt(prompt_id(item.text), item.text.strip(), item.source, item.meta))
+            if limit is not None and len(kept) == limit:
+                report.limit_reached = True
+                break
+    report.loaded = len(kept)
+    return kept
+
+
+def _count_malformed(error: PromptLoadError, report: LoadReport, on_error: str) -> None:
+    if on_error == "raise":
+        raise error
+    report.malformed += 1
+    _note(report.malformed_at, str(error))
+
+
+def _accept(candidate: _Candidate, report: LoadReport, first_seen: dict[str, str]) -> bool:
+    """Whether a candidate is kept; counts the reason when it is not."""
+    text = candidate.text.strip()
+    if not text:
+        report.empty += 1
+        return False
+    if len(text) > report.max_chars:
+        report.too_long += 1
+        _note(report.too_long_at, f"{candidate.source} ({len(text)} chars)")
+        return False
+    key = " ".join(text.split())
+    if key in first_seen:
+        report.duplicates += 1
+        _note(report.duplicates_at, f"{candidate.source} (same as {first_seen[key]})")
+        return False
+    first_seen[key] = candidate.source
+    return True
+
+
+def _note(locations: list[str], location: str) -> None:
+    if len(locations) < REPORTED_LOCATIONS:
+        locations.append(location)
+
+
+# ---- readers: each yields _Candidate for a good record and PromptLoadError for a bad one ----
+
+def _read_text_file(path: Path) -> str:
+    """The whole file as text: UTF-8 (a BOM is dropped), newlines normalised to '\\n'."""
+    if path.is_dir():
+        raise PromptLoadError(str(path), "is a directory, not a file",
+                              "give a file, or fmt='donotanswer' for a directory of JSONL files")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PromptLoadError(str(path), f"is not UTF-8 text (bad byte at offset {err.start})",
+                              "save the file as UTF-8") from None
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) for every line that is not blank."""
+    for number, line in enumerate(_read_text_file(path).split("\n"), 1):
+        if line.strip():
+            yield number, line
+
+
+def _read_plain_text(path: Path, column: str | None) -> Iterator[_Item]:
+    for number, line in _numbered_lines(path):
+        if not line.lstrip().startswith("#"):
+            yield _Candidate(line, f"{path}:{number}", {})
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, dict | PromptLoadError]]:
+    """(source, record) per non-blank line; a line that is not a JSON object gives an error."""
+    for number, line in _numbered_lines(path):
+        source = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield source, PromptLoadError(source, f"not valid JSON ({err.msg}, column {err.colno})",
+                                          f"expected one JSON object per line; {_SKIP_HINT}")
+            continue
+        if not isinstance(record, dict):
+            yield source, PromptLoadError(source, f"a JSON {type(record).__name__}, not an object",
+                                          f"expected one JSON object per line; {_SKIP_HINT}")
+            continue
+        yield source, record
+
+
+def _read_jsonl(path: Path, column: str | None) -> Iterator[_Item]:
+    for source, record in _json_records(path):
+        if isinstance(record, PromptLoadError):
+            yield record
+            continue
+        try:
+            column = column or _default_column(record, source)
+            yield _Candidate(_field_text(record, column, source), source, _meta(record, column))
+        except PromptLoadError as err:
+            yield err
+
+
+def _default_column(record: dict, source: str) -> str:
+    for name in DEFAULT_COLUMNS:
+        if name in record:
+            return name
+    raise PromptLoadError(source, f"none of the fields {', '.join(DEFAULT_COLUMNS)} is present",
+                          _column_hint(record))
+
+
+def _column_hint(record: dict) -> str:
+    found = ", ".join(str(key) for key in record) or "none"
+    return f"pass column=NAME (CLI: --prompt-column NAME); fields found: {found}"
+
+
+def _field_text(record: dict, column: str, source: str) -> str:
+    """The prompt string in `record[column]`; a list of strings gives its first element."""
+    if column not in record:
+        raise PromptLoadError(source, "missing", _column_hint(record), field=column)
+    value = record[column]
+    if isinstance(value, list) and all(isinstance(turn, str) for turn in value):
+        return value[0] if value else ""
+    if not isinstance(value, str):
+        raise PromptLoadError(source, f"has type {type(value).__name__}, expected a string",
+                              _SKIP_HINT, field=column)
+    return value
+
+
+def _meta(record: dict, column: str) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != column}
+
+
+def _read_csv(path: Path, column: str | None) -> Iterator[_Item]:
+    reader = csv.DictReader(io.StringIO(_read_text_file(path), newline=""), strict=True)
+    try:
+        column = _csv_column(path, reader.fieldnames or [], column)
+        for row in reader:
+            yield _csv_row(row, column, f"{path}:{reader.line_num}")
+    except csv.Error as err:
+        raise PromptLoadError(f"{path}:{reader.line_num + 1}",
+                              f"the record starting on this line is not valid CSV ({err})",
+                              "fix the file (quotes must be balanced)") from None
+
+
+def _csv_column(path: Path, header: list[str], column: str | None) -> str:
+    """The prompt column: `column` if given, else the first default name in the header."""
+    chosen = column or next((name for name in DEFAULT_COLUMNS if name in header), None)
+    if chosen in header:
+        return chosen
+    problem = (f"no column {column!r}" if column else
+               f"none of the columns {', '.join(DEFAULT_COLUMNS)} is present")
+    found = ", ".join(header) or "none (is the file empty?)"
+    raise PromptLoadError(f"{path}:1", problem,
+                          f"pass column=NAME (CLI: --prompt-column NAME); columns found: {found}")
+
+
+def _csv_row(row: dict, column: str, source: str) -> _Item:
+    if row[column] is None:
+        return PromptLoadError(source, "missing (the row has fewer fields than the header)",
+                               _SKIP_HINT, field=column)
+    meta = {key: value for key, value in row.items() if key not in (column, None)}
+    return _Candidate(row[column], source, meta)
+
+
+def _read_hh_rlhf(path: Path, column: str | None) -> Iterator[_Item]:
+    column = column or "chosen"
+    for source, record in _json_records(path):
+        if isinstance(record, PromptLoadError):
+            yield record
+            continue
+        try:
+            transcript = _field_text(record, column, source)
+            yield _Candidate(_first_human_turn(transcript, source, column), source, {})
+        except PromptLoadError as err:
+            yield err
+
+
+def _first_human_turn(transcript: str, source: str, column: str) -> str:
+    match = _FIRST_HUMAN_TURN.search(transcript)
+    if match is None:
+        raise PromptLoadError(source, "has no 'Human:' turn",
+                              f"expected an hh-rlhf transcript ('\\n\\nHuman: ...'); {_SKIP_HINT}",
+                              field=column)
+    return match.group(1)
+
+
+def _read_advbench(path: Path, column: str | None) -> Iterator[_Item]:
+    column = column or "value"
+    for number, seed in enumerate(_advbench_seeds(path), 1):
+        source = f"{path}:record {number}"
+        if not isinstance(seed, dict):
+            yield PromptLoadError(source, f"a seed is a {type(seed).__name__}, not a mapping",
+                                  _SKIP_HINT)
+            continue
+        try:
+            yield _Candidate(_field_text(seed, column, source), source, _meta(seed, column))
+        except PromptLoadError as err:
+            yield err
+
+
+def _advbench_seeds(path: Path) -> list:
+    try:
+        import yaml
+    except ImportError:
+        raise PromptLoadError(str(path), "reading AdvBench YAML needs PyYAML",
+                              "pip install pyyaml") from None
+    try:
+        document = yaml.safe_load(_read_text_file(path))
+    except yaml.YAMLError as err:
+        problem = " ".join(str(err).split())  # PyYAML's message spans lines; keep it on one
+        raise PromptLoadError(str(path), f"not valid YAML ({problem})", "fix the file") from None
+    seeds = document.get("seeds") if isinstance(document, dict) else None
+    if not isinstance(seeds, list):
+        raise PromptLoadError(str(path), "missing or not a list",
+                              "expected the PyRIT AdvBench layout 'seeds: - value: ...'", "seeds")
+    return seeds
+
+
+def _read_donotanswer(path: Path, column: str | None) -> Iterator[_Item]:
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise PromptLoadError(str(path), "directory holds no .jsonl files",
+                              "give the Do-Not-Answer folder or one of its .jsonl files")
+    for file in files:
+        for item in _read_jsonl(file, column or "prompt"):
+            if isinstance(item, _Candidate):
+                item.meta["risk_area"] = file.stem
+            yield item
+
+
+_READERS = {
+    "text": _read_plain_text,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "hh-rlhf": _read_hh_rlhf,
+    "advbench": _read_advbench,
+    "donotanswer": _read_donotanswer,
+}

@@ -1,0 +1,84 @@
+"""What every generator in cai_fast offers: token ids in, completions out.
+
+A generator sees token ids only; it knows nothing of constitutions or chat templates. Callers
+render and tokenize prompts (cai_fast.prompts) and hand over lists of ids. The tokenizer rides
+along so that a generator can decode, find stop strings and report what it produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one batch of continuations.
+
+    temperature 0 means greedy. `seed` makes sampling reproducible; `stop` ends a completion at
+    the first occurrence of any of these strings (the stop string itself is cut off).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    """One generated continuation: its text, its token ids and why it stopped."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+@dataclass
+class GenerationStats:
+    """Running totals a generator keeps, for summaries and benches."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    calls: int = 0
+
+    def add(self, completions: Sequence[Completion]) -> None:
+        self.calls += 1
+        self.prompt_tokens += sum(c.prompt_tokens for c in completions)
+        self.generated_tokens += sum(len(c.token_ids) for c in completions)
+
+
+class Generator(Protocol):
+    tokenizer: object
+    stats: GenerationStats
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """Continue each prompt (a list of token ids); one Completion per prompt, in order."""
+        ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` at the earliest stop string; say whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    if not hits:
+        return text, False
+    return text[: min(hits)], True
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: eos, plus ChatML's <|im_end|> where it exists."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)

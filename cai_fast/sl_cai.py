@@ -1,0 +1,182 @@
+"""SL-CAI: initial answers, K rounds of critique and revision, and the datasets they give.
+
+For each prompt x: y0 = the model's answer; then for each round k (1..K) a principle is drawn by
+weight (seeded by prompt id and run seed, so the same on resume), the model critiques its latest
+answer against it and revises. Records keep the whole trace. Prompts run in batches; every
+step's prompt extends the one before (see cai_fast.prompts), which is what a prefix cache shares.
+
+Outputs, in trl's formats (JSONL files that `datasets.load_dataset("json", ...)` reads):
+  sft_messages/          {"messages": [user x, assistant y_K]}              (SFTTrainer)
+  sft_prompt_completion/ {"prompt": [user x], "completion": [assistant y_K]} (SFTTrainer)
+  preference/            {"prompt", "chosen": y_K, "rejected": y0, ...}      (DPOTrainer, RewardTrainer)
+A pair whose final revision equals the initial answer carries no preference and is left out of
+the preference set (counted in the summary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from . import prompts as P
+from .constitution import Constitution
+from .data import Prompt
+from .engine import Generator, SamplingParams
+from .store import RunStore, write_jsonl
+
+RECORDS = "records"
+
+
+@dataclass
+class SLCAIConfig:
+    rounds: int = field(default=2, metadata={"help": "critique-revision rounds per prompt (1-4)"})
+    seed: int = field(default=0, metadata={"help": "seed for principle sampling and generation"})
+    batch_size: int = field(default=8, metadata={"help": "prompts generated together"})
+    few_shot: int = field(default=3, metadata={"help": "few-shot examples from the constitution (0 = none)"})
+    answer_tokens: int = field(default=128, metadata={"help": "max new tokens of the initial answer"})
+    critique_tokens: int = field(default=96, metadata={"help": "max new tokens of each critique"})
+    revision_tokens: int = field(default=128, metadata={"help": "max new tokens of each revision"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling threshold"})
+
+    def __post_init__(self):
+        if not 1 <= self.rounds <= 4:
+            raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
+        for name in ("batch_size", "answer_tokens", "critique_tokens", "revision_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.few_shot < 0:
+            raise ValueError(f"few_shot must be >= 0, got {self.few_shot}")
+
+    def params(self, max_new_tokens: int, seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens, self.temperature, self.top_p, seed)
+
+
+@dataclass
+class SLCAIResult:
+    records: list[dict]
+    sft_messages: object  # datasets.Dataset
+    sft_prompt_completion: object
+    preference: object
+    summary: dict
+
+
+def stable_seed(*parts) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[Prompt],
+              config: SLCAIConfig) -> list[dict]:
+    """The whole SL-CAI trace of a batch of prompts: initial answers, then K rounds."""
+    prefix = P.few_shot_messages(constitution, config.few_shot)
+    chats = [prefix + [P.user(p.text)] for p in batch]
+    batch_seed = stable_seed(config.seed, batch[0].id)
+
+    def step(name: str, max_tokens: int) -> list[str]:
+        ids = [P.render(generator.tokenizer, chat) for chat in chats]
+        out = generator.generate(ids, config.params(max_tokens, stable_seed(batch_seed, name)))
+        for chat, completion in zip(chats, out):
+            chat.append(P.assistant(completion.text))
+        return [c.text for c in out]
+
+    principles = [constitution.sample(p.id, config.rounds, seed=config.seed) for p in batch]
+    initial = step("initial", config.answer_tokens)
+    rounds = [[] for _ in batch]
+    for k in range(config.rounds):
+        for chat, chosen in zip(chats, principles):
+            chat.append(P.critique_turn(chosen[k]))
+        critiques = step(f"critique{k}", config.critique_tokens)
+        for chat, chosen in zip(chats, principles):
+            chat.append(P.revision_turn(chosen[k]))
+        revisions = step(f"revision{k}", config.revision_tokens)
+        for trace, chosen, c, r in zip(rounds, principles, critiques, revisions):
+            trace.append({"principle_id": chosen[k].id, "critique": c, "revision": r})
+    return [_record(p, y0, trace) for p, y0, trace in zip(batch, initial, rounds)]
+
+
+def _record(prompt: Prompt, initial: str, rounds: list[dict]) -> dict:
+    return {
+        "prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source,
+        "initial": initial, "rounds": rounds, "final": rounds[-1]["revision"],
+        "principle_ids": [r["principle_id"] for r in rounds],
+    }
+
+
+def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequence[Prompt],
+               config: SLCAIConfig = SLCAIConfig(), *, out_dir: str | Path | None = None,
+               run_info: dict | None = None, progress: bool = True) -> SLCAIResult:
+    """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store)."""
+    start, tokens_before = time.perf_counter(), generator.stats.generated_tokens
+    store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
+    done = store.read(RECORDS) if store else []
+    done_ids = {r["prompt_id"] for r in done}
+    todo = [p for p in prompts if p.id not in done_ids]
+    records = list(done)
+    with tqdm(total=len(prompts), initial=len(done), desc="SL-CAI", unit="prompt", disable=not progress) as bar:
+        for i in range(0, len(todo), config.batch_size):
+            batch = run_batch(generator, constitution, todo[i : i + config.batch_size], config)
+            if store:
+                store.append(RECORDS, batch)
+            records += batch
+            bar.update(len(batch))
+    result = _result(records, prompts)
+    result.summary.update(
+        prompts=len(prompts), resumed=len(done), rounds=config.rounds,
+        generated_tokens=generator.stats.generated_tokens - tokens_before,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    if store:
+        result.summary["files"] = _write_datasets(store.root, result)
+    return result
+
+
+def _run_config(config: SLCAIConfig, constitution: Constitution, prompts: Sequence[Prompt],
+                run_info: dict | None) -> dict:
+    ids = hashlib.sha256("".join(p.id for p in prompts).encode()).hexdigest()
+    return {**asdict(config), **(run_info or {}), "stage": "sl-cai",
+            "constitution": constitution.name, "constitution_sha256": constitution.fingerprint(),
+            "prompts_sha256": ids, "num_prompts": len(prompts)}
+
+
+def sft_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(messages rows, prompt/completion rows) of the final revisions."""
+    messages = [{"messages": [P.user(r["prompt"]), P.assistant(r["final"])], "prompt_id": r["prompt_id"]}
+                for r in records]
+    completion = [{"prompt": [P.user(r["prompt"])], "completion": [P.assistant(r["final"])],
+                   "prompt_id": r["prompt_id"]} for r in records]
+    return messages, completion
+
+
+def preference_rows(records: list[dict]) -> list[dict]:
+    """(final revision ≻ initial answer) pairs; pairs where the two are equal are left out."""
+    return [{"prompt": [P.user(r["prompt"])], "chosen": [P.assistant(r["final"])],
+             "rejected": [P.assistant(r["initial"])], "prompt_id": r["prompt_id"],
+             "principle_ids": r["principle_ids"]}
+            for r in records if r["final"].strip() != r["initial"].strip()]
+
+
+def _result(records: list[dict], prompts: Sequence[Prompt]) -> SLCAIResult:
+    from datasets import Dataset
+
+    order = {p.id: i for i, p in enumerate(prompts)}
+    records = sorted(records, key=lambda r: order.get(r["prompt_id"], len(order)))
+    messages, completion = sft_rows(records)
+    preference = preference_rows(records)
+    summary = {"preference_pairs": len(preference), "unchanged": len(records) - len(preference)}
+    return SLCAIResult(records, Dataset.from_list(messages), Dataset.from_list(completion),
+                       Dataset.from_list(preference), summary)
+
+
+def _write_datasets(root: Path, result: SLCAIResult) -> dict:
+    files = {}
+    for name in ("sft_messages", "sft_prompt_completion", "preference"):
+        path = root / name / "train-00000.jsonl"
+        write_jsonl(path, getattr(result, name).to_list())
+        files[name] = str(path)
+    return files

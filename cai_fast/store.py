@@ -1,0 +1,107 @@
+"""Run folders: the saved config, JSONL shards appended atomically, and resume.
+
+A run writes everything to one folder:
+
+    DIR/config.json            what produced the data; a different config is refused
+    DIR/<kind>-00000.jsonl     records, appended in whole batches, rotated every N records
+    DIR/<dataset>/...          datasets derived from the records at the end (rewritten whole)
+
+Every record carries a stable key (e.g. the prompt id). A batch of records is appended with one
+write() followed by fsync, so a kill leaves either the whole batch or, at worst, a torn last line;
+a torn line is cut off when the run resumes. Re-running the same command therefore continues
+where it stopped, loses nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+
+class RunConfigError(ValueError):
+    """The folder holds a run made with another config; the message says what differs."""
+
+
+class RunStore:
+    def __init__(self, root: str | Path, config: dict, *, shard_size: int = 1000):
+        self.root, self.shard_size = Path(root), shard_size
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_or_save_config(config)
+
+    def _check_or_save_config(self, config: dict) -> None:
+        path = self.root / "config.json"
+        config = json.loads(json.dumps(config))  # normalise tuples, paths
+        if not path.exists():
+            write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+            return
+        saved = json.loads(path.read_text())
+        diffs = [f"{k}: {saved.get(k)!r} in the run, {config.get(k)!r} now"
+                 for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+        if diffs:
+            raise RunConfigError(
+                f"{self.root} holds a run made with another config ({'; '.join(diffs)}). "
+                "Re-run with the same options to resume it, or choose a new output folder."
+            )
+
+    def shards(self, kind: str) -> list[Path]:
+        return sorted(self.root.glob(f"{kind}-[0-9][0-9][0-9][0-9][0-9].jsonl"))
+
+    def read(self, kind: str) -> list[dict]:
+        """All complete records of one kind, in the order they were written."""
+        records = []
+        for shard in self.shards(kind):
+            records += [json.loads(line) for line in _complete_lines(shard)]
+        return records
+
+    def keys(self, kind: str, key: str) -> set:
+        return {r[key] for r in self.read(kind)}
+
+    def append(self, kind: str, records: Iterable[dict]) -> None:
+        """Append records in one atomic write; start a new shard when the last one is full."""
+        records = list(records)
+        if not records:
+            return
+        shard = self._open_shard(kind)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(shard, "a", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _open_shard(self, kind: str) -> Path:
+        shards = self.shards(kind)
+        if not shards:
+            return self.root / f"{kind}-00000.jsonl"
+        last = shards[-1]
+        lines = _complete_lines(last, repair=True)
+        if len(lines) < self.shard_size:
+            return last
+        return self.root / f"{kind}-{len(shards):05d}.jsonl"
+
+
+def _complete_lines(path: Path, *, repair: bool = False) -> list[str]:
+    """The lines of a shard that were fully written; with repair, cut a torn last line off."""
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if repair and end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return raw[:end].decode("utf-8").splitlines()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

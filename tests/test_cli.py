@@ -17,10 +17,13 @@ FAST = ["--rounds", "2", "--batch-size", "2", "--answer-tokens", "8", "--critiqu
         "--revision-tokens", "8", "--quiet"]
 
 
-def _cli(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args, cwd, timeout=300):
+    """Run the installed command (from a scratch folder, so the source tree cannot shadow it)."""
     return subprocess.run([sys.executable, "-m", "cai_fast.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=ENV, cwd=cwd, timeout=timeout)
 
 
 def test_help_covers_every_option(capsys):
@@ -47,12 +50,12 @@ def test_user_errors_are_one_line_without_traceback(args, expected, capsys, tmp_
 
 def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_path):
     common = ["sl-cai", "--model", str(tiny_model_path), "--limit", "10", *FAST]
-    full = _cli(*common, "--out", str(tmp_path / "full"))
+    full = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cai_fast.cli", *common, "--out", str(out)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "records-00000.jsonl"
     deadline = time.time() + 240
@@ -63,7 +66,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
     written = shard.read_text().count("\n")
     assert 2 <= written < 10, f"the kill came too late to test anything ({written} records)"
 
-    resumed = _cli(*common, "--out", str(out))
+    resumed = _cli(*common, "--out", str(out), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({written} from an earlier run)" in resumed.stdout
     for name in ("records-00000.jsonl", "sft_messages/train-00000.jsonl", "preference/train-00000.jsonl"):
@@ -75,6 +78,6 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
 
 def test_resume_with_another_config_is_refused(tiny_model_path, tmp_path):
     common = ["sl-cai", "--model", str(tiny_model_path), "--limit", "2", "--out", str(tmp_path), *FAST]
-    assert _cli(*common).returncode == 0
-    again = _cli(*common[:-len(FAST)], *FAST[:1], "1", *FAST[2:])
+    assert _cli(*common, cwd=tmp_path).returncode == 0
+    again = _cli(*common[:-len(FAST)], *FAST[:1], "1", *FAST[2:], cwd=tmp_path)
     assert again.returncode == 2 and "rounds: 2 in the run, 1 now" in again.stderr

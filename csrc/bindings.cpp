@@ -4,6 +4,12 @@
 
 namespace py = pybind11;
 
+namespace cai {
+void register_block_pool(py::module_& m);
+void register_radix_cache(py::module_& m);
+void register_scheduler(py::module_& m);
+}  // namespace cai
+
 #define STRINGIFY(x) #x
 #define MACRO_STRINGIFY(x) STRINGIFY(x)
 
@@ -14,4 +20,7 @@ PYBIND11_MODULE(_core, m) {
 #else
     m.attr("__version__") = "dev";
 #endif
+    cai::register_block_pool(m);
+    cai::register_radix_cache(m);
+    cai::register_scheduler(m);
 }

@@ -1,0 +1,104 @@
+"""Judge scoring of swapped pairs: order-averaged soft labels from answer-position hidden states.
+
+    swapped_pair_scores(hidden [M, P, 2, H], weight [V, H], option_ids=(id_A, id_B), bias=None,
+                        aggregate="prob") -> PairScores
+
+hidden[m, p, o] is the state at the answer position for pair m, principle p, order o. Order 0
+shows "(A) = first response, (B) = second"; order 1 shows them swapped. With
+z_X = h·W[id_X] + b[id_X] and p(·) the softmax over the TWO option logits only:
+
+    p_ab_a     = σ(z_A − z_B) at order 0        the first response, shown as (A)      [M, P]
+    p_ba_b     = σ(z_B − z_A) at order 1        the first response again, now (B)     [M, P]
+    label      = ½·(p_ab_a + p_ba_b)            P(first ≻ second)                     [M, P]
+    label_mean = mean_p label                   aggregate="prob"                      [M]
+               = σ(mean_p logit(label))         aggregate="logodds"
+
+Exchanging the two responses exchanges the orders, so every label becomes 1 − label (up to fp32
+rounding): position bias cancels by construction. Only the two option rows of W are read, as the
+gap w_A − w_B, so the cost is one dot product per row. Inference only: runs under no_grad, fp32
+outputs. One kernel launch on the Triton path (`kernels/swapped_pair.py`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import takes_triton
+from ._validate import check_choice, check_head
+from .logprobs import reference_logits
+
+AGGREGATES = ("prob", "logodds")
+
+
+class PairScores(NamedTuple):
+    p_ab_a: torch.Tensor  # [M, P] P(option A) in order 0: the first response preferred
+    p_ba_b: torch.Tensor  # [M, P] P(option B) in order 1: the first response preferred
+    label: torch.Tensor  # [M, P] ½·(p_ab_a + p_ba_b) = P(first ≻ second)
+    label_mean: torch.Tensor  # [M] aggregated over principles
+
+
+def swapped_pair_scores(hidden: torch.Tensor, weight: torch.Tensor, option_ids: tuple[int, int],
+                        bias: torch.Tensor | None = None, aggregate: str = "prob") -> PairScores:
+    """Soft labels P(first ≻ second) of M pairs under P principles (see the module docstring)."""
+    op = "swapped_pair_scores"
+    check_head(op, hidden, weight, bias, hidden_dims=4)
+    if hidden.shape[2] != 2:
+        raise ValueError(f"cai_fast.ops.{op}: hidden must be [M, P, 2 orders, H], got shape "
+                         f"{tuple(hidden.shape)}")
+    id_a, id_b = _option_pair(op, option_ids, weight.shape[0])
+    check_choice(op, "aggregate", aggregate, AGGREGATES)
+    with torch.no_grad():
+        if takes_triton(hidden, weight, bias):
+            from .kernels.swapped_pair import swapped_pair_forward
+
+            return PairScores(*swapped_pair_forward(hidden, weight, bias, id_a, id_b,
+                                                    aggregate == "logodds"))
+        gap0, gap1 = _preference_gaps(hidden, weight, bias, id_a, id_b)
+        return scores_from_gaps(gap0, gap1, aggregate)
+
+
+def _option_pair(op: str, option_ids, vocab: int) -> tuple[int, int]:
+    ids = [int(i) for i in option_ids]
+    if len(ids) != 2 or ids[0] == ids[1] or not all(0 <= i < vocab for i in ids):
+        raise ValueError(f"cai_fast.ops.{op}: option_ids must be two distinct token ids in "
+                         f"[0, {vocab}), got {tuple(option_ids)!r}")
+    return ids[0], ids[1]
+
+
+def _preference_gaps(hidden, weight, bias, id_a, id_b):
+    """Logit gaps favouring the first response: z_A − z_B at order 0, z_B − z_A at order 1."""
+    w_gap = weight[id_a].float() - weight[id_b].float()
+    gaps = hidden.float() @ w_gap
+    if bias is not None:
+        gaps += bias[id_a].float() - bias[id_b].float()
+    return gaps[:, :, 0], -gaps[:, :, 1]
+
+
+def _label_logit(gap0, gap1):
+    """logit(½·(σ(gap0) + σ(gap1))) without leaving log space."""
+    log_label = torch.logaddexp(F.logsigmoid(gap0), F.logsigmoid(gap1))
+    return log_label - torch.logaddexp(F.logsigmoid(-gap0), F.logsigmoid(-gap1))
+
+
+def scores_from_gaps(gap0, gap1, aggregate: str) -> PairScores:
+    """PairScores from the two orders' logit gaps [M, P]."""
+    p_ab_a, p_ba_b = torch.sigmoid(gap0), torch.sigmoid(gap1)
+    label = 0.5 * (p_ab_a + p_ba_b)
+    if aggregate == "logodds":
+        return PairScores(p_ab_a, p_ba_b, label, torch.sigmoid(_label_logit(gap0, gap1).mean(1)))
+    return PairScores(p_ab_a, p_ba_b, label, label.mean(1))
+
+
+def swapped_pair_scores_reference(hidden, weight, option_ids, bias=None, aggregate="prob"):
+    """Unfused scoring: full-vocabulary log-softmax, then the two options renormalised."""
+    m, p, _, h = hidden.shape
+    logp = torch.log_softmax(reference_logits(hidden.reshape(-1, h), weight, bias), dim=-1)
+    pair = logp[:, list(option_ids)].reshape(m, p, 2, 2)
+    probs = torch.softmax(pair, dim=-1)
+    p_ab_a, p_ba_b = probs[:, :, 0, 0], probs[:, :, 1, 1]
+    label = 0.5 * (p_ab_a + p_ba_b)
+    mean = torch.sigmoid(torch.logit(label).mean(1)) if aggregate == "logodds" else label.mean(1)
+    return PairScores(p_ab_a, p_ba_b, label, mean)

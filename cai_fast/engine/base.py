@@ -1,4 +1,4 @@
-"""What every generator in cai_fast offers: token ids in, completions out.
+"""What every generator in cai_fast offers: token ids in, completions (or option log-probs) out.
 
 A generator sees token ids only; it knows nothing of constitutions or chat templates. Callers
 render and tokenize prompts (cai_fast.prompts) and hand over lists of ids. The tokenizer rides
@@ -8,7 +8,10 @@ along so that a generator can decode, find stop strings and report what it produ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,16 @@ class Generator(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Continue each prompt (a list of token ids); one Completion per prompt, in order."""
+        ...
+
+    def score_options(self, prompts: Sequence[Sequence[int]],
+                      options: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Log-probs [N, K] (fp32, full-vocabulary softmax) of K options continuing each of N prompts.
+
+        Each option is a token sequence; its log-prob is the sum over its tokens. When every option
+        is one token this is one forward pass per prompt that reads the answer position only; no
+        token is generated. The judge's verdicts come from here.
+        """
         ...
 
 

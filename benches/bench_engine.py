@@ -1,0 +1,341 @@
+"""The cached engine against transformers, measured in one run (compare ratios, never absolute times).
+
+    python benches/bench_engine.py [--sections sl_cai,judge,decode,divergence] [--json FILE]
+
+Sections (each prints its table; --json writes every figure):
+  sl_cai      SL-CAI (2 rounds, 3 few-shot examples, greedy, --tokens new tokens a step) on the same
+              --compare-n prompts: the engine vs (a) the plain one-at-a-time baseline
+              (baseline_sl_cai.py) and (b) batched transformers generate without prefix sharing
+              (the plain generator, --plain-batch prompts a call); then the engine alone on --n
+              prompts. Prefill tokens submitted / computed, cache hit rate, time in the scheduler
+              and in the model, and how many traces are identical across the three.
+  judge       RLAIF labelling: --samples samples per prompt (engine, temperature 0.8), all pairs,
+              4 principles in both orders. Prompt tokens submitted / computed by the scheduler over
+              the --n prompts (a dry run of the scheduler alone, checked against the real engine on
+              --judge-pairs pairs), then labels/s of the engine, of the plain generator (both
+              orders, batched) and of the trl-style baseline (baseline_judge.py: one order, one
+              generate call per pair and principle), with the tokens each computes.
+  decode      decode tokens/s at batch 1 and --decode-batch, engine vs transformers' generate (per
+              step, prefill excluded), against this CPU's ceilings: weights streamed once a step
+              (bytes of weights / bandwidth of a large copy) and the fp32 matmul rate of a big
+              matmul (2 × parameters flops a token); plus decode after the 3-example few-shot
+              block: the engine at --decode-batch with cascade attention on and off (the shared
+              prefix read once a step, or once per request), generate at batch 8. Best of
+              --repeats interleaved runs.
+  divergence  greedy completions of --n chat prompts, engine (all in one batch) vs generate (one
+              prompt at a time): how many differ, and the top-2 logit gap where they part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+import torch  # noqa: E402
+from baseline_judge import baseline_judge  # noqa: E402
+from baseline_sl_cai import baseline_sl_cai  # noqa: E402
+from test_engine_cached import as_sequence, reference_greedy, top2_gap  # noqa: E402
+
+from cai_fast import prompts as P  # noqa: E402
+from cai_fast.constitution import load_constitution  # noqa: E402
+from cai_fast.data import load_prompts  # noqa: E402
+from cai_fast.engine import DEFAULT_MODEL, SamplingParams, load_model, make_generator  # noqa: E402
+from cai_fast.engine.cached import CachedGenerator, EngineConfig  # noqa: E402
+from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
+from cai_fast.scheduler import make_cache, make_scheduler  # noqa: E402
+from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def engine(loaded, batch: int, **config) -> CachedGenerator:
+    return CachedGenerator(loaded.model, loaded.tokenizer, EngineConfig(max_running=batch, **config))
+
+
+# ---------------------------------------------------------------- SL-CAI
+
+
+def trace(record: dict) -> list[str]:
+    return [record["initial"]] + [t for r in record["rounds"] for t in (r["critique"], r["revision"])]
+
+
+def sl_cai(loaded, args) -> dict:
+    constitution = load_constitution("default")
+    prompts = list(load_prompts(args.prompts, limit=args.n))
+    subset = prompts[: args.compare_n]
+
+    def config(batch):
+        return SLCAIConfig(rounds=2, few_shot=3, batch_size=batch, temperature=0.0, answer_tokens=args.tokens,
+                           critique_tokens=args.tokens, revision_tokens=args.tokens)
+
+    def run(generator, items, batch):
+        seconds, result = timed(lambda: run_sl_cai(generator, constitution, items, config(batch), progress=False))
+        figures = {"prompts": len(items), "seconds": round(seconds, 1), "prompts_per_s": len(items) / seconds,
+                   "generated_tokens": generator.stats.generated_tokens, "prompt_tokens": generator.stats.prompt_tokens}
+        if isinstance(generator, CachedGenerator):
+            figures.update(generator.stats.summary())
+        return figures, {r["prompt_id"]: trace(r) for r in result.records}
+
+    out = {"tokens_per_step": args.tokens, "rounds": 2, "few_shot": 3}
+    out["engine"], ours = run(make_generator(loaded, engine="cached", batch_size=len(subset)), subset, len(subset))
+    out["plain"], plain = run(make_generator(loaded, engine="plain", batch_size=args.plain_batch), subset,
+                              args.plain_batch)
+    cfg = config(1)
+    seconds, (records, tokens) = timed(lambda: baseline_sl_cai(
+        loaded.model, loaded.tokenizer, constitution, subset, rounds=2, seed=cfg.seed, few_shot=3,
+        answer_tokens=args.tokens, critique_tokens=args.tokens, revision_tokens=args.tokens))
+    out["baseline"] = {"prompts": len(subset), "seconds": round(seconds, 1), "prompts_per_s": len(subset) / seconds,
+                       "generated_tokens": tokens}
+    base = {r["prompt_id"]: trace(r) for r in records}
+    out["identical_traces"] = {"engine_vs_plain": sum(ours[k] == plain[k] for k in ours),
+                               "engine_vs_baseline": sum(ours[k] == base[k] for k in ours), "of": len(ours)}
+    out["speedup_vs_baseline"] = out["engine"]["prompts_per_s"] / out["baseline"]["prompts_per_s"]
+    out["speedup_vs_plain"] = out["engine"]["prompts_per_s"] / out["plain"]["prompts_per_s"]
+    if args.n > args.compare_n:
+        out["engine_all"], _ = run(make_generator(loaded, engine="cached", batch_size=32), prompts, 32)
+        out["speedup_all_vs_baseline"] = out["engine_all"]["prompts_per_s"] / out["baseline"]["prompts_per_s"]
+        out["speedup_all_vs_plain"] = out["engine_all"]["prompts_per_s"] / out["plain"]["prompts_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------- judge
+
+
+def judge_rows(judge: ConstitutionalJudge, pairs) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of every judge prompt (both orders) and of the baseline's (one order)."""
+    both, single = [], []
+    for prompt, a, b in pairs:
+        conversation = P.conversation_text(prompt)
+        principles = judge.principles_for(conversation, a, b)
+        for order, (first, second) in enumerate(((a, b), (b, a))):
+            for principle in principles:
+                ids = P.render_continuation(judge.tokenizer, judge.judge_chat(conversation, first, second, principle),
+                                            judge.options.prefix)
+                both.append(ids)
+                if order == 0:
+                    single.append(ids)
+    return both, single
+
+
+def dry_run(rows: list[list[int]], config: EngineConfig) -> int:
+    """Prefill tokens the engine computes for these scoring rows: the scheduler alone, as the
+    engine drives it (each batch is prefilled and finished before the next is scheduled)."""
+    total = sum(len(r) for r in rows)
+    cache = make_cache(total // config.block_size + len(rows) + 1, config.block_size)
+    scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, config.dedup_min_tokens)
+    for i, row in enumerate(rows):
+        scheduler.add(i, row, 0, len(row) - 1)
+    computed = 0
+    while scheduler.num_waiting:
+        for s in scheduler.schedule(config.max_running).scheduled:
+            computed += len(s.tokens_to_compute)
+            scheduler.finish(s.request_id, rows[s.request_id])
+    return computed
+
+
+def sample_pairs(generator, tokenizer, prompts, samples: int, tokens: int) -> list[tuple]:
+    """(prompt text, a, b) for every pair of distinct non-empty samples of each prompt."""
+    ids = [P.render(tokenizer, [P.user(p.text)]) for p in prompts for _ in range(samples)]
+    texts = [c.text for c in generator.generate(ids, SamplingParams(tokens, temperature=0.8, top_p=0.95, seed=1))]
+    pairs = []
+    for k, prompt in enumerate(prompts):
+        mine = texts[k * samples : (k + 1) * samples]
+        pairs += [(prompt.text, a, b) for a, b in itertools.combinations(mine, 2)
+                  if a.strip() and b.strip() and a != b]
+    return pairs
+
+
+def judge(loaded, args) -> dict:
+    prompts = list(load_prompts(args.prompts, limit=args.n))
+    sampler = engine(loaded, 32)
+    seconds, pairs = timed(lambda: sample_pairs(sampler, loaded.tokenizer, prompts, args.samples, args.tokens))
+    out = {"prompts": len(prompts), "samples": args.samples, "sample_tokens": args.tokens, "pairs": len(pairs),
+           "sampling_seconds": round(seconds, 1), "principles": 4, "judge_few_shot": args.judge_few_shot}
+    config = JudgeConfig(principles=4, few_shot=args.judge_few_shot, batch_size=16)
+    ours = engine(loaded, 32)
+    judge_engine = ConstitutionalJudge(ours, "default", config)
+    both, single = judge_rows(judge_engine, pairs)
+    out["all_prompts"] = {"judge_prompts": len(both), "submitted": sum(map(len, both)),
+                          "computed": dry_run(both, ours.config), "baseline_tokens": sum(map(len, single))}
+    out["all_prompts"]["hit_rate"] = 1 - out["all_prompts"]["computed"] / out["all_prompts"]["submitted"]
+    subset = pairs[: args.judge_pairs]
+    sub_both, sub_single = judge_rows(judge_engine, subset)
+    columns = [list(c) for c in zip(*subset)]
+    seconds, _ = timed(lambda: judge_engine.score(*columns))
+    stats = ours.stats
+    out["engine"] = {"pairs": len(subset), "seconds": round(seconds, 1), "labels_per_s": len(subset) / seconds,
+                     "submitted": stats.prefill_submitted, "computed": stats.prefill_computed,
+                     "dry_run_computed": dry_run(sub_both, ours.config),
+                     "scheduler_ms_per_batch": stats.summary()["scheduler_ms_per_batch"],
+                     "model_seconds": round(stats.model_seconds, 1)}
+    plain = ConstitutionalJudge(make_generator(loaded, engine="plain", batch_size=16), "default", config)
+    seconds, _ = timed(lambda: plain.score(*columns))
+    out["plain"] = {"seconds": round(seconds, 1), "labels_per_s": len(subset) / seconds,
+                    "computed": sum(map(len, sub_both))}
+    seconds, _ = timed(lambda: baseline_judge(loaded.model, loaded.tokenizer, judge_engine, subset))
+    out["baseline"] = {"seconds": round(seconds, 1), "labels_per_s": len(subset) / seconds,
+                       "computed": sum(map(len, sub_single)), "orders": 1}
+    out["speedup_vs_baseline"] = out["engine"]["labels_per_s"] / out["baseline"]["labels_per_s"]
+    out["speedup_vs_plain"] = out["engine"]["labels_per_s"] / out["plain"]["labels_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------- decode
+
+
+def ceilings(model) -> dict:
+    """This CPU's bandwidth (a 400 MB copy) and fp32 matmul rate (2048³), and the decode ceilings."""
+    src = torch.randn(100_000_000)
+    dst = torch.empty_like(src)
+    copy_s = min(timed(lambda: dst.copy_(src))[0] for _ in range(3))
+    big = torch.randn(2048, 2048)
+    mm_s = min(timed(lambda: big @ big)[0] for _ in range(3))
+    bandwidth, flops = 2 * src.numel() * 4 / copy_s, 2 * 2048**3 / mm_s
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9, "weight_mb": weight_bytes / 1e6,
+            "batch1_ceiling_tok_s": bandwidth / weight_bytes, "matmul_ceiling_tok_s": flops / (2 * params)}
+
+
+class StepClock:
+    """A logits processor that only notes when each generation step happens."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate_decode_rate(loaded, prompts: list[list[int]], tokens: int) -> float:
+    """transformers generate: decode tokens/s over steps 2..tokens (prefill excluded)."""
+    from transformers import LogitsProcessorList
+
+    tok = loaded.tokenizer
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    clock = StepClock()
+    with torch.inference_mode():
+        loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                              do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None,
+                              top_k=None, logits_processor=LogitsProcessorList([clock]))
+    return len(prompts) * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+def engine_decode_rate(loaded, prompts: list[list[int]], tokens: int, cascade: bool = True) -> float:
+    """The engine's decode tokens/s (wall time of its decode steps) over `tokens` new tokens each;
+    cascade=False attends to the shared prefix per request instead of once for the batch."""
+    generator = engine(loaded, len(prompts))
+    generator.stop_ids = set()  # run every sequence to `tokens`, as min_new_tokens does for generate
+    if not cascade:
+        generator.runner.attention._shared_tokens = lambda batch: 0
+    generator.generate(prompts, SamplingParams(tokens))
+    return generator.stats.decode_tokens / generator.stats.decode_seconds
+
+
+def best_of(repeats: int, **rates) -> dict:
+    """Each rate function run `repeats` times, interleaved; the best of each (the machine is shared)."""
+    runs = {name: [] for name in rates}
+    for _ in range(repeats):
+        for name, rate in rates.items():
+            runs[name].append(rate())
+    return {name: max(values) for name, values in runs.items()}
+
+
+def decode(loaded, args) -> dict:
+    tok = loaded.tokenizer
+    red_team = list(load_prompts(args.prompts, limit=args.decode_batch))
+    chats = [P.render(tok, [P.user(p.text)]) for p in red_team]
+    few_shot = P.few_shot_messages(load_constitution("default"), 3)
+    long = [P.render(tok, few_shot + [P.user(p.text)]) for p in red_team]
+    out = {"tokens": args.tokens, "threads": torch.get_num_threads(), "repeats": args.repeats, **ceilings(loaded.model)}
+    for batch in (1, args.decode_batch):
+        rates = best_of(args.repeats, engine=lambda: engine_decode_rate(loaded, chats[:batch], args.tokens),
+                        generate=lambda: generate_decode_rate(loaded, chats[:batch], args.tokens))
+        out[f"batch{batch}"] = {"engine_tok_s": rates["engine"], "generate_tok_s": rates["generate"],
+                                "ratio": rates["engine"] / rates["generate"],
+                                "prompt_tokens_mean": sum(map(len, chats[:batch])) / batch}
+    rates = best_of(args.repeats, cascade=lambda: engine_decode_rate(loaded, long, args.tokens),
+                    per_request=lambda: engine_decode_rate(loaded, long, args.tokens, cascade=False),
+                    generate_batch8=lambda: generate_decode_rate(loaded, long[:8], args.tokens))
+    out["few_shot_context"] = {"batch": len(long), "prompt_tokens_mean": sum(map(len, long)) / len(long),
+                               **{f"engine_tok_s_{k}": v for k, v in rates.items() if k != "generate_batch8"},
+                               "generate_tok_s_batch8": rates["generate_batch8"]}
+    out["batch1"]["of_ceiling"] = out["batch1"]["engine_tok_s"] / out["batch1_ceiling_tok_s"]
+    big = out[f"batch{args.decode_batch}"]
+    big["of_ceiling"] = big["engine_tok_s"] / min(out["matmul_ceiling_tok_s"], args.decode_batch * out["batch1_ceiling_tok_s"])
+    return out
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def divergence(loaded, args) -> dict:
+    chats = [P.render(loaded.tokenizer, [P.user(p.text)]) for p in load_prompts(args.prompts, limit=args.n)]
+    ours = engine(loaded, len(chats)).generate(chats, SamplingParams(args.tokens))
+    parted = []
+    for prompt, completion in zip(chats, ours):
+        a, b = as_sequence(completion), reference_greedy(loaded, prompt, args.tokens)
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if step is None and len(a) != len(b):
+            step = min(len(a), len(b))
+        if step is not None:
+            parted.append({"step": step, "top2_gap": top2_gap(loaded.model, prompt + b[:step])})
+    steps = sum(len(as_sequence(c)) for c in ours)
+    return {"prompts": len(chats), "tokens": args.tokens, "greedy_steps": steps, "differing": len(parted),
+            "where": parted}
+
+
+# ---------------------------------------------------------------- main
+
+SECTIONS = {"sl_cai": sl_cai, "judge": judge, "decode": decode, "divergence": divergence}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--prompts", default="red_team")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--n", type=int, default=32, help="prompts of the workload")
+    parser.add_argument("--compare-n", type=int, default=8, help="SL-CAI prompts the three sides share")
+    parser.add_argument("--plain-batch", type=int, default=8, help="prompts a plain generate call")
+    parser.add_argument("--tokens", type=int, default=48, help="max new tokens a step / sample")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--judge-pairs", type=int, default=8, help="pairs timed on each judge side")
+    parser.add_argument("--judge-few-shot", type=int, default=0, help="judge few-shot examples (JudgeConfig)")
+    parser.add_argument("--decode-batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="decode measurements, best of")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = make_parser().parse_args(argv)
+    random.seed(args.seed)
+    loaded = load_model(args.model)
+    figures = {"model": args.model, "threads": torch.get_num_threads()}
+    for name in args.sections.split(","):
+        figures[name] = SECTIONS[name](loaded, args)
+        print(json.dumps({name: figures[name]}, indent=1, default=float), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1, default=float))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Attention of a batch's new tokens over the paged KV pool: torch anywhere, flash-attn on CUDA.
+
+A batch holds B requests; request r brings q_lens[r] new tokens at positions kv_lens[r] - q_lens[r]
+.. kv_lens[r] - 1 and sees the keys at positions < kv_lens[r] through its block table: causally,
+and inside the layer's sliding window when the model has one (a key at position k is visible from
+position p when p - window < k <= p). `attend` first writes the new tokens' K and V to the pool.
+
+Torch path (`TorchPagedAttention`), built for the CPU:
+- a batch where some request brings several tokens (prefill, scoring): one SDPA call per request
+  over its gathered context, with SDPA's lower-right causal bias (which its fused CPU kernel
+  takes; a boolean mask sends it to the slow unfused path), or an additive mask when a sliding
+  window cuts in;
+- a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
+  leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
+  while the batch's requests are admitted by the same scheduling round, and are attended as one
+  matrix product for all B queries; the rest of each context is gathered into a padded [B, U]
+  batch; the two parts merge through their log-sum-exps (cascade attention). The shared part is
+  read once a step instead of B times, which is what bounds decode on a CPU.
+Flash path (`FlashPagedAttention`): `flash_attn_with_kvcache` over the block tables (causal,
+bottom-right aligned), taken on CUDA when flash-attn is installed and block_size % 256 == 0.
+It is untested here: no machine of this project has CUDA and flash-attn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from .kv import KVPool
+
+HAVE_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs blocks of a multiple of 256 tokens
+
+
+@dataclass
+class BatchLayout:
+    """Where a batch's requests stand: new tokens, context lengths, block tables (int64)."""
+
+    q_lens: list[int]
+    kv_lens: list[int]
+    tables: list[torch.Tensor]
+    block_size: int
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.q_lens)
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [len(q_pos), len(k_pos)]: which keys each query position sees."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention returning (out [B, h, m, d], lse [B, h, m, 1]).
+
+    q [B, h, m, d] (m queries per kv head), k, v [B, n, h, d] token-major as the pool gathers them,
+    mask [B, 1, n] or None (True = visible; every query must see at least one key). One bmm per
+    kv head reads k and v in place: no transposed copy of the keys is made.
+    """
+    outs, lses = [], []
+    for head in range(q.shape[1]):
+        scores = torch.bmm(q[:, head], k[:, :, head].transpose(1, 2)).mul_(scale)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        weights = scores.sub_(top).exp_()
+        total = weights.sum(-1, keepdim=True)
+        outs.append(torch.bmm(weights, v[:, :, head]).div_(total))
+        lses.append(top + total.log())
+    return torch.stack(outs, 1), torch.stack(lses, 1)
+
+
+def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
+    """Attention over the union of two key sets, from each part's output and log-sum-exp."""
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+
+
+@dataclass
+class _PrefillPlan:
+    spans: list[tuple[int, int, int]]  # each request's rows in the batch and its context length
+    blocks: list[torch.Tensor]  # the blocks holding each request's context
+    masks: dict  # window -> per-request mask (None, a causal bias or an additive mask)
+
+
+@dataclass
+class _DecodePlan:
+    shared: dict  # window -> (shared tokens P, their blocks); P = 0 where a window cuts in
+    rest: dict  # window -> (blocks [B * W], mask [B, 1, W * block_size], W blocks a request)
+
+
+@dataclass
+class _SharedKV:
+    key: tuple = ()
+    k: dict = field(default_factory=dict)  # layer -> [P, kv_heads, head_dim]
+    v: dict = field(default_factory=dict)
+
+
+class TorchPagedAttention:
+    """The torch path (see the module docstring)."""
+
+    def __init__(self, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
+        self.pool, self.windows, self.scale = pool, windows, scale
+        self.kv_heads, self.head_dim = pool.shape.kv_heads, pool.shape.head_dim
+        self.group = num_heads // self.kv_heads
+        self._shared = _SharedKV()
+
+    def forget_shared(self) -> None:
+        """Drop the kept copy of shared keys: call whenever blocks may have been reallocated."""
+        self._shared = _SharedKV()
+
+    def plan(self, batch: BatchLayout):
+        """What every layer reuses: slots and masks of the batch."""
+        if batch.is_decode and len(batch.q_lens) > 1:
+            return self._decode_plan(batch)
+        return self._prefill_plan(batch)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_slots: torch.Tensor,
+               plan) -> torch.Tensor:
+        """Write k, v [T, kv_heads, head_dim] at write_slots, then attention of q [T, heads, head_dim]."""
+        self.pool.write(layer, write_slots, k, v)
+        if isinstance(plan, _DecodePlan):
+            return self._decode(layer, q, plan)
+        return self._prefill(layer, q, plan)
+
+    # ---------------------------------------------------------------- prefill: one SDPA a request
+
+    def _prefill_plan(self, batch: BatchLayout) -> _PrefillPlan:
+        spans, blocks, start = [], [], 0
+        for n, length, table in zip(batch.q_lens, batch.kv_lens, batch.tables):
+            spans.append((start, start + n, length))
+            blocks.append(table[: -(-length // batch.block_size)])
+            start += n
+        masks = {w: [self._prefill_mask(n, length, w, table.device) for n, length, table
+                     in zip(batch.q_lens, batch.kv_lens, batch.tables)] for w in set(self.windows)}
+        return _PrefillPlan(spans, blocks, masks)
+
+    @staticmethod
+    def _prefill_mask(q_len: int, kv_len: int, window: int | None, device):
+        """SDPA's mask for one request: none for a single query that sees everything, the
+        lower-right causal bias (SDPA's fused kernels take it) without a window cutting in, else an
+        additive float mask."""
+        if window is None or window >= kv_len:
+            return None if q_len == 1 else causal_lower_right(q_len, kv_len)
+        k_pos = torch.arange(kv_len, device=device)
+        allowed = visible(k_pos[kv_len - q_len :], k_pos, window)
+        return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+
+    def _prefill(self, layer: int, q: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
+        out = torch.empty_like(q)
+        masks = plan.masks[self.windows[layer]]
+        heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
+        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, masks):
+            k, v = self.pool.gather(layer, blocks)
+            attended = F.scaled_dot_product_attention(
+                heads_first(q[start:end]), heads_first(k[:length]), heads_first(v[:length]), attn_mask=mask,
+                scale=self.scale, enable_gqa=True)
+            out[start:end] = attended[0].transpose(0, 1)
+        return out
+
+    # ---------------------------------------------------------------- decode: cascade over shared keys
+
+    def _decode_plan(self, batch: BatchLayout) -> _DecodePlan:
+        full = self._shared_tokens(batch)
+        shared, rest = {}, {}
+        for window in set(self.windows):
+            n_shared = 0 if window is not None and window < max(batch.kv_lens) else full
+            shared[window] = (n_shared, batch.tables[0][: n_shared // batch.block_size])
+            rest[window] = self._rest(batch, n_shared, window)
+        return _DecodePlan(shared, rest)
+
+    @staticmethod
+    def _shared_tokens(batch: BatchLayout) -> int:
+        """Tokens at the start of every context held in the same blocks (whole blocks, computed)."""
+        bs = batch.block_size
+        limit = (min(batch.kv_lens) - 1) // bs
+        tables = torch.stack([t[:limit] for t in batch.tables])
+        differs = (tables != tables[:1]).any(0).nonzero()
+        blocks = int(differs[0]) if len(differs) else limit
+        return blocks * bs
+
+    @staticmethod
+    def _rest(batch: BatchLayout, n_shared: int, window: int | None):
+        """Each request's blocks after the shared ones, padded to W with its last block (every
+        position past its context is masked out: causally, since it lies after the query)."""
+        bs, first = batch.block_size, n_shared // batch.block_size
+        counts = [-(-length // bs) - first for length in batch.kv_lens]
+        width = max(counts)
+        blocks = torch.empty(len(counts), width, dtype=torch.long, device=batch.tables[0].device)
+        for r, (count, table) in enumerate(zip(counts, batch.tables)):
+            blocks[r] = table[first + count - 1]
+            blocks[r, :count] = table[first : first + count]
+        k_pos = torch.arange(n_shared, n_shared + width * bs)
+        mask = visible(torch.tensor(batch.kv_lens) - 1, k_pos, window)
+        return blocks.flatten(), mask[:, None, :].to(blocks.device), width
+
+    def _shared_kv(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(blocks.tolist())
+        if self._shared.key != key:
+            self._shared = _SharedKV(key)
+        if layer not in self._shared.k:
+            self._shared.k[layer], self._shared.v[layer] = self.pool.gather(layer, blocks)
+        return self._shared.k[layer], self._shared.v[layer]
+
+    def _decode(self, layer: int, q: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+        window = self.windows[layer]
+        batch, (h, g, d) = q.shape[0], (self.kv_heads, self.group, self.head_dim)
+        qg = q.view(batch, h, g, d)
+        blocks, mask, width = plan.rest[window]
+        k, v = (t.view(batch, width * self.pool.block_size, h, d) for t in self.pool.gather(layer, blocks))
+        out, lse = attend_with_lse(qg, k, v, mask, self.scale)
+        n_shared, shared_blocks = plan.shared[window]
+        if n_shared:
+            ks, vs = self._shared_kv(layer, shared_blocks)
+            flat = qg.transpose(0, 1).reshape(1, h, batch * g, d)  # every query against the shared keys
+            o2, lse2 = attend_with_lse(flat, ks[None], vs[None], None, self.scale)
+            unflat = lambda t: t.view(h, batch, g, -1).transpose(0, 1)  # noqa: E731
+            out = merge_parts(out, lse, unflat(o2[0]), unflat(lse2[0]))
+        return out.reshape(batch, h * g, d)
+
+
+class FlashPagedAttention:
+    """The flash-attn path (CUDA, flash-attn installed, block_size % 256 == 0). Untested here."""
+
+    def __init__(self, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
+        from flash_attn import flash_attn_with_kvcache
+
+        if pool.block_size % FLASH_BLOCK_MULTIPLE:
+            raise ValueError(f"flash-attn paged attention needs block_size % {FLASH_BLOCK_MULTIPLE} == 0, "
+                             f"got {pool.block_size}; set EngineConfig.block_size or attention='torch'")
+        self.kernel, self.pool, self.windows, self.scale = flash_attn_with_kvcache, pool, windows, scale
+
+    def forget_shared(self) -> None:
+        """Nothing is kept between steps on this path."""
+
+    def plan(self, batch: BatchLayout):
+        """Queries left-padded to [B, max_q] (causal alignment is bottom-right), int32 tables."""
+        width = max(batch.q_lens)
+        rows = torch.cat([torch.full((n,), r) for r, n in enumerate(batch.q_lens)])
+        cols = torch.cat([torch.arange(width - n, width) for n in batch.q_lens])
+        tables = torch.nn.utils.rnn.pad_sequence(batch.tables, batch_first=True).int()
+        device = tables.device
+        lens = torch.tensor(batch.kv_lens, dtype=torch.int32, device=device)
+        return rows.to(device), cols.to(device), width, tables, lens
+
+    def attend(self, layer, q, k, v, write_slots, plan) -> torch.Tensor:
+        self.pool.write(layer, write_slots, k, v)
+        rows, cols, width, tables, lens = plan
+        padded = q.new_zeros(len(lens), width, *q.shape[1:])
+        padded[rows, cols] = q
+        window = self.windows[layer]
+        k_cache, v_cache = self.pool.paged(layer)
+        out = self.kernel(padded, k_cache, v_cache, cache_seqlens=lens, block_table=tables,
+                          softmax_scale=self.scale, causal=True,
+                          window_size=(-1, -1) if window is None else (window - 1, 0))
+        return out[rows, cols]
+
+
+def make_attention(kind: str, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
+    """`kind`: "torch", "flash" or "auto" (flash on CUDA when installed and the block size allows)."""
+    if kind not in ("auto", "torch", "flash"):
+        raise ValueError(f"unknown attention {kind!r}; use auto, torch or flash")
+    on_cuda = pool.k[0].is_cuda
+    if kind == "flash" and not (HAVE_FLASH_ATTN and on_cuda):
+        raise ValueError("attention='flash' needs flash-attn installed and the model on CUDA; use 'auto'")
+    fits = pool.block_size % FLASH_BLOCK_MULTIPLE == 0
+    if kind == "flash" or (kind == "auto" and HAVE_FLASH_ATTN and on_cuda and fits):
+        return FlashPagedAttention(pool, windows, num_heads, scale)
+    return TorchPagedAttention(pool, windows, num_heads, scale)

@@ -1,0 +1,92 @@
+"""The paged KV pool: keys and values of every cached or running token, in fixed-size blocks.
+
+Per layer one K and one V tensor of shape [num_blocks * block_size, kv_heads, head_dim]; viewed
+as [num_blocks, block_size, kv_heads, head_dim] it is flash-attn's paged layout. Position p of a
+request whose block table is T lives in slot T[p // block_size] * block_size + p % block_size.
+The pool holds tensors only: which blocks are free, cached or running is the scheduler's business
+(cai_fast.scheduler), which hands out the block ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one token's KV takes in a model: layers × (K, V) × kv_heads × head_dim."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def pool_blocks(shape: KVShape, block_size: int, pool_tokens: int | None, pool_bytes: int) -> int:
+    """Number of blocks of a pool sized in tokens (when given) or else in bytes."""
+    tokens = pool_tokens if pool_tokens is not None else pool_bytes // shape.bytes_per_token
+    blocks = tokens // block_size
+    if blocks < 1:
+        size = f"pool_tokens={pool_tokens}" if pool_tokens is not None else f"pool_bytes={pool_bytes}"
+        raise ValueError(f"KV pool: {size} holds no whole block of {block_size} tokens "
+                         f"({shape.bytes_per_token} bytes a token); raise it")
+    return blocks
+
+
+class KVPool:
+    """K and V storage for `num_blocks` blocks of `block_size` tokens, every layer."""
+
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
+        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
+        slots = num_blocks * block_size
+        size = (slots, shape.kv_heads, shape.head_dim)
+        # uninitialised, so memory is touched only as it is used: the engine clears a request's fresh
+        # blocks when it is admitted, and only written or cleared slots are ever read
+        self.k = [torch.empty(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+        self.v = [torch.empty(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [n, kv_heads, head_dim] of n tokens at `slots` [n] of `layer`."""
+        self._rows(self.k[layer]).index_copy_(0, slots, k.reshape(len(slots), -1))
+        self._rows(self.v[layer]).index_copy_(0, slots, v.reshape(len(slots), -1))
+
+    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [len(blocks) * block_size, kv_heads, head_dim] of whole blocks (a copy). Whole
+        blocks copy about 4x faster than the same tokens one by one."""
+        shape = (len(blocks) * self.block_size, self.shape.kv_heads, self.shape.head_dim)
+        return (self._blocks(self.k[layer]).index_select(0, blocks).view(shape),
+                self._blocks(self.v[layer]).index_select(0, blocks).view(shape))
+
+    def clear(self, blocks: torch.Tensor) -> None:
+        """Zero `blocks` in every layer, so that reading a block's unwritten tail gives finite values."""
+        for cache in (*self.k, *self.v):
+            self._blocks(cache).index_fill_(0, blocks, 0.0)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.num_tokens, -1)  # one row a token
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.num_blocks, -1)  # one row a block
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of `layer` as [num_blocks, block_size, kv_heads, head_dim] views (flash-attn's layout)."""
+        view = (self.num_blocks, self.block_size, self.shape.kv_heads, self.shape.head_dim)
+        return self.k[layer].view(view), self.v[layer].view(view)
+
+
+def slot_ids(block_table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
+    """Slots [end - start] (int64) of positions [start, end) of a request whose block table
+    (int64 tensor) is `block_table`."""
+    first, last = start // block_size, -(-end // block_size)
+    offsets = torch.arange(block_size, device=block_table.device)
+    slots = (block_table[first:last, None] * block_size + offsets).flatten()
+    return slots[start - first * block_size : end - first * block_size]

@@ -1,0 +1,128 @@
+"""The engine's parts on their own: pool slots, paged attention against dense attention, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cai_fast.engine.attention import BatchLayout, TorchPagedAttention, visible
+from cai_fast.engine.base import SamplingParams
+from cai_fast.engine.kv import KVPool, KVShape, pool_blocks, slot_ids
+from cai_fast.engine.sampling import next_tokens, request_generator, top_p_filter
+
+SHAPE = KVShape(layers=2, kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def test_slot_ids_follow_the_block_table():
+    table = torch.tensor([7, 2, 9, 4])
+    assert slot_ids(table, 0, 13, 4).tolist() == [28, 29, 30, 31, 8, 9, 10, 11, 36, 37, 38, 39, 16]
+    assert slot_ids(table, 5, 10, 4).tolist() == [9, 10, 11, 36, 37]
+    assert slot_ids(table, 3, 3, 4).tolist() == []
+
+
+def test_pool_gathers_whole_blocks_and_clears_them():
+    pool = KVPool(SHAPE, 6, 4)
+    for cache in (*pool.k, *pool.v):
+        cache.normal_()
+    k, v = pool.gather(1, torch.tensor([4, 1]))
+    assert k.shape == (8, 2, 8)
+    torch.testing.assert_close(k, torch.cat([pool.k[1][16:20], pool.k[1][4:8]]))
+    pool.write(1, torch.tensor([5, 17]), k[:2] + 1, v[:2] + 1)
+    torch.testing.assert_close(pool.k[1][[5, 17]], k[:2] + 1)
+    pool.clear(torch.tensor([1]))
+    assert not pool.v[0][4:8].any() and pool.v[0][8:].all()
+
+
+def test_pool_size_from_tokens_or_bytes():
+    assert SHAPE.bytes_per_token == 2 * 2 * 2 * 8 * 4
+    assert pool_blocks(SHAPE, 16, 100, 0) == 6
+    assert pool_blocks(SHAPE, 16, None, 256 * 64) == 4
+    with pytest.raises(ValueError, match="no whole block"):
+        pool_blocks(SHAPE, 16, None, 100)
+
+
+def _dense(q, k, v, q_pos, k_pos, window, scale):
+    """Plain attention of q [n, heads, d] over k, v [L, kv_heads, d], keys repeated per group."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("nhd,lhd->hnl", q, k) * scale
+    scores = scores.masked_fill(~visible(q_pos, k_pos, window), float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
+
+
+def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int = 4):
+    """A pool with random K/V and B requests whose block tables share their first blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = KVPool(SHAPE, 64, block_size)
+    for layer in range(SHAPE.layers):
+        pool.k[layer].normal_(generator=gen)
+        pool.v[layer].normal_(generator=gen)
+    free = torch.randperm(64, generator=gen)
+    shared, rest = free[:shared_blocks], free[shared_blocks:]
+    tables = []
+    for length in kv_lens:
+        own = -(-length // block_size) - shared_blocks
+        tables.append(torch.cat([shared, rest[:own]]))
+        rest = rest[own:]
+    for layer in range(SHAPE.layers):  # blocks no request owns are never read (the real pool is uninitialised)
+        for cache in (pool.k, pool.v):
+            cache[layer].view(64, block_size, -1)[rest] = float("nan")
+    return pool, BatchLayout(list(q_lens), list(kv_lens), tables, block_size)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("q_lens", [(1, 1, 1), (3, 1, 7)], ids=["decode", "prefill"])
+def test_paged_attention_equals_dense_attention(window, q_lens):
+    kv_lens = (13, 22, 17)
+    pool, layout = _paged_batch(0, kv_lens, q_lens, shared_blocks=3)
+    heads, scale = 4, 0.3
+    attention = TorchPagedAttention(pool, [None, window], heads, scale)
+    plan = attention.plan(layout)
+    if q_lens == (1, 1, 1):
+        assert plan.shared[None][0] == 12  # three shared blocks, attended once for the batch
+    total = sum(q_lens)
+    q = torch.randn(total, heads, 8)
+    k_new, v_new = torch.randn(total, 2, 8), torch.randn(total, 2, 8)
+    write = torch.cat([slot_ids(t, n - m, n, 4) for t, n, m in zip(layout.tables, kv_lens, q_lens)])
+    for layer in (0, 1):
+        out = attention.attend(layer, q, k_new, v_new, write, plan)
+        start = 0
+        for table, n, m in zip(layout.tables, kv_lens, q_lens):
+            k, v = (t[:n] for t in pool.gather(layer, table[: -(-n // 4)]))
+            want = _dense(q[start : start + m], k, v, torch.arange(n - m, n), torch.arange(n), attention.windows[layer], scale)
+            torch.testing.assert_close(out[start : start + m], want, atol=1e-5, rtol=1e-5)
+            start += m
+
+
+def test_the_shared_keys_are_kept_until_forgotten():
+    pool, layout = _paged_batch(1, (9, 14), (1, 1), shared_blocks=2)
+    attention = TorchPagedAttention(pool, [None, None], 4, 0.5)
+    plan = attention.plan(layout)
+    shared_blocks = plan.shared[None][1]
+    first, _ = attention._shared_kv(0, shared_blocks)
+    pool.k[0].add_(1.0)  # as if the blocks were handed out again and rewritten
+    assert attention._shared_kv(0, shared_blocks)[0] is first
+    attention.forget_shared()
+    torch.testing.assert_close(attention._shared_kv(0, shared_blocks)[0], first + 1.0)
+
+
+def test_top_p_keeps_the_nucleus_like_transformers():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(5, 50) * 3
+    for top_p in (0.3, 0.8, 0.95):
+        theirs = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
+        ours = torch.stack([top_p_filter(row.softmax(-1), top_p) > 0 for row in logits])
+        assert torch.equal(ours, theirs)
+
+
+def test_next_tokens_greedy_rows_and_seeded_draws():
+    logits = torch.randn(3, 40)
+    greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9, seed=3)
+    gens = [request_generator(3, i) for i in range(3)]
+    tokens = next_tokens(logits, [greedy, sampled, sampled], gens)
+    assert tokens[0] == int(logits[0].argmax())
+    again = next_tokens(logits, [greedy, sampled, sampled], [request_generator(3, i) for i in range(3)])
+    assert again == tokens
+    draws = {tuple(next_tokens(logits[1:2], [sampled], [request_generator(3, i)])) for i in range(20)}
+    assert len(draws) > 1  # different requests draw differently

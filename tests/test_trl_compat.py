@@ -1,0 +1,137 @@
+"""trl accepts what the judge makes: the preference output trains DPOTrainer and RewardTrainer for a
+step, and JudgeReward drives GRPOTrainer for a step; JudgeReward's round robin on a fake judge."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cai_fast.data import prompts_from_texts
+from cai_fast.judge import ConstitutionalJudge, JudgeConfig, LabelConfig, run_labelling
+from cai_fast.trl_compat import JudgeReward, response_text
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+TRAIN = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], bf16=False, use_cpu=True,
+             save_strategy="no", logging_steps=1, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def judge(tiny_loaded) -> ConstitutionalJudge:
+    return ConstitutionalJudge(tiny_loaded, "default", JudgeConfig(principles=1, batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def preference_file(judge, tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels")
+    prompts = list(prompts_from_texts(["Hi there.", "How do I boil an egg?", "Write a short poem.", "Why?"]))
+    run_labelling(judge, prompts, LabelConfig(samples=2, sample_tokens=8), out_dir=out, progress=False)
+    return out / "preference" / "train-00000.jsonl"
+
+
+def _dataset(path):
+    from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    assert len(dataset) >= 2, "the tiny model gave too few distinct pairs to train on"
+    return dataset
+
+
+def test_dpo_trainer_takes_the_labels_as_they_are(preference_file, tiny_model_path, tiny_loaded, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path), max_length=512, **TRAIN),
+                         train_dataset=_dataset(preference_file), processing_class=tiny_loaded.tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+def test_reward_trainer_takes_the_labels_and_their_margin(preference_file, tiny_model_path, tiny_loaded, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    dataset = _dataset(preference_file)
+    assert all(m >= 0 for m in dataset["margin"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    trainer = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path), max_length=512, **TRAIN),
+                            train_dataset=dataset, processing_class=tiny_loaded.tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert torch.allclose(batch["margin"], torch.tensor(dataset["margin"][:2]))
+    trainer.train()
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+class RecordingReward(JudgeReward):
+    def __init__(self, judge):
+        super().__init__(judge)
+        self.calls = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        rewards = super().__call__(prompts, completions, **kwargs)
+        self.calls.append((prompts, completions, rewards))
+        return rewards
+
+
+def test_grpo_trainer_steps_with_the_judge_as_reward(judge, tiny_model_path, tiny_loaded, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    reward = RecordingReward(judge)
+    prompts = [[{"role": "user", "content": text}] for text in ("Say hi.", "Name a colour.")]
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **TRAIN)
+    trainer = GRPOTrainer(model=str(tiny_model_path), reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                          processing_class=tiny_loaded.tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1 and reward.calls
+    seen_prompts, completions, rewards = reward.calls[0]
+    assert len(rewards) == len(completions) == len(seen_prompts) == 2 and seen_prompts[0] == seen_prompts[1]
+    assert all(isinstance(r, float) for r in rewards)  # a group of two: P(win) against each other
+    assert rewards[0] + rewards[1] == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- JudgeReward on a fake judge
+
+
+class LongerWins:
+    """A fake judge: P(a ≻ b) = 0.8 when a is longer, 0.2 when shorter, 0.5 when equal."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def score(self, prompts, a, b):
+        a, b = [response_text(x) for x in a], [response_text(x) for x in b]
+        self.pairs += list(zip(a, b))
+        return SimpleNamespace(label=[0.8 if len(x) > len(y) else 0.2 if len(x) < len(y) else 0.5
+                                      for x, y in zip(a, b)])
+
+
+def test_round_robin_rewards_within_each_prompts_group():
+    judge = LongerWins()
+    prompts = ["p", "q", "p", "p", "r", "q"]
+    completions = ["aaa", "x", "a", "aa", "alone", ""]
+    rewards = JudgeReward(judge)(prompts=prompts, completions=completions, trainer_state=None)
+    # group p: aaa beats a and aa (0.8, 0.8); aa: 0.2 vs aaa, 0.8 vs a; a loses both
+    assert rewards == pytest.approx([0.8, 1.0, 0.2, 0.5, None, 0.0])
+    assert len(judge.pairs) == 3  # every pair of group p judged once; the empty one never
+
+
+def test_reward_against_a_reference_column():
+    judge = LongerWins()
+    rewards = JudgeReward(judge, reference_column="reference")(
+        prompts=["p", "q"], completions=[[{"role": "assistant", "content": "long one"}], "s"],
+        reference=["mid", "mid"])
+    assert rewards == pytest.approx([0.8, 0.2])
+    with pytest.raises(ValueError, match="no dataset column 'reference' .*columns passed: solution"):
+        JudgeReward(judge, reference_column="reference")(prompts=["p"], completions=["a"], solution=["b"])
+
+
+def test_reward_function_carries_a_name_for_trl_logs():
+    from trl.trainer.utils import get_callable_name
+
+    assert get_callable_name(JudgeReward(LongerWins(), name="harmlessness")) == "harmlessness"
+    json.dumps(JudgeReward(LongerWins())(prompts=["p", "p"], completions=["a", "bb"]))  # plain floats

@@ -1,0 +1,350 @@
+"""What every training stage shares: model loading (LoRA or full), the policy seen as hidden
+states, the data order, the optimizer and its schedule, the accumulated step, checkpoints and
+resume, the metrics log.
+
+A run writes to one folder, OUT:
+
+    OUT/checkpoints/config.json   the config the run started with; another config is refused
+    OUT/checkpoints/step-NNNNNN/  the latest checkpoint: trainable weights, optimizer, scheduler,
+                                  step and metrics history (written whole, then renamed into place)
+    OUT/metrics.jsonl             one line of metrics per step (rewritten from the history on resume)
+    OUT/train_result.json         written last: the run is complete
+    OUT/...                       the trained model + tokenizer (`load_model(OUT)` loads a policy)
+
+Re-running the same command after a kill continues from the latest checkpoint; after completion
+it returns the saved result. Data order is a function of (seed, step) alone — step k takes
+examples k·G … (k+1)·G − 1 of a stream of seeded per-epoch permutations, G the global batch —
+and the random state is reseeded from (seed, step, process) before every step, so a resumed run
+computes exactly what the uninterrupted one would have, and a checkpoint needs no RNG state.
+
+Data parallelism (accelerate): the module and optimizer go through `accelerator.prepare` (DDP:
+gradients all-reduced and averaged); each process takes every P-th example of the global batch
+(`shard_for_process`) and splits it into `grad_accum` micro-batches of `batch_size`. Losses are
+sums over the process's micro-batch divided by the global batch's total weight (tokens for SFT,
+pairs for DPO and the reward model) and multiplied by P, so one optimizer step sees the gradient
+of the global mean, whatever batch_size × grad_accum × P add up to that global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..engine.loading import load_model
+from ..ops import linear_logprobs
+from ..sl_cai import stable_seed
+from ..store import RunStore, write_atomic, write_jsonl
+from .config import TrainConfig
+from .data import PreferencePair, TokenBatch, TrainDataError
+from .distributed import make_accelerator, process_state, shard_for_process
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    history: list[dict]  # one dict of metrics per step
+    summary: dict  # steps, seconds, final metrics, and the stage's evaluation
+
+
+class PolicyModule(nn.Module):
+    """A causal LM seen as its final hidden states; the LM head is applied by the fused ops.
+
+    forward(input_ids [B, T], attention_mask [B, T]) -> hidden [B, T, H] (after the final norm).
+    `head()` -> (weight [V, H], bias [V] or None) of the LM head.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
+
+    def head(self):
+        head = self.lm.get_output_embeddings()
+        return head.weight, head.bias
+
+
+def with_lora(model, config: TrainConfig, task_type: str):
+    """The model with LoRA adapters on all its linear layers (peft), or itself when lora_r is 0."""
+    if not config.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                            target_modules="all-linear", task_type=task_type))
+
+
+def load_policy(config: TrainConfig):
+    """(causal LM of config.model in train mode, with LoRA when config.lora_r > 0, tokenizer)."""
+    loaded = load_model(config.model)
+    return with_lora(loaded.model.train(), config, "CAUSAL_LM"), loaded.tokenizer
+
+
+def load_reference(name: str, device) -> PolicyModule:
+    """A frozen copy of a policy, for KL and log-ratio references."""
+    module = PolicyModule(load_model(name).model).to(device).eval()
+    module.requires_grad_(False)
+    return module
+
+
+def token_logprobs(module, batch: TokenBatch, temperature: float = 1.0):
+    """Log-probs of the batch's trained tokens under a PolicyModule, through `linear_logprobs`.
+
+    Returns (logp [n], row of each token [n], hidden state that predicted it [n, H]); tokens in
+    row order, positions increasing.
+    """
+    hidden, targets, rows = batch.targets(module(batch.input_ids, batch.attention_mask))
+    weight, bias = unwrapped(module).head()
+    return linear_logprobs(hidden, weight, targets, bias, temperature), rows, hidden
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def save_pretrained_merged(model, tokenizer, out: Path) -> None:
+    """Save a transformers model (LoRA adapters merged in first) and its tokenizer to `out`."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(stable_seed(seed, "epoch", epoch))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """The examples of step `step`: a window of the stream of seeded per-epoch permutations."""
+    start = step * global_batch
+    return [_epoch_order(n, seed, i // n)[i % n] for i in range(start, start + global_batch)]
+
+
+def global_batch_size(config: TrainConfig) -> int:
+    """Examples per optimizer step over all processes: batch_size × grad_accum × processes."""
+    return config.batch_size * config.grad_accum * process_state().num_processes
+
+
+def steps_for(config: TrainConfig, n: int, global_batch: int) -> int:
+    return config.max_steps or max(1, math.ceil(config.epochs * n / global_batch))
+
+
+def linear_schedule(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class TrainRun:
+    """Accelerator, prepared module and optimizer, schedule, checkpoints and the metrics log.
+
+    `steps` are the run's steps (what checkpoints count); `optimizer_steps` the scheduler's
+    length (more than `steps` for PPO, which takes several optimizer steps per step).
+    """
+
+    def __init__(self, config: TrainConfig, stage: str, module: nn.Module, steps: int, *,
+                 optimizer_steps: int | None = None, progress: bool = True):
+        self.config, self.stage, self.steps, self.progress = config, stage, steps, progress
+        self.accelerator = make_accelerator()
+        self.out = Path(config.out)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = functools.partial(linear_schedule, warmup=config.warmup_steps, total=optimizer_steps or steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.module, self.optimizer = self.accelerator.prepare(module.to(self.accelerator.device), optimizer)
+        self.params = params
+        self.step, self.history = 0, []
+        self.started = time.perf_counter()
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the schedule, zero the gradients; the gradient norm."""
+        max_norm = self.config.max_grad_norm or math.inf
+        norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def accumulated_step(self, local: Sequence, total_weight: float,
+                         loss_fn: Callable[[nn.Module, Sequence], tuple[torch.Tensor, dict]]) -> dict:
+        """Backward over this process's examples in micro-batches, then one optimizer step.
+
+        loss_fn(module, examples) -> (summed loss, {metric: summed value}); sums are divided by
+        the global `total_weight`. Returns the metrics summed over all processes.
+        """
+        scale = self.accelerator.num_processes / max(total_weight, 1e-12)
+        chunks = [local[i : i + self.config.batch_size] for i in range(0, len(local), self.config.batch_size)]
+        sums: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
+                loss, stats = loss_fn(self.module, chunk)
+                self.accelerator.backward(loss * scale)
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        sums = self.sum_over_processes(sums)
+        sums["grad_norm"] = self.optimizer_step()
+        return sums
+
+    def sum_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1 or not values:
+            return values
+        summed = self.accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=self.device),
+                                         "sum")
+        return dict(zip(values, summed.tolist()))
+
+    def run(self, step_fn: Callable[[int], dict], desc: str) -> None:
+        """Resume, then call step_fn(step) -> metrics for the remaining steps, with logs and
+        checkpoints."""
+        self.resume()
+        bar = tqdm(total=self.steps, initial=self.step, desc=desc, unit="step",
+                   disable=not (self.progress and self.is_main))
+        while self.step < self.steps:
+            torch.manual_seed(stable_seed(self.config.seed, self.stage, self.step, self.accelerator.process_index))
+            lr = self.scheduler.get_last_lr()[0]
+            metrics = {"step": self.step + 1, **step_fn(self.step), "lr": lr}
+            self.step += 1
+            self.log(metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "reward", "kl")})
+            if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def log(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    # checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        module = unwrapped(self.module)
+        return {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            final = self.checkpoint_root / f"step-{self.step:06d}"
+            tmp = self.checkpoint_root / f".tmp-step-{self.step:06d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(self.trainable_state(), tmp / "trainable.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            write_atomic(tmp / "state.json", json.dumps({"step": self.step, "history": self.history}))
+            tmp.replace(final)
+            for old in self.checkpoints()[:-1]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoint_root.glob("step-[0-9][0-9][0-9][0-9][0-9][0-9]"))
+
+    def resume(self) -> None:
+        """Load the latest checkpoint, if any, and rewrite the metrics log to match it."""
+        found = self.checkpoints()
+        if found:
+            self._load_checkpoint(found[-1])
+        if self.is_main:
+            write_jsonl(self.out / "metrics.jsonl", self.history)
+        self.accelerator.wait_for_everyone()
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "trainable.pt", map_location=self.device)
+        module = unwrapped(self.module)
+        missing = [name for name, p in module.named_parameters() if p.requires_grad and name not in state]
+        if missing:
+            raise ValueError(f"{path} does not match this model ({len(missing)} trainable weights missing, "
+                             f"e.g. {missing[0]}); remove {self.checkpoint_root} to start over")
+        module.load_state_dict(state, strict=False)
+        opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        saved = json.loads((path / "state.json").read_text())
+        self.step, self.history = saved["step"], saved["history"]
+        if self.is_main:
+            print(f"cai-fast: resuming {self.stage} from step {self.step} ({path})", flush=True)
+
+    def finish(self, save_model: Callable[[Path], None], extra: dict | None = None) -> TrainResult:
+        """Save the model (main process), mark the run complete and drop the checkpoints."""
+        seconds = round(time.perf_counter() - self.started, 1)
+        summary = {"stage": self.stage, "steps": self.step, "train_seconds": seconds,
+                   "final": self.history[-1] if self.history else {}, **(extra or {})}
+        if self.is_main:
+            save_model(self.out)
+            write_atomic(self.out / RESULT_FILE, json.dumps({"summary": summary, "history": self.history}, indent=1))
+            for path in self.checkpoints():
+                shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.out, self.history, summary)
+
+
+RESULT_FILE = "train_result.json"
+
+
+def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
+    """Check the output folder's saved config (refusing another) and seed torch from config.seed
+    (for what is initialised at random: LoRA adapters, the reward head). The saved result if the
+    run is complete, else None."""
+    out = Path(config.out)
+    RunStore(out / "checkpoints", {**asdict(config), "stage": stage})
+    torch.manual_seed(config.seed)
+    result = out / RESULT_FILE
+    if not result.is_file():
+        return None
+    saved = json.loads(result.read_text())
+    if process_state().is_main_process:
+        print(f"cai-fast: {stage} run in {out} is already complete; returning its result", flush=True)
+    return TrainResult(out, saved["history"], saved["summary"])
+
+
+def with_trained_tokens(items: list, max_length: int, data: str) -> list:
+    """The examples (TokenizedChat) or pairs (PreferencePair: both sides) that keep at least one
+    trained token within max_length; the others are left out, and counted aloud."""
+    def trainable(item) -> bool:
+        sides = (item.chosen, item.rejected) if isinstance(item, PreferencePair) else (item,)
+        return all(side.trained_tokens for side in sides)
+
+    kept = [item for item in items if trainable(item)]
+    if not kept:
+        raise TrainDataError(f"{data}: no example has a trained token within max_length={max_length}; "
+                             "raise --max-length")
+    if len(kept) < len(items) and process_state().is_main_process:
+        print(f"cai-fast: {len(items) - len(kept)} of {len(items)} examples have no trained token within "
+              f"max_length={max_length} and are left out (raise --max-length to keep them)", flush=True)
+    return kept
+
+
+def local_examples(items: Sequence, indices: Sequence[int]) -> list:
+    """This process's share of the global batch `indices`."""
+    return shard_for_process([items[i] for i in indices])

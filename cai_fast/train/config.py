@@ -1,0 +1,120 @@
+"""The config of every training stage: one dataclass each, a `help` on every field.
+
+`TrainConfig` holds what all stages share; SFTConfig, RewardConfig, DPOConfig and PPOConfig add
+their own fields and defaults. Torch-free, so that the CLI builds its options without loading it.
+Invalid values raise ValueError naming the field (the CLI prints it as a one-line error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..engine.loading import DEFAULT_MODEL
+
+
+def option(default, help: str):
+    """A config field with its help text (the CLI shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every stage; each stage's config adds its own and sets its defaults."""
+
+    model: str = option(DEFAULT_MODEL, "model to start from: transformers id or local folder")
+    data: str = option("", "training data: a JSONL file, a folder of them, or an SL-CAI / RLAIF run folder")
+    out: str = option("runs/train", "output folder (checkpoints, metrics, the trained model)")
+    lr: float = option(2e-5, "peak learning rate (AdamW)")
+    batch_size: int = option(4, "examples per micro-batch on each process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    epochs: float = option(1.0, "passes over the data (ignored when --max-steps is set)")
+    max_steps: int = option(0, "optimizer steps to run (0 = from --epochs)")
+    warmup_steps: int = option(0, "linear warm-up steps; the learning rate then decays linearly to 0")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)")
+    max_length: int = option(1024, "longest training sequence in tokens; longer ones keep their start")
+    lora_r: int = option(0, "LoRA rank (peft, all linear layers); 0 = full fine-tuning")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    save_every: int = option(50, "write a checkpoint every N steps (0 = none; the run then restarts when killed)")
+    seed: int = option(0, "seed for data order, initialisation and sampling")
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("no training data: pass --data with a JSONL file or a folder of them")
+        positive = ("batch_size", "grad_accum", "max_length")
+        non_negative = ("max_steps", "warmup_steps", "lora_r", "save_every", "weight_decay", "max_grad_norm")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr < 0 or self.epochs <= 0:
+            raise ValueError(f"lr must be >= 0 and epochs > 0, got lr={self.lr}, epochs={self.epochs}")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out: str = option("runs/sft", "output folder (checkpoints, metrics, the trained model)")
+    lr: float = option(2e-5, "peak learning rate (AdamW); about 1e-4 suits LoRA")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    out: str = option("runs/reward", "output folder (checkpoints, metrics, the reward model)")
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    eval_fraction: float = option(0.1, "share of pairs held out for accuracy and calibration (0 = none)")
+    use_margin: int = option(0, "1 = subtract each record's 'margin' inside the sigmoid, as trl's "
+                                "RewardTrainer does; 0 = ignore it (the soft label already carries it)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.eval_fraction < 1 or self.use_margin not in (0, 1):
+            raise ValueError(f"eval_fraction must be in [0, 1) and use_margin 0 or 1, got "
+                             f"{self.eval_fraction} and {self.use_margin}")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    out: str = option("runs/dpo", "output folder (checkpoints, metrics, the trained policy)")
+    lr: float = option(1e-6, "peak learning rate (AdamW); about 5e-6 suits LoRA")
+    beta: float = option(0.1, "β: how far the policy may move from the reference (higher = less)")
+    ref_model: str = option("", "frozen reference policy (default: --model)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    data: str = option("red_team", "prompts: a file (text, JSONL, CSV, ...) or a shipped set name")
+    out: str = option("runs/ppo", "output folder (checkpoints, metrics, the trained policy)")
+    lr: float = option(1e-6, "peak learning rate (AdamW); about 1e-5 suits LoRA")
+    reward_model: str = option("", "reward model folder (from `cai-fast train reward`)")
+    ref_model: str = option("", "frozen KL reference policy (default: --model, the SFT policy)")
+    minibatches: int = option(1, "optimizer steps per PPO epoch; prompts per step = batch_size x "
+                                 "grad_accum x minibatches x processes")
+    ppo_epochs: int = option(4, "passes over each step's rollouts")
+    max_new_tokens: int = option(64, "longest sampled response in tokens")
+    temperature: float = option(0.7, "sampling temperature (log-probs use the same)")
+    kl_coef: float = option(0.05, "weight of the per-token KL penalty to the reference")
+    gamma: float = option(1.0, "GAE discount γ")
+    lam: float = option(0.95, "GAE λ")
+    clip_range: float = option(0.2, "policy ratio clip ε")
+    value_clip_range: float = option(0.2, "value clip ε_v")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    engine: str = option("cached", "generation backend for rollouts: cached (prefix-cached paged engine) or plain")
+    generation_batch: int = option(8, "prompts generated together")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.reward_model:
+            raise ValueError("no reward model: pass --reward-model with a folder from `cai-fast train reward`")
+        for name in ("minibatches", "ppo_epochs", "max_new_tokens", "generation_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError(f"temperature must be > 0 and gamma, lam in [0, 1], got {self.temperature}, "
+                             f"{self.gamma}, {self.lam}")

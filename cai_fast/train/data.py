@@ -1,0 +1,228 @@
+"""Training data: records read from JSONL, chats tokenized with the mask of trained tokens, batches.
+
+Formats are trl's (`datasets.load_dataset("json", ...)` reads the same files):
+
+    SFT          {"messages": [{role, content}, ...]}            trains on every assistant turn
+                 {"prompt": [...], "completion": [...]}          trains on the completion's
+                                                                 assistant turns
+    preference   {"prompt": [...], "chosen": [...], "rejected": [...],
+                  "p_chosen": 0.8 (optional, default 1), "margin": 1.4 (optional, default 0)}
+
+Conversational fields are lists of messages; a plain string is read as one user turn (prompt)
+or one assistant turn (completion, chosen, rejected), since every model here is a chat model.
+`--data` is a JSONL file or a folder: a folder holding the stage's usual subfolder (an SL-CAI run
+folder holds `sft_messages/` and `preference/`) reads the JSONL files there, any other folder
+reads its own `*.jsonl` files, in sorted order.
+
+A chat is tokenized the way trl does it: the chat template renders the whole conversation once
+and the trained tokens of assistant turn i run from where the tokenized "messages[:i] + the
+generation prompt" stops being a prefix of it, to the end of the tokenized "messages[:i+1]". For
+a one-turn chat the untrained part is then exactly what `cai_fast.prompts.render` gives the
+generator. Sequences longer than `max_length` keep their start.
+
+Every error names the file, the line and the field, and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+ROLES = ("system", "user", "assistant")
+
+
+class TrainDataError(ValueError):
+    """A training file or record that cannot be used; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str  # "FILE line N"
+    fields: dict
+
+
+@dataclass(frozen=True)
+class TokenizedChat:
+    ids: list[int]
+    mask: list[bool]  # True on trained (scored) tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens that are targets: a trained token at position 0 has no context, so it is not."""
+        return sum(self.mask[1:])
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    chosen: TokenizedChat  # prompt + chosen, mask on the chosen reply
+    rejected: TokenizedChat
+    p_chosen: float
+    margin: float
+
+
+def data_files(path: str | Path, subfolder: str) -> list[Path]:
+    """The JSONL files that `--data path` names (see the module doc)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise TrainDataError(f"{path}: no such file or folder; pass --data with a JSONL file or a folder of them")
+    folder = path / subfolder if (path / subfolder).is_dir() else path
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise TrainDataError(f"{folder}: no *.jsonl files in this folder; pass --data with a JSONL file "
+                             f"or a folder of them (an SL-CAI run folder has them under {subfolder}/)")
+    return files
+
+
+def read_records(path: str | Path, subfolder: str) -> list[Record]:
+    """Every record of every file, in order; blank lines are skipped."""
+    records = []
+    for file in data_files(path, subfolder):
+        with open(file, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(Record(f"{file} line {number}", _parse(line, f"{file} line {number}")))
+    if not records:
+        raise TrainDataError(f"{path}: the data holds no records; pass --data with a non-empty JSONL file")
+    return records
+
+
+def _parse(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TrainDataError(f"{where}: not valid JSON ({err.msg}); fix or remove the line") from None
+    if not isinstance(record, dict):
+        raise TrainDataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def messages_field(record: Record, name: str, role: str | None = None) -> list[dict]:
+    """A field as a list of messages; a string becomes one message of `role`."""
+    value = record.fields.get(name)
+    if isinstance(value, str) and role:
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        raise TrainDataError(f"{record.where}: field '{name}' must be a non-empty list of messages "
+                             f"({{role, content}}){' or a string' if role else ''}, got {kind}")
+    for i, message in enumerate(value):
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
+            raise TrainDataError(f"{record.where}: field '{name}' message {i} must be "
+                                 f"{{\"role\": one of {ROLES}, \"content\": a string}}, got {message!r:.80}")
+    return value
+
+
+def number_field(record: Record, name: str, default: float, low: float = -math.inf,
+                 high: float = math.inf) -> float:
+    value = record.fields.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise TrainDataError(f"{record.where}: field '{name}' must be a number in [{low}, {high}], "
+                             f"got {value!r}; fix the record or drop the field")
+    return float(value)
+
+
+def sft_chat(record: Record) -> tuple[list[dict], int]:
+    """(conversation, index of the first message whose assistant turns are trained)."""
+    if "messages" in record.fields:
+        return messages_field(record, "messages"), 0
+    if "prompt" in record.fields and "completion" in record.fields:
+        prompt = messages_field(record, "prompt", "user")
+        return prompt + messages_field(record, "completion", "assistant"), len(prompt)
+    raise TrainDataError(f"{record.where}: an SFT record needs a 'messages' field, or 'prompt' and "
+                         f"'completion' fields; it has {sorted(record.fields)}")
+
+
+def _assistant_turns(record: Record, chat: list[dict], first: int) -> list[int]:
+    turns = [i for i in range(first, len(chat)) if chat[i]["role"] == "assistant"]
+    if not turns:
+        raise TrainDataError(f"{record.where}: the record has no assistant turn to train on; "
+                             "add one or remove the record")
+    return turns
+
+
+def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_chat(tokenizer, chat: list[dict], turns: Sequence[int], max_length: int) -> TokenizedChat:
+    """Token ids of the whole chat, the assistant turns at indices `turns` marked as trained."""
+    ids = chat_ids(tokenizer, chat)
+    mask = [False] * len(ids)
+    for i in turns:
+        start = common_prefix_length(chat_ids(tokenizer, chat[:i], generation_prompt=True), ids)
+        end = common_prefix_length(chat_ids(tokenizer, chat[: i + 1]), ids)
+        mask[start:end] = [True] * (end - start)
+    return TokenizedChat(ids[:max_length], mask[:max_length])
+
+
+def tokenize_sft(tokenizer, record: Record, max_length: int) -> TokenizedChat:
+    chat, first = sft_chat(record)
+    return tokenize_chat(tokenizer, chat, _assistant_turns(record, chat, first), max_length)
+
+
+def preference_chats(record: Record) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) message lists of a preference record."""
+    for name in ("prompt", "chosen", "rejected"):
+        if name not in record.fields:
+            raise TrainDataError(f"{record.where}: a preference record needs 'prompt', 'chosen' and "
+                                 f"'rejected' fields; '{name}' is missing")
+    return (messages_field(record, "prompt", "user"), messages_field(record, "chosen", "assistant"),
+            messages_field(record, "rejected", "assistant"))
+
+
+def tokenize_preference(tokenizer, record: Record, max_length: int) -> PreferencePair:
+    prompt, chosen, rejected = preference_chats(record)
+    sides = []
+    for reply in (chosen, rejected):
+        chat = prompt + reply
+        sides.append(tokenize_chat(tokenizer, chat, _assistant_turns(record, chat, len(prompt)), max_length))
+    return PreferencePair(*sides, number_field(record, "p_chosen", 1.0, 0.0, 1.0),
+                          number_field(record, "margin", 0.0))
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded sequences: ids [B, T], attention_mask [B, T], loss_mask [B, T] (bool)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @classmethod
+    def collate(cls, chats: Sequence[TokenizedChat], pad_id: int, device) -> "TokenBatch":
+        width = max(len(c.ids) for c in chats)
+        ids = torch.full((len(chats), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chats), width), dtype=torch.long)
+        mask = torch.zeros((len(chats), width), dtype=torch.bool)
+        for row, chat in enumerate(chats):
+            n = len(chat.ids)
+            ids[row, :n] = torch.tensor(chat.ids)
+            attention[row, :n] = 1
+            mask[row, :n] = torch.tensor(chat.mask)
+        return cls(ids.to(device), attention.to(device), mask.to(device))
+
+    def targets(self, hidden: torch.Tensor):
+        """(h [n, H], target ids [n], row of each [n]) for every trained token: the state at
+        position t predicts the token at t + 1. Rows in order, positions increasing."""
+        selected = self.loss_mask[:, 1:]
+        return hidden[:, :-1][selected], self.input_ids[:, 1:][selected], selected.nonzero()[:, 0]

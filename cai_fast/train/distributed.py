@@ -1,0 +1,66 @@
+"""Several processes through accelerate: the shared state, prompt sharding and one merged output.
+
+Launch any `cai-fast` stage on N processes; every process runs the same command and this module
+tells each its share:
+
+    accelerate launch --num_processes N -m cai_fast.cli train sft ...     (GPUs)
+    torchrun --nproc_per_node N -m cai_fast.cli train sft ...              (CPUs, gloo)
+
+`shard_for_process(items)` gives process p the items p, p + N, p + 2N, ...; `gather_shards`
+puts the per-process results back in the original order on every process, and
+`write_merged_jsonl` has the main process write them as one file. With one process all three
+are the identity. On a machine without CUDA the state is created with `cpu=True`, which is what
+makes accelerate use gloo under torchrun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import gather_object
+
+from ..store import write_jsonl
+
+
+def make_accelerator() -> Accelerator:
+    """An fp32 Accelerator. accelerate keeps one process-wide state, which another trainer in
+    this process (trl's, say) may have left in bf16; that part (not the process group) is reset."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", "no") != "no":
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+def process_state() -> PartialState:
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def shard_for_process(items: Sequence, state: PartialState | None = None) -> list:
+    """This process's share of `items`: every num_processes-th item from its process_index."""
+    state = state or process_state()
+    return list(items[state.process_index :: state.num_processes])
+
+
+def gather_shards(local: Sequence, state: PartialState | None = None) -> list:
+    """The inverse of shard_for_process: all shards' results in the original order, everywhere."""
+    state = state or process_state()
+    shards = gather_object([list(local)]) if state.num_processes > 1 else [list(local)]
+    merged = []
+    for i in range(max((len(s) for s in shards), default=0)):
+        merged += [s[i] for s in shards if i < len(s)]
+    return merged
+
+
+def write_merged_jsonl(path: str | Path, local_records: Sequence[dict],
+                       state: PartialState | None = None) -> list[dict]:
+    """Gather every process's records (of sharded items) and write them once, in item order."""
+    state = state or process_state()
+    merged = gather_shards(local_records, state)
+    if state.is_main_process:
+        write_jsonl(Path(path), merged)
+    state.wait_for_everyone()
+    return merged

@@ -1,0 +1,81 @@
+"""DPO on preference pairs, with the soft labels as the target: the RL-free alternative to PPO.
+
+    train_dpo(DPOConfig(model=..., data=..., out=...)) -> TrainResult
+
+For a pair (chosen c, rejected r) with soft label p = P(c ≻ r) (the record's `p_chosen`, 1 when
+absent), the implicit rewards are β·log π(y|x)/π_ref(y|x) — sums of the response tokens'
+log-probs through `linear_logprobs`, the reference frozen — and the loss is Bradley–Terry on them:
+
+    Δ = [log π(c) − log π_ref(c)] − [log π(r) − log π_ref(r)]
+    ℓ = −[p·log σ(β·Δ) + (1 − p)·log σ(−β·Δ)]
+
+so it is computed by the same fused `reward_bt_loss` as the reward model, with the implicit
+rewards as one-dimensional "hidden states" and a head of weight 1. With hard labels (p = 1) this
+is trl's DPOTrainer with loss_type="sigmoid" (checked in tests/test_train_dpo.py); a soft p is
+per-example label smoothing (the conservative-DPO target of trl's `label_smoothing`, per pair).
+Logged like trl: loss, reward_chosen / reward_rejected (mean implicit rewards), accuracy
+(implicit reward of chosen > rejected), reward_margin.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..ops import reward_bt_loss
+from .common import (
+    PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
+    save_pretrained_merged, start_run, step_indices, steps_for, token_logprobs, unwrapped,
+    with_trained_tokens,
+)
+from .config import DPOConfig
+from .data import PreferencePair, TokenBatch, read_records, tokenize_preference
+
+
+def sequence_logprobs(module, batch: TokenBatch) -> torch.Tensor:
+    """Sum of the trained tokens' log-probs of each row, [B]."""
+    logp, rows, _ = token_logprobs(module, batch)
+    return torch.zeros(len(batch.input_ids), device=logp.device).index_add(0, rows, logp)
+
+
+def dpo_loss(policy, reference, pairs: Sequence[PreferencePair], beta: float, pad_id: int, device):
+    """(summed soft-label DPO loss, implicit rewards of chosen [B], of rejected [B])."""
+    batch = TokenBatch.collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+    with torch.no_grad():
+        reference_logp = sequence_logprobs(reference, batch)
+    implicit = beta * (sequence_logprobs(policy, batch) - reference_logp)
+    n = len(pairs)
+    p = torch.tensor([x.p_chosen for x in pairs], device=device)
+    unit_head = torch.ones(1, device=device)
+    return reward_bt_loss(implicit[:n, None], implicit[n:, None], unit_head, None, p, reduction="sum")
+
+
+def train_dpo(config: DPOConfig, *, progress: bool = True) -> TrainResult:
+    done = start_run(config, "dpo")
+    if done:
+        return done
+    records = read_records(config.data, "preference")
+    lm, tokenizer = load_policy(config)
+    pairs = with_trained_tokens([tokenize_preference(tokenizer, r, config.max_length) for r in records],
+                                config.max_length, config.data)
+    global_batch = global_batch_size(config)
+    run = TrainRun(config, "dpo", PolicyModule(lm), steps_for(config, len(pairs), global_batch), progress=progress)
+    reference = load_reference(config.ref_model or config.model, run.device)
+
+    def loss_fn(module, chunk):
+        loss, r_c, r_r = dpo_loss(module, reference, chunk, config.beta, tokenizer.pad_token_id, run.device)
+        r_c, r_r = r_c.detach(), r_r.detach()
+        return loss, {"loss": loss.detach(), "reward_chosen": r_c.sum(), "reward_rejected": r_r.sum(),
+                      "correct": (r_c > r_r).sum()}
+
+    def step(k: int) -> dict:
+        indices = step_indices(len(pairs), global_batch, k, config.seed)
+        sums = run.accumulated_step(local_examples(pairs, indices), len(indices), loss_fn)
+        mean = {name: sums[name] / len(indices) for name in ("loss", "reward_chosen", "reward_rejected")}
+        return {**mean, "accuracy": sums["correct"] / len(indices),
+                "reward_margin": mean["reward_chosen"] - mean["reward_rejected"], "grad_norm": sums["grad_norm"]}
+
+    run.run(step, "DPO")
+    return run.finish(lambda out: save_pretrained_merged(unwrapped(run.module).lm, tokenizer, out),
+                      {"pairs": len(pairs)})

@@ -1,0 +1,206 @@
+"""Reward model: the policy's backbone with a scalar head, trained on (soft) preference labels.
+
+    train_reward_model(RewardConfig(model=..., data=..., out=...)) -> TrainResult
+    load_reward_model(out) -> RewardScorer: scorer(prompts, responses) -> list[float]
+
+The reward of a conversation is head(h), h the backbone's final hidden state at the last
+non-pad token of "prompt + response" rendered by the chat template. The loss is the soft-label
+Bradley–Terry loss, fused with the head (`reward_bt_loss`):
+
+    ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)],   d = r_chosen − r_rejected (− margin, with --use-margin 1)
+
+with p = the record's `p_chosen` (1 when absent: a hard label). A held-out share of the pairs
+(`eval_fraction`, a seeded split) is scored at the end:
+  accuracy  share of pairs whose reward order agrees with the label's majority (p > ½; pairs
+            with p = ½ are left out), i.e. r_chosen > r_rejected for hard labels;
+  brier     mean (σ(d) − p)², the calibration of the predicted preference against the soft label;
+  ece       expected calibration error of σ(d) against p over 10 equal-width bins of σ(d).
+The saved folder holds the backbone (loadable with `transformers.AutoModel`), the tokenizer and
+`reward_head.safetensors` (weight [1, H], bias [1], the max_length it was trained with).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..engine.loading import ModelLoadError, load_model
+from ..ops import reward_bt_loss
+from .common import (
+    TrainResult, TrainRun, global_batch_size, local_examples, save_pretrained_merged, start_run,
+    step_indices, steps_for, unwrapped, with_lora, with_trained_tokens,
+)
+from .config import RewardConfig
+from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, read_records, tokenize_preference
+from .distributed import gather_shards, shard_for_process
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+class RewardModel(nn.Module):
+    """Backbone (a transformers base model) + Linear(H, 1) head.
+
+    forward(input_ids [B, T], attention_mask [B, T], right-padded) -> h [B, H] at each row's last
+    token; `rewards(...)` -> head(h) [B]. Training applies the head inside `reward_bt_loss`.
+    """
+
+    def __init__(self, backbone, head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        if head is None:
+            head = nn.Linear(backbone.config.hidden_size, 1)
+            nn.init.normal_(head.weight, std=getattr(backbone.config, "initializer_range", 0.02))
+            nn.init.zeros_(head.bias)
+        self.head = head
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(len(last), device=hidden.device), last]
+
+    @torch.no_grad()
+    def rewards(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.head(self(input_ids, attention_mask))[:, 0].float()
+
+
+def pair_loss(module, pairs: Sequence[PreferencePair], pad_id: int, device, use_margin: bool):
+    """(summed soft-label BT loss, r_chosen [B], r_rejected [B]) of a batch of pairs."""
+    batch = TokenBatch.collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+    h = module(batch.input_ids, batch.attention_mask)
+    head = unwrapped(module).head
+    p = torch.tensor([x.p_chosen for x in pairs], device=device)
+    margin = torch.tensor([x.margin for x in pairs], device=device) if use_margin else None
+    n = len(pairs)
+    return reward_bt_loss(h[:n], h[n:], head.weight, head.bias, p, margin, reduction="sum")
+
+
+def preference_accuracy(r_chosen, r_rejected, p) -> tuple[float, int]:
+    """(share of pairs with p ≠ ½ whose reward order matches p > ½, number of such pairs)."""
+    decided = p != 0.5
+    agree = ((r_chosen - r_rejected) > 0) == (p > 0.5)
+    n = int(decided.sum())
+    return (float(agree[decided].float().mean()) if n else float("nan")), n
+
+
+def calibration(predicted: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dict:
+    """Brier score and expected calibration error of predicted P(chosen ≻ rejected) against p."""
+    index = (predicted * bins).long().clamp(max=bins - 1)
+    ece = sum((index == b).sum() / len(p) * (predicted[index == b].mean() - p[index == b].mean()).abs()
+              for b in range(bins) if (index == b).any())
+    return {"brier": float(((predicted - p) ** 2).mean()), "ece": float(ece)}
+
+
+def evaluate_pairs(model: RewardModel, pairs: Sequence[PreferencePair], pad_id: int, device,
+                   use_margin: bool, batch_size: int) -> dict:
+    """Loss, accuracy and calibration of the reward model on held-out pairs (all processes)."""
+    local = shard_for_process(pairs)
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(local), batch_size):
+            chunk = local[i : i + batch_size]
+            _, r_c, r_r = pair_loss(model, chunk, pad_id, device, use_margin)
+            rows += [(c, r, x.p_chosen, x.margin if use_margin else 0.0)
+                     for c, r, x in zip(r_c.tolist(), r_r.tolist(), chunk)]
+    r_c, r_r, p, margin = torch.tensor(gather_shards(rows)).T
+    d = r_c - r_r - margin
+    accuracy, decided = preference_accuracy(r_c, r_r, p)
+    loss = -(p * nn.functional.logsigmoid(d) + (1 - p) * nn.functional.logsigmoid(-d)).mean()
+    return {"eval_loss": float(loss), "eval_accuracy": accuracy, "eval_pairs": len(p),
+            "eval_decided_pairs": decided, **{f"eval_{k}": v for k, v in calibration(torch.sigmoid(d), p).items()}}
+
+
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): a seeded split, at least one pair each way when asked."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = min(n - 1, max(1, round(fraction * n))) if fraction > 0 else 0
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainResult:
+    done = start_run(config, "reward")
+    if done:
+        return done
+    records = read_records(config.data, "preference")
+    loaded = load_model(config.model)
+    tokenizer = loaded.tokenizer
+    model = RewardModel(with_lora(loaded.model.get_decoder(), config, "FEATURE_EXTRACTION").train())
+    pairs = with_trained_tokens([tokenize_preference(tokenizer, r, config.max_length) for r in records],
+                                config.max_length, config.data)
+    train_ids, eval_ids = held_out_split(len(pairs), config.eval_fraction, config.seed)
+    train, held_out = [pairs[i] for i in train_ids], [pairs[i] for i in eval_ids]
+    global_batch = global_batch_size(config)
+    run = TrainRun(config, "reward", model, steps_for(config, len(train), global_batch), progress=progress)
+
+    def loss_fn(module, chunk):
+        loss, r_c, r_r = pair_loss(module, chunk, tokenizer.pad_token_id, run.device, bool(config.use_margin))
+        margin = (r_c - r_r).detach()
+        return loss, {"loss": loss.detach(), "correct": (margin > 0).sum(), "margin": margin.sum()}
+
+    def step(k: int) -> dict:
+        indices = step_indices(len(train), global_batch, k, config.seed)
+        sums = run.accumulated_step(local_examples(train, indices), len(indices), loss_fn)
+        return {"loss": sums["loss"] / len(indices), "accuracy": sums["correct"] / len(indices),
+                "reward_margin": sums["margin"] / len(indices), "grad_norm": sums["grad_norm"]}
+
+    run.run(step, "reward model")
+    trained = unwrapped(run.module).eval()
+    scores = evaluate_pairs(trained, held_out, tokenizer.pad_token_id, run.device, bool(config.use_margin),
+                            config.batch_size) if held_out else {}
+    return run.finish(lambda out: save_reward_model(trained, tokenizer, out, config.max_length),
+                      {"train_pairs": len(train), **scores})
+
+
+def save_reward_model(model: RewardModel, tokenizer, out: Path, max_length: int) -> None:
+    from safetensors.torch import save_file
+
+    save_pretrained_merged(model.backbone, tokenizer, out)
+    head = {"weight": model.head.weight.detach().cpu().contiguous(), "bias": model.head.bias.detach().cpu()}
+    save_file(head, str(Path(out) / HEAD_FILE), metadata={"max_length": str(max_length)})
+
+
+class RewardScorer:
+    """Scores (prompt, response) pairs: prompt a string (one user turn) or a list of messages,
+    response the assistant's reply as a string. `scorer(prompts, responses) -> list[float]`."""
+
+    def __init__(self, model: RewardModel, tokenizer, max_length: int, batch_size: int = 8):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+        chats = [self.chat_ids(p, r) for p, r in zip(prompts, responses)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for i in range(0, len(chats), self.batch_size):
+            batch = TokenBatch.collate(chats[i : i + self.batch_size], self.tokenizer.pad_token_id, device)
+            scores += self.model.rewards(batch.input_ids, batch.attention_mask).tolist()
+        return scores
+
+    def chat_ids(self, prompt, response: str):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids = chat_ids(self.tokenizer, messages + [{"role": "assistant", "content": response}])[: self.max_length]
+        return TokenizedChat(ids, [False] * len(ids))
+
+
+def load_reward_model(path: str | Path, device: str = "cpu", batch_size: int = 8) -> RewardScorer:
+    """The reward model saved by train_reward_model, as a scorer."""
+    from safetensors import safe_open
+    from transformers import AutoModel, AutoTokenizer
+
+    head_file = Path(path) / HEAD_FILE
+    if not head_file.is_file():
+        raise ModelLoadError(f"{path} is not a reward model folder ({HEAD_FILE} is missing); "
+                             "train one with `cai-fast train reward`")
+    with safe_open(str(head_file), framework="pt") as f:
+        weight, bias, meta = f.get_tensor("weight"), f.get_tensor("bias"), f.metadata()
+    head = nn.Linear(weight.shape[1], 1)
+    head.load_state_dict({"weight": weight, "bias": bias})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = RewardModel(AutoModel.from_pretrained(path), head).to(device)
+    return RewardScorer(model, tokenizer, int(meta["max_length"]), batch_size)

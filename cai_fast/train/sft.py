@@ -1,0 +1,57 @@
+"""SFT: fine-tune a policy on chats, with the loss on assistant tokens only.
+
+    train_sft(SFTConfig(model=..., data=..., out=...)) -> TrainResult
+
+Data: trl's SFT formats (see cai_fast.train.data); an SL-CAI run folder is read from its
+`sft_messages/` subfolder. The loss is the cross-entropy of every trained token (the assistant
+turns' content and end-of-turn tokens), computed by `fused_linear_cross_entropy` from the final
+hidden states and the LM head — the [tokens × vocab] logits never exist — and averaged over
+all trained tokens of the global batch. LoRA (`lora_r > 0`, merged into the saved model) or
+full fine-tuning; checkpoints and resume as in cai_fast.train.common. The trained model and
+tokenizer are saved to `out`, so `load_model(out)` loads it.
+"""
+
+from __future__ import annotations
+
+from ..ops import fused_linear_cross_entropy
+from .common import (
+    PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, local_examples,
+    save_pretrained_merged, start_run, step_indices, steps_for, unwrapped, with_trained_tokens,
+)
+from .config import SFTConfig
+from .data import TokenBatch, read_records, tokenize_sft
+
+
+def sft_loss(module, batch: TokenBatch):
+    """Summed cross-entropy of the batch's trained tokens."""
+    hidden, targets, _ = batch.targets(module(batch.input_ids, batch.attention_mask))
+    weight, bias = unwrapped(module).head()
+    return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum")
+
+
+def train_sft(config: SFTConfig, *, progress: bool = True) -> TrainResult:
+    done = start_run(config, "sft")
+    if done:
+        return done
+    records = read_records(config.data, "sft_messages")
+    lm, tokenizer = load_policy(config)
+    examples = with_trained_tokens([tokenize_sft(tokenizer, r, config.max_length) for r in records],
+                                   config.max_length, config.data)
+    global_batch = global_batch_size(config)
+    run = TrainRun(config, "sft", PolicyModule(lm), steps_for(config, len(examples), global_batch),
+                   progress=progress)
+
+    def loss_fn(module, chats):
+        loss = sft_loss(module, TokenBatch.collate(chats, tokenizer.pad_token_id, run.device))
+        return loss, {"loss": loss.detach()}
+
+    def step(k: int) -> dict:
+        indices = step_indices(len(examples), global_batch, k, config.seed)
+        tokens = sum(examples[i].trained_tokens for i in indices)
+        sums = run.accumulated_step(local_examples(examples, indices), tokens, loss_fn)
+        return {"loss": sums["loss"] / max(tokens, 1), "tokens": tokens, "grad_norm": sums["grad_norm"]}
+
+    run.run(step, "SFT")
+    return run.finish(lambda out: save_pretrained_merged(unwrapped(run.module).lm, tokenizer, out),
+                      {"examples": len(examples)})
+

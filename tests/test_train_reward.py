@@ -1,0 +1,82 @@
+"""Reward model: learns a planted preference, reports calibration, loads back as a scorer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from train_helpers import MARKER, preference_rows, write_jsonl
+
+from cai_fast.train.config import RewardConfig
+from cai_fast.train.reward import (
+    calibration, held_out_split, load_reward_model, preference_accuracy, train_reward_model,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_path, tmp_path_factory):
+    """A reward model trained on pairs whose chosen reply holds MARKER, soft label 0.9."""
+    folder = tmp_path_factory.mktemp("reward")
+    data = write_jsonl(folder / "pairs.jsonl", preference_rows(97, seed=2, p_chosen=0.9))
+    config = RewardConfig(model=str(tiny_model_path), data=str(data), out=str(folder / "out"), lr=3e-3,
+                          batch_size=8, max_steps=40, eval_fraction=0.25, save_every=0)
+    return train_reward_model(config, progress=False)
+
+
+def test_learns_the_planted_preference_to_high_held_out_accuracy(trained):
+    s = trained.summary
+    assert s["eval_pairs"] == 24 and s["train_pairs"] == 73
+    assert s["eval_accuracy"] >= 0.9, s
+    losses = [h["loss"] for h in trained.history]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.2, losses
+    entropy = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))  # the least loss a 0.9 label allows
+    assert min(losses) > entropy - 1e-3
+    assert s["eval_brier"] < 0.05 and 0 <= s["eval_ece"] < 0.2, s
+
+
+def test_saved_model_scores_marker_replies_higher(trained):
+    scorer = load_reward_model(trained.out)
+    rows = preference_rows(12, seed=99)
+    prompts = [r["prompt"] for r in rows] + [r["prompt"][0]["content"] for r in rows]
+    chosen = [r["chosen"][0]["content"] for r in rows]
+    rejected = [r["rejected"][0]["content"] for r in rows]
+    good, bad = scorer(prompts, chosen + chosen), scorer(prompts, rejected + rejected)
+    assert good[:12] == pytest.approx(good[12:], abs=1e-5)  # a string prompt is one user turn
+    assert sum(g > b for g, b in zip(good, bad)) >= 22
+    assert all(MARKER in c for c in chosen)
+
+
+def test_calibration_against_hand_computed_values():
+    predicted = torch.tensor([0.12, 0.18, 0.81, 0.95, 0.55])
+    p = torch.tensor([0.0, 0.5, 1.0, 1.0, 0.25])
+    scores = calibration(predicted, p)
+    brier = (0.12**2 + 0.32**2 + 0.19**2 + 0.05**2 + 0.30**2) / 5
+    # bins: [0.1, 0.2) holds 0.12, 0.18 (mean 0.15 vs 0.25); [0.5, 0.6) 0.55 vs 0.25;
+    # [0.8, 0.9) 0.81 vs 1; [0.9, 1] 0.95 vs 1
+    ece = (2 * 0.10 + 0.30 + 0.19 + 0.05) / 5
+    assert scores["brier"] == pytest.approx(brier, abs=1e-6)
+    assert scores["ece"] == pytest.approx(ece, abs=1e-6)
+
+
+def test_accuracy_leaves_out_undecided_pairs_and_follows_the_label_side():
+    r_chosen = torch.tensor([1.0, 0.0, 2.0, -1.0])
+    r_rejected = torch.tensor([0.0, 1.0, 1.0, 0.5])
+    p = torch.tensor([0.9, 0.2, 0.5, 0.7])  # pair 2 (p = 0.2) prefers the "rejected" reply
+    accuracy, decided = preference_accuracy(r_chosen, r_rejected, p)
+    assert decided == 3 and accuracy == pytest.approx(2 / 3)
+
+
+def test_held_out_split_is_seeded_and_disjoint():
+    train, held = held_out_split(50, 0.2, seed=3)
+    assert len(held) == 10 and sorted(train + held) == list(range(50))
+    assert held_out_split(50, 0.2, seed=3) == (train, held) != held_out_split(50, 0.2, seed=4)
+    assert held_out_split(5, 0.0, seed=0) == (list(range(5)), [])
+    assert len(held_out_split(3, 0.01, seed=0)[1]) == 1
+
+
+def test_not_a_reward_model_folder(tiny_model_path):
+    from cai_fast.engine.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cai-fast train reward"):
+        load_reward_model(tiny_model_path)

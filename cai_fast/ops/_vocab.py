@@ -52,12 +52,12 @@ def row_stats(z: torch.Tensor, ids: torch.Tensor) -> VocabStats:
     """Torch backend: lse, gathered logits and mean of each row of the fp32 tile z [n, V].
 
     The log-sum-exp exponentiates LSE_ROWS rows at a time into one reused buffer, so its only
-    temporary is [LSE_ROWS, V] (torch.logsumexp would make a second tile, and many small
-    temporaries leave freed memory behind in the C heap)."""
+    temporary is [LSE_ROWS, V] (torch.logsumexp would make a second tile, and many temporaries
+    of a few MB leave freed memory behind in the C heap)."""
     row_max = z.amax(dim=1, keepdim=True)
     buffer = torch.empty_like(z[:LSE_ROWS])
     sums = torch.empty_like(row_max[:, 0])
-    for start in range(0, z.shape[0], LSE_ROWS):
+    for start in range(0, len(z), LSE_ROWS):
         rows = slice(start, start + LSE_ROWS)
         shifted = torch.sub(z[rows], row_max[rows], out=buffer[: len(z[rows])])
         sums[rows] = shifted.exp_().sum(dim=1)

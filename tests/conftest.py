@@ -9,7 +9,13 @@ missing, which the README's test command installs).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
+
+# Triton reads this once, when triton.language is first imported, and torch imports it while test
+# modules are collected (torch.nn.attention does), so it is set here, before any of them: the ops
+# tests run the Triton kernels in the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

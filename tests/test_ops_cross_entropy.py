@@ -1,10 +1,6 @@
 """fused_linear_cross_entropy: torch chunked path and Triton kernels (interpreted on CPU) against
 a float64 unfused reference, loss and every gradient."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
 import torch.nn.functional as F

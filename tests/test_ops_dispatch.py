@@ -2,9 +2,6 @@
 [N, V] logits is ever created by the chunked paths (forward or backward)."""
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import subprocess
 import sys
 
@@ -76,6 +73,18 @@ def test_forcing_triton_on_cpu_without_the_interpreter_says_what_to_do():
             ops.linear_logprobs(torch.randn(5, 8), torch.randn(11, 8), torch.arange(5))
     """
     assert "set TRITON_INTERPRET=1" in _run_python(code).stderr
+
+
+@pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON)
+def test_interpreter_asked_for_after_triton_was_imported_says_what_to_do():
+    code = """if True:
+        import os, torch, triton.language, cai_fast.ops as ops
+        os.environ["TRITON_INTERPRET"] = "1"
+        with ops.use_path("triton"):
+            ops.linear_logprobs(torch.randn(5, 8), torch.randn(11, 8), torch.arange(5))
+    """
+    stderr = _run_python(code).stderr
+    assert "set TRITON_INTERPRET=1 in the environment before Python starts" in stderr, stderr
 
 
 class _LargestTensor(TorchDispatchMode):

@@ -1,10 +1,6 @@
 """linear_logprobs / linear_option_logprobs: torch chunked path and Triton kernels (interpreted on
 CPU) against a float64 unfused reference, values and every gradient."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
 

@@ -1,10 +1,6 @@
 """reward_bt_loss: torch path and Triton kernels (interpreted on CPU) against a float64 plain
 autograd reference, loss, rewards and every gradient."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,10 +1,6 @@
 """swapped_pair_scores: torch path and Triton kernel (interpreted on CPU) against a float64
 full-vocabulary reference; the swap antisymmetry label(b, a) = 1 − label(a, b)."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
 

@@ -6,8 +6,10 @@ chunked torch path. "triton" forces the kernels; on CPU tensors that works only 
 without a GPU). "torch" forces the chunked torch path.
 
 Triton is never imported here: the kernel modules (`cai_fast.ops.kernels.*`) are imported on the
-first call that takes the Triton path, so `TRITON_INTERPRET` is read then, whatever was imported
-before, and `import cai_fast.ops` works where triton is missing (`HAS_TRITON` is False).
+first call that takes the Triton path, and `import cai_fast.ops` works where triton is missing
+(`HAS_TRITON` is False). Triton itself reads `TRITON_INTERPRET` once, when `triton.language` is
+first imported (torch imports it too, e.g. for `torch.nn.attention`), so the variable must be set
+before that; a CPU op that finds triton imported without it says so.
 """
 
 from __future__ import annotations
@@ -79,7 +81,20 @@ def takes_triton(*tensors: torch.Tensor | None) -> bool:
         raise RuntimeError("cai_fast.ops: path 'triton' was forced on CPU tensors; move them to "
                            "CUDA, or set TRITON_INTERPRET=1 before the first op to interpret the "
                            "kernels on CPU")
+    if not on_cuda and not _triton_is_interpreted():
+        raise RuntimeError("cai_fast.ops: TRITON_INTERPRET=1 was set after triton had been imported "
+                           "(torch and transformers import it too), so its kernels cannot be "
+                           "interpreted; set TRITON_INTERPRET=1 in the environment before Python starts")
     return True
+
+
+def _triton_is_interpreted() -> bool:
+    """True when triton.language was imported under TRITON_INTERPRET=1 (its own jit functions are
+    then interpreted too; otherwise every kernel fails on its first `tl.zeros`)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def next_power_of_2(n: int) -> int:

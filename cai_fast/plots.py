@@ -44,13 +44,16 @@ def histogram_png(values: Sequence[float], path: str | Path, *, bins: int, value
 
 def curves_png(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path, *,
                title: str, xlabel: str) -> Path:
-    """One panel per key of `panels` (its name is the y label), one line per series (x, y) in it."""
+    """One panel per key of `panels` (its name is the panel's title), one line per series (x, y) in it."""
+    from matplotlib.ticker import MaxNLocator
+
     figure = _figure(4.5 * max(1, len(panels)), 3.6)
     for i, (name, series) in enumerate(panels.items(), 1):
         axes = figure.add_subplot(1, len(panels), i)
         for colour, (label, (xs, ys)) in zip(COLOURS * 4, series.items()):
             axes.plot(list(xs), list(ys), marker="o", markersize=3, color=colour, label=label)
-        axes.set(xlabel=xlabel, ylabel=name, title=name)
+        axes.set(xlabel=xlabel, title=name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         if len(series) > 1:
             axes.legend(fontsize="small")
@@ -59,9 +62,11 @@ def curves_png(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float
 
 
 def grouped_bars_png(categories: Sequence[str], series: dict[str, Sequence[float | None]], path: str | Path, *,
-                     title: str, ylabel: str, reference: float | None = None, percent: bool = False) -> Path:
+                     title: str, ylabel: str, reference: float | None = None, percent: bool = False,
+                     ylim: tuple[float, float] | None = None) -> Path:
     """Bars of each series side by side per category, with their values written on top; a missing
-    value (None or NaN) leaves a gap. `reference` draws a dashed horizontal line (e.g. ½ or 0)."""
+    value (None or NaN) leaves a gap. `reference` draws a dashed horizontal line (e.g. ½ or 0);
+    `ylim` fixes the value axis (e.g. (0, 1) for probabilities)."""
     figure = _figure(max(5.0, 1.3 * len(categories) * max(1, len(series)) / 2 + 3), 4)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(series))
@@ -74,7 +79,10 @@ def grouped_bars_png(categories: Sequence[str], series: dict[str, Sequence[float
         axes.axhline(reference, color="grey", linestyle="--", linewidth=1)
     axes.set_xticks(range(len(categories)), list(categories))
     axes.set(title=title, ylabel=ylabel)
-    axes.margins(y=0.15)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    else:
+        axes.margins(y=0.15)
     if len(series) > 1:
         axes.legend(fontsize="small")
     return _save(figure, path)

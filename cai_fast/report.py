@@ -78,7 +78,8 @@ def draw_figures(root: Path, state: dict, config: dict, rounds: list[int]) -> di
         return drawn
     labels = [f"round {r}" for r in rounds]
     wins = {m: [_figures_of(state, r)[m]["win_rate"] for r in rounds] for m in ("harmlessness", "helpfulness")}
-    drawn["win-rates"] = grouped_bars_png(labels, wins, out / "win_rates.png", reference=0.5, ylabel="P(round ≻ start)",
+    drawn["win-rates"] = grouped_bars_png(labels, wins, out / "win_rates.png", reference=0.5, ylim=(0, 1),
+                                          ylabel="P(round ≻ start)",
                                           title="Win-rate against the starting model (0.5 = as good)")
     refusal = [_baseline(state)["over_refusal"]["rate"]] + [_figures_of(state, r)["over_refusal"]["rate"] for r in rounds]
     drawn["over-refusal"] = grouped_bars_png(["start"] + labels, {"over-refusal": refusal}, out / "over_refusal.png",

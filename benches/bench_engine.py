@@ -14,7 +14,8 @@ Sections (each prints its table; --json writes every figure):
               the --n prompts (a dry run of the scheduler alone, checked against the real engine on
               --judge-pairs pairs), then labels/s of the engine, of the plain generator (both
               orders, batched) and of the trl-style baseline (baseline_judge.py: one order, one
-              generate call per pair and principle), with the tokens each computes.
+              generate call per pair and principle), with the tokens each computes; and the
+              scheduler's own time over the whole workload, C++ and its Python twin.
   decode      decode tokens/s at batch 1 and --decode-batch, engine vs transformers' generate (per
               step, prefill excluded), against this CPU's ceilings: weights streamed once a step
               (bytes of weights / bandwidth of a large copy) and the fp32 matmul rate of a big
@@ -60,6 +61,22 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def cpu_timed(fn) -> tuple[dict, object]:
+    """Wall seconds and this process's CPU seconds of fn(). With one thread, CPU time leaves out
+    the time other jobs on the shared machine hold the cores, so ratios of it are steadier."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return {"seconds": round(time.perf_counter() - wall, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}, out
+
+
+def speedups(out: dict, ours: str, per: str, **others: str) -> None:
+    """out[f"speedup_vs_{name}"] in wall and CPU time, from `per`-items a second of each side."""
+    for name, key in others.items():
+        for clock in ("seconds", "cpu_seconds"):
+            rate = lambda side: out[side][per] / out[side][clock]  # noqa: E731
+            out[f"{'cpu_' if clock == 'cpu_seconds' else ''}speedup_vs_{name}"] = rate(ours) / rate(key)
+
+
 def engine(loaded, batch: int, **config) -> CachedGenerator:
     return CachedGenerator(loaded.model, loaded.tokenizer, EngineConfig(max_running=batch, **config))
 
@@ -81,8 +98,8 @@ def sl_cai(loaded, args) -> dict:
                            critique_tokens=args.tokens, revision_tokens=args.tokens)
 
     def run(generator, items, batch):
-        seconds, result = timed(lambda: run_sl_cai(generator, constitution, items, config(batch), progress=False))
-        figures = {"prompts": len(items), "seconds": round(seconds, 1), "prompts_per_s": len(items) / seconds,
+        clocks, result = cpu_timed(lambda: run_sl_cai(generator, constitution, items, config(batch), progress=False))
+        figures = {"prompts": len(items), **clocks, "prompts_per_s": len(items) / clocks["seconds"],
                    "generated_tokens": generator.stats.generated_tokens, "prompt_tokens": generator.stats.prompt_tokens}
         if isinstance(generator, CachedGenerator):
             figures.update(generator.stats.summary())
@@ -93,20 +110,18 @@ def sl_cai(loaded, args) -> dict:
     out["plain"], plain = run(make_generator(loaded, engine="plain", batch_size=args.plain_batch), subset,
                               args.plain_batch)
     cfg = config(1)
-    seconds, (records, tokens) = timed(lambda: baseline_sl_cai(
+    clocks, (records, tokens) = cpu_timed(lambda: baseline_sl_cai(
         loaded.model, loaded.tokenizer, constitution, subset, rounds=2, seed=cfg.seed, few_shot=3,
         answer_tokens=args.tokens, critique_tokens=args.tokens, revision_tokens=args.tokens))
-    out["baseline"] = {"prompts": len(subset), "seconds": round(seconds, 1), "prompts_per_s": len(subset) / seconds,
+    out["baseline"] = {"prompts": len(subset), **clocks, "prompts_per_s": len(subset) / clocks["seconds"],
                        "generated_tokens": tokens}
     base = {r["prompt_id"]: trace(r) for r in records}
     out["identical_traces"] = {"engine_vs_plain": sum(ours[k] == plain[k] for k in ours),
                                "engine_vs_baseline": sum(ours[k] == base[k] for k in ours), "of": len(ours)}
-    out["speedup_vs_baseline"] = out["engine"]["prompts_per_s"] / out["baseline"]["prompts_per_s"]
-    out["speedup_vs_plain"] = out["engine"]["prompts_per_s"] / out["plain"]["prompts_per_s"]
+    speedups(out, "engine", "prompts", baseline="baseline", plain="plain")
     if args.n > args.compare_n:
         out["engine_all"], _ = run(make_generator(loaded, engine="cached", batch_size=32), prompts, 32)
-        out["speedup_all_vs_baseline"] = out["engine_all"]["prompts_per_s"] / out["baseline"]["prompts_per_s"]
-        out["speedup_all_vs_plain"] = out["engine_all"]["prompts_per_s"] / out["plain"]["prompts_per_s"]
+        speedups(out, "engine_all", "prompts", all_baseline="baseline", all_plain="plain")
     return out
 
 
@@ -129,20 +144,21 @@ def judge_rows(judge: ConstitutionalJudge, pairs) -> tuple[list[list[int]], list
     return both, single
 
 
-def dry_run(rows: list[list[int]], config: EngineConfig) -> int:
-    """Prefill tokens the engine computes for these scoring rows: the scheduler alone, as the
-    engine drives it (each batch is prefilled and finished before the next is scheduled)."""
+def dry_run(rows: list[list[int]], config: EngineConfig, backend: str = "cpp") -> tuple[int, float]:
+    """Prefill tokens the engine computes for these scoring rows, and the seconds the scheduler
+    takes: the scheduler alone, driven as the engine drives it (each batch is prefilled and
+    finished before the next is scheduled)."""
     total = sum(len(r) for r in rows)
-    cache = make_cache(total // config.block_size + len(rows) + 1, config.block_size)
+    cache = make_cache(total // config.block_size + len(rows) + 1, config.block_size, backend)
     scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, config.dedup_min_tokens)
+    start, computed = time.perf_counter(), 0
     for i, row in enumerate(rows):
         scheduler.add(i, row, 0, len(row) - 1)
-    computed = 0
     while scheduler.num_waiting:
         for s in scheduler.schedule(config.max_running).scheduled:
             computed += len(s.tokens_to_compute)
             scheduler.finish(s.request_id, rows[s.request_id])
-    return computed
+    return computed, time.perf_counter() - start
 
 
 def sample_pairs(generator, tokenizer, prompts, samples: int, tokens: int) -> list[tuple]:
@@ -167,28 +183,28 @@ def judge(loaded, args) -> dict:
     ours = engine(loaded, 32)
     judge_engine = ConstitutionalJudge(ours, "default", config)
     both, single = judge_rows(judge_engine, pairs)
-    out["all_prompts"] = {"judge_prompts": len(both), "submitted": sum(map(len, both)),
-                          "computed": dry_run(both, ours.config), "baseline_tokens": sum(map(len, single))}
+    (computed, cpp_s), (_, python_s) = (dry_run(both, ours.config, backend) for backend in ("cpp", "python"))
+    out["all_prompts"] = {"judge_prompts": len(both), "submitted": sum(map(len, both)), "computed": computed,
+                          "baseline_tokens": sum(map(len, single)),
+                          "scheduler_seconds": {"cpp": round(cpp_s, 3), "python": round(python_s, 3)}}
     out["all_prompts"]["hit_rate"] = 1 - out["all_prompts"]["computed"] / out["all_prompts"]["submitted"]
     subset = pairs[: args.judge_pairs]
     sub_both, sub_single = judge_rows(judge_engine, subset)
     columns = [list(c) for c in zip(*subset)]
-    seconds, _ = timed(lambda: judge_engine.score(*columns))
+    clocks, _ = cpu_timed(lambda: judge_engine.score(*columns))
     stats = ours.stats
-    out["engine"] = {"pairs": len(subset), "seconds": round(seconds, 1), "labels_per_s": len(subset) / seconds,
-                     "submitted": stats.prefill_submitted, "computed": stats.prefill_computed,
-                     "dry_run_computed": dry_run(sub_both, ours.config),
+    out["engine"] = {"pairs": len(subset), **clocks, "submitted": stats.prefill_submitted, "computed": stats.prefill_computed,
+                     "dry_run_computed": dry_run(sub_both, ours.config)[0],
                      "scheduler_ms_per_batch": stats.summary()["scheduler_ms_per_batch"],
                      "model_seconds": round(stats.model_seconds, 1)}
     plain = ConstitutionalJudge(make_generator(loaded, engine="plain", batch_size=16), "default", config)
-    seconds, _ = timed(lambda: plain.score(*columns))
-    out["plain"] = {"seconds": round(seconds, 1), "labels_per_s": len(subset) / seconds,
-                    "computed": sum(map(len, sub_both))}
-    seconds, _ = timed(lambda: baseline_judge(loaded.model, loaded.tokenizer, judge_engine, subset))
-    out["baseline"] = {"seconds": round(seconds, 1), "labels_per_s": len(subset) / seconds,
-                       "computed": sum(map(len, sub_single)), "orders": 1}
-    out["speedup_vs_baseline"] = out["engine"]["labels_per_s"] / out["baseline"]["labels_per_s"]
-    out["speedup_vs_plain"] = out["engine"]["labels_per_s"] / out["plain"]["labels_per_s"]
+    clocks, _ = cpu_timed(lambda: plain.score(*columns))
+    out["plain"] = {"pairs": len(subset), **clocks, "computed": sum(map(len, sub_both)), "orders": 2}
+    clocks, _ = cpu_timed(lambda: baseline_judge(loaded.model, loaded.tokenizer, judge_engine, subset))
+    out["baseline"] = {"pairs": len(subset), **clocks, "computed": sum(map(len, sub_single)), "orders": 1}
+    for side in ("engine", "plain", "baseline"):
+        out[side]["labels_per_s"] = len(subset) / out[side]["seconds"]
+    speedups(out, "engine", "pairs", baseline="baseline", plain="plain")
     return out
 
 

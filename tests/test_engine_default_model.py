@@ -43,9 +43,10 @@ def test_scores_equal_transformers_forward_on_the_default_model(default_loaded):
     assert engines["cache"].stats.cache_hit_rate > 0.5
 
 
-def test_greedy_equals_generate_on_the_default_model(default_loaded):
+def test_greedy_equals_generate_with_cache_on_and_off_on_the_default_model(default_loaded):
     prompts = _prompts(default_loaded.tokenizer)
-    out = engine_for(default_loaded, block_size=16).generate(prompts, SamplingParams(max_new_tokens=20))
-    for prompt, completion in zip(prompts, out):
-        reference = reference_greedy(default_loaded, prompt, 20)
-        divergence(default_loaded.model, prompt, as_sequence(completion), reference, GREEDY_TIE_EPS)
+    references = [reference_greedy(default_loaded, p, 20) for p in prompts]
+    for cache in (True, False):
+        out = engine_for(default_loaded, block_size=16, prefix_cache=cache).generate(prompts, SamplingParams(20))
+        for prompt, completion, reference in zip(prompts, out, references):
+            divergence(default_loaded.model, prompt, as_sequence(completion), reference, GREEDY_TIE_EPS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai_fast.engine.attention import BatchLayout, TorchPagedAttention, visible
+from cai_fast.engine.attention import BatchLayout, TorchPagedAttention, make_attention, visible
 from cai_fast.engine.base import SamplingParams
 from cai_fast.engine.kv import KVPool, KVShape, pool_blocks, slot_ids
 from cai_fast.engine.sampling import next_tokens, request_generator, top_p_filter
@@ -126,3 +126,12 @@ def test_next_tokens_greedy_rows_and_seeded_draws():
     assert again == tokens
     draws = {tuple(next_tokens(logits[1:2], [sampled], [request_generator(3, i)])) for i in range(20)}
     assert len(draws) > 1  # different requests draw differently
+
+
+def test_attention_choice_falls_back_to_torch_where_flash_attn_cannot_run():
+    pool = KVPool(SHAPE, 4, 4)
+    assert isinstance(make_attention("auto", pool, [None, None], 4, 0.5), TorchPagedAttention)
+    with pytest.raises(ValueError, match="needs flash-attn"):
+        make_attention("flash", pool, [None, None], 4, 0.5)
+    with pytest.raises(ValueError, match="unknown attention"):
+        make_attention("fast", pool, [None, None], 4, 0.5)

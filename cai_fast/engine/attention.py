@@ -13,12 +13,15 @@ Torch path (`TorchPagedAttention`), built for the CPU:
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
-  matrix product for all B queries; the rest of each context is gathered into a padded [B, U]
-  batch; the two parts merge through their log-sum-exps (cascade attention). The shared part is
-  read once a step instead of B times, which is what bounds decode on a CPU.
+  matrix product for all B queries; the rest of each context is gathered, in whole blocks (4x
+  faster to copy than token by token), into a padded batch whose past-the-end positions are
+  masked (the engine zeroes a request's fresh blocks, so they hold finite values); the two parts
+  merge through their log-sum-exps (cascade attention). The shared part is read once a step
+  instead of B times, which is what bounds decode on a CPU (3.6x at batch 32 after a 930-token
+  few-shot block, see benches/bench_engine.py).
 Flash path (`FlashPagedAttention`): `flash_attn_with_kvcache` over the block tables (causal,
-bottom-right aligned), taken on CUDA when flash-attn is installed and block_size % 256 == 0.
-It is untested here: no machine of this project has CUDA and flash-attn.
+bottom-right aligned), taken on CUDA when flash-attn is installed, the model is fp16 or bf16 and
+block_size % 256 == 0. It is untested here: no machine of this project has CUDA and flash-attn.
 """
 
 from __future__ import annotations
@@ -266,13 +269,12 @@ class FlashPagedAttention:
 
 
 def make_attention(kind: str, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
-    """`kind`: "torch", "flash" or "auto" (flash on CUDA when installed and the block size allows)."""
+    """`kind`: "torch", "flash" or "auto" (flash where it can run, see the module docstring)."""
     if kind not in ("auto", "torch", "flash"):
         raise ValueError(f"unknown attention {kind!r}; use auto, torch or flash")
-    on_cuda = pool.k[0].is_cuda
-    if kind == "flash" and not (HAVE_FLASH_ATTN and on_cuda):
-        raise ValueError("attention='flash' needs flash-attn installed and the model on CUDA; use 'auto'")
-    fits = pool.block_size % FLASH_BLOCK_MULTIPLE == 0
-    if kind == "flash" or (kind == "auto" and HAVE_FLASH_ATTN and on_cuda and fits):
+    usable = HAVE_FLASH_ATTN and pool.k[0].is_cuda and pool.shape.dtype in (torch.float16, torch.bfloat16)
+    if kind == "flash" and not usable:
+        raise ValueError("attention='flash' needs flash-attn installed and an fp16/bf16 model on CUDA; use 'auto'")
+    if kind == "flash" or (kind == "auto" and usable and pool.block_size % FLASH_BLOCK_MULTIPLE == 0):
         return FlashPagedAttention(pool, windows, num_heads, scale)
     return TorchPagedAttention(pool, windows, num_heads, scale)

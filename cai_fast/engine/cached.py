@@ -14,6 +14,8 @@ request's prompt is cached, so requests that share it (held back by the schedule
 it. Decode is continuously batched: up to `max_running` sequences advance one token a step;
 finished ones leave and waiting ones are admitted in their place. When a request ends, the
 tokens whose KV was computed stay cached (least recently used ones are evicted under pressure).
+`EngineConfig(prefix_cache=False)` caches nothing, so every prompt is computed in full: the same
+engine without prefix sharing, for comparisons.
 
 Generation follows `PlainGenerator`: greedy or temperature / top-p sampling (one seeded
 generator per request, cai_fast.engine.sampling), a completion ends at an end-of-turn token
@@ -148,7 +150,8 @@ class CachedGenerator:
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
         self.runner = PagedRunner(model, self.pool, config.attention)
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
-        self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, config.dedup_min_tokens)
+        hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
+        self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)
         self.stop_ids = set(end_of_turn_ids(tokenizer))
         self.stats = EngineStats()
         self._ids = itertools.count()

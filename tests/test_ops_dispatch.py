@@ -115,3 +115,25 @@ def test_no_tensor_of_all_logits_is_ever_made(path, op):
         call().backward()
     tile_bytes = 32 * vocab * 4  # one fp32 tile of 32 rows; all the logits would be 8 times that
     assert watch.largest <= tile_bytes, f"a tensor of {watch.largest} bytes was made"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_op_takes_zero_rows(path):
+    """A batch filtered down to nothing (e.g. every example too long) gives empty outputs, a zero
+    summed loss and zero gradients, never an error from a chunk size of 0."""
+    (hidden, weight, bias), _ = random_head(0, 8, 11)
+    hidden.requires_grad_(True), weight.requires_grad_(True)
+    none = torch.zeros(0, dtype=torch.long)
+    with ops.use_path(path):
+        assert ops.linear_logprobs(hidden, weight, none, bias).shape == (0,)
+        logp, lse = ops.linear_option_logprobs(hidden, weight, torch.tensor([3, 5]), bias)
+        assert logp.shape == (0, 2) and lse.shape == (0,)
+        assert ops.fused_linear_cross_entropy(hidden, weight, none, bias, reduction="none").shape == (0,)
+        loss = ops.fused_linear_cross_entropy(hidden, weight, none, bias, reduction="sum")
+        loss.backward()
+        assert loss.detach().item() == 0 and hidden.grad.shape == (0, 8) and not weight.grad.any()
+        scores = ops.swapped_pair_scores(torch.randn(0, 2, 2, 8), weight.detach(), (3, 5))
+        assert all(t.shape[0] == 0 for t in scores)
+        loss, r_chosen, _ = ops.reward_bt_loss(torch.randn(0, 8), torch.randn(0, 8), torch.randn(8), None,
+                                               torch.zeros(0), reduction="sum")
+        assert loss.item() == 0 and r_chosen.shape == (0,)

@@ -84,12 +84,12 @@ TILE_BYTES = 256 * 2**20  # the most one fp32 tile of logits may take
 def chunk_rows_for(n_rows: int, vocab: int) -> int:
     """Rows per tile: the forced value, else an eighth of the rows (so a tile is at most an eighth
     of the logits) but no more than TILE_BYTES of fp32, and at least 64 rows so that the matmuls
-    stay efficient."""
+    stay efficient; at least 1, so that no rows make no chunks."""
     forced = current_settings().chunk_rows
     if forced:
         return forced
     rows = min(next_power_of_2(n_rows) // 8, TILE_BYTES // (4 * vocab))
-    return min(n_rows, max(64, rows))
+    return max(1, min(n_rows, max(64, rows)))
 
 
 def _row_chunks(n_rows: int, vocab: int) -> list[slice]:

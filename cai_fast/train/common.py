@@ -46,7 +46,7 @@ from ..ops import linear_logprobs
 from ..sl_cai import stable_seed
 from ..store import RunStore, write_atomic, write_jsonl
 from .config import TrainConfig
-from .data import PreferencePair, TokenBatch, TrainDataError
+from .data import PreferencePair, TokenBatch, TrainDataError, read_records
 from .distributed import make_accelerator, process_state, shard_for_process
 
 
@@ -326,6 +326,13 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
     if process_state().is_main_process:
         print(f"cai-fast: {stage} run in {out} is already complete; returning its result", flush=True)
     return TrainResult(out, saved["history"], saved["summary"])
+
+
+def training_examples(config: TrainConfig, kind: str, tokenizer, tokenize: Callable) -> list:
+    """The records of `config.data` (read as `kind`, see cai_fast.train.data), each tokenized by
+    tokenize(tokenizer, record, config.max_length), without those that keep no trained token."""
+    items = [tokenize(tokenizer, record, config.max_length) for record in read_records(config.data, kind)]
+    return with_trained_tokens(items, config.max_length, config.data)
 
 
 def with_trained_tokens(items: list, max_length: int, data: str) -> list:

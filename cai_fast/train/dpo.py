@@ -26,11 +26,10 @@ import torch
 from ..ops import reward_bt_loss
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
-    save_pretrained_merged, start_run, step_indices, steps_for, token_logprobs, unwrapped,
-    with_trained_tokens,
+    save_pretrained_merged, start_run, step_indices, steps_for, token_logprobs, training_examples, unwrapped,
 )
 from .config import DPOConfig
-from .data import PreferencePair, TokenBatch, read_records, tokenize_preference
+from .data import PreferencePair, TokenBatch, tokenize_preference
 
 
 def sequence_logprobs(module, batch: TokenBatch) -> torch.Tensor:
@@ -55,10 +54,8 @@ def train_dpo(config: DPOConfig, *, progress: bool = True) -> TrainResult:
     done = start_run(config, "dpo")
     if done:
         return done
-    records = read_records(config.data, "preference")
     lm, tokenizer = load_policy(config)
-    pairs = with_trained_tokens([tokenize_preference(tokenizer, r, config.max_length) for r in records],
-                                config.max_length, config.data)
+    pairs = training_examples(config, "preference", tokenizer, tokenize_preference)
     global_batch = global_batch_size(config)
     run = TrainRun(config, "dpo", PolicyModule(lm), steps_for(config, len(pairs), global_batch), progress=progress)
     reference = load_reference(config.ref_model or config.model, run.device)

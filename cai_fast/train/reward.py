@@ -31,10 +31,10 @@ from ..engine.loading import ModelLoadError, load_model
 from ..ops import reward_bt_loss
 from .common import (
     TrainResult, TrainRun, global_batch_size, local_examples, save_pretrained_merged, start_run,
-    step_indices, steps_for, unwrapped, with_lora, with_trained_tokens,
+    step_indices, steps_for, training_examples, unwrapped, with_lora,
 )
 from .config import RewardConfig
-from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, read_records, tokenize_preference
+from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, tokenize_preference
 from .distributed import gather_shards, shard_for_process
 
 HEAD_FILE = "reward_head.safetensors"
@@ -123,12 +123,10 @@ def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainR
     done = start_run(config, "reward")
     if done:
         return done
-    records = read_records(config.data, "preference")
     loaded = load_model(config.model)
     tokenizer = loaded.tokenizer
     model = RewardModel(with_lora(loaded.model.get_decoder(), config, "FEATURE_EXTRACTION").train())
-    pairs = with_trained_tokens([tokenize_preference(tokenizer, r, config.max_length) for r in records],
-                                config.max_length, config.data)
+    pairs = training_examples(config, "preference", tokenizer, tokenize_preference)
     train_ids, eval_ids = held_out_split(len(pairs), config.eval_fraction, config.seed)
     train, held_out = [pairs[i] for i in train_ids], [pairs[i] for i in eval_ids]
     global_batch = global_batch_size(config)

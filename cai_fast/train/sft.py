@@ -16,10 +16,10 @@ from __future__ import annotations
 from ..ops import fused_linear_cross_entropy
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, local_examples,
-    save_pretrained_merged, start_run, step_indices, steps_for, unwrapped, with_trained_tokens,
+    save_pretrained_merged, start_run, step_indices, steps_for, training_examples, unwrapped,
 )
 from .config import SFTConfig
-from .data import TokenBatch, read_records, tokenize_sft
+from .data import TokenBatch, tokenize_sft
 
 
 def sft_loss(module, batch: TokenBatch):
@@ -33,10 +33,8 @@ def train_sft(config: SFTConfig, *, progress: bool = True) -> TrainResult:
     done = start_run(config, "sft")
     if done:
         return done
-    records = read_records(config.data, "sft_messages")
     lm, tokenizer = load_policy(config)
-    examples = with_trained_tokens([tokenize_sft(tokenizer, r, config.max_length) for r in records],
-                                   config.max_length, config.data)
+    examples = training_examples(config, "sft_messages", tokenizer, tokenize_sft)
     global_batch = global_batch_size(config)
     run = TrainRun(config, "sft", PolicyModule(lm), steps_for(config, len(examples), global_batch),
                    progress=progress)

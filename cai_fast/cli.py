@@ -39,6 +39,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
+def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """What every command that generates with a model and a constitution takes."""
+    parser.add_argument("--constitution", default="default",
+                        help="constitution name (default, helpful) or path to a TOML file (default: default)")
+    parser.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    add_model_options(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--prompts", default=default,
                         help=f"prompt file or shipped set name (default: {default})")
@@ -59,11 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
                                     "against a principle sampled from the constitution; writes SFT and "
                                     "preference datasets in trl's formats. Re-run to resume.")
     add_prompt_options(sl, "red_team")
-    sl.add_argument("--constitution", default="default",
-                    help="constitution name (default, helpful) or path to a TOML file (default: default)")
-    sl.add_argument("--out", default="runs/sl-cai", help="output folder (default: runs/sl-cai)")
-    add_model_options(sl)
-    sl.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_run_options(sl, "runs/sl-cai")
     add_dataclass_options(sl, SLCAIConfig)
     sl.set_defaults(func=cmd_sl_cai)
     add_label_parser(sub)
@@ -150,11 +155,7 @@ def add_label_parser(sub) -> None:
                     help="judge the pairs of this JSONL file instead of sampling: trl preference records "
                          "(prompt/chosen/rejected, strings or messages), SL-CAI's preference output, or "
                          "hh-rlhf transcripts; --limit applies to it")
-    lb.add_argument("--constitution", default="default",
-                    help="constitution name (default, helpful) or path to a TOML file (default: default)")
-    lb.add_argument("--out", default="runs/label", help="output folder (default: runs/label)")
-    add_model_options(lb)
-    lb.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_run_options(lb, "runs/label")
     add_dataclass_options(lb, LabelConfig)
     add_dataclass_options(lb, JudgeConfig)
     lb.set_defaults(func=cmd_label)

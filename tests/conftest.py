@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 # Triton reads this once, when triton.language is first imported, and torch imports it while test
 # modules are collected (torch.nn.attention does), so it is set here, before any of them: the ops
@@ -24,6 +28,22 @@ CHATML = (
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 240.0) -> None:
+    """SIGKILL `process` as soon as ready() holds (polled every 20 ms): the kill-and-resume tests.
+    Fails if the process ends first or ready() does not hold within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the process ended before {what}"
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def line_count(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
 
 
 def _train_tokenizer():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from conftest import kill_when, line_count
 
 from cai_fast.cli import main, make_parser
 
@@ -58,12 +58,8 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
                             env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "records-00000.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (shard.exists() and shard.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = shard.read_text().count("\n")
+    kill_when(proc, lambda: line_count(shard) >= 2, "2 records were written")
+    written = line_count(shard)
     assert 2 <= written < 10, f"the kill came too late to test anything ({written} records)"
 
     resumed = _cli(*common, "--out", str(out), cwd=tmp_path)

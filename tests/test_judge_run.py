@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from conftest import kill_when, line_count
 
 from cai_fast.cli import main, make_parser
 from cai_fast.data import prompts_from_texts
@@ -190,12 +190,8 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
     proc = subprocess.Popen([*common, "--out", str(out)], env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "labels-00000.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (shard.exists() and shard.read_text().count("\n") >= 2):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = shard.read_text().count("\n")
+    kill_when(proc, lambda: line_count(shard) >= 2, "2 labels were written")
+    written = line_count(shard)
     assert full.wait(timeout=300) == 0, full.stderr.read()
     total = len((tmp_path / "full" / "labels-00000.jsonl").read_text().splitlines())
     assert 2 <= written < total, f"the kill came too late to test anything ({written} of {total} labels)"

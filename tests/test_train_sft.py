@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import kill_when
 from train_helpers import sft_rows, write_jsonl
 
 from cai_fast.cli import main, make_parser
@@ -87,12 +86,7 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(tiny_model
     args = ["--model", str(tiny_model_path), "--data", str(sft_data), "--out", str(out)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     child = subprocess.Popen(_cli(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list((out / "checkpoints").glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, child.stderr.read()
+    kill_when(child, lambda: any((out / "checkpoints").glob("step-*")), "a checkpoint was written", timeout=120)
     assert not (out / "train_result.json").exists(), "the run finished before it could be killed"
     checkpoint = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
     resumed = train_sft(config(tiny_model_path, sft_data, out, **options), progress=False)

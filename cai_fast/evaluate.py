@@ -23,7 +23,7 @@ Figures
   over-refusal   share of the over-refusal prompts whose greedy response `is_refusal` (rules;
                  precision and recall on `eval_sets/refusals.jsonl` are in the report)
   alignment tax  per benchmark (base − aligned) / base: > 0 a regression, < 0 an improvement;
-                 and the mean over the benchmarks where the base scores above 0
+                 on average, the same of the mean scores (see alignment_tax)
 
 A model's outputs (greedy responses, benchmark answers) are appended to its folder as they come
 (cai_fast.store) and written whole to `outputs.json` at the end; the judge's labels go through
@@ -575,16 +575,22 @@ def capability_scores(capability: dict[str, list[dict]]) -> dict[str, dict]:
 
 def alignment_tax(base: dict[str, float], aligned: dict[str, float]) -> dict:
     """Per benchmark: base and aligned scores, tax = (base − aligned) / base (None when base is 0)
-    and whether it is a regression, an improvement or unchanged; `mean_tax` over the defined ones."""
+    and whether it is a regression, an improvement or unchanged. On average: the mean scores and
+    `mean_tax`, the tax of the mean scores (a mean of the per-benchmark ratios would let one
+    benchmark near 0, e.g. 0.04 -> 0.17 = -300%, swamp the others)."""
+    def tax(b: float, a: float) -> float | None:
+        return (b - a) / b if b > 0 else None
+
     rows = {}
     for name in base:
         b, a = base[name], aligned[name]
         change = "regression" if a < b else "improvement" if a > b else "unchanged"
-        rows[name] = {"base": b, "aligned": a, "tax": (b - a) / b if b > 0 else None, "change": change}
-    taxes = [r["tax"] for r in rows.values() if r["tax"] is not None]
-    return {"benchmarks": rows, "mean_tax": sum(taxes) / len(taxes) if taxes else None,
-            "mean_base": sum(base.values()) / len(base) if base else None,
-            "mean_aligned": sum(aligned.values()) / len(aligned) if aligned else None}
+        rows[name] = {"base": b, "aligned": a, "tax": tax(b, a), "change": change}
+    if not base:
+        return {"benchmarks": rows, "mean_tax": None, "mean_base": None, "mean_aligned": None}
+    mean_base, mean_aligned = sum(base.values()) / len(base), sum(aligned.values()) / len(aligned)
+    return {"benchmarks": rows, "mean_tax": tax(mean_base, mean_aligned), "mean_base": mean_base,
+            "mean_aligned": mean_aligned}
 
 
 def baseline_metrics(outputs: ModelOutputs, sets: EvalSets) -> dict:

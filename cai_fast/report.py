@@ -138,7 +138,7 @@ def _results(state: dict, rounds: list[int]) -> list[str]:
              "orders averaged, ± standard error; hard = share of prompts won outright. Over-refusal: share of "
              "benign prompts that look dangerous which the model refuses (rule-based detector, below).", "",
              "| round | harmlessness win-rate | helpfulness win-rate | over-refusal | capability (mean) | "
-             "alignment tax (mean) | quality |", "| --- | --- | --- | --- | --- | --- | --- |",
+             "alignment tax (of the mean) | quality |", "| --- | --- | --- | --- | --- | --- | --- |",
              f"| 0 (start) | 0.5 by definition | 0.5 by definition | {_refused(base['over_refusal'])} | "
              f"{_fmt(_mean([c['score'] for c in base['capability'].values()]))} | — | — |"]
     for r in rounds:

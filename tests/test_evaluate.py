@@ -224,8 +224,9 @@ def test_alignment_tax_by_hand():
     assert rows["a"]["tax"] == pytest.approx(0.2) and rows["a"]["change"] == "regression"
     assert rows["b"]["tax"] is None and rows["b"]["change"] == "improvement"
     assert rows["c"]["tax"] == pytest.approx(-0.25) and rows["c"]["change"] == "improvement"
-    assert tax["mean_tax"] == pytest.approx(-0.025)
     assert tax["mean_base"] == pytest.approx(0.3) and tax["mean_aligned"] == pytest.approx(1 / 3)
+    assert tax["mean_tax"] == pytest.approx((0.3 - 1 / 3) / 0.3)  # the tax of the mean scores
+    assert alignment_tax({"a": 0.0}, {"a": 0.2})["mean_tax"] is None
 
 
 # ---------------------------------------------------------------- sets

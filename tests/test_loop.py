@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
 import torch
+
+from conftest import kill_when
 
 from cai_fast.cli import main
 from cai_fast.evaluate import load_eval_sets
@@ -67,10 +67,13 @@ def test_quality_is_the_weighted_mean_of_the_measures():
 # ---------------------------------------------------------------- config files
 
 
-def test_the_shipped_demo_config_loads_and_is_small():
+def test_the_shipped_demo_config_loads_and_its_sizes_fit_the_shipped_prompt_sets():
     config, text = load_pipeline_config("demo")
     assert "[sl_cai]" in text and config.rounds == 1 and config.method == "ppo"
-    assert config.train_size <= 16 and config.ppo.max_steps <= 4 and config.sft.max_steps <= 6
+    sets = load_eval_sets(config.eval)  # no set smaller than asked for (which would shrink it silently)
+    assert [len(sets.harmless), len(sets.helpful), len(sets.over_refusal)] == [
+        config.eval.harmless_size, config.eval.helpful_size, config.eval.over_refusal_size]
+    assert len(training_prompts(config, sets)) == config.train_size
 
 
 @pytest.mark.parametrize("text, field, problem", [
@@ -234,14 +237,6 @@ COMPARED = ["round-{r}/sl_cai/sft_messages/train-00000.jsonl", "round-{r}/label/
             "round-{r}/evaluate/outputs/outputs.json"]
 
 
-def _wait_for(path, process, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the pipeline ended before {path} appeared:\n{process.stdout.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.02)
-
-
 def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_path):
     whole, killed = (_write_tiny_config(tmp_path, name, tiny_model_path) for name in ("whole", "killed"))
     threads = torch.get_num_threads()
@@ -255,10 +250,8 @@ def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupt
     command = [sys.executable, "-m", "cai_fast.cli", "pipeline", "--config", str(killed), "--quiet"]
     process = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
-    _wait_for(tmp_path / "killed" / "round-1" / "sft" / "metrics.jsonl", process)  # SFT of round 1 has begun
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    metrics = tmp_path / "killed" / "round-1" / "sft" / "metrics.jsonl"
+    kill_when(process, metrics.exists, "SFT of round 1 began", timeout=120)
     state = json.loads((tmp_path / "killed" / "state.json").read_text())
     assert not state["finished"] and state["rounds"]["1"]["stages"]["sl_cai"]["status"] == "done"
     unfinished = [(r, s) for r, e in state["rounds"].items() for s, v in e["stages"].items() if v["status"] != "done"]

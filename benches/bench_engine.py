@@ -343,10 +343,10 @@ def make_parser() -> argparse.ArgumentParser:
 def warm_up(loaded) -> None:
     """One short generation through each side before any timing, so that no side pays torch's
     one-off costs (first kernels, thread pool, allocator growth) inside its measurement."""
-    chat = P.render(loaded.tokenizer, [P.user("Say hello.")])
+    chats = [P.render(loaded.tokenizer, [P.user(text)]) for text in ("Say hello.", "Name three colours.")]
     for kind in ("cached", "plain"):
-        make_generator(loaded, engine=kind, batch_size=2).generate([chat, chat + "Hi"], SamplingParams(4))
-    reference_greedy(loaded, chat, 4)
+        make_generator(loaded, engine=kind, batch_size=2).generate(chats, SamplingParams(4))
+    reference_greedy(loaded, chats[0], 4)
 
 
 def main(argv=None) -> dict:

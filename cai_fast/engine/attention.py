@@ -13,12 +13,12 @@ Torch path (`TorchPagedAttention`), built for the CPU:
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
-  matrix product for all B queries; the rest of each context is gathered, in whole blocks (4x
-  faster to copy than token by token), into a padded batch whose past-the-end positions are
-  masked (the engine zeroes a request's fresh blocks, so they hold finite values); the two parts
-  merge through their log-sum-exps (cascade attention). The shared part is read once a step
-  instead of B times, which is what bounds decode on a CPU (3.6x at batch 32 after a 930-token
-  few-shot block, see benches/bench_engine.py).
+  matrix product for all B queries; the rest of each context is gathered, in whole blocks (see
+  KVPool.gather), into a padded batch whose past-the-end positions are masked (the engine zeroes
+  a request's fresh blocks, so they hold finite values); the two parts merge through their
+  log-sum-exps (cascade attention). The shared part is read once a step instead of B times,
+  which is what bounds decode on a CPU (3.0x the tokens/s at batch 32 after the 978-token
+  few-shot block, benches/README.md).
 Flash path (`FlashPagedAttention`): `flash_attn_with_kvcache` over the block tables (causal,
 bottom-right aligned), taken on CUDA when flash-attn is installed, the model is fp16 or bf16 and
 block_size % 256 == 0. It is untested here: no machine of this project has CUDA and flash-attn.

@@ -61,7 +61,8 @@ class KVPool:
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [len(blocks) * block_size, kv_heads, head_dim] of whole blocks (a copy). Whole
-        blocks copy about 4x faster than the same tokens one by one."""
+        blocks copy 1.1-1.2x faster than the same tokens selected one by one (measured on this
+        CPU at 64-512 blocks of 16 tokens, SmolLM2's KV shape), and need no token index."""
         shape = (len(blocks) * self.block_size, self.shape.kv_heads, self.shape.head_dim)
         return (self._blocks(self.k[layer]).index_select(0, blocks).view(shape),
                 self._blocks(self.v[layer]).index_select(0, blocks).view(shape))

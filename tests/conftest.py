@@ -21,7 +21,13 @@ from typing import Callable
 # tests run the Triton kernels in the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+import pytest  # noqa: E402
+
+from cai_fast.ops.testing import triton_import_error  # noqa: E402
+
+NO_TRITON = triton_import_error()
+# The two paths of every op, for the ops tests' parametrize; Triton skipped where it cannot import.
+PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"

@@ -4,6 +4,7 @@ a float64 unfused reference, loss and every gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops.testing import (
@@ -11,11 +12,8 @@ from cai_fast.ops.testing import (
     assert_same_outputs_and_grads,
     outputs_and_grads,
     random_head,
-    triton_import_error,
 )
 
-NO_TRITON = triton_import_error()
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (3e-2, 3e-2)}
 SHAPES = {"odd": (47, 31, 123), "realistic": (96, 64, 512)}
 # (shape, rows per tile, Triton block over V): 13 ∤ 47 and 32 ∤ 123; None lets the op choose

@@ -8,13 +8,11 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import NO_TRITON, PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops import _dispatch
-from cai_fast.ops.testing import random_head, triton_import_error
-
-NO_TRITON = triton_import_error()
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
+from cai_fast.ops.testing import random_head
 
 
 def test_use_path_nests_and_restores():

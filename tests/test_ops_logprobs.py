@@ -3,12 +3,11 @@ CPU) against a float64 unfused reference, values and every gradient."""
 
 import pytest
 import torch
+from conftest import PATHS
 
 import cai_fast.ops as ops
-from cai_fast.ops.testing import assert_close, assert_same_outputs_and_grads, random_head, triton_import_error
+from cai_fast.ops.testing import assert_close, assert_same_outputs_and_grads, random_head
 
-NO_TRITON = triton_import_error()
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (3e-2, 3e-2)}
 # (N, H, V, rows per tile, Triton block over V): 13 ∤ 47, 32 ∤ 123 and 16 ∤ 123
 LAYOUTS = {"odd-auto": (47, 31, 123, None, None), "odd-13rows-32cols": (47, 31, 123, 13, 32),

@@ -3,12 +3,11 @@ full-vocabulary reference; the swap antisymmetry label(b, a) = 1 − label(a, b)
 
 import pytest
 import torch
+from conftest import PATHS
 
 import cai_fast.ops as ops
-from cai_fast.ops.testing import assert_close, random_head, triton_import_error
+from cai_fast.ops.testing import assert_close, random_head
 
-NO_TRITON = triton_import_error()
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}  # bf16 values, fp32 math: no loss
 # (M pairs, P principles, H, V, Triton block over H): 16 ∤ 31
 SHAPES = {"odd": (7, 3, 31, 123, 16), "one-principle": (5, 1, 31, 123, None),

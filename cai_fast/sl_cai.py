@@ -17,32 +17,32 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from . import prompts as P
+from .config import option
 from .constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
-from .store import RunStore, write_jsonl
+from .seeding import stable_seed
+from .store import RunStore, resume_batches, write_jsonl
 
 RECORDS = "records"
 
 
 @dataclass
 class SLCAIConfig:
-    rounds: int = field(default=2, metadata={"help": "critique-revision rounds per prompt (1-4)"})
-    seed: int = field(default=0, metadata={"help": "seed for principle sampling and generation"})
-    batch_size: int = field(default=8, metadata={"help": "prompts generated together"})
-    few_shot: int = field(default=3, metadata={"help": "few-shot examples from the constitution (0 = none)"})
-    answer_tokens: int = field(default=128, metadata={"help": "max new tokens of the initial answer"})
-    critique_tokens: int = field(default=96, metadata={"help": "max new tokens of each critique"})
-    revision_tokens: int = field(default=128, metadata={"help": "max new tokens of each revision"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling threshold"})
+    rounds: int = option(2, "critique-revision rounds per prompt (1-4)")
+    seed: int = option(0, "seed for principle sampling and generation")
+    batch_size: int = option(8, "prompts generated together")
+    few_shot: int = option(3, "few-shot examples from the constitution (0 = none)")
+    answer_tokens: int = option(128, "max new tokens of the initial answer")
+    critique_tokens: int = option(96, "max new tokens of each critique")
+    revision_tokens: int = option(128, "max new tokens of each revision")
+    temperature: float = option(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = option(0.9, "nucleus sampling threshold")
 
     def __post_init__(self):
         if not 1 <= self.rounds <= 4:
@@ -64,11 +64,6 @@ class SLCAIResult:
     sft_prompt_completion: object
     preference: object
     summary: dict
-
-
-def stable_seed(*parts) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[Prompt],
@@ -114,20 +109,11 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
     """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store)."""
     start, tokens_before = time.perf_counter(), generator.stats.generated_tokens
     store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
-    done = store.read(RECORDS) if store else []
-    done_ids = {r["prompt_id"] for r in done}
-    todo = [p for p in prompts if p.id not in done_ids]
-    records = list(done)
-    with tqdm(total=len(prompts), initial=len(done), desc="SL-CAI", unit="prompt", disable=not progress) as bar:
-        for i in range(0, len(todo), config.batch_size):
-            batch = run_batch(generator, constitution, todo[i : i + config.batch_size], config)
-            if store:
-                store.append(RECORDS, batch)
-            records += batch
-            bar.update(len(batch))
+    records, resumed = resume_batches(store, RECORDS, prompts, lambda batch: run_batch(generator, constitution, batch, config),
+                                      batch_size=config.batch_size, desc="SL-CAI", progress=progress)
     result = _result(records, prompts)
     result.summary.update(
-        prompts=len(prompts), resumed=len(done), rounds=config.rounds,
+        prompts=len(prompts), resumed=resumed, rounds=config.rounds,
         generated_tokens=generator.stats.generated_tokens - tokens_before,
         seconds=round(time.perf_counter() - start, 1),
     )

@@ -9,7 +9,8 @@ A run writes everything to one folder:
 Every record carries a stable key (e.g. the prompt id). A batch of records is appended with one
 write() followed by fsync, so a kill leaves either the whole batch or, at worst, a torn last line;
 a torn line is cut off when the run resumes. Re-running the same command therefore continues
-where it stopped, loses nothing and duplicates nothing.
+where it stopped, loses nothing and duplicates nothing. `resume_batches` is that loop, once, for
+every stage: read what is done, make the rest a batch at a time, append each batch as it comes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
+
+from tqdm.auto import tqdm
 
 
 class RunConfigError(ValueError):
@@ -80,6 +83,28 @@ class RunStore:
         if len(lines) < self.shard_size:
             return last
         return self.root / f"{kind}-{len(shards):05d}.jsonl"
+
+
+def resume_batches(store: RunStore | None, kind: str, items: Sequence, work: Callable[[list], list[dict]], *,
+                   batch_size: int, key: str = "prompt_id", item_key: Callable = lambda x: x.id,
+                   desc: str = "", unit: str = "prompt", progress: bool = True) -> tuple[list[dict], int]:
+    """(the record of every item, in the items' order; how many came from an earlier run).
+
+    Records of `kind` already in `store` (matched by record[key] == item_key(item)) are read, not
+    redone; the other items go to `work(batch)` -> one record per item, `batch_size` at a time,
+    each batch appended to the store as soon as it is made. Without a store nothing is saved.
+    """
+    done = {r[key]: r for r in store.read(kind)} if store else {}
+    todo = [x for x in items if item_key(x) not in done]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc or kind, unit=unit,
+              disable=not progress) as bar:
+        for i in range(0, len(todo), batch_size):
+            records = work(todo[i : i + batch_size])
+            if store:
+                store.append(kind, records)
+            done.update((r[key], r) for r in records)
+            bar.update(len(records))
+    return [done[item_key(x)] for x in items], len(items) - len(todo)
 
 
 def _complete_lines(path: Path, *, repair: bool = False) -> list[str]:

@@ -15,9 +15,9 @@ from conftest import kill_when, line_count
 
 from cai_fast.cli import main, make_parser
 from cai_fast.data import prompts_from_texts
-from cai_fast.judge import (
-    ConstitutionalJudge, JudgeConfig, LabelConfig, PairLoadError, load_pairs, run_labelling, split_transcripts,
-)
+from cai_fast.judge import ConstitutionalJudge, JudgeConfig
+from cai_fast.labelling import LabelConfig, run_labelling
+from cai_fast.pairs import PairLoadError, load_pairs, split_transcripts
 from cai_fast.store import RunConfigError
 
 PROMPTS = ["How do I get rid of ants?", "Tell me a joke about cats.", "What is the capital of France?",

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from cai_fast.evaluate import alignment_tax, win_rate
+from cai_fast.benchmarks import alignment_tax
+from cai_fast.evaluate import win_rate
 from cai_fast.report import write_report
 
 BENCHMARKS = {"gsm8k_sample": 0.25, "boolean_expressions": 0.55}
@@ -30,7 +31,7 @@ def _stage(summary: dict, seconds: float = 1.5, **extra) -> dict:
 
 
 def make_run(root, method: str = "ppo", rounds: int = 2, evaluated: int = 2):
-    """A run folder as cai_fast.loop leaves it: state.json, config.json, config.source, training logs."""
+    """A run folder as cai_fast.pipeline leaves it: state.json, config.json, config.source, training logs."""
     rng = random.Random(7)
     train = {"steps": 3, "final": {"loss": 0.5, "reward": 0.2, "kl": 0.01, "reward_margin": 0.3}}
     state = {"rounds": {"0": {"stages": {"baseline": _stage({

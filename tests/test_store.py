@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from cai_fast.store import RunConfigError, RunStore
+from cai_fast.store import RunConfigError, RunStore, resume_batches
 
 
 def _records(n, seed):
@@ -47,3 +47,39 @@ def test_a_different_config_is_refused_with_what_differs(tmp_path):
     message = str(err.value)
     assert "rounds: 2 in the run, 3 now" in message and "limit: None in the run, 5 now" in message
     assert str(tmp_path) in message and "new output folder" in message
+
+
+class _Item:
+    def __init__(self, id):
+        self.id = id
+
+
+def _made(batches):
+    """A work function that records the batches it was given and makes one record per item."""
+    def work(batch):
+        batches.append([x.id for x in batch])
+        return [{"prompt_id": x.id, "value": f"{x.id}:{len(batches)}"} for x in batch]
+    return work
+
+
+def test_resume_batches_makes_only_what_is_missing_and_keeps_the_items_order(tmp_path):
+    rng = random.Random(3)
+    items = [_Item(f"p{i}") for i in rng.sample(range(100), 11)]
+    store = RunStore(tmp_path, {"a": 1})
+    first = []
+    records, resumed = resume_batches(store, "recs", items[:7], _made(first), batch_size=3, progress=False)
+    assert resumed == 0 and first == [[x.id for x in items[:7][i : i + 3]] for i in (0, 3, 6)]
+    again = []
+    records2, resumed2 = resume_batches(store, "recs", items, _made(again), batch_size=3, progress=False)
+    assert resumed2 == 7 and again == [[x.id for x in items[7:10]], [items[10].id]]
+    assert [r["prompt_id"] for r in records2] == [x.id for x in items] and records2[:7] == records
+
+
+def test_resume_batches_keeps_one_record_per_key_and_works_without_a_store(tmp_path):
+    store = RunStore(tmp_path, {"a": 1})
+    items = [_Item("x"), _Item("y")]
+    store.append("recs", [{"prompt_id": "x", "value": "old"}, {"prompt_id": "x", "value": "new"}])
+    records, resumed = resume_batches(store, "recs", items, _made([]), batch_size=4, progress=False)
+    assert resumed == 1 and [r["value"] for r in records] == ["new", "y:1"]
+    records, resumed = resume_batches(None, "recs", items, _made([]), batch_size=1, progress=False)
+    assert resumed == 0 and [r["value"] for r in records] == ["x:1", "y:2"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cai_fast.data import prompts_from_texts
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig, LabelConfig, run_labelling
+from cai_fast.judge import ConstitutionalJudge, JudgeConfig
+from cai_fast.labelling import LabelConfig, run_labelling
 from cai_fast.trl_compat import JudgeReward, response_text
 
 pytestmark = pytest.mark.filterwarnings("ignore")

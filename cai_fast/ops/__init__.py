@@ -7,6 +7,7 @@ PPO/DPO) call these functions explicitly — nothing in transformers is patched.
     linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0) -> logp [N]
     linear_option_logprobs(hidden, weight, options, bias=None, temperature=1.0) -> (logp [N, K], lse [N])
     swapped_pair_scores(hidden [M, P, 2, H], weight, option_ids, bias=None, aggregate="prob") -> PairScores
+    scores_from_gaps(gap_ab [M, P], gap_ba [M, P], aggregate) -> PairScores   (from option logit gaps)
     fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100,
                                label_smoothing=0.0, z_loss=0.0, reduction="mean") -> loss
     reward_bt_loss(h_chosen, h_rejected, head_weight, head_bias, p, margin=None,
@@ -27,7 +28,7 @@ from .logprobs import (
     linear_option_logprobs_reference,
 )
 from .reward_loss import reward_bt_loss, reward_bt_loss_reference
-from .swapped_pair import PairScores, swapped_pair_scores, swapped_pair_scores_reference
+from .swapped_pair import PairScores, scores_from_gaps, swapped_pair_scores, swapped_pair_scores_reference
 
 __all__ = [
     "HAS_TRITON",
@@ -42,6 +43,7 @@ __all__ = [
     "linear_option_logprobs_reference",
     "reward_bt_loss",
     "reward_bt_loss_reference",
+    "scores_from_gaps",
     "set_default_path",
     "swapped_pair_scores",
     "swapped_pair_scores_reference",

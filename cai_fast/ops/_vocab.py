@@ -153,7 +153,7 @@ def vocab_stats(hidden, weight, bias, ids, inv_t: float,
     grads = _empty_grads(hidden, weight, bias, needs) if coefficients else None
     for rows in _row_chunks(n_rows, weight.shape[0]):
         z = _logits_tile(hidden, weight, bias, inv_t, rows)
-        chunk = backend.row_stats(z, ids[rows])
+        chunk = VocabStats(*backend.row_stats(z, ids[rows]))
         for out, part in zip(stats, chunk):
             out[rows] = part
         if grads is not None:

@@ -14,6 +14,7 @@ The configs import without torch; the rest is imported on first use.
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig
 
@@ -23,7 +24,28 @@ _LAZY = {
     "shard_for_process": "distributed", "gather_shards": "distributed", "write_merged_jsonl": "distributed",
 }
 
-__all__ = ["DPOConfig", "PPOConfig", "RewardConfig", "SFTConfig", "TrainConfig", *_LAZY]
+__all__ = ["DPOConfig", "PPOConfig", "RewardConfig", "SFTConfig", "TrainConfig", "STAGES", "Stage", *_LAZY]
+
+
+class Stage(NamedTuple):
+    """A training stage: what it does, its config, and the name of its function in this package."""
+
+    help: str
+    config: type
+    runner: str
+
+    def run(self, config, *, progress: bool = True):
+        """Run the stage with `config` (an instance of self.config); its TrainResult."""
+        return __getattr__(self.runner)(config, progress=progress)
+
+
+STAGES = {  # the one registry of training stages: the CLI's subcommands and the pipeline's stages
+    "sft": Stage("supervised fine-tuning on chats, loss on assistant tokens (SL-CAI data)", SFTConfig, "train_sft"),
+    "reward": Stage("reward model on (soft) preference labels: backbone + scalar head", RewardConfig,
+                    "train_reward_model"),
+    "dpo": Stage("DPO on preference pairs, soft labels as per-pair targets", DPOConfig, "train_dpo"),
+    "ppo": Stage("PPO of a policy against a reward model, KL to the SFT reference", PPOConfig, "train_ppo"),
+}
 
 
 def __getattr__(name: str):

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..engine.loading import load_model
 from ..ops import linear_logprobs
-from ..sl_cai import stable_seed
+from ..seeding import stable_seed
 from ..store import RunStore, write_atomic, write_jsonl
 from .config import TrainConfig
 from .data import PreferencePair, TokenBatch, TrainDataError, read_records

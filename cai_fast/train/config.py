@@ -7,14 +7,10 @@ Invalid values raise ValueError naming the field (the CLI prints it as a one-lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config import option
 from ..engine.loading import DEFAULT_MODEL
-
-
-def option(default, help: str):
-    """A config field with its help text (the CLI shows it)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -40,7 +40,7 @@ from torch import nn
 from ..data import load_prompts
 from ..engine import LoadedModel, SamplingParams, make_generator
 from ..prompts import render, user
-from ..sl_cai import stable_seed
+from ..seeding import stable_seed
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
     save_pretrained_merged, start_run, step_indices, steps_for, token_logprobs, unwrapped,

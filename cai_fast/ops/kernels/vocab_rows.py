@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from .._dispatch import block_for, next_power_of_2
-from .._vocab import VocabStats
 
 MAX_BLOCK = 4096
 
@@ -83,7 +82,7 @@ def row_stats(z: torch.Tensor, ids: torch.Tensor):
     zsel = torch.empty(n_rows, k, device=z.device, dtype=torch.float32)
     _row_stats_kernel[(n_rows,)](z, z.stride(0), ids, ids.stride(0), lse, zsel, zmean,
                                  **_launch_shape(z, ids))
-    return VocabStats(lse, zsel, zmean)
+    return lse, zsel, zmean
 
 
 def row_grad_(z, ids, lse, a, b, c) -> None:

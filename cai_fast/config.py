@@ -7,6 +7,8 @@ field into a flag with that help, and pipeline config files into sections. Torch
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .engine import DEFAULT_MODEL, ENGINES
@@ -15,6 +17,15 @@ from .engine import DEFAULT_MODEL, ENGINES
 def option(default, help: str):
     """A config field with its help text (the CLI shows it)."""
     return field(default=default, metadata={"help": help})
+
+
+def check_finite(config) -> None:
+    """ValueError naming the first float field of a config dataclass that is NaN or infinite
+    (every config's __post_init__ calls it first)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 @dataclass

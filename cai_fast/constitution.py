@@ -169,6 +169,9 @@ def constitution_from_dict(data: dict, source: str) -> Constitution:
     if not principles:
         raise ConstitutionError(f"{source}: no principles; add at least one [[principles]] table")
     _check_unique_ids(principles, source)
+    if not math.isfinite(sum(p.weight for p in principles)):
+        raise ConstitutionError(f"{source}: the principles' weights add up to more than a float holds; "
+                                "scale them down (only their ratios matter)")
     few_shot = tuple(
         _parse_few_shot(t, i, source, principles) for i, t in enumerate(data.get("few_shot", []))
     )
@@ -186,11 +189,18 @@ def _parse_principle(table: object, index: int, source: str) -> Principle:
             f"{source}: {where}, field 'id': {raw_id!r} is not a valid id; use lowercase "
             "letters, digits and single hyphens, e.g. 'harm-avoidance'"
         )
-    if not (math.isfinite(table["weight"]) and table["weight"] > 0):
+    if not (_finite(table["weight"]) and table["weight"] > 0):
         raise ConstitutionError(
             f"{source}: {where}, field 'weight': got {table['weight']!r}; set a finite number > 0"
         )
     return Principle(**{**table, "weight": float(table["weight"])})
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_unique_ids(principles: tuple[Principle, ...], source: str) -> None:

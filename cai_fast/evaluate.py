@@ -243,7 +243,8 @@ def outputs_of(model: str, sets: EvalSets, config: EvalConfig, out_dir: str | Pa
 
     loaded = load_model(model)
     generator = make_generator(loaded, engine=engine, batch_size=config.generation_batch)
-    return model_outputs(generator, sets, config, out_dir, run_info={"model": model}, progress=progress)
+    return model_outputs(generator, sets, config, out_dir, run_info={"model": model, "engine": engine},
+                         progress=progress)
 
 
 # ---------------------------------------------------------------- figures of a model against the base

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import option
+from .config import check_finite, option
 from .data import Prompt
 from .engine.base import SamplingParams
 from .judge import ConstitutionalJudge, JudgeStats
@@ -46,6 +46,9 @@ class LabelConfig:
     top_p: float = option(0.95, "nucleus sampling threshold of the responses")
 
     def __post_init__(self):
+        check_finite(self)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 (pairs need two responses), got {self.samples}")
         if self.pairs_per_prompt < 0 or self.sample_tokens < 1:

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 from .data import Prompt, load_prompts
 from .evaluate import EvalSets, ModelOutputs, baseline_metrics, evaluate_model, load_eval_sets, outputs_of
 from .pipeline_config import PipelineConfig, config_dict
-from .store import RunStore, write_atomic, write_jsonl
+from .store import RunStore, read_json, write_atomic, write_jsonl
 
 
 # ---------------------------------------------------------------- early stop
@@ -107,7 +107,7 @@ class PipelineState:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {"rounds": {}}
+        self.data = read_json(path, "the pipeline's state") if path.is_file() else {"rounds": {}}
 
     def stage(self, r: int, name: str) -> dict:
         return self.data["rounds"].get(str(r), {}).get("stages", {}).get(name, {})
@@ -143,16 +143,21 @@ class Pipeline:
         from .constitution import load_constitution
         from .judge import resolve_principles
 
+        from .engine.loading import resolve_model_path
+
         self.config, self.progress, self.root = config, progress, Path(config.out)
         self.constitution = load_constitution(config.constitution)
         for name in (config.constitution, config.eval.harmless_constitution, config.eval.helpful_constitution):
             resolve_principles(load_constitution(name), config.judge)  # fail before any model loads
-        RunStore(self.root, config_dict(config))
+        for name in {config.model, config.label_judge_model, config.eval_judge_model}:
+            resolve_model_path(name)
+        self.sets = load_eval_sets(config.eval)
+        self.prompts = training_prompts(config, self.sets)
+        # Validated; now the run folder (started once a stage has: state.json says which).
+        RunStore(self.root, config_dict(config), started=(self.root / "state.json").exists())
         if source is not None:
             write_atomic(self.root / "config.source", source)
         self.state = PipelineState(self.root / "state.json")
-        self.sets = load_eval_sets(config.eval)
-        self.prompts = training_prompts(config, self.sets)
         write_jsonl(self.root / "prompts" / "train.jsonl", [{"prompt": p.text, "id": p.id} for p in self.prompts])
 
     def run(self) -> LoopOutcome:

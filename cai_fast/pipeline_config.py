@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import option
+from .config import check_finite, option
 from .engine import ENGINES
 from .engine.loading import DEFAULT_MODEL
 from .evaluate import EvalConfig
@@ -72,6 +73,7 @@ class PipelineConfig:
     eval: EvalConfig = _stage(EvalConfig)
 
     def __post_init__(self):
+        check_finite(self)
         if not 1 <= self.rounds <= 4:
             raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
         if self.method not in METHODS or self.engine not in ENGINES:
@@ -97,8 +99,8 @@ class PipelineConfig:
                 weights[name] = float(weight) if weight else 1.0
             except ValueError:
                 raise ValueError(f"quality: weight of {name!r} must be a number, got {weight!r}") from None
-        if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
-            raise ValueError(f"quality must name measures with weights >= 0 and a positive total, got "
+        if not weights or any(not math.isfinite(w) or w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError(f"quality must name measures with finite weights >= 0 and a positive total, got "
                              f"{self.quality!r}")
         return weights
 
@@ -129,7 +131,10 @@ def load_pipeline_config(name: str | Path) -> tuple[PipelineConfig, str]:
         shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
         raise ConfigFileError(f"{path}: config file not found; give a TOML or JSON file, or a shipped config "
                               f"({shipped})")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(f"{path}: not UTF-8 text (bad byte at offset {err.start}); save the file as UTF-8") from None
     return config_from_dict(_parse(text, path), str(path)), text
 
 

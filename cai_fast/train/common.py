@@ -6,7 +6,8 @@ A run writes to one folder, OUT:
 
     OUT/checkpoints/config.json   the config the run started with; another config is refused
     OUT/checkpoints/step-NNNNNN/  the latest checkpoint: trainable weights, optimizer, scheduler,
-                                  step and metrics history (written whole, then renamed into place)
+                                  step and metrics history (written whole, then renamed into place),
+                                  as safetensors + JSON only: resuming never unpickles anything
     OUT/metrics.jsonl             one line of metrics per step (rewritten from the history on resume)
     OUT/train_result.json         written last: the run is complete
     OUT/...                       the trained model + tokenizer (`load_model(OUT)` loads a policy)
@@ -38,14 +39,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.loading import load_model
+from ..engine.loading import check_model_folder, load_model, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
-from ..store import RunStore, write_atomic, write_jsonl
-from .config import TrainConfig
+from ..store import RunStore, read_json, write_atomic, write_jsonl
+from .config import PPOConfig, TrainConfig
 from .data import PreferencePair, TokenBatch, TrainDataError, read_records
 from .distributed import make_accelerator, process_state, shard_for_process
 
@@ -258,9 +261,11 @@ class TrainRun:
             tmp = self.checkpoint_root / f".tmp-step-{self.step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save(self.trainable_state(), tmp / "trainable.pt")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / "optimizer.pt")
+            save_file(self.trainable_state(), tmp / TRAINABLE_FILE)
+            tensors = {}
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            write_atomic(tmp / OPTIMIZER_STATE, json.dumps(state_to_json(state, tensors, "state")))
+            save_file(tensors, tmp / OPTIMIZER_TENSORS)
             write_atomic(tmp / "state.json", json.dumps({"step": self.step, "history": self.history}))
             tmp.replace(final)
             for old in self.checkpoints()[:-1]:
@@ -280,18 +285,26 @@ class TrainRun:
         self.accelerator.wait_for_everyone()
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / "trainable.pt", map_location=self.device)
+        """Restore weights, optimizer, scheduler, step and history; ValueError (one line) for a
+        checkpoint that is not what this run writes."""
+        try:
+            state = load_file(path / TRAINABLE_FILE, device=str(self.device))
+            tensors = load_file(path / OPTIMIZER_TENSORS, device=str(self.device))
+            opt = state_from_json(read_json(path / OPTIMIZER_STATE, "the optimizer state"), tensors)
+            saved = read_json(path / "state.json", "the checkpoint's step and history")
+            step, history = saved["step"], saved["history"]
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a usable checkpoint ({' '.join(str(err).split())}); remove it to "
+                             f"restart from scratch (or {self.checkpoint_root} to start over)") from None
         module = unwrapped(self.module)
         missing = [name for name, p in module.named_parameters() if p.requires_grad and name not in state]
         if missing:
             raise ValueError(f"{path} does not match this model ({len(missing)} trainable weights missing, "
                              f"e.g. {missing[0]}); remove {self.checkpoint_root} to start over")
         module.load_state_dict(state, strict=False)
-        opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        saved = json.loads((path / "state.json").read_text())
-        self.step, self.history = saved["step"], saved["history"]
+        self.step, self.history = step, history
         if self.is_main:
             print(f"cai-fast: resuming {self.stage} from step {self.step} ({path})", flush=True)
 
@@ -310,6 +323,55 @@ class TrainRun:
 
 
 RESULT_FILE = "train_result.json"
+TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_STATE = "trainable.safetensors", "optimizer.safetensors", "optimizer.json"
+
+
+def state_to_json(value, tensors: dict[str, torch.Tensor], name: str):
+    """A state dict (nested dicts, lists, tuples, tensors, numbers, strings) as JSON-ready nodes;
+    its tensors go into `tensors` under their path. `state_from_json` is the inverse."""
+    if torch.is_tensor(value):
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {"dict": [[k, state_to_json(v, tensors, f"{name}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [state_to_json(v, tensors, f"{name}.{i}") for i, v in enumerate(value)]}
+    return {"value": value}
+
+
+def state_from_json(node: dict, tensors: dict[str, torch.Tensor]):
+    """The state dict `state_to_json` made; KeyError/ValueError for anything else."""
+    (kind, content), = node.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {k: state_from_json(v, tensors) for k, v in content}
+    if kind in ("list", "tuple"):
+        items = [state_from_json(v, tensors) for v in content]
+        return items if kind == "list" else tuple(items)
+    if kind == "value" and (content is None or isinstance(content, (bool, int, float, str))):
+        return content
+    raise ValueError(f"unexpected {kind!r} node in the saved state")
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Fail before the run folder is written: every model loads safely, the data is there."""
+    from ..data import load_prompts
+    from .reward import HEAD_FILE
+
+    for name in (config.model, getattr(config, "ref_model", "")):
+        if name:
+            resolve_model_path(name)
+    reward = getattr(config, "reward_model", "")
+    if reward:
+        check_model_folder(Path(reward), reward)
+        if not (Path(reward) / HEAD_FILE).is_file():
+            raise ValueError(f"{reward} is not a reward model folder ({HEAD_FILE} is missing); "
+                             "train one with `cai-fast train reward`")
+    if isinstance(config, PPOConfig):
+        load_prompts(config.data)
+    elif not Path(config.data).exists():
+        raise TrainDataError(f"{config.data}: no such file or folder; pass --data with a JSONL file or a folder of them")
 
 
 def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
@@ -317,12 +379,15 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
     (for what is initialised at random: LoRA adapters, the reward head). The saved result if the
     run is complete, else None."""
     out = Path(config.out)
-    RunStore(out / "checkpoints", {**asdict(config), "stage": stage})
+    check_inputs(config)
+    started = (out / RESULT_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
+    RunStore(out / "checkpoints", {**asdict(config), "stage": stage}, started=started,
+             lock=process_state().is_main_process)
     torch.manual_seed(config.seed)
     result = out / RESULT_FILE
     if not result.is_file():
         return None
-    saved = json.loads(result.read_text())
+    saved = read_json(result, "the finished run's result")
     if process_state().is_main_process:
         print(f"cai-fast: {stage} run in {out} is already complete; returning its result", flush=True)
     return TrainResult(out, saved["history"], saved["summary"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import check_finite, option
 from ..engine.loading import DEFAULT_MODEL
 
 
@@ -35,6 +35,7 @@ class TrainConfig:
     seed: int = option(0, "seed for data order, initialisation and sampling")
 
     def __post_init__(self):
+        check_finite(self)
         if not self.data:
             raise ValueError("no training data: pass --data with a JSONL file or a folder of them")
         positive = ("batch_size", "grad_accum", "max_length")

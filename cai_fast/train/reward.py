@@ -197,8 +197,9 @@ def load_reward_model(path: str | Path, device: str = "cpu", batch_size: int = 8
         weight, bias, meta = f.get_tensor("weight"), f.get_tensor("bias"), f.metadata()
     head = nn.Linear(weight.shape[1], 1)
     head.load_state_dict({"weight": weight, "bias": bias})
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = RewardModel(AutoModel.from_pretrained(path), head).to(device)
+    model = RewardModel(AutoModel.from_pretrained(path, trust_remote_code=False, use_safetensors=True),
+                        head).to(device)
     return RewardScorer(model, tokenizer, int(meta["max_length"]), batch_size)

@@ -245,6 +245,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, writing shards)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         args.func(args)
     except USER_ERRORS as err:

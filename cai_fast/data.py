@@ -59,6 +59,7 @@ FORMATS = ("auto", "text", "jsonl", "csv", "hh-rlhf", "advbench", "donotanswer")
 DEFAULT_COLUMNS = ("prompt", "text", "instruction", "question", "turns")
 ON_ERROR = ("raise", "skip")
 REPORTED_LOCATIONS = 5  # how many drop locations a report keeps per reason
+REPORTED_ERRORS = 10  # how many bad records one error message lists (all are counted)
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _SKIP_HINT = "fix the record, or pass on_error='skip' to drop bad records"
 
@@ -248,21 +249,37 @@ def _collect(items: Iterable[_Item], report: LoadReport, limit: int | None,
     """Clean the readers' output into prompts, filling `report`; stop at `limit`."""
     kept: list[Prompt] = []
     first_seen: dict[str, str] = {}
+    errors: list[PromptLoadError] = []
     for item in items:
+        if isinstance(item, _Candidate) and "\x00" in item.text:
+            item = PromptLoadError(item.source, "contains a NUL byte (\\x00)", "remove it; a prompt is text")
         if isinstance(item, PromptLoadError):
-            _count_malformed(item, report, on_error)
+            _count_malformed(item, report, on_error, errors)
         elif _accept(item, report, first_seen):
             kept.append(Prompt(prompt_id(item.text), item.text.strip(), item.source, item.meta))
             if limit is not None and len(kept) == limit:
                 report.limit_reached = True
                 break
+    raise_collected(errors, report.origin)
     report.loaded = len(kept)
     return kept
 
 
-def _count_malformed(error: PromptLoadError, report: LoadReport, on_error: str) -> None:
+def raise_collected(errors: list[PromptLoadError], origin: str) -> None:
+    """Raise the bad records of one file as one error: a single one as it is, several counted,
+    with the first REPORTED_ERRORS of them; nothing when there are none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        listed = " | ".join(str(e) for e in errors[:REPORTED_ERRORS])
+        more = f" | and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
+        raise type(errors[0])(origin, f"{len(errors)} bad records: {listed}{more}", "fix every one of them")
+
+
+def _count_malformed(error: PromptLoadError, report: LoadReport, on_error: str, errors: list) -> None:
     if on_error == "raise":
-        raise error
+        errors.append(error)
+        return
     report.malformed += 1
     _note(report.malformed_at, str(error))
 

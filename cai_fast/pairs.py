@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import prompts as P
-from .data import ON_ERROR, PromptLoadError, prompt_id, transcript_messages
+from .data import ON_ERROR, PromptLoadError, prompt_id, raise_collected, transcript_messages
 from .trl_compat import response_text
 
 
@@ -71,20 +72,21 @@ class PairSet:
 def load_pairs(path: str | Path, *, limit: int | None = None, on_error: str = "raise") -> PairSet:
     """Read a pairs file (see `_PAIR_HINT`); a = the file's chosen, b = its rejected.
 
-    Duplicate pairs (same prompt, chosen and rejected) are dropped and counted. A malformed record
-    raises PairLoadError naming the line and field; on_error="skip" drops and counts it instead.
+    Duplicate pairs (same prompt, chosen and rejected) are dropped and counted. Malformed records
+    (bad JSON, NaN or infinity, missing or empty fields, NUL bytes, chosen equal to rejected)
+    raise one PairLoadError naming every line and field (data.raise_collected); on_error="skip"
+    drops and counts them instead.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    result, seen, plain = PairSet(str(path), []), set(), None
+    result, seen, plain, errors = PairSet(str(path), []), set(), None, []
     for number, line in enumerate(_pair_lines(Path(path)), 1):
         if limit is not None and len(result.pairs) >= limit:
             break
         try:
             pair = _pair_from_line(line, f"{path}:{number}", plain) if line.strip() else None
-        except PairLoadError:
-            if on_error == "raise":
-                raise
+        except PairLoadError as err:
+            errors.append(err)
             result.malformed += 1
             continue
         if pair is None or pair.id in seen:
@@ -93,6 +95,8 @@ def load_pairs(path: str | Path, *, limit: int | None = None, on_error: str = "r
         plain = isinstance(pair.prompt, str) if plain is None else plain
         seen.add(pair.id)
         result.pairs.append(pair)
+    if on_error == "raise":
+        raise_collected(errors, str(path))
     if not result.pairs:
         raise PairLoadError(str(path), f"no pairs left ({result.summary()})", _PAIR_HINT)
     return result
@@ -109,9 +113,11 @@ def _pair_lines(path: Path) -> list[str]:
 
 def _pair_from_line(line: str, where: str, plain: bool | None) -> Pair:
     try:
-        record = json.loads(line)
+        record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as err:
         raise PairLoadError(where, f"not valid JSON ({err.msg})", "fix the line") from None
+    except ValueError as err:
+        raise PairLoadError(where, str(err), "give finite numbers") from None
     if not isinstance(record, dict):
         raise PairLoadError(where, f"is a JSON {type(record).__name__}, not an object", _PAIR_HINT)
     if "prompt" not in record and all(_is_transcript(record.get(k)) for k in ("chosen", "rejected")):
@@ -121,11 +127,34 @@ def _pair_from_line(line: str, where: str, plain: bool | None) -> Pair:
     if plain is not None and isinstance(prompt, str) != plain:
         raise PairLoadError(where, "mixes plain-string and conversational records",
                             "write every record of the file in one of the two formats", field="prompt")
+    _check_text(where, prompt, chosen, rejected)
     content = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False)
     digest = hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
     meta = {k: v for k, v in record.items() if k not in PAIR_FIELDS}
     return Pair(digest, prompt_id(P.conversation_text(prompt)), prompt, chosen, rejected,
                 "input-chosen", "input-rejected", where, meta)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"holds {name}, which is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"holds {text}, which is not a finite number")
+    return value
+
+
+def _check_text(where: str, prompt, chosen, rejected) -> None:
+    """No NUL byte in any field, and two sides that differ beyond whitespace."""
+    texts = (P.conversation_text(prompt), response_text(chosen), response_text(rejected))
+    for name, text in zip(PAIR_FIELDS, texts):
+        if "\x00" in text:
+            raise PairLoadError(where, "contains a NUL byte (\\x00)", "remove it; the fields are text", field=name)
+    if " ".join(response_text(chosen).split()) == " ".join(response_text(rejected).split()):
+        raise PairLoadError(where, "is the same response as 'chosen' (up to whitespace), so the pair prefers "
+                            "nothing", "drop the record", field="rejected")
 
 
 def _pair_field(record: dict, name: str, where: str):

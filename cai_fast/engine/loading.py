@@ -126,6 +126,9 @@ def resolve_model_path(name: str) -> Path | str:
 def check_model_folder(path: Path, name: str) -> Path:
     """`path` if it is a model folder cai_fast loads safely, else ModelLoadError saying why."""
     where = f"model {name!r} ({path})"
+    if not path.is_dir():
+        raise ModelLoadError(f"{where}: {'not a folder' if path.exists() else 'no such folder'}; give the folder "
+                             "a transformers model was saved to")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{where}: not a model folder (no config.json); give the folder a transformers "
                              "model was saved to")

@@ -135,7 +135,8 @@ def test_training_prompts_are_held_apart_from_every_evaluation_prompt():
 
 def test_another_config_on_the_same_run_folder_is_refused(tmp_path, tiny_model_path):
     config = config_from_dict({"out": str(tmp_path), "model": str(tiny_model_path)}, "inline")
-    Pipeline(config, progress=False)
+    Pipeline(replace(config, rounds=3), progress=False)  # not started (no state.json): takes the next config
+    Pipeline(config, progress=False).state.update(finished=False)  # started
     with pytest.raises(RunConfigError, match="rounds: 1 in the run, 2 now"):
         Pipeline(replace(config, rounds=2), progress=False)
 

@@ -44,7 +44,7 @@ from .engine.base import SamplingParams
 from .refusal import refusal_rate
 from .responses import sample_responses
 from .seeding import seeded_sample
-from .store import RunStore, resume_batches, write_atomic
+from .store import RunStore, read_json, resume_batches, write_atomic
 
 SETS = ("harmless", "helpful", "over_refusal")
 OUTPUTS_FILE = "outputs.json"
@@ -203,7 +203,7 @@ class ModelOutputs:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> ModelOutputs:
-        return cls(**json.loads((Path(out_dir) / OUTPUTS_FILE).read_text(encoding="utf-8")))
+        return cls(**read_json(Path(out_dir) / OUTPUTS_FILE, "the model's evaluation outputs"))
 
 def model_outputs(generator, sets: EvalSets, config: EvalConfig, out_dir: str | Path, *,
                   run_info: dict | None = None, progress: bool = True) -> ModelOutputs:

@@ -316,3 +316,11 @@ def test_nul_bytes_in_prompts_are_refused_and_every_bad_record_is_reported(tmp_p
     assert "3 bad records" in message and "p.jsonl:2: contains a NUL byte" in message
     assert "p.jsonl:3" in message and "p.jsonl:4" in message
     assert len(load_prompts(path, on_error="skip")) == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_training_records_refuse_nan_and_infinity(value):
+    from cai_fast.train.data import Record, TrainDataError, number_field
+
+    with pytest.raises(TrainDataError, match=r"d\.jsonl line 3: field 'margin' must be a number"):
+        number_field(Record("d.jsonl line 3", {"margin": value}), "margin", 0.0)

@@ -127,7 +127,7 @@ def number_field(record: Record, name: str, default: float, low: float = -math.i
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
-        raise TrainDataError(f"{record.where}: field '{name}' must be a finite number in [{low}, {high}], "
+        raise TrainDataError(f"{record.where}: field '{name}' must be a number in [{low}, {high}], "
                              f"got {value!r}; fix the record or drop the field")
     return float(value)
 

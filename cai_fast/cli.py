@@ -226,10 +226,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .engine.loading import resolve_model_path
     from .evaluate import EvalConfig, evaluate_model, load_eval_sets, outputs_of, summary_lines
     from .judge import JudgeConfig
-
-    from .engine.loading import resolve_model_path
 
     config, judge_config = dataclass_from_args(EvalConfig, args), dataclass_from_args(JudgeConfig, args)
     for name in (args.model, args.base, config.judge_model):

@@ -141,9 +141,8 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
         from .constitution import load_constitution
-        from .judge import resolve_principles
-
         from .engine.loading import resolve_model_path
+        from .judge import resolve_principles
 
         self.config, self.progress, self.root = config, progress, Path(config.out)
         self.constitution = load_constitution(config.constitution)

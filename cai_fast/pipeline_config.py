@@ -134,7 +134,8 @@ def load_pipeline_config(name: str | Path) -> tuple[PipelineConfig, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigFileError(f"{path}: not UTF-8 text (bad byte at offset {err.start}); save the file as UTF-8") from None
+        raise ConfigFileError(f"{path}: not UTF-8 text (bad byte at offset {err.start}); save the file as "
+                              "UTF-8") from None
     return config_from_dict(_parse(text, path), str(path)), text
 
 

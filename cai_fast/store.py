@@ -144,8 +144,12 @@ def lock_run_folder(root: Path) -> None:
     """Take the folder's exclusive lock for the rest of the process (once per folder), or raise
     RunFolderError naming the process that holds it."""
     root = root.resolve()
-    if root in _HELD_LOCKS:
-        return
+    held = _HELD_LOCKS.pop(root, None)
+    if held is not None:
+        if (root / LOCK_FILE).exists() and os.path.samestat(os.fstat(held), (root / LOCK_FILE).stat()):
+            _HELD_LOCKS[root] = held
+            return
+        os.close(held)  # the folder was removed and made again: lock the new one
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

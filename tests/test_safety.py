@@ -262,8 +262,9 @@ def test_two_runs_at_once_on_one_folder_never_duplicate_records(tiny_model_path,
 
 
 def test_a_locked_folder_is_refused_in_one_line_naming_the_holder(tiny_model_path, tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from cai_fast.store import RunStore; "
-                               f"RunStore({str(tmp_path)!r}, {{}}); print('ready', flush=True); sys.stdin.readline()"],
+    code = ("import sys; from cai_fast.store import RunStore; "
+            f"RunStore({str(tmp_path)!r}, {{}}); print('ready', flush=True); sys.stdin.readline()")
+    holder = subprocess.Popen([sys.executable, "-c", code],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env={**ENV, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:

@@ -130,9 +130,9 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
 
 
 def test_a_folder_locked_by_another_process_is_refused_naming_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cai_fast.store import RunStore; "
-                               f"RunStore({str(tmp_path)!r}, {{'a': 1}}); print('ready', flush=True); "
-                               "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    code = ("import sys; from cai_fast.store import RunStore; "
+            f"RunStore({str(tmp_path)!r}, {{'a': 1}}); print('ready', flush=True); sys.stdin.readline()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         assert holder.stdout.readline().strip() == "ready"

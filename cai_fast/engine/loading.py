@@ -154,7 +154,8 @@ def _json_or_empty(path: Path, where: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"{where}: {path.name} is not valid JSON ({err}); re-download or re-save the model") from None
+        raise ModelLoadError(f"{where}: {path.name} is not valid JSON ({err}); re-download or re-save the "
+                             "model") from None
     return data if isinstance(data, dict) else {}
 
 

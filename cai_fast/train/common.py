@@ -371,7 +371,8 @@ def check_inputs(config: TrainConfig) -> None:
     if isinstance(config, PPOConfig):
         load_prompts(config.data)
     elif not Path(config.data).exists():
-        raise TrainDataError(f"{config.data}: no such file or folder; pass --data with a JSONL file or a folder of them")
+        raise TrainDataError(f"{config.data}: no such file or folder; pass --data with a JSONL file or a folder "
+                             "of them")
 
 
 def start_run(config: TrainConfig, stage: str) -> TrainResult | None:

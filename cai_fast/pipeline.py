@@ -26,7 +26,8 @@ it, default 5%), no further round runs. The best round — highest quality, earl
 the result: its policy folder is named in state.json, the report and the command's output.
 
 Run folder (`out`):
-    config.json          the normalised config; another config on the same folder is refused
+    config.json          the normalised config, input files by content hash (run_config); another
+                         config on the same folder is refused once a stage has started
     config.source        the config file as given
     state.json           per round and stage: status, seconds, summary; the best round
     prompts/train.jsonl  the training prompts
@@ -48,9 +49,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .data import Prompt, load_prompts
-from .evaluate import EvalSets, ModelOutputs, baseline_metrics, evaluate_model, load_eval_sets, outputs_of
+from .evaluate import SETS, EvalSets, ModelOutputs, baseline_metrics, evaluate_model, load_eval_sets, outputs_of
 from .pipeline_config import PipelineConfig, config_dict
-from .store import RunStore, read_json, write_atomic, write_jsonl
+from .store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 
 
 # ---------------------------------------------------------------- early stop
@@ -136,6 +137,19 @@ def training_prompts(config: PipelineConfig, sets: EvalSets) -> list[Prompt]:
     return prompts
 
 
+def run_config(config: PipelineConfig, prompts: Sequence[Prompt], sets: EvalSets) -> dict:
+    """What the run folder's config.json holds: config_dict, with the prompt and benchmark files
+    recorded by the content they gave (the same files under other paths resume), not by path."""
+    saved = config_dict(config)
+    saved["prompts"] = content_sha256([(p.id, p.text) for p in prompts])
+    for name in ("harmless_prompts", "helpful_prompts", "over_refusal_prompts", "benchmarks"):
+        del saved["eval"][name]
+    saved["eval"]["sets_sha256"] = content_sha256(
+        {**{name: [(p.id, p.text) for p in sets.prompts(name)] for name in SETS},
+         "benchmarks": [(b.name, b.kind, b.items) for b in sets.benchmarks]})
+    return saved
+
+
 class Pipeline:
     """One run folder: the config, the state, the prompts and the stages (see the module docstring)."""
 
@@ -153,7 +167,7 @@ class Pipeline:
         self.sets = load_eval_sets(config.eval)
         self.prompts = training_prompts(config, self.sets)
         # Validated; now the run folder (started once a stage has: state.json says which).
-        RunStore(self.root, config_dict(config), started=(self.root / "state.json").exists())
+        RunStore(self.root, run_config(config, self.prompts, self.sets), started=(self.root / "state.json").exists())
         if source is not None:
             write_atomic(self.root / "config.source", source)
         self.state = PipelineState(self.root / "state.json")

@@ -21,7 +21,9 @@ file and line, and nothing is overwritten. Files written by `write_atomic` get t
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -196,6 +198,17 @@ def _complete_lines(path: Path, *, repair: bool = False) -> list[str]:
         line = raw[: err.start].count(b"\n") + 1
         raise RunFolderError(f"{path}:{line}: corrupt record (not UTF-8); move the file away or delete that "
                              "line (the record is then made again), then re-run") from None
+
+
+def content_sha256(value) -> str:
+    """A digest of JSON-able content (dataclasses as their fields): what a run config records of
+    its inputs, so that the same content under another path resumes the run."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=_plain)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
 def write_atomic(path: Path, text: str) -> None:

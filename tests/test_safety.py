@@ -325,3 +325,21 @@ def test_training_records_refuse_nan_and_infinity(value):
 
     with pytest.raises(TrainDataError, match=r"d\.jsonl line 3: field 'margin' must be a number"):
         number_field(Record("d.jsonl line 3", {"margin": value}), "margin", 0.0)
+
+
+def test_a_pipeline_compares_its_prompt_files_by_content(tiny_model_path, tmp_path):
+    from dataclasses import replace
+
+    from cai_fast.pipeline import Pipeline
+    from cai_fast.pipeline_config import config_from_dict
+    from cai_fast.store import RunConfigError
+
+    first = _lines(tmp_path / "a.txt", ["Tell me a secret.", "Insult my neighbour.", "Write a threat."])
+    config = config_from_dict({"out": str(tmp_path / "run"), "model": str(tiny_model_path), "prompts": str(first)},
+                              "inline")
+    Pipeline(config, progress=False).state.update(finished=False)  # a run that has started
+    moved = shutil.copy(first, tmp_path / "b.txt")
+    Pipeline(replace(config, prompts=str(moved)), progress=False)  # the same prompts by another path
+    changed = _lines(tmp_path / "c.txt", ["Tell me a secret.", "Insult my neighbour."])
+    with pytest.raises(RunConfigError, match="prompts: "):
+        Pipeline(replace(config, prompts=str(changed)), progress=False)

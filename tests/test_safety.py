@@ -343,3 +343,32 @@ def test_a_pipeline_compares_its_prompt_files_by_content(tiny_model_path, tmp_pa
     changed = _lines(tmp_path / "c.txt", ["Tell me a secret.", "Insult my neighbour."])
     with pytest.raises(RunConfigError, match="prompts: "):
         Pipeline(replace(config, prompts=str(changed)), progress=False)
+
+
+@pytest.mark.parametrize("node", [[1], {"dict": 5}, {"tensor": "missing"}, {"value": {"a": 1}}, {"a": 1, "b": 2}])
+def test_a_tampered_optimizer_state_is_refused(node):
+    from cai_fast.train.common import state_from_json
+
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        state_from_json(node, {})
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cai_fast.train.common import state_from_json, state_to_json
+
+    params = [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(7))]
+    optimizer = torch.optim.AdamW(params, lr=0.1, betas=(0.8, 0.95))
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    tensors = {}
+    node = json.loads(json.dumps(state_to_json(optimizer.state_dict(), tensors, "s")))
+    save_file(tensors, tmp_path / "t.safetensors")
+    restored = state_from_json(node, load_file(tmp_path / "t.safetensors"))
+    fresh = torch.optim.AdamW(params, lr=0.5)
+    fresh.load_state_dict(restored)
+    assert fresh.param_groups[0]["betas"] == (0.8, 0.95) and fresh.param_groups[0]["lr"] == 0.1
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[p][key], optimizer.state[p][key])

@@ -288,8 +288,8 @@ class TrainRun:
         """Restore weights, optimizer, scheduler, step and history; ValueError (one line) for a
         checkpoint that is not what this run writes."""
         try:
-            state = load_file(path / TRAINABLE_FILE, device=str(self.device))
-            tensors = load_file(path / OPTIMIZER_TENSORS, device=str(self.device))
+            state = load_file(path / TRAINABLE_FILE)  # on the CPU; load_state_dict moves them
+            tensors = load_file(path / OPTIMIZER_TENSORS)
             opt = state_from_json(read_json(path / OPTIMIZER_STATE, "the optimizer state"), tensors)
             saved = read_json(path / "state.json", "the checkpoint's step and history")
             step, history = saved["step"], saved["history"]
@@ -341,6 +341,8 @@ def state_to_json(value, tensors: dict[str, torch.Tensor], name: str):
 
 def state_from_json(node: dict, tensors: dict[str, torch.Tensor]):
     """The state dict `state_to_json` made; KeyError/ValueError for anything else."""
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"unexpected node {node!r:.60} in the saved state")
     (kind, content), = node.items()
     if kind == "tensor":
         return tensors[content]

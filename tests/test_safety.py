@@ -214,6 +214,8 @@ def test_ppo_with_a_missing_reward_model_writes_nothing(tiny_model_path, tmp_pat
     ("prompts", "/no/such/prompts.jsonl", "no such file"),
     ("model", "/no/such/model", "no such folder"),
     ("judge_model", "/no/such/judge", "no such folder"),
+    ("eval", {"benchmarks": "/no/such/gsm8k.jsonl"}, "/no/such/gsm8k.jsonl"),
+    ("eval", {"judge_model": "/no/such/eval-judge"}, "no such folder"),
 ])
 def test_a_pipeline_that_fails_a_check_writes_nothing(tiny_model_path, tmp_path, capsys, field, value, expected):
     out = tmp_path / "run"

@@ -84,6 +84,14 @@ class KVPool:
         return self.k[layer].view(view), self.v[layer].view(view)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`: on CUDA through pinned memory without blocking the host (the
+    copy is queued on the current stream, before the kernels that read it); elsewhere as is."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def slot_ids(block_table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
     """Slots [end - start] (int64) of positions [start, end) of a request whose block table
     (int64 tensor) is `block_table`."""

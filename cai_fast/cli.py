@@ -37,6 +37,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="generation backend (default: cached = prefix-cached paged engine; plain = "
                              "batched transformers generate, no prefix sharing)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--kv-block-size", type=int, default=16,
+                        help="tokens per KV block of the cached engine (default: 16; any size runs on CUDA "
+                             "through the Triton kernel, multiples of 256 also through flash-attn)")
 
 
 def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> None:
@@ -88,7 +91,8 @@ def cmd_sl_cai(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
     print(prompts.report.summary(), flush=True)
     loaded = load_model(args.model, device=args.device)
-    generator = make_generator(loaded, engine=args.engine, batch_size=config.batch_size)
+    generator = make_generator(loaded, engine=args.engine, batch_size=config.batch_size,
+                               block_size=args.kv_block_size)
     info = {"model": args.model, "prompts": str(args.prompts), "limit": args.limit}
     result = run_sl_cai(generator, constitution, list(prompts), config, out_dir=args.out,
                         run_info=info, progress=not args.quiet)
@@ -179,7 +183,8 @@ def cmd_label(args: argparse.Namespace) -> None:
         source = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
         print(source.report.summary(), flush=True)
     loaded = load_model(args.model, device=args.device)
-    generator = make_generator(loaded, engine=args.engine, batch_size=judge_config.batch_size)
+    generator = make_generator(loaded, engine=args.engine, batch_size=judge_config.batch_size,
+                               block_size=args.kv_block_size)
     judge = ConstitutionalJudge(generator, constitution, judge_config)
     info = {"model": args.model, "source": str(args.pairs or args.prompts), "limit": args.limit}
     result = run_labelling(judge, list(source), label_config, out_dir=args.out, run_info=info,

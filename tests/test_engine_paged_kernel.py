@@ -6,6 +6,7 @@ which reads one thing back from the device: the sampled tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -20,19 +21,20 @@ SHAPE = KVShape(2, 2, 12, torch.float32)  # 6 query heads: a group of 3; head di
 HEADS, SCALE = 6, 0.29
 
 
-def _batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int):
-    """A pool of random K/V (NaN in blocks nobody owns) and tables sharing their first blocks."""
+def _batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int, device="cpu", dtype=torch.float32):
+    """A pool of random K/V (NaN in blocks nobody owns) and tables sharing their first blocks.
+    (benches/gpu_check.py runs the same cases on CUDA, in bf16 and fp32.)"""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in kv_lens) + 3
-    pool = KVPool(SHAPE, num_blocks, block_size)
+    pool = KVPool(dataclasses.replace(SHAPE, dtype=dtype), num_blocks, block_size, device)
     for cache in (*pool.k, *pool.v):
-        cache.normal_(generator=gen)
+        cache.copy_(torch.randn(cache.shape, generator=gen))
     free = torch.randperm(num_blocks, generator=gen)
     shared, rest = free[:shared_blocks], free[shared_blocks:]
     tables = []
     for length in kv_lens:
         own = -(-length // block_size) - shared_blocks
-        tables.append(torch.cat([shared, rest[:own]]))
+        tables.append(torch.cat([shared, rest[:own]]).to(device))
         rest = rest[own:]
     for cache in (*pool.k, *pool.v):
         cache.view(num_blocks, block_size, -1)[rest] = float("nan")
@@ -50,13 +52,12 @@ CASES = {  # block size, context lengths, new tokens, shared leading blocks, win
 }
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_triton_paged_attention_equals_the_torch_path(case, num_splits):
+def both_paths(case: str, num_splits: int, device="cpu", dtype=torch.float32):
+    """(Triton, torch) outputs of each layer of CASES[case] (benches/gpu_check.py calls it on CUDA)."""
     from cai_fast.engine.paged_kernel import TritonPagedAttention
 
     block_size, kv_lens, q_lens, shared, window = CASES[case]
-    pool, layout = _batch(1, kv_lens, q_lens, shared, block_size)
+    pool, layout = _batch(1, kv_lens, q_lens, shared, block_size, device, dtype)
     reference = TorchPagedAttention(pool, [None, window], HEADS, SCALE)
     triton_path = TritonPagedAttention(pool, [None, window], HEADS, SCALE, num_splits=num_splits)
     plan = triton_path.plan(layout)
@@ -64,12 +65,17 @@ def test_triton_paged_attention_equals_the_torch_path(case, num_splits):
         assert plan[None][1] is not None  # the shared blocks go through the cascade launch
     gen = torch.Generator().manual_seed(2)
     total = sum(q_lens)
-    q = torch.randn(total, HEADS, SHAPE.head_dim, generator=gen)
-    k_new, v_new = (torch.randn(total, 2, SHAPE.head_dim, generator=gen) for _ in range(2))
+    q = torch.randn(total, HEADS, SHAPE.head_dim, generator=gen).to(device, dtype)
+    k_new, v_new = (torch.randn(total, 2, SHAPE.head_dim, generator=gen).to(device, dtype) for _ in range(2))
     write = torch.cat([slot_ids(t, n - m, n, block_size) for t, n, m in zip(layout.tables, kv_lens, q_lens)])
-    for layer in (0, 1):
-        want = reference.attend(layer, q, k_new, v_new, write, reference.plan(layout))
-        got = triton_path.attend(layer, q, k_new, v_new, write, plan)
+    return [(triton_path.attend(layer, q, k_new, v_new, write, plan),
+             reference.attend(layer, q, k_new, v_new, write, reference.plan(layout))) for layer in (0, 1)]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_paged_attention_equals_the_torch_path(case, num_splits):
+    for got, want in both_paths(case, num_splits):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -142,3 +148,16 @@ def test_a_decode_step_reads_back_only_the_sampled_tokens(tiny_loaded):
 
     engine.generate(random_prompts(5, 4, shared=40), SamplingParams(max_new_tokens=4, temperature=0.0))
     assert steps and all(len(where) == 1 and "tolist" in where[0] for where in steps), steps
+
+
+def test_the_kv_block_size_reaches_the_engine_from_the_command_line(tiny_loaded):
+    import argparse
+
+    from cai_fast.cli import add_model_options
+    from cai_fast.engine import make_generator
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    args = parser.parse_args(["--kv-block-size", "7"])
+    engine = make_generator(tiny_loaded, block_size=args.kv_block_size)
+    assert engine.config.block_size == 7 and engine.pool.block_size == 7

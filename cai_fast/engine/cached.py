@@ -56,7 +56,8 @@ from .sampling import next_tokens, request_generator
 class EngineConfig:
     """How the cached engine runs; every field has a default that suits the CPU."""
 
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block (a multiple of 256 for flash-attn)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block: any size (the Triton kernel on "
+                                                          "CUDA); flash-attn needs a multiple of 256"})
     pool_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens (overrides pool_bytes)"})
     pool_bytes: int = field(default=1 << 30, metadata={"help": "KV pool size in bytes"})
     max_running: int = field(default=32, metadata={"help": "sequences decoded together"})

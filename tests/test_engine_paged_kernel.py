@@ -131,7 +131,8 @@ class _DeviceReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_decode_step_reads_back_only_the_sampled_tokens(tiny_loaded):
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_a_decode_step_reads_back_only_the_sampled_tokens(tiny_loaded, temperature):
     from cai_fast.engine import SamplingParams
 
     engine = _engine(tiny_loaded, "triton")
@@ -146,7 +147,8 @@ def test_a_decode_step_reads_back_only_the_sampled_tokens(tiny_loaded):
     engine._decode_step = counted
     from test_engine_cached import random_prompts
 
-    engine.generate(random_prompts(5, 4, shared=40), SamplingParams(max_new_tokens=4, temperature=0.0))
+    params = SamplingParams(max_new_tokens=4, temperature=temperature, top_p=0.9, seed=3)
+    engine.generate(random_prompts(5, 4, shared=40), params)
     assert steps and all(len(where) == 1 and "tolist" in where[0] for where in steps), steps
 
 

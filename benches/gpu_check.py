@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' cases and helpers are the 
 
 NEAR_TIE = 0.1  # logits: a greedy divergence at a step whose top-2 gap is below this is a near tie
 CUDA = torch.cuda.is_available()
+DEVICE = "cuda"  # where the GPU checks run (a smoke run of this script may point it elsewhere)
 
 
 class Skip(Exception):
@@ -74,7 +75,7 @@ def check_paged_attention(args) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         for case in CASES:
             for splits in (1, 4):
-                for got, want in both_paths(case, splits, "cuda", dtype):
+                for got, want in both_paths(case, splits, DEVICE, dtype):
                     err = float((got.float() - want.float()).norm() / want.float().norm())
                     key = str(dtype).removeprefix("torch.")
                     worst[key] = max(worst.get(key, 0.0), err)
@@ -105,7 +106,8 @@ def _prompts(tokenizer, n: int, shared_words: int, seed: int = 0) -> list[list[i
 
 def _greedy_reference(loaded, prompt, max_new) -> tuple[list[int], list[float]]:
     """transformers' generate, greedy, alone; the top-2 logit gap of each step."""
-    out = loaded.model.generate(torch.tensor([prompt], device="cuda"), attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"),
+    ids = torch.tensor([prompt], device=DEVICE)
+    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids),
                                 do_sample=False, max_new_tokens=max_new, output_scores=True,
                                 return_dict_in_generate=True, pad_token_id=0, temperature=None, top_p=None, top_k=None)
     gaps = [float(s[0].float().topk(2).values.diff().abs()) for s in out.scores]
@@ -117,7 +119,7 @@ def check_engine_greedy(args) -> dict:
     from cai_fast.engine import SamplingParams, load_model
     from cai_fast.engine.cached import CachedGenerator, EngineConfig
 
-    loaded = load_model(str(args.model), dtype="bfloat16", device="cuda")
+    loaded = load_model(str(args.model), dtype="bfloat16", device=DEVICE)
     loaded.model.generation_config.eos_token_id = None  # random weights: run every step, no early end
     prompts, max_new = _prompts(loaded.tokenizer, 16, 120), 24
     reference = [_greedy_reference(loaded, p, max_new) for p in prompts]
@@ -153,7 +155,7 @@ def check_throughput(args) -> dict:
     from cai_fast.engine.model_runner import kv_shape
 
     tflops, gbps = _ceilings()
-    loaded = load_model(str(args.model), dtype="bfloat16", device="cuda")
+    loaded = load_model(str(args.model), dtype="bfloat16", device=DEVICE)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     params = sum(p.numel() for p in loaded.model.parameters())
     engine = CachedGenerator(loaded.model, loaded.tokenizer, EngineConfig(pool_tokens=1 << 17, max_running=32))
@@ -172,7 +174,7 @@ def check_throughput(args) -> dict:
     options = [[330], [389]]
     judge.score_options(rows[:4], options)
     judge.stats = type(judge.stats)()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize() if DEVICE == "cuda" else None
     start = time.perf_counter()
     judge.score_options(rows, options)
     seconds = time.perf_counter() - start

@@ -122,7 +122,7 @@ def paged_attention(q, k_pool, v_pool, tables, q_start, q_len, kv_len, k_start, 
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
     group_p2 = triton.next_power_of_2(group)
-    block_q = 1 if max_q_len == 1 else max(1, 16 // group_p2)
+    block_q = 1 if max_q_len == 1 else max(1, 64 // group_p2)  # prefill: 64 rows a program
     rows = max(16, block_q * group_p2)
     out = q.new_empty((num_splits, tokens, heads, head_dim), dtype=q.dtype if num_splits == 1 else torch.float32)
     lse = torch.empty((num_splits, tokens, heads), dtype=torch.float32, device=q.device)
@@ -173,7 +173,7 @@ class TritonPagedAttention:
         views = meta[: len(rows) * n].view(len(rows), n)
         cascade = meta[len(rows) * n : len(rows) * n + 4].view(4, 1)
         table = meta[len(rows) * n + 4 :].view(n, width)
-        splits = self.num_splits or _auto_splits(n * self.kv_heads, max(batch.kv_lens), table.is_cuda)
+        splits = self.num_splits or _auto_splits(n * self.kv_heads, max(batch.kv_lens), table.is_cuda and decode)
         plan = {}
         for window, shared in cut.items():
             k_start = views[3] if not shared else views[4]
@@ -201,9 +201,10 @@ class TritonPagedAttention:
         return merged.to(q.dtype)
 
 
-def _auto_splits(programs: int, max_kv: int, on_gpu: bool) -> int:
-    """Key splits a request gets: enough programs to fill an H100/H200-class GPU (~132 SMs, two
-    programs each), each split keeping at least 256 keys; 1 off the GPU (the interpreter)."""
-    if not on_gpu:
+def _auto_splits(programs: int, max_kv: int, split: bool) -> int:
+    """Key splits a request gets when `split` (a decode batch on the GPU): enough programs to fill
+    an H100/H200-class GPU (~132 SMs, two programs each), each split keeping at least 256 keys;
+    else 1 (prefill has a program per tile of queries already; the interpreter gains nothing)."""
+    if not split:
         return 1
     return max(1, min(264 // max(programs, 1), max_kv // 256))

@@ -101,8 +101,9 @@ def _engine(loaded, attention, **config):
 
 
 def test_engine_greedy_on_the_triton_path_equals_the_torch_path(tiny_loaded):
-    from cai_fast.engine import SamplingParams
     from test_engine_cached import random_prompts
+
+    from cai_fast.engine import SamplingParams
 
     prompts = random_prompts(4, 5, shared=37)
     params = SamplingParams(max_new_tokens=6, temperature=0.0)
@@ -115,9 +116,9 @@ class _DeviceReads(torch.overrides.TorchFunctionMode):
     """Counts the calls made from cai_fast's code that read a tensor's values into Python: on CUDA
     each one waits for the device (a host sync)."""
 
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+    READS = frozenset({torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
              torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.Tensor.cpu,
-             torch.Tensor.numpy, torch.nonzero}
+             torch.Tensor.numpy, torch.nonzero})
 
     def __init__(self):
         super().__init__()

@@ -19,7 +19,7 @@ NVCC = shutil.which("nvcc") or next((str(p) for p in sorted(Path("/usr/local").g
 
 
 def _run(args: list[str], cwd: Path = ROOT) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 

@@ -10,6 +10,7 @@ The pool holds tensors only: which blocks are free, cached or running is the sch
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 try:  # the CUDA kernels, built by `pip install .` where a CUDA toolkit is found

@@ -58,13 +58,14 @@ def check_build(args) -> dict:
     return {**figures, "ok": ok}
 
 
-def check_unit_tests(args) -> dict:
+def check_kv_kernels(args) -> dict:
     needs_cuda()
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kv_cuda.py"]
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "twin",
+               "tests/test_kv_cuda.py"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
-    return {"pytest tests/test_kv_cuda.py": tail, "ok": done.returncode == 0 and "skipped" not in tail}
+    return {"pytest tests/test_kv_cuda.py -k twin": tail, "ok": done.returncode == 0 and "skipped" not in tail}
 
 
 def check_paged_attention(args) -> dict:
@@ -231,7 +232,7 @@ def check_gpu_ops(args) -> dict:
     return {**figures, "ok": ok}
 
 
-CHECKS = {"build": check_build, "CUDA KV kernels vs torch twin": check_unit_tests,
+CHECKS = {"build": check_build, "CUDA KV kernels vs torch twin": check_kv_kernels,
           "Triton paged attention vs torch (bf16, fp32)": check_paged_attention,
           "engine greedy vs generate (bf16)": check_engine_greedy, "engine throughput": check_throughput,
           "benches/gpu_ops.py": check_gpu_ops, "pipeline round": check_pipeline}

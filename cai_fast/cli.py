@@ -45,7 +45,7 @@ def load_generator(args: argparse.Namespace, batch_size: int):
 
     options = dataclass_from_args(ModelOptions, args)
     return make_generator(load_model(options.model, device=options.device), engine=options.engine,
-                          batch_size=batch_size)
+                          batch_size=batch_size, block_size=options.kv_block_size)
 
 
 def run_options(args: argparse.Namespace) -> dict:

@@ -37,6 +37,8 @@ class ModelOptions:
     engine: str = option("cached", "generation backend: cached = prefix-cached paged engine; plain = batched "
                                    "transformers generate, no prefix sharing")
     device: str = option("cpu", "torch device")
+    kv_block_size: int = option(16, "tokens per KV block of the cached engine (any size runs on CUDA through the "
+                                    "Triton kernel, multiples of 256 also through flash-attn)")
 
     def __post_init__(self):
         if self.engine not in ENGINES:

@@ -12,11 +12,13 @@ ENGINES = ("cached", "plain")
 _WARNED: set[str] = set()  # architectures already reported as falling back to the plain generator
 
 
-def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: int = 8, config=None) -> Generator:
+def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: int = 8, config=None,
+                   block_size: int = 16) -> Generator:
     """The generator for a loaded model.
 
     engine="cached": the prefix-cached paged engine (cai_fast.engine.cached) with `config` (an
-    EngineConfig; default: `batch_size` sequences decoded together); a model it cannot run
+    EngineConfig; default: `batch_size` sequences decoded together, KV blocks of `block_size`
+    tokens); a model it cannot run
     falls back to the plain generator, with a warning once per architecture.
     engine="plain": batched transformers generate, `batch_size` prompts a call, no prefix sharing.
     """
@@ -28,7 +30,8 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
         reason = unsupported_reason(loaded.model)
         if reason is None:
-            return CachedGenerator(loaded.model, loaded.tokenizer, config or EngineConfig(max_running=batch_size))
+            return CachedGenerator(loaded.model, loaded.tokenizer, config or EngineConfig(max_running=batch_size,
+                                                                                     block_size=block_size))
         _warn_fallback(reason)
     from .plain import PlainGenerator
 

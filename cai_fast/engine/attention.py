@@ -22,10 +22,15 @@ Torch path (`TorchPagedAttention`), built for the CPU:
 Flash path (`FlashPagedAttention`): `flash_attn_with_kvcache` over the block tables (causal,
 bottom-right aligned), taken on CUDA when flash-attn is installed, the model is fp16 or bf16 and
 block_size % 256 == 0. It is untested here: no machine of this project has CUDA and flash-attn.
+Triton path (`cai_fast.engine.paged_kernel.TritonPagedAttention`): a Triton kernel reading K/V
+through the block tables at any block size, decode and prefill over a cached prefix in one
+kernel, the decode cascade over shared leading blocks as above; taken on CUDA when flash-attn
+cannot run (tested against the torch path under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -36,6 +41,7 @@ from torch.nn.attention.bias import causal_lower_right
 from .kv import KVPool
 
 HAVE_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs blocks of a multiple of 256 tokens
 
 
@@ -47,6 +53,7 @@ class BatchLayout:
     kv_lens: list[int]
     tables: list[torch.Tensor]
     block_size: int
+    host_tables: list[list[int]] = field(default_factory=list)  # the same tables on the host, when known
 
     @property
     def is_decode(self) -> bool:
@@ -59,6 +66,15 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
     if window is not None:
         mask &= k_pos[None, :] > q_pos[:, None] - window
     return mask
+
+
+def shared_prefix_tokens(tables: list[list[int]], kv_lens: list[int], block_size: int) -> int:
+    """Tokens at the start of every context held in the same blocks (whole blocks, computed:
+    before every request's last position), from host block tables."""
+    limit = (min(kv_lens) - 1) // block_size
+    first = tables[0]
+    blocks = next((i for i in range(limit) if any(t[i] != first[i] for t in tables)), limit)
+    return blocks * block_size
 
 
 def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -123,6 +139,8 @@ class TorchPagedAttention:
 
     def plan(self, batch: BatchLayout):
         """What every layer reuses: slots and masks of the batch."""
+        device = self.pool.k[0].device
+        batch = dataclasses.replace(batch, tables=[t.to(device) for t in batch.tables])
         if batch.is_decode and len(batch.q_lens) > 1:
             return self._decode_plan(batch)
         return self._prefill_plan(batch)
@@ -183,13 +201,8 @@ class TorchPagedAttention:
 
     @staticmethod
     def _shared_tokens(batch: BatchLayout) -> int:
-        """Tokens at the start of every context held in the same blocks (whole blocks, computed)."""
-        bs = batch.block_size
-        limit = (min(batch.kv_lens) - 1) // bs
-        tables = torch.stack([t[:limit] for t in batch.tables])
-        differs = (tables != tables[:1]).any(0).nonzero()
-        blocks = int(differs[0]) if len(differs) else limit
-        return blocks * bs
+        tables = batch.host_tables or [t.tolist() for t in batch.tables]
+        return shared_prefix_tokens(tables, batch.kv_lens, batch.block_size)
 
     @staticmethod
     def _rest(batch: BatchLayout, n_shared: int, window: int | None):
@@ -269,12 +282,19 @@ class FlashPagedAttention:
 
 
 def make_attention(kind: str, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
-    """`kind`: "torch", "flash" or "auto" (flash where it can run, see the module docstring)."""
-    if kind not in ("auto", "torch", "flash"):
-        raise ValueError(f"unknown attention {kind!r}; use auto, torch or flash")
+    """`kind`: "torch", "flash", "triton" or "auto" (flash where it can run, else triton on CUDA,
+    else torch; see the module docstring)."""
+    if kind not in ("auto", "torch", "flash", "triton"):
+        raise ValueError(f"unknown attention {kind!r}; use auto, torch, flash or triton")
     usable = HAVE_FLASH_ATTN and pool.k[0].is_cuda and pool.shape.dtype in (torch.float16, torch.bfloat16)
     if kind == "flash" and not usable:
         raise ValueError("attention='flash' needs flash-attn installed and an fp16/bf16 model on CUDA; use 'auto'")
     if kind == "flash" or (kind == "auto" and usable and pool.block_size % FLASH_BLOCK_MULTIPLE == 0):
         return FlashPagedAttention(pool, windows, num_heads, scale)
+    if kind == "triton" and not HAVE_TRITON:
+        raise ValueError("attention='triton' needs triton installed (pip install triton); use 'auto'")
+    if kind == "triton" or (kind == "auto" and HAVE_TRITON and pool.k[0].is_cuda):
+        from .paged_kernel import TritonPagedAttention
+
+        return TritonPagedAttention(pool, windows, num_heads, scale)
     return TorchPagedAttention(pool, windows, num_heads, scale)

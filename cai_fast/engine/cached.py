@@ -56,7 +56,8 @@ from .sampling import next_tokens, request_generator
 class EngineConfig:
     """How the cached engine runs; every field has a default that suits the CPU."""
 
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block (a multiple of 256 for flash-attn)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block: any size (the Triton kernel on "
+                                                          "CUDA); flash-attn needs a multiple of 256"})
     pool_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens (overrides pool_bytes)"})
     pool_bytes: int = field(default=1 << 30, metadata={"help": "KV pool size in bytes"})
     max_running: int = field(default=32, metadata={"help": "sequences decoded together"})
@@ -129,7 +130,7 @@ class _Request:
     rng: torch.Generator | None = None
     targets: list[int] | None = None  # continuation scoring: the tokens the rows predict
     id: int = -1
-    table: torch.Tensor | None = None
+    table: list[int] | None = None  # block ids (host)
     computed: int = 0  # tokens whose KV is in the pool
     generated: list[int] = field(default_factory=list)
     result: object = None
@@ -256,12 +257,12 @@ class CachedGenerator:
     def _prefill(self, batch: list[_Request], scheduled) -> None:
         spans, fresh = [], []
         for r, s in zip(batch, scheduled):
-            r.table = torch.tensor(s.block_table, dtype=torch.long, device=self.device)
-            fresh.append(r.table[s.cached_len // self.config.block_size :])
+            r.table = list(s.block_table)
+            fresh += r.table[s.cached_len // self.config.block_size :]
             spans.append((s.tokens_to_compute, s.cached_len, r.table))
             self.stats.prefill_submitted += len(r.tokens)
             self.stats.prefill_computed += len(s.tokens_to_compute)
-        self.pool.clear(torch.cat(fresh))
+        self.pool.clear(torch.tensor(fresh, dtype=torch.long, device=self.device))
         hidden = self._forward(spans)
         self.stats.prefill_batches += 1
         rows, start = [], 0
@@ -352,8 +353,7 @@ class CachedGenerator:
     def _cache_prompts(self, requests: list[_Request]) -> None:
         with self._timed("scheduler_seconds"):
             for r in requests:
-                table = self.scheduler.cache_computed(r.id, r.tokens)
-                r.table = torch.tensor(table, dtype=torch.long, device=r.table.device)
+                r.table = list(self.scheduler.cache_computed(r.id, r.tokens))
 
     def _release(self, r: _Request) -> None:
         """The request is done: cache its computed tokens (or, with the cache off, free everything)."""

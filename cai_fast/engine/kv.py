@@ -10,7 +10,14 @@ The pool holds tensors only: which blocks are free, cached or running is the sch
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
+
+try:  # the CUDA kernels, built by `pip install .` where a CUDA toolkit is found
+    from .. import _cuda as _cuda_kernels
+except ImportError:
+    _cuda_kernels = None
+HAVE_CUDA_KERNELS = _cuda_kernels is not None
 
 
 @dataclass(frozen=True)
@@ -39,9 +46,16 @@ def pool_blocks(shape: KVShape, block_size: int, pool_tokens: int | None, pool_b
 
 
 class KVPool:
-    """K and V storage for `num_blocks` blocks of `block_size` tokens, every layer."""
+    """K and V storage for `num_blocks` blocks of `block_size` tokens, every layer.
 
-    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
+    `kernels`: "auto" writes and clears through the CUDA kernels of cai_fast._cuda where the pool
+    is on CUDA and they are built, else through torch (index_copy_ / index_fill_, their twin);
+    "torch" forces the twin."""
+
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
+                 kernels: str = "auto"):
+        if kernels not in ("auto", "torch"):
+            raise ValueError(f"KVPool: kernels must be 'auto' or 'torch', got {kernels!r}")
         self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
         slots = num_blocks * block_size
         size = (slots, shape.kv_heads, shape.head_dim)
@@ -49,13 +63,19 @@ class KVPool:
         # blocks when it is admitted, and only written or cleared slots are ever read
         self.k = [torch.empty(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
         self.v = [torch.empty(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+        self.cuda = kernels == "auto" and HAVE_CUDA_KERNELS and torch.device(device).type == "cuda"
+        if self.cuda:  # every layer's K and V base address, for zero_blocks
+            self._bases = torch.tensor([t.data_ptr() for t in (*self.k, *self.v)], device=device)
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [n, kv_heads, head_dim] of n tokens at `slots` [n] of `layer`."""
+        """Store k, v [n, kv_heads, head_dim] of n tokens at `slots` [n] (int64) of `layer`."""
+        if self.cuda:
+            self._store_cuda(layer, slots, k, v)
+            return
         self._rows(self.k[layer]).index_copy_(0, slots, k.reshape(len(slots), -1))
         self._rows(self.v[layer]).index_copy_(0, slots, v.reshape(len(slots), -1))
 
@@ -68,9 +88,21 @@ class KVPool:
                 self._blocks(self.v[layer]).index_select(0, blocks).view(shape))
 
     def clear(self, blocks: torch.Tensor) -> None:
-        """Zero `blocks` in every layer, so that reading a block's unwritten tail gives finite values."""
+        """Zero `blocks` (int64) in every layer, so that reading a block's unwritten tail gives finite values."""
+        if self.cuda:
+            row = self.block_size * self.shape.kv_heads * self.shape.head_dim * self.shape.dtype.itemsize
+            _cuda_kernels.zero_blocks(self._bases.data_ptr(), len(self._bases), blocks.data_ptr(), len(blocks), row,
+                                      torch.cuda.current_stream(blocks.device).cuda_stream)
+            return
         for cache in (*self.k, *self.v):
             self._blocks(cache).index_fill_(0, blocks, 0.0)
+
+    def _store_cuda(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        k, v = (t.reshape(len(slots), -1).contiguous().to(self.shape.dtype) for t in (k, v))
+        row = k.shape[1] * k.element_size()
+        _cuda_kernels.store_kv(k.data_ptr(), v.data_ptr(), row, self.k[layer].data_ptr(), self.v[layer].data_ptr(),
+                               row, slots.data_ptr(), len(slots), row,
+                               torch.cuda.current_stream(slots.device).cuda_stream)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(self.num_tokens, -1)  # one row a token
@@ -82,6 +114,14 @@ class KVPool:
         """K, V of `layer` as [num_blocks, block_size, kv_heads, head_dim] views (flash-attn's layout)."""
         view = (self.num_blocks, self.block_size, self.shape.kv_heads, self.shape.head_dim)
         return self.k[layer].view(view), self.v[layer].view(view)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`: on CUDA through pinned memory without blocking the host (the
+    copy is queued on the current stream, before the kernels that read it); elsewhere as is."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def slot_ids(block_table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:

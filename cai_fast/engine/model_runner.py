@@ -19,7 +19,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .attention import BatchLayout, make_attention
-from .kv import KVPool, KVShape, slot_ids
+from .kv import KVPool, KVShape, host_to_device, slot_ids
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
@@ -65,15 +65,21 @@ class ForwardBatch:
     layout: BatchLayout
 
     @classmethod
-    def build(cls, spans: list[tuple[list[int], int, torch.Tensor]], block_size: int, device) -> "ForwardBatch":
-        """spans: per request (new tokens, position of the first one, block table [int64])."""
-        ids = torch.tensor([t for tokens, _, _ in spans for t in tokens], device=device)
-        positions = torch.cat([torch.arange(start, start + len(tokens)) for tokens, start, _ in spans]).to(device)
-        slots = torch.cat([slot_ids(table, start, start + len(tokens), block_size) for tokens, start, table in spans])
-        layout = BatchLayout([len(tokens) for tokens, _, _ in spans],
-                             [start + len(tokens) for tokens, start, _ in spans],
-                             [table for _, _, table in spans], block_size)
-        return cls(ids, positions, slots, layout)
+    def build(cls, spans: list[tuple[list[int], int, list[int]]], block_size: int, device) -> "ForwardBatch":
+        """spans: per request (new tokens, position of the first one, block table as a list of
+        block ids). Computed on the host, it reaches the device in one copy (no device read)."""
+        tokens = [t for new, _, _ in spans for t in new]
+        positions = [p for new, start, _ in spans for p in range(start, start + len(new))]
+        slots = [slot_ids(torch.tensor(table), start, start + len(new), block_size) for new, start, table in spans]
+        width = max(len(table) for _, _, table in spans)
+        padded = [b for _, _, table in spans for b in table + [0] * (width - len(table))]
+        packed = host_to_device(torch.cat([torch.tensor(tokens + positions), *slots, torch.tensor(padded)]), device)
+        n = len(tokens)
+        tables = packed[3 * n :].view(len(spans), width)
+        layout = BatchLayout([len(new) for new, _, _ in spans], [start + len(new) for new, start, _ in spans],
+                             [tables[r, : len(table)] for r, (_, _, table) in enumerate(spans)], block_size,
+                             [list(table) for _, _, table in spans])
+        return cls(packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], layout)
 
 
 class PagedRunner:

@@ -27,15 +27,16 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         return probs
     sorted_probs, order = probs.sort(descending=True)
     before = sorted_probs.cumsum(0) - sorted_probs  # mass of the more likely tokens
-    sorted_probs[before >= top_p] = 0.0
+    sorted_probs.masked_fill_(before >= top_p, 0.0)
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
-    """One token per row of logits [B, V] (fp32): argmax where temperature is 0, else a draw."""
-    tokens = logits.argmax(-1).tolist()
+    """One token per row of logits [B, V] (fp32): argmax where temperature is 0, else a draw.
+    The draws stay on the device; the tokens are read back once, together."""
+    tokens = logits.argmax(-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature > 0:
             probs = top_p_filter(torch.softmax(logits[row] / p.temperature, -1), p.top_p)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=gen))
-    return tokens
+            tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+    return tokens.tolist()

@@ -1,5 +1,5 @@
-// cai_fast._core: the compiled half of cai_fast. Integers in, integers out: token ids,
-// block ids and lengths. No libtorch here. Each concern registers itself from its own file.
+// cai_fast._core: the compiled half of cai_fast, bound to Python here and only here (the algorithms
+// in csrc/*.cpp include no pybind11). Integers in, integers out; no libtorch. One register_*.cpp a concern.
 #include <pybind11/pybind11.h>
 
 namespace py = pybind11;

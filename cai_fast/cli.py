@@ -120,10 +120,12 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .train.common import readable
+
     stage = args.train_stage
     result = stage.run(dataclass_from_args(stage.config, args), progress=not args.quiet)
     shown = {k: v for k, v in result.summary.items() if k != "final"}
-    final = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.summary.get("final", {}).items()}
+    final = readable(result.summary.get("final", {}))
     print(f"\n{args.stage} done: {shown}\nlast step: {final}\nOutput folder: {result.out} "
           f"(metrics: {result.out / 'metrics.jsonl'})")
 

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,22 +90,62 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+CHATML = (  # the chat template a model without one gets (ChatML, as SmolLM2, Qwen2 and trl use)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
-    path = default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
+
+def model_path(name_or_path: str) -> str | Path:
+    """Where transformers finds a model: the default model's converted copy, or the name itself."""
+    return default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The model's tokenizer with left padding, a pad token (eos when it has none) and a chat
+    template: a model without one (a base model) gets ChatML, with a warning."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(model_path(name_or_path))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}. {_INSTALL_HINT}") from err
     if tokenizer.chat_template is None:
-        raise ModelLoadError(
-            f"model {name_or_path!r} has no chat template; cai_fast needs a chat (instruct) model"
-        )
+        warnings.warn(f"model {name_or_path!r} has no chat template; using ChatML (<|im_start|>role ... "
+                      "<|im_end|>): fine-tune it on chats first, or pass an instruct model", stacklevel=2)
+        tokenizer.chat_template = CHATML
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding).
+
+    A folder holding a LoRA adapter (adapter_config.json, from `cai-fast train ... --lora-r N`)
+    loads its base model with the adapter merged in (peft)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name_or_path)
+    path = model_path(name_or_path)
+    try:
+        if (Path(path) / "adapter_config.json").is_file():
+            model = require_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}. {_INSTALL_HINT}") from err
     return LoadedModel(model.to(device).eval(), tokenizer, str(name_or_path))
+
+
+def require_peft():
+    """The peft module, or a one-line error saying how to install it (LoRA needs it)."""
+    try:
+        import peft
+    except ImportError:
+        raise ModelLoadError("LoRA needs peft, which is not installed: pip install 'cai-fast[peft]' "
+                             "(or pip install peft)") from None
+    return peft

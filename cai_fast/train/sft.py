@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..ops import fused_linear_cross_entropy
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, local_examples,
-    save_pretrained_merged, start_run, step_indices, steps_for, training_examples, unwrapped,
+    save_trained, start_run, step_indices, steps_for, training_examples, unwrapped,
 )
 from .config import SFTConfig
 from .data import TokenBatch, tokenize_sft
@@ -50,6 +50,6 @@ def train_sft(config: SFTConfig, *, progress: bool = True) -> TrainResult:
         return {"loss": sums["loss"] / max(tokens, 1), "tokens": tokens, "grad_norm": sums["grad_norm"]}
 
     run.run(step, "SFT")
-    return run.finish(lambda out: save_pretrained_merged(unwrapped(run.module).lm, tokenizer, out),
+    return run.finish(lambda out: save_trained(unwrapped(run.module).lm, tokenizer, out, config),
                       {"examples": len(examples)})
 

@@ -22,7 +22,8 @@ class TrainConfig:
     """Fields shared by every stage; each stage's config adds its own and sets its defaults."""
 
     model: str = option(DEFAULT_MODEL, "model to start from: transformers id or local folder")
-    data: str = option("", "training data: a JSONL file, a folder of them, or an SL-CAI / RLAIF run folder")
+    data: str = option("", "training data: a JSONL/JSON/CSV/parquet/arrow file, a folder of them, an SL-CAI / "
+                           "RLAIF run folder, or a Hub dataset id (name[:split])")
     out: str = option("runs/train", "output folder (checkpoints, metrics, the trained model)")
     lr: float = option(2e-5, "peak learning rate (AdamW)")
     batch_size: int = option(4, "examples per micro-batch on each process")

@@ -153,3 +153,42 @@ def test_reward_function_carries_a_name_for_trl_logs():
 
     assert get_callable_name(JudgeReward(LongerWins(), name="harmlessness")) == "harmlessness"
     json.dumps(JudgeReward(LongerWins())(prompts=["p", "p"], completions=["a", "bb"]))  # plain floats
+
+
+def test_two_process_grpo_judges_whole_groups(tiny_model_path, tmp_path):
+    """torchrun, 2 CPU processes (gloo), num_generations 2: each process holds one completion of
+    each group, and still every completion gets a reward, the group's two summing to 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("grpo_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(worker), str(tiny_model_path), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads((tmp_path / f"rewards-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(run["calls"]) for run in runs] == [2, 2]
+    for step in range(2):
+        mine = [run["calls"][step] for run in runs]
+        assert all(len(call["rewards"]) == 1 for call in mine)  # one completion of the group each
+        assert mine[0]["prompts"] == mine[1]["prompts"]
+        rewards = [call["rewards"][0] for call in mine]
+        assert all(isinstance(r, float) for r in rewards) and sum(rewards) == pytest.approx(1.0, abs=1e-5)
+    logged = runs[0]["logs"][0]
+    assert "constitutional_judge/spread" in logged and "constitutional_judge/decisiveness" in logged
+
+
+def test_round_robin_logs_spread_and_decisiveness():
+    logged = {}
+    rewards = JudgeReward(LongerWins())(prompts=["p", "p", "p", "q", "q"], completions=["aaa", "a", "aa", "b", "b"],
+                                        log_metric=logged.__setitem__)
+    assert rewards == pytest.approx([0.8, 0.2, 0.5, 0.5, 0.5])
+    # group p: spread 0.8 − 0.2; group q: identical replies tie, spread 0; pairs |2P − 1|: 0.6 × 3, 0
+    assert logged == pytest.approx({"constitutional_judge/spread": 0.3, "constitutional_judge/decisiveness": 0.45})
+    against = {}
+    JudgeReward(LongerWins(), reference_column="ref")(prompts=["p", "q"], completions=["aa", "a"], ref=["a", "aa"],
+                                                      log_metric=against.__setitem__)
+    assert against == pytest.approx({"constitutional_judge/win_rate": 0.5})

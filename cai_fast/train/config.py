@@ -36,17 +36,17 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)")
     max_length: int = option(1024, "longest training sequence in tokens; longer ones keep their start")
-    lora_r: int = option(0, "LoRA rank (peft, all linear layers); 0 = full fine-tuning")
+    lora_r: int = option(0, "LoRA rank (peft, on --lora-target-modules); 0 = full fine-tuning")
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input")
     lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear, or comma-separated "
                                                     "names (q_proj,v_proj)")
-    merge_lora: int = option(0, "1 = save the model with the adapters merged in; 0 = save the adapter alone "
-                                "(adapter_model.safetensors, loadable with peft)")
+    merge_lora: bool = option(False, "save the model with the adapters merged in; else the adapter alone "
+                                      "(adapter_model.safetensors, loadable with peft)")
     mixed_precision: str = option("auto", "no, bf16 or fp16 autocast; auto = accelerate's (`accelerate launch "
                                           "--mixed_precision`, ACCELERATE_MIXED_PRECISION), else no")
-    gradient_checkpointing: int = option(0, "1 = recompute activations in the backward pass (less memory, "
-                                            "about a third more time)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
+                                                 "about a third more time)")
     report_to: str = option("none", "trackers for the metrics (accelerate's): tensorboard, wandb, trackio, "
                                     "comma-separated, or none")
     save_every: int = option(50, "write a checkpoint every N steps (0 = none; the run then restarts when killed)")
@@ -86,8 +86,8 @@ class RewardConfig(TrainConfig):
     lr: float = option(1e-5, "peak learning rate (AdamW)")
     eval_fraction: float = option(0.1, "share of pairs held out for accuracy and calibration (0 = none)")
     eval_steps: int = option(0, "also evaluate on the held-out pairs every N steps (0 = at the end only)")
-    use_margin: int = option(0, "1 = subtract each record's 'margin' inside the sigmoid, as trl's "
-                                "RewardTrainer does; 0 = ignore it (the soft label already carries it)")
+    use_margin: bool = option(False, "subtract each record's 'margin' inside the sigmoid, as trl's "
+                                     "RewardTrainer does; else ignore it (the soft label already carries it)")
 
     def __post_init__(self):
         super().__post_init__()

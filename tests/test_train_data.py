@@ -167,5 +167,6 @@ def test_a_base_model_without_chat_template_gets_chatml_with_a_warning(tiny_mode
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.warns(UserWarning, match="no chat template; using ChatML"):
         tokenizer = load_tokenizer(str(tmp_path))
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -97,6 +97,15 @@ def test_a_lora_reward_model_saves_its_adapter_and_scores_alike(tiny_model_path,
     assert load_reward_model(tmp_path / "merged")(prompts, replies) == pytest.approx(adapter, abs=1e-5)
 
 
+def test_held_out_pairs_are_evaluated_during_training(tiny_model_path, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(13, seed=6, p_chosen=0.8))
+    config = RewardConfig(model=str(tiny_model_path), data=str(data), out=str(tmp_path / "out"), lr=1e-2,
+                          batch_size=4, max_steps=4, eval_fraction=0.3, eval_steps=2, save_every=0)
+    result = train_reward_model(config, progress=False)
+    evaluated = [h["step"] for h in result.history if "eval_accuracy" in h]
+    assert evaluated == [2, 4] and result.history[-1]["eval_loss"] == pytest.approx(result.summary["eval_loss"])
+
+
 def test_calibration_against_hand_computed_values():
     predicted = torch.tensor([0.12, 0.18, 0.81, 0.95, 0.55])
     p = torch.tensor([0.0, 0.5, 1.0, 1.0, 0.25])

@@ -1,4 +1,5 @@
-"""SFT: the loss falls, LoRA saves an adapter (merged on request), accumulation is invariant, a SIGKILLed run resumes exactly."""
+"""SFT: the loss falls, LoRA saves an adapter (merged on request), accumulation is invariant, a
+SIGKILLed run resumes exactly."""
 
 from __future__ import annotations
 

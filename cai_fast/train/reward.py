@@ -14,7 +14,8 @@ Bradley–Terry loss, fused with the head (`reward_bt_loss`):
     ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)],   d = r_chosen − r_rejected (− margin, with --use-margin 1)
 
 with p = the record's `p_chosen` (1 when absent: a hard label). A held-out share of the pairs
-(`eval_fraction`, a seeded split) is scored at the end:
+(`eval_fraction`, a seeded split) is scored at the end, and every `eval_steps` steps into the
+metrics log:
   accuracy  share of pairs whose reward order agrees with the label's majority (p > ½; pairs
             with p = ½ are left out), i.e. r_chosen > r_rejected for hard labels;
   brier     mean (σ(d) − p)², the calibration of the predicted preference against the soft label;
@@ -178,8 +179,14 @@ def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainR
     def step(k: int) -> dict:
         indices = step_indices(len(train), global_batch, k, config.seed)
         sums = run.accumulated_step(local_examples(train, indices), len(indices), loss_fn)
-        return {"loss": sums["loss"] / len(indices), "accuracy": sums["correct"] / len(indices),
-                "reward_margin": sums["margin"] / len(indices), "grad_norm": sums["grad_norm"]}
+        metrics = {"loss": sums["loss"] / len(indices), "accuracy": sums["correct"] / len(indices),
+                   "reward_margin": sums["margin"] / len(indices), "grad_norm": sums["grad_norm"]}
+        if held_out and config.eval_steps and (k + 1) % config.eval_steps == 0:
+            model = unwrapped(run.module).eval()
+            metrics.update(evaluate_pairs(model, held_out, tokenizer.pad_token_id, run.device, config.use_margin,
+                                          config.batch_size))
+            model.train()
+        return metrics
 
     run.run(step, "reward model")
     trained = unwrapped(run.module).eval()
@@ -231,7 +238,8 @@ def check_reward_model(path: Path) -> None:
     elif (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
         kinds = config.get("architectures") or []
-        if any(kind.endswith("ForSequenceClassification") for kind in kinds) and len(config.get("id2label", [0, 1])) == 1:
+        one_label = len(config.get("id2label", [0, 1])) == 1
+        if one_label and any(kind.endswith("ForSequenceClassification") for kind in kinds):
             return
     else:
         kinds = ["no config.json"]

@@ -97,6 +97,27 @@ def test_a_lora_reward_model_saves_its_adapter_and_scores_alike(tiny_model_path,
     assert load_reward_model(tmp_path / "merged")(prompts, replies) == pytest.approx(adapter, abs=1e-5)
 
 
+def test_a_reward_model_trains_from_a_lora_policy_folder(tiny_model_path, tmp_path):
+    """The pipeline's reward model starts from the SFT policy, which a LoRA run saves as an adapter."""
+    from cai_fast.train.config import SFTConfig
+    from cai_fast.train.sft import train_sft
+    from train_helpers import sft_rows
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", sft_rows(5, seed=2))
+    policy = train_sft(SFTConfig(model=str(tiny_model_path), data=str(sft), out=str(tmp_path / "sft"), lr=1e-2,
+                                 max_steps=1, save_every=0, lora_r=4), progress=False).out
+    from cai_fast.engine.loading import load_tokenizer
+    from cai_fast.train.reward import load_classifier
+
+    backbone = load_classifier(str(policy), load_tokenizer(str(policy))).model.state_dict()
+    merged = load_model(str(policy)).model.model.state_dict()  # the policy with its adapter merged
+    assert backbone.keys() == merged.keys() and all(torch.allclose(backbone[k], merged[k]) for k in merged)
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(6, seed=4))
+    result = train_reward_model(RewardConfig(model=str(policy), data=str(data), out=str(tmp_path / "reward"),
+                                             max_steps=1, eval_fraction=0.0, save_every=0), progress=False)
+    assert math.isfinite(result.history[0]["loss"])
+
+
 def test_held_out_pairs_are_evaluated_during_training(tiny_model_path, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(13, seed=6, p_chosen=0.8))
     config = RewardConfig(model=str(tiny_model_path), data=str(data), out=str(tmp_path / "out"), lr=1e-2,

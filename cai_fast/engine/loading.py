@@ -133,7 +133,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", dev
     try:
         if (Path(path) / "adapter_config.json").is_file():
             model = require_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-            model = model.merge_and_unload()
+            model = model.merge_and_unload().requires_grad_(True)  # peft froze the base weights
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:

@@ -89,14 +89,22 @@ def last_token_index(input_ids, attention_mask, pad_id: int | None) -> torch.Ten
 
 def load_classifier(name: str, tokenizer, dtype=None):
     """A one-label sequence classifier of `name` (a causal LM gets a new head, std initializer_range),
-    its config's pad_token_id the tokenizer's. A LoRA adapter folder loads merged into its base."""
+    its config's pad_token_id the tokenizer's. A LoRA adapter folder (of a reward model or of a
+    policy) loads merged into its base model."""
     from transformers import AutoModelForSequenceClassification
 
     path = model_path(name)
+    adapter = Path(path) / "adapter_config.json"
     try:
-        if (Path(path) / "adapter_config.json").is_file():
-            model = require_peft().AutoPeftModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype).merge_and_unload()
+        if adapter.is_file():  # a reward model's adapter, or a policy's (an SFT run with LoRA)
+            peft = require_peft()
+            settings = peft.PeftConfig.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(settings.base_model_name_or_path, num_labels=1,
+                                                                       dtype=dtype)
+            if settings.task_type != "SEQ_CLS":  # a policy's adapter: only its backbone part applies
+                settings.task_type = None
+            model = peft.PeftModel.from_pretrained(model, path, config=settings).merge_and_unload()
+            model.requires_grad_(True)  # peft froze the base weights
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     except (OSError, ValueError) as err:

@@ -90,7 +90,7 @@ def with_lora(model, config: TrainConfig, task_type: str):
 
 
 def prepare_for_training(model, config: TrainConfig):
-    """The model in train mode, with gradient checkpointing when asked, then LoRA when asked."""
+    """The model in train mode, with gradient checkpointing when config asks (before LoRA is added)."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()

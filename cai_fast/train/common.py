@@ -187,7 +187,7 @@ def make_scheduler(optimizer, config: TrainConfig, total: int):
                          num_training_steps=total)
 
 
-def trackers(report_to: str) -> list:
+def trackers(report_to: str) -> list[str] | None:
     """accelerate's `log_with` for config.report_to ("none" -> no tracker)."""
     names = [name.strip() for name in report_to.split(",") if name.strip()]
     return None if names in ([], ["none"]) else names

@@ -83,6 +83,9 @@ def test_accelerate_launch_precision_is_respected(monkeypatch):
     assert make_accelerator("no").mixed_precision == "no"  # an explicit choice wins
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert make_accelerator("auto").mixed_precision == "no"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU.*bf16"):
+            make_accelerator("fp16")
 
 
 def test_missing_peft_is_a_one_line_error(monkeypatch):

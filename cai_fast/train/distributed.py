@@ -34,6 +34,9 @@ def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=Non
     may have left in another precision; that part (not the process group) is reset."""
     if mixed_precision == "auto":
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("fp16 mixed precision needs a CUDA GPU (accelerate would quietly train in fp32 on the "
+                         "CPU); use --mixed-precision bf16 or no")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", "no") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)

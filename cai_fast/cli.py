@@ -1,5 +1,13 @@
 """The `cai-fast` command: one subcommand per stage, flat options with help, good defaults.
 
+Options come from the stages' config dataclasses through transformers' HfArgumentParser, as in
+trl: `--snake_case` and `--dash-case` both work, booleans are real (`--defend`, `--defend 0`,
+`--no_defend`), and trl's names are aliases of ours (`--model_name_or_path` for `--model`,
+`--output_dir`, `--learning_rate`, `--per_device_train_batch_size`, ... see TRL_NAMES; `--bf16`,
+`--fp16`, `--use_peft`). Every command but `pipeline` (whose --config is the pipeline file) takes
+`--config FILE.yaml|json`: its keys (any of those names) become the defaults, and flags on the
+command line override them.
+
 Errors a user can fix (bad files, bad options, a model that cannot load, a run folder made with
 another config) end the command with a one-line message and exit status 2, not a traceback.
 """
@@ -7,8 +15,11 @@ another config) end the command with a one-line message and exit status 2, not a
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
+import typing
+from pathlib import Path
 
 from .config import ModelOptions
 from .constitution import ConstitutionError
@@ -19,11 +30,24 @@ from .store import RunConfigError
 USER_ERRORS = (ConstitutionError, PromptLoadError, ModelLoadError, RunConfigError, ValueError, OSError)
 
 
+# trl's (transformers') names of our options, accepted as aliases on every command that has them
+TRL_NAMES = {"model": "--model_name_or_path", "out": "--output_dir", "lr": "--learning_rate",
+             "batch_size": "--per_device_train_batch_size", "grad_accum": "--gradient_accumulation_steps",
+             "epochs": "--num_train_epochs", "save_every": "--save_steps", "lr_scheduler": "--lr_scheduler_type"}
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One --option per field of a config dataclass, with its default and help."""
+    """--snake_case and --dash-case options for every field of a config dataclass, with its
+    default, help and trl alias (HfArgumentParser's rules: bool fields are real flags)."""
+    from transformers.hf_argparser import HfArgumentParser
+
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        f = copy.copy(f)
+        f.type = hints[f.name]
+        f.metadata = {"help": f"{f.metadata.get('help', '')} (default: {f.default})",
+                      "aliases": [TRL_NAMES[f.name]] if f.name in TRL_NAMES else []}
+        HfArgumentParser._parse_dataclass_field(parser, f)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):
@@ -34,7 +58,7 @@ def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> Non
     """What every command that generates with a model and a constitution takes."""
     parser.add_argument("--constitution", default="default",
                         help="constitution name (default, helpful) or path to a TOML file (default: default)")
-    parser.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    parser.add_argument("--out", TRL_NAMES["out"], default=out, help=f"output folder (default: {out})")
     add_dataclass_options(parser, ModelOptions)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -121,17 +145,38 @@ def add_train_parser(sub) -> None:
     for name, stage in STAGES.items():
         sub_parser = stages.add_parser(name, help=stage.help, description=stage.help + ".")
         add_dataclass_options(sub_parser, stage.config)
+        add_trl_switches(sub_parser)
         sub_parser.add_argument("--quiet", action="store_true", help="no progress bar")
         sub_parser.set_defaults(func=cmd_train, train_stage=stage)
 
 
+def add_trl_switches(parser: argparse.ArgumentParser) -> None:
+    """trl's --bf16, --fp16 and --use_peft on a training stage (for --mixed-precision, --lora-r)."""
+    for precision in ("bf16", "fp16"):
+        parser.add_argument(f"--{precision}", action="store_const", const=precision, dest="mixed_precision",
+                            help=f"trl's name of --mixed-precision {precision}")
+    parser.add_argument("--use_peft", "--use-peft", action="store_true",
+                        help=f"trl's switch for LoRA: --lora-r {TRL_LORA_R} unless --lora-r is given")
+
+
+TRL_LORA_R = 16  # trl's default LoRA rank, which --use_peft alone gives
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    stage = args.train_stage
-    result = stage.run(dataclass_from_args(stage.config, args), progress=not args.quiet)
+    from .train.common import readable
+
+    result = args.train_stage.run(train_config(args), progress=not args.quiet)
     shown = {k: v for k, v in result.summary.items() if k != "final"}
-    final = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.summary.get("final", {}).items()}
+    final = readable(result.summary.get("final", {}))
     print(f"\n{args.stage} done: {shown}\nlast step: {final}\nOutput folder: {result.out} "
           f"(metrics: {result.out / 'metrics.jsonl'})")
+
+
+def train_config(args: argparse.Namespace):
+    """The training stage's config from its options (trl's --use_peft alone means --lora-r 16)."""
+    if args.use_peft and not args.lora_r:
+        args.lora_r = TRL_LORA_R
+    return dataclass_from_args(args.train_stage.config, args)
 
 
 def add_label_parser(sub) -> None:
@@ -199,9 +244,10 @@ def add_pipeline_parsers(sub) -> None:
     ev = sub.add_parser("evaluate", help="win-rates, over-refusal and alignment tax of a model against a base",
                         description="Evaluates --model against --base (see cai_fast.evaluate); writes the "
                                     "outputs and figures.json to --out. Re-run to resume.")
-    ev.add_argument("--model", required=True, help="the model to evaluate: transformers id or local folder")
+    ev.add_argument("--model", TRL_NAMES["model"], required=True,
+                    help="the model to evaluate: transformers id or local folder")
     ev.add_argument("--base", default=DEFAULT_MODEL, help=f"the model it is compared with (default: {DEFAULT_MODEL})")
-    ev.add_argument("--out", default="runs/evaluate", help="output folder (default: runs/evaluate)")
+    ev.add_argument("--out", TRL_NAMES["out"], default="runs/evaluate", help="output folder (default: runs/evaluate)")
     ev.add_argument("--engine", default="cached", choices=ENGINES, help="generation backend (default: cached)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_options(ev, EvalConfig)
@@ -242,8 +288,55 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"Figures: {out / 'model' / 'figures.json'}")
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line's namespace; `--config FILE` (not pipeline's) first sets the defaults."""
+    parser, argv = make_parser(), list(argv)
+    if "--config" in argv and argv[:1] != ["pipeline"]:
+        at = argv.index("--config")
+        if at + 1 == len(argv):
+            parser.error("--config needs a YAML or JSON file")
+        config_file = argv.pop(at + 1)
+        argv.pop(at)
+        apply_config_file(command_parser(parser, argv), config_file)
+    return parser.parse_args(argv)
+
+
+def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that argv names (`train sft`, `label`, ...)."""
+    for word in argv:
+        choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            break
+        parser = choices[word]
+    return parser
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make a YAML/JSON file's values the parser's defaults. Keys are option names without
+    dashes, in snake_case or dash-case, ours or trl's (`learning_rate: 2e-5`, `bf16: true`)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"cai-fast: error: cannot read the config file {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"cai-fast: error: {path}: the config must be a mapping of option: value")
+    by_option = {name: action for action in parser._actions for name in action.option_strings}
+    for key, value in values.items():
+        action = by_option.get(f"--{key}")
+        if action is None:
+            raise SystemExit(f"cai-fast: error: {path}: unknown option {key!r} for `{parser.prog}`; "
+                             f"see `{parser.prog} --help`")
+        if isinstance(action, argparse._StoreConstAction):  # --bf16: true sets the option it stands for
+            if value:
+                next(a for a in parser._actions if a.dest == action.dest).default = action.const
+        else:
+            action.default, action.required = value, False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, writing shards)
         from transformers.utils import logging as transformers_logging
 

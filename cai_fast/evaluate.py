@@ -69,7 +69,7 @@ class EvalConfig:
                                   "multiple-choice .json (BIG-Bench-Hard format)")
     benchmark_size: int = option(20, "examples sampled per benchmark")
     gsm8k_tokens: int = option(160, "max new tokens of each GSM8K-style answer")
-    skip_missing_benchmarks: int = option(0, "1 = a benchmark file that does not exist is skipped (and "
+    skip_missing_benchmarks: bool = option(False, "1 = a benchmark file that does not exist is skipped (and "
                                               "reported), 0 = it is an error")
     generation_batch: int = option(8, "prompts generated or scored together")
     subset_seed: int = option(0, "seed of the sampled prompt and benchmark subsets")

@@ -82,10 +82,10 @@ class JudgeConfig:
     aggregate: str = option("prob", "how principle labels combine: prob (mean probability) or logodds")
     few_shot: int = option(0, "judge examples made from the constitution's few-shot examples (each adds "
                                "about 250 tokens to every judge prompt)")
-    chain_of_thought: int = option(0, "1 = a rationale is generated before the verdict; probabilities "
+    chain_of_thought: bool = option(False, "1 = a rationale is generated before the verdict; probabilities "
                                        "are clamped to [0.4, 0.6]")
     cot_tokens: int = option(64, "max new tokens of each rationale (with chain_of_thought)")
-    defend: int = option(1, "1 = quote the conversation and responses between tagged markers with special "
+    defend: bool = option(True, "1 = quote the conversation and responses between tagged markers with special "
                              "tokens broken up; 0 only to measure the injection defence")
     batch_size: int = option(16, "judge prompts per forward pass (and sampled responses per batch)")
     seed: int = option(0, "seed for principle draws, response sampling and pair selection")

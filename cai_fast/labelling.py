@@ -10,7 +10,7 @@ relabelling anything, and a different config on the same folder is refused.
 
 Run folder: `samples-*.jsonl`, `labels-*.jsonl` (full records), `preference/train-00000.jsonl` in
 trl's preference format — prompt, chosen (the side the soft label prefers), rejected, p_chosen,
-margin (= logit p_chosen, which trl's RewardTrainer reads), principle_ids, p_chosen_by_principle,
+margin (= 2·p_chosen − 1 in [0, 1], which trl's RewardTrainer reads), principle_ids, p_chosen_by_principle,
 p_chosen_as_a / p_chosen_as_b (per principle, with chosen shown as (A) / as (B)), pair_id,
 prompt_id, chosen_id, rejected_id — and `report.md` with `label_confidence.png`.
 """
@@ -34,7 +34,6 @@ from .responses import sample_responses
 from .store import RunStore, resume_batches, write_jsonl
 
 SAMPLES, LABELS = "samples", "labels"
-_MARGIN_CAP = 1e-6  # p_chosen is capped at 1 - this for the margin, so it stays finite
 
 
 @dataclass
@@ -143,6 +142,14 @@ def _judging_stats(now: JudgeStats, before: JudgeStats, resumed: int) -> dict:
             "judge_prompts_per_s": rate(prompts, 2), "judge_tokens_per_s": rate(tokens, 1)}
 
 
+def margin_of(p_chosen: float) -> float:
+    """The `margin` of a preference row: 2·p − 1, from 0 (a tie) to 1 (certain). trl's
+    RewardTrainer minimises −log σ(r_chosen − r_rejected − margin): a margin of this size, Llama 2's
+    scale, asks a confident label for a reward gap about 1 nat wider than a tie's, where logit(p)
+    (up to 13.8) asked for 13.8 nats and started the loss at 13.8."""
+    return 2 * p_chosen - 1
+
+
 def preference_row(record: dict) -> dict:
     """The trl preference row of a label record: chosen is the side the soft label prefers."""
     a_wins = record["label"] >= 0.5
@@ -151,9 +158,8 @@ def preference_row(record: dict) -> dict:
     chosen, rejected = (record["a"], record["b"]) if a_wins else (record["b"], record["a"])
     ids = (record["a_id"], record["b_id"]) if a_wins else (record["b_id"], record["a_id"])
     as_a, as_b = (record["p_ab_a"], record["p_ba_b"]) if a_wins else (flip(record["p_ba_b"]), flip(record["p_ab_a"]))
-    capped = min(p, 1 - _MARGIN_CAP)
     row = {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected, "p_chosen": p,
-           "margin": math.log(capped) - math.log1p(-capped), "principle_ids": record["principle_ids"],
+           "margin": margin_of(p), "principle_ids": record["principle_ids"],
            "p_chosen_by_principle": flip(record["principle_label"]), "p_chosen_as_a": as_a,
            "p_chosen_as_b": as_b, "pair_id": record["pair_id"], "prompt_id": record["prompt_id"],
            "chosen_id": ids[0], "rejected_id": ids[1]}

@@ -203,7 +203,9 @@ def _checked(cls, table: dict, source: str, prefix: str) -> dict:
 
 
 def _check_type(value, default, key: str, where: str) -> None:
-    if isinstance(default, float):
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool) or value in (0, 1), "true, false, 1 or 0"
+    elif isinstance(default, float):
         ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif isinstance(default, int):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"

@@ -23,16 +23,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+from cai_fast.engine.loading import CHATML  # noqa: E402,F401  (tests import it from here)
 from cai_fast.ops.testing import triton_import_error  # noqa: E402
 
 NO_TRITON = triton_import_error()
 # The two paths of every op, for the ops tests' parametrize; Triton skipped where it cannot import.
 PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

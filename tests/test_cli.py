@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,3 +78,53 @@ def test_resume_with_another_config_is_refused(tiny_model_path, tmp_path):
     assert _cli(*common, cwd=tmp_path).returncode == 0
     again = _cli(*common[:-len(FAST)], *FAST[:1], "1", *FAST[2:], cwd=tmp_path)
     assert again.returncode == 2 and "rounds: 2 in the run, 1 now" in again.stderr
+
+
+def _train_config(argv):
+    from cai_fast.cli import parse, train_config
+
+    return train_config(parse(argv))
+
+
+OURS = ["train", "sft", "--model", "m", "--data", "d.jsonl", "--out", "o", "--lr", "3e-5", "--batch-size", "2",
+        "--grad-accum", "4", "--epochs", "2", "--save-every", "10", "--mixed-precision", "bf16",
+        "--gradient-checkpointing", "1", "--lora-r", "16", "--report-to", "tensorboard", "--lr-scheduler", "cosine"]
+
+
+def test_trl_names_and_config_files_give_the_same_run_config(tmp_path):
+    ours = _train_config(OURS)
+    trl_style = _train_config([
+        "train", "sft", "--model_name_or_path", "m", "--data", "d.jsonl", "--output_dir", "o", "--learning_rate",
+        "3e-5", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4", "--num_train_epochs",
+        "2", "--save_steps", "10", "--bf16", "--gradient_checkpointing", "--use_peft", "--report_to",
+        "tensorboard", "--lr_scheduler_type", "cosine"])
+    assert trl_style == ours and ours.gradient_checkpointing is True and ours.mixed_precision == "bf16"
+    (tmp_path / "sft.yaml").write_text(
+        "model_name_or_path: m\ndata: d.jsonl\noutput_dir: o\nlearning_rate: 3.0e-5\nper_device_train_batch_size: 2\n"
+        "gradient_accumulation_steps: 4\nnum_train_epochs: 2\nsave_steps: 10\nbf16: true\n"
+        "gradient_checkpointing: true\nuse_peft: true\nreport_to: tensorboard\nlr_scheduler_type: cosine\n")
+    assert _train_config(["train", "sft", "--config", str(tmp_path / "sft.yaml")]) == ours
+    (tmp_path / "sft.json").write_text(json.dumps({"model": "m", "data": "d.jsonl", "out": "o", "lr": 3e-5,
+                                                   "batch-size": 2, "grad_accum": 4, "epochs": 2, "save_every": 10,
+                                                   "mixed_precision": "bf16", "gradient_checkpointing": True,
+                                                   "lora_r": 16, "report_to": "tensorboard",
+                                                   "lr_scheduler": "cosine", "max_steps": 7}))
+    from_json = _train_config(["train", "sft", "--config", str(tmp_path / "sft.json"), "--max_steps", "9"])
+    assert from_json == dataclasses.replace(ours, max_steps=9)  # the command line overrides the file
+
+
+def test_switches_are_real_booleans_and_keep_their_0_1_form():
+    from cai_fast.cli import dataclass_from_args, parse
+    from cai_fast.judge import JudgeConfig
+
+    def defend(*flags):
+        return dataclass_from_args(JudgeConfig, parse(["label", *flags])).defend
+
+    assert defend() is True and defend("--defend", "0") is False and defend("--defend", "1") is True
+    assert defend("--no_defend") is False and defend("--no-defend", "--defend") is True
+
+
+def test_a_bad_config_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1e-5\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml: unknown option 'learning_rat' for `cai-fast train sft`"):
+        main(["train", "sft", "--config", str(tmp_path / "bad.yaml")])

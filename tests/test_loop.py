@@ -19,7 +19,7 @@ from conftest import kill_when
 from cai_fast.cli import main
 from cai_fast.evaluate import load_eval_sets
 from cai_fast.pipeline import Pipeline, best_round, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts
-from cai_fast.pipeline_config import ConfigFileError, PipelineConfig, config_from_dict, load_pipeline_config
+from cai_fast.pipeline_config import ConfigFileError, config_from_dict, load_pipeline_config
 from cai_fast.store import RunConfigError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -198,7 +198,7 @@ generation_batch = 2
 """
 
 
-def _write_tiny_config(tmp_path, name: str, model) -> "Path":
+def _write_tiny_config(tmp_path, name: str, model):
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     (data / "arith.jsonl").write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})

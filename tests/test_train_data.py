@@ -114,8 +114,59 @@ def test_bad_records_name_file_line_and_field(tmp_path, tokenizer, line, kind, e
 def test_missing_and_empty_data_say_what_to_do(tmp_path):
     with pytest.raises(TrainDataError, match="no such file or folder"):
         read_records(tmp_path / "nope.jsonl", "sft_messages")
-    with pytest.raises(TrainDataError, match="no \\*.jsonl files"):
+    with pytest.raises(TrainDataError, match="no data files \\(\\*.jsonl, \\*.json, \\*.csv"):
         read_records(tmp_path, "sft_messages")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(TrainDataError, match="no records"):
         read_records(tmp_path / "empty.jsonl", "sft_messages")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "json", "csv"])
+def test_data_in_any_format_datasets_reads(tmp_path, fmt):
+    """--data takes what datasets.load_dataset takes: files of each format and folders of them
+    give the records the JSONL file gives; a bad record names its row."""
+    from datasets import Dataset
+
+    rows = preference_rows(5, seed=8, p_chosen=0.7)
+    if fmt == "csv":  # CSV holds strings: one user turn, one assistant turn each
+        rows = [{k: v[0]["content"] if isinstance(v, list) else v for k, v in r.items()} for r in rows]
+    dataset = Dataset.from_list(rows)
+    folder = tmp_path / "folder" / "preference"
+    folder.mkdir(parents=True)
+    path = folder / f"train.{fmt}"
+    {"parquet": dataset.to_parquet, "json": lambda f: dataset.to_json(f, lines=False), "csv": dataset.to_csv,
+     "arrow": lambda f: _write_arrow(dataset, f)}[fmt](str(path))
+    expected = [r.fields for r in read_records(write_jsonl(tmp_path / "rows.jsonl", rows), "preference")]
+    for source in (path, tmp_path / "folder"):
+        records = read_records(source, "preference")
+        assert [r.fields for r in records] == expected
+        assert records[3].where == f"{path} row 3"
+
+
+def _write_arrow(dataset, path: str) -> None:
+    import pyarrow as pa
+
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, dataset.data.schema) as writer:
+        writer.write_table(dataset.data.table)
+
+
+def test_a_hub_id_goes_to_datasets_and_fails_offline_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TrainDataError, match=r"^nobody/no-such-set: cannot load it .*Hub dataset id$"):
+        read_records("nobody/no-such-set", "preference")
+
+
+def test_a_base_model_without_chat_template_gets_chatml_with_a_warning(tiny_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from cai_fast.engine.loading import load_tokenizer
+
+    base = AutoTokenizer.from_pretrained(tiny_model_path)
+    base.chat_template = None
+    base.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.warns(UserWarning, match="no chat template; using ChatML"):
+        tokenizer = load_tokenizer(str(tmp_path))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

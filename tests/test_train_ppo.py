@@ -13,7 +13,6 @@ from cai_fast.train.config import PPOConfig
 from cai_fast.train.ppo import (
     PPOTrainer, clipped_policy_loss, clipped_value_loss, gae, per_token_kl, token_rewards, train_ppo, whiten,
 )
-from cai_fast.train.reward import RewardModel, save_reward_model
 
 
 def test_gae_on_a_hand_worked_sequence():
@@ -73,13 +72,16 @@ def test_whiten_is_zero_mean_unit_variance():
 
 @pytest.fixture(scope="module")
 def reward_model_path(tiny_model_path, tmp_path_factory):
-    """A reward model with a random head on the tiny backbone (PPO needs a score, not a good one)."""
+    """A reward model with a random head on the tiny backbone (PPO needs a score, not a good one),
+    saved as transformers (and trl's RewardTrainer) save one."""
+    from transformers import AutoModelForSequenceClassification
+
     torch.manual_seed(5)
-    loaded = load_model(str(tiny_model_path))
-    head = torch.nn.Linear(loaded.model.config.hidden_size, 1)
-    torch.nn.init.normal_(head.weight, std=1.0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
     folder = tmp_path_factory.mktemp("reward-model")
-    save_reward_model(RewardModel(loaded.model.get_decoder(), head), loaded.tokenizer, folder, max_length=256)
+    model.save_pretrained(folder)
+    load_model(str(tiny_model_path)).tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -1,4 +1,5 @@
-"""SFT: the loss falls, LoRA merges, accumulation is invariant, a SIGKILLed run resumes exactly."""
+"""SFT: the loss falls, LoRA saves an adapter (merged on request), accumulation is invariant, a
+SIGKILLed run resumes exactly."""
 
 from __future__ import annotations
 
@@ -54,16 +55,23 @@ def test_full_fine_tuning_reduces_the_loss_and_saves_a_loadable_model(tiny_model
     assert again.history == result.history  # a complete run is not trained twice
 
 
-def test_lora_reduces_the_loss_and_saves_the_merged_model(tiny_model_path, sft_data, tmp_path):
-    result = train_sft(config(tiny_model_path, sft_data, tmp_path / "lora", lora_r=4, lr=1e-2), progress=False)
+def test_lora_saves_its_adapter_and_merges_only_on_request(tiny_model_path, sft_data, tmp_path):
+    lora = dict(lora_r=4, lr=1e-2, lora_dropout=0.1, max_steps=6)
+    result = train_sft(config(tiny_model_path, sft_data, tmp_path / "lora", **lora), progress=False)
     losses = [h["loss"] for h in result.history]
-    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
-    saved = weights(tmp_path / "lora")
+    assert sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
+    adapter = tmp_path / "lora"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+
+    merged = train_sft(config(tiny_model_path, sft_data, tmp_path / "merged", merge_lora=1, **lora), progress=False)
+    assert merged.history == result.history
+    saved = weights(tmp_path / "merged")
     assert not any("lora" in name for name in saved)
-    assert not (tmp_path / "lora" / "adapter_config.json").exists()
     changed = [k for k in saved if not torch.equal(saved[k], weights(tiny_model_path)[k])]
     assert changed and all("proj" in k for k in changed), changed  # only LoRA'd linear layers moved
-    load_model(str(tmp_path / "lora"))
+    from_adapter, from_merged = (load_model(str(tmp_path / name)).model.state_dict() for name in ("lora", "merged"))
+    assert max_difference(from_adapter, from_merged) < 1e-5  # load_model merges an adapter folder
 
 
 def test_batch_one_times_accumulation_four_equals_batch_four(tiny_model_path, sft_data, tmp_path):

@@ -4,6 +4,7 @@ step, and JudgeReward drives GRPOTrainer for a step; JudgeReward's round robin o
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -52,18 +53,34 @@ def test_dpo_trainer_takes_the_labels_as_they_are(preference_file, tiny_model_pa
 
 
 def test_reward_trainer_takes_the_labels_and_their_margin(preference_file, tiny_model_path, tiny_loaded, tmp_path):
+    """The rows train as they are: margin = 2·p − 1 in [0, 1], so the loss at near-equal rewards
+    is at most log(1 + e) ≈ 1.31 (logit(p) margins started it near 13.8); the trained model then
+    drives `cai-fast train ppo` as its reward model."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
+    from cai_fast.cli import main
+
     dataset = _dataset(preference_file)
-    assert all(m >= 0 for m in dataset["margin"])
+    assert dataset["margin"] == pytest.approx([2 * p - 1 for p in dataset["p_chosen"]])
+    assert all(0 <= m <= 1 for m in dataset["margin"])
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
     trainer = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path), max_length=512, **TRAIN),
                             train_dataset=dataset, processing_class=tiny_loaded.tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert torch.allclose(batch["margin"], torch.tensor(dataset["margin"][:2]))
     trainer.train()
-    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert trainer.state.global_step == 1 and trainer.state.log_history[0]["loss"] < 1.5
+    trainer.save_model(str(tmp_path / "trl-reward"))
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\nName a colour.\n")
+    ppo = ["train", "ppo", "--model", str(tiny_model_path), "--reward-model", str(tmp_path / "trl-reward"),
+           "--data", str(prompts), "--out", str(tmp_path / "ppo"), "--max-steps", "1", "--batch-size", "2",
+           "--max-new-tokens", "4", "--ppo-epochs", "1", "--save-every", "0", "--quiet"]
+    assert main(ppo) == 0
+    logged = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(logged["reward"])
 
 
 class RecordingReward(JudgeReward):
@@ -136,3 +153,42 @@ def test_reward_function_carries_a_name_for_trl_logs():
 
     assert get_callable_name(JudgeReward(LongerWins(), name="harmlessness")) == "harmlessness"
     json.dumps(JudgeReward(LongerWins())(prompts=["p", "p"], completions=["a", "bb"]))  # plain floats
+
+
+def test_two_process_grpo_judges_whole_groups(tiny_model_path, tmp_path):
+    """torchrun, 2 CPU processes (gloo), num_generations 2: each process holds one completion of
+    each group, and still every completion gets a reward, the group's two summing to 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("grpo_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(worker), str(tiny_model_path), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads((tmp_path / f"rewards-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(run["calls"]) for run in runs] == [2, 2]
+    for step in range(2):
+        mine = [run["calls"][step] for run in runs]
+        assert all(len(call["rewards"]) == 1 for call in mine)  # one completion of the group each
+        assert mine[0]["prompts"] == mine[1]["prompts"]
+        rewards = [call["rewards"][0] for call in mine]
+        assert all(isinstance(r, float) for r in rewards) and sum(rewards) == pytest.approx(1.0, abs=1e-5)
+    logged = runs[0]["logs"][0]
+    assert "constitutional_judge/spread" in logged and "constitutional_judge/decisiveness" in logged
+
+
+def test_round_robin_logs_spread_and_decisiveness():
+    logged = {}
+    rewards = JudgeReward(LongerWins())(prompts=["p", "p", "p", "q", "q"], completions=["aaa", "a", "aa", "b", "b"],
+                                        log_metric=logged.__setitem__)
+    assert rewards == pytest.approx([0.8, 0.2, 0.5, 0.5, 0.5])
+    # group p: spread 0.8 − 0.2; group q: identical replies tie, spread 0; pairs |2P − 1|: 0.6 × 3, 0
+    assert logged == pytest.approx({"constitutional_judge/spread": 0.3, "constitutional_judge/decisiveness": 0.45})
+    against = {}
+    JudgeReward(LongerWins(), reference_column="ref")(prompts=["p", "q"], completions=["aa", "a"], ref=["a", "aa"],
+                                                      log_metric=against.__setitem__)
+    assert against == pytest.approx({"constitutional_judge/win_rate": 0.5})

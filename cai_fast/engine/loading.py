@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,9 +130,15 @@ def check_model_folder(path: Path, name: str) -> Path:
     if not path.is_dir():
         raise ModelLoadError(f"{where}: {'not a folder' if path.exists() else 'no such folder'}; give the folder "
                              "a transformers model was saved to")
-    if not (path / "config.json").is_file():
+    adapter = _json_or_empty(path / "adapter_config.json", where)
+    if not adapter and not (path / "config.json").is_file():
         raise ModelLoadError(f"{where}: not a model folder (no config.json); give the folder a transformers "
                              "model was saved to")
+    if adapter:  # a LoRA adapter: its base model must pass the same checks
+        base = adapter.get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise ModelLoadError(f"{where}: adapter_config.json names no base model (base_model_name_or_path)")
+        resolve_model_path(base)
     for file in ("config.json", "tokenizer_config.json"):
         if "auto_map" in _json_or_empty(path / file, where):
             raise ModelLoadError(f"{where}: {file} asks to run the folder's own Python code (auto_map), which "
@@ -194,29 +201,73 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+CHATML = (  # the chat template a model without one gets (ChatML, as SmolLM2, Qwen2 and trl use)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def model_path(name_or_path: str) -> str | Path:
+    """Where transformers finds a model: resolve_model_path's answer (checked, safetensors only)."""
+    return resolve_model_path(name_or_path)
+
+
+def _load_error(name_or_path: str, err: BaseException) -> ModelLoadError:
+    hint = f" {_INSTALL_HINT}" if name_or_path == DEFAULT_MODEL else ""
+    return ModelLoadError(f"cannot load model {name_or_path!r}: {_one_line(err)}{hint}")
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The model's tokenizer with left padding, a pad token (eos when it has none) and a chat
+    template: a model without one (a base model) gets ChatML, with a warning."""
+    from transformers import AutoTokenizer
+
+    path = model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(name_or_path, err) from err
+    if tokenizer.chat_template is None:
+        warnings.warn(f"model {name_or_path!r} has no chat template; using ChatML (<|im_start|>role ... "
+                      "<|im_end|>): fine-tune it on chats first, or pass an instruct model", stacklevel=2)
+        tokenizer.chat_template = CHATML
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding).
 
     Safetensors only and no remote code (see the module docstring); ModelLoadError, one line,
-    for a model or device that cannot be used."""
+    for a model or device that cannot be used. A folder holding a LoRA adapter
+    (adapter_config.json, from `cai-fast train ... --lora-r N`) loads its base model with the
+    adapter merged in (peft)."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_device(device)
-    path = resolve_model_path(name_or_path)
+    path = model_path(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False,
-                                                     use_safetensors=True)
+        if (Path(path) / "adapter_config.json").is_file():
+            model = require_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model = model.merge_and_unload().requires_grad_(True)  # peft froze the base weights
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                         use_safetensors=True)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
-        hint = f" {_INSTALL_HINT}" if name_or_path == DEFAULT_MODEL else ""
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_one_line(err)}{hint}") from err
-    if tokenizer.chat_template is None:
-        raise ModelLoadError(
-            f"model {name_or_path!r} has no chat template; cai_fast needs a chat (instruct) model"
-        )
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _load_error(name_or_path, err) from err
     return LoadedModel(model.to(device).eval(), tokenizer, str(name_or_path))
+
+
+def require_peft():
+    """The peft module, or a one-line error saying how to install it (LoRA needs it)."""
+    try:
+        import peft
+    except ImportError:
+        raise ModelLoadError("LoRA needs peft, which is not installed: pip install 'cai-fast[peft]' "
+                             "(or pip install peft)") from None
+    return peft

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.loading import check_model_folder, load_model, resolve_model_path
+from ..engine.loading import check_model_folder, load_model, require_peft, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
 from ..store import RunStore, read_json, write_atomic, write_jsonl
@@ -81,24 +81,56 @@ class PolicyModule(nn.Module):
 
 
 def with_lora(model, config: TrainConfig, task_type: str):
-    """The model with LoRA adapters on all its linear layers (peft), or itself when lora_r is 0."""
+    """The model with LoRA adapters (peft) on config.lora_target_modules, or itself when lora_r is 0."""
     if not config.lora_r:
         return model
-    from peft import LoraConfig, get_peft_model
+    peft = require_peft()
+    targets = config.lora_target_modules
+    targets = targets if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
+    return peft.get_peft_model(model, peft.LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=targets, task_type=task_type))
 
-    return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                            target_modules="all-linear", task_type=task_type))
+
+def prepare_for_training(model, config: TrainConfig):
+    """The model in train mode, with gradient checkpointing when config asks (before LoRA is added)."""
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
 
 
 def load_policy(config: TrainConfig):
     """(causal LM of config.model in train mode, with LoRA when config.lora_r > 0, tokenizer)."""
     loaded = load_model(config.model)
-    return with_lora(loaded.model.train(), config, "CAUSAL_LM"), loaded.tokenizer
+    return with_lora(prepare_for_training(loaded.model, config), config, "CAUSAL_LM"), loaded.tokenizer
 
 
-def load_reference(name: str, device) -> PolicyModule:
-    """A frozen copy of a policy, for KL and log-ratio references."""
-    module = PolicyModule(load_model(name).model).to(device).eval()
+class AdapterDisabled(nn.Module):
+    """A LoRA policy with its adapters switched off: the frozen base model, without a second copy.
+
+    Same interface as PolicyModule (forward -> hidden, head()); call it under torch.no_grad().
+    The policy is held outside the module tree, so its weights are not registered twice.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self._policy = [policy]
+
+    def forward(self, input_ids, attention_mask):
+        policy = unwrapped(self._policy[0])
+        with policy.lm.disable_adapter():
+            return policy(input_ids, attention_mask)
+
+    def head(self):
+        return unwrapped(self._policy[0]).head()
+
+
+def load_reference(config, policy: nn.Module, device) -> nn.Module:
+    """The frozen reference of DPO/PPO: config.ref_model when given; else the policy with its
+    adapters disabled when it is a LoRA policy; else a frozen copy of config.model."""
+    if config.lora_r and not config.ref_model:
+        return AdapterDisabled(policy)
+    module = PolicyModule(load_model(config.ref_model or config.model).model).to(device).eval()
     module.requires_grad_(False)
     return module
 
@@ -119,9 +151,10 @@ def unwrapped(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def save_pretrained_merged(model, tokenizer, out: Path) -> None:
-    """Save a transformers model (LoRA adapters merged in first) and its tokenizer to `out`."""
-    if hasattr(model, "merge_and_unload"):
+def save_trained(model, tokenizer, out: Path, config: TrainConfig) -> None:
+    """Save a transformers model and its tokenizer to `out`. A LoRA model saves its adapter alone
+    (adapter_model.safetensors + adapter_config.json), or merged in with config.merge_lora."""
+    if hasattr(model, "merge_and_unload") and config.merge_lora:
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -148,11 +181,24 @@ def steps_for(config: TrainConfig, n: int, global_batch: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * n / global_batch))
 
 
-def linear_schedule(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+def make_scheduler(optimizer, config: TrainConfig, total: int):
+    """config.lr_scheduler (transformers' get_scheduler) over `total` optimizer steps, after
+    config.warmup_steps of linear warm-up."""
+    from transformers import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total)
+
+
+def trackers(report_to: str) -> list[str] | None:
+    """accelerate's `log_with` for config.report_to ("none" -> no tracker)."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    return None if names in ([], ["none"]) else names
+
+
+def readable(metrics: dict) -> dict:
+    """Metrics rounded for printing to 4 significant digits (2e-05 stays 2e-05, not 0.0)."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 class TrainRun:
@@ -165,13 +211,13 @@ class TrainRun:
     def __init__(self, config: TrainConfig, stage: str, module: nn.Module, steps: int, *,
                  optimizer_steps: int | None = None, progress: bool = True):
         self.config, self.stage, self.steps, self.progress = config, stage, steps, progress
-        self.accelerator = make_accelerator()
         self.out = Path(config.out)
+        self.accelerator = make_accelerator(config.mixed_precision, trackers(config.report_to), self.out)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        schedule = functools.partial(linear_schedule, warmup=config.warmup_steps, total=optimizer_steps or steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.scheduler = make_scheduler(optimizer, config, optimizer_steps or steps)
         self.module, self.optimizer = self.accelerator.prepare(module.to(self.accelerator.device), optimizer)
+        self.accelerator.init_trackers(f"cai-fast-{stage}", config=asdict(config))
         self.params = params
         self.step, self.history = 0, []
         self.started = time.perf_counter()
@@ -234,13 +280,14 @@ class TrainRun:
             self.step += 1
             self.log(metrics)
             bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "reward", "kl")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "reward", "kl", "lr")})
             if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.steps:
                 self.save_checkpoint()
         bar.close()
 
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
+        self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -318,6 +365,8 @@ class TrainRun:
             write_atomic(self.out / RESULT_FILE, json.dumps({"summary": summary, "history": self.history}, indent=1))
             for path in self.checkpoints():
                 shutil.rmtree(path)
+        for tracker in self.accelerator.trackers:  # not end_training(): it ends the process group too
+            tracker.finish()
         self.accelerator.wait_for_everyone()
         return TrainResult(self.out, self.history, summary)
 

@@ -12,25 +12,43 @@ from dataclasses import dataclass
 from ..config import check_finite, option
 from ..engine.loading import DEFAULT_MODEL
 
+# transformers.get_scheduler's schedules that need no extra arguments
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+
 
 @dataclass
 class TrainConfig:
     """Fields shared by every stage; each stage's config adds its own and sets its defaults."""
 
     model: str = option(DEFAULT_MODEL, "model to start from: transformers id or local folder")
-    data: str = option("", "training data: a JSONL file, a folder of them, or an SL-CAI / RLAIF run folder")
+    data: str = option("", "training data: a JSONL/JSON/CSV/parquet/arrow file, a folder of them, an SL-CAI / "
+                           "RLAIF run folder, or a Hub dataset id (name[:split])")
     out: str = option("runs/train", "output folder (checkpoints, metrics, the trained model)")
     lr: float = option(2e-5, "peak learning rate (AdamW)")
     batch_size: int = option(4, "examples per micro-batch on each process")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     epochs: float = option(1.0, "passes over the data (ignored when --max-steps is set)")
     max_steps: int = option(0, "optimizer steps to run (0 = from --epochs)")
-    warmup_steps: int = option(0, "linear warm-up steps; the learning rate then decays linearly to 0")
+    warmup_steps: int = option(0, "linear warm-up steps, then the --lr-scheduler schedule")
+    lr_scheduler: str = option("linear", "learning-rate schedule after warm-up (transformers' names): "
+                                         "linear, cosine, constant, constant_with_warmup, ...")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)")
     max_length: int = option(1024, "longest training sequence in tokens; longer ones keep their start")
-    lora_r: int = option(0, "LoRA rank (peft, all linear layers); 0 = full fine-tuning")
+    lora_r: int = option(0, "LoRA rank (peft, on --lora-target-modules); 0 = full fine-tuning")
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input")
+    lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear, or comma-separated "
+                                                    "names (q_proj,v_proj)")
+    merge_lora: bool = option(False, "save the model with the adapters merged in; else the adapter alone "
+                                      "(adapter_model.safetensors, loadable with peft)")
+    mixed_precision: str = option("auto", "no, bf16 or fp16 autocast; auto = accelerate's (`accelerate launch "
+                                          "--mixed_precision`, ACCELERATE_MIXED_PRECISION), else no")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
+                                                 "about a third more time)")
+    report_to: str = option("none", "trackers for the metrics (accelerate's): tensorboard, wandb, trackio, "
+                                    "comma-separated, or none")
     save_every: int = option(50, "write a checkpoint every N steps (0 = none; the run then restarts when killed)")
     seed: int = option(0, "seed for data order, initialisation and sampling")
 
@@ -46,6 +64,13 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, allowed in (("mixed_precision", ("auto", "no", "bf16", "fp16")),
+                              ("merge_lora", (0, 1)), ("gradient_checkpointing", (0, 1)),
+                              ("lr_scheduler", LR_SCHEDULERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr < 0 or self.epochs <= 0:
             raise ValueError(f"lr must be >= 0 and epochs > 0, got lr={self.lr}, epochs={self.epochs}")
 
@@ -61,11 +86,14 @@ class RewardConfig(TrainConfig):
     out: str = option("runs/reward", "output folder (checkpoints, metrics, the reward model)")
     lr: float = option(1e-5, "peak learning rate (AdamW)")
     eval_fraction: float = option(0.1, "share of pairs held out for accuracy and calibration (0 = none)")
-    use_margin: int = option(0, "1 = subtract each record's 'margin' inside the sigmoid, as trl's "
-                                "RewardTrainer does; 0 = ignore it (the soft label already carries it)")
+    eval_steps: int = option(0, "also evaluate on the held-out pairs every N steps (0 = at the end only)")
+    use_margin: bool = option(False, "subtract each record's 'margin' inside the sigmoid, as trl's "
+                                     "RewardTrainer does; else ignore it (the soft label already carries it)")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_steps < 0:
+            raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
         if not 0 <= self.eval_fraction < 1 or self.use_margin not in (0, 1):
             raise ValueError(f"eval_fraction must be in [0, 1) and use_margin 0 or 1, got "
                              f"{self.eval_fraction} and {self.use_margin}")

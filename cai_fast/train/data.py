@@ -10,9 +10,11 @@ Formats are trl's (`datasets.load_dataset("json", ...)` reads the same files):
 
 Conversational fields are lists of messages; a plain string is read as one user turn (prompt)
 or one assistant turn (completion, chosen, rejected), since every model here is a chat model.
-`--data` is a JSONL file or a folder: a folder holding the stage's usual subfolder (an SL-CAI run
-folder holds `sft_messages/` and `preference/`) reads the JSONL files there, any other folder
-reads its own `*.jsonl` files, in sorted order.
+`--data` takes what `datasets.load_dataset` takes: a file (JSONL, JSON, CSV, parquet, arrow), a
+folder of them (a folder holding the stage's usual subfolder — an SL-CAI run folder holds
+`sft_messages/` and `preference/` — reads that subfolder), or a Hub dataset id (`name` or
+`name:split`, default split train). JSONL files are read here, line by line, so that errors
+name the line; the rest go through `datasets` and errors name the row.
 
 A chat is tokenized the way trl does it: the chat template renders the whole conversation once
 and the trained tokens of assistant turn i run from where the tokenized "messages[:i] + the
@@ -65,32 +67,61 @@ class PreferencePair:
     margin: float
 
 
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
 def data_files(path: str | Path, subfolder: str) -> list[Path]:
-    """The JSONL files that `--data path` names (see the module doc)."""
+    """The data files that `--data path` names, when it is a file or a folder (see the module doc)."""
     path = Path(path)
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise TrainDataError(f"{path}: no such file or folder; pass --data with a JSONL file or a folder of them")
     folder = path / subfolder if (path / subfolder).is_dir() else path
-    files = sorted(folder.glob("*.jsonl"))
-    if not files:
-        raise TrainDataError(f"{folder}: no *.jsonl files in this folder; pass --data with a JSONL file "
-                             f"or a folder of them (an SL-CAI run folder has them under {subfolder}/)")
-    return files
+    for suffix in BUILDERS:  # one format per folder; JSONL first
+        files = sorted(folder.glob(f"*{suffix}"))
+        if files:
+            return files
+    raise TrainDataError(f"{folder}: no data files ({', '.join(f'*{x}' for x in BUILDERS)}) in this folder; pass "
+                         f"--data with a file or a folder of them (an SL-CAI run folder has them under {subfolder}/)")
 
 
 def read_records(path: str | Path, subfolder: str) -> list[Record]:
-    """Every record of every file, in order; blank lines are skipped."""
-    records = []
-    for file in data_files(path, subfolder):
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    records.append(Record(f"{file} line {number}", _parse(line, f"{file} line {number}")))
+    """Every record of the data, in order (JSONL: blank lines skipped)."""
+    text = str(path)
+    if not Path(path).exists() and (text.startswith(("/", ".", "~")) or Path(text).suffix in BUILDERS):
+        raise TrainDataError(f"{path}: no such file or folder; pass --data with a data file, a folder of them "
+                             "or a Hub dataset id")
+    files = data_files(path, subfolder) if Path(path).exists() else []
+    if files and files[0].suffix == ".jsonl":
+        records = [record for file in files for record in _jsonl_records(file)]
+    else:
+        records = _dataset_records(path, files)
     if not records:
-        raise TrainDataError(f"{path}: the data holds no records; pass --data with a non-empty JSONL file")
+        raise TrainDataError(f"{path}: the data holds no records; pass --data with a non-empty file")
     return records
+
+
+def _jsonl_records(file: Path) -> list[Record]:
+    with open(file, encoding="utf-8") as f:
+        return [Record(f"{file} line {number}", _parse(line, f"{file} line {number}"))
+                for number, line in enumerate(f, 1) if line.strip()]
+
+
+def _dataset_records(path: str | Path, files: list[Path]) -> list[Record]:
+    """Rows through `datasets.load_dataset`: of local files, or of a Hub dataset `name[:split]`."""
+    from datasets import load_dataset
+
+    try:
+        if files:
+            rows = load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+        else:
+            name, _, split = str(path).partition(":")
+            rows = load_dataset(name, split=split or "train")
+    except Exception as err:  # datasets raises many kinds (FileNotFoundError, DatasetNotFoundError, ...)
+        raise TrainDataError(f"{path}: cannot load it as a data file, folder or Hub dataset ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); pass --data with a JSONL/JSON/CSV/"
+                             "parquet/arrow file, a folder of them or a Hub dataset id") from None
+    where = files[0] if len(files) == 1 else path
+    return [Record(f"{where} row {i}", dict(row)) for i, row in enumerate(rows)]
 
 
 def _parse(line: str, where: str) -> dict:

@@ -15,6 +15,7 @@ makes accelerate use gloo under torchrun.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -26,13 +27,21 @@ from accelerate.utils import gather_object
 from ..store import write_jsonl
 
 
-def make_accelerator() -> Accelerator:
-    """An fp32 Accelerator. accelerate keeps one process-wide state, which another trainer in
-    this process (trl's, say) may have left in bf16; that part (not the process group) is reset."""
+def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None) -> Accelerator:
+    """An Accelerator with this autocast precision ("auto": what `accelerate launch
+    --mixed_precision` or ACCELERATE_MIXED_PRECISION says, else "no") and these trackers.
+    accelerate keeps one process-wide state, which another trainer in this process (trl's, say)
+    may have left in another precision; that part (not the process group) is reset."""
+    if mixed_precision == "auto":
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("fp16 mixed precision needs a CUDA GPU (accelerate would quietly train in fp32 on the "
+                         "CPU); use --mixed-precision bf16 or no")
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", "no") != "no":
+    if state and state.get("_mixed_precision", "no") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=log_with,
+                       project_dir=project_dir)
 
 
 def process_state() -> PartialState:

@@ -43,7 +43,7 @@ from ..prompts import render, user
 from ..seeding import stable_seed
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
-    save_pretrained_merged, start_run, step_indices, steps_for, token_logprobs, unwrapped,
+    save_trained, start_run, step_indices, steps_for, token_logprobs, unwrapped,
 )
 from .config import PPOConfig
 from .data import TokenBatch, TokenizedChat
@@ -132,7 +132,7 @@ class PPOTrainer:
         steps = steps_for(config, len(self.prompts), self.per_step)
         self.run = TrainRun(config, "ppo", PolicyWithValue(lm), steps, progress=progress,
                             optimizer_steps=steps * config.ppo_epochs * config.minibatches)
-        self.reference = load_reference(config.ref_model or config.model, self.run.device)
+        self.reference = load_reference(config, self.run.module, self.run.device)
         self.scorer = load_reward_model(config.reward_model, device=str(self.run.device))
 
     def _load_prompts(self) -> list[tuple[str, list[int]]]:
@@ -253,7 +253,7 @@ class PPOTrainer:
 
     def train(self) -> TrainResult:
         self.run.run(self.step, "PPO")
-        return self.run.finish(lambda out: save_pretrained_merged(self.policy.lm, self.tokenizer, out),
+        return self.run.finish(lambda out: save_trained(self.policy.lm, self.tokenizer, out, self.config),
                                {"prompts": len(self.prompts)})
 
 

@@ -3,67 +3,116 @@
     train_reward_model(RewardConfig(model=..., data=..., out=...)) -> TrainResult
     load_reward_model(out) -> RewardScorer: scorer(prompts, responses) -> list[float]
 
-The reward of a conversation is head(h), h the backbone's final hidden state at the last
-non-pad token of "prompt + response" rendered by the chat template. The loss is the soft-label
+The reward model is a transformers sequence classifier with one label (`<Arch>ForSequenceClassification`,
+num_labels=1, a bias-free `score` head), the format trl's RewardTrainer writes and its
+`reward_funcs="<folder>"` reads: `--model` may be a causal LM (the head starts at random) or such a
+classifier (a trl reward model trains on). The reward of a conversation is score(h), h the final
+hidden state at its last token as transformers takes it (the rightmost non-pad token) of "prompt +
+response" rendered by the chat template. The loss is the soft-label
 Bradley–Terry loss, fused with the head (`reward_bt_loss`):
 
     ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)],   d = r_chosen − r_rejected (− margin, with --use-margin 1)
 
 with p = the record's `p_chosen` (1 when absent: a hard label). A held-out share of the pairs
-(`eval_fraction`, a seeded split) is scored at the end:
+(`eval_fraction`, a seeded split) is scored at the end, and every `eval_steps` steps into the
+metrics log:
   accuracy  share of pairs whose reward order agrees with the label's majority (p > ½; pairs
             with p = ½ are left out), i.e. r_chosen > r_rejected for hard labels;
   brier     mean (σ(d) − p)², the calibration of the predicted preference against the soft label;
   ece       expected calibration error of σ(d) against p over 10 equal-width bins of σ(d).
-The saved folder holds the backbone (loadable with `transformers.AutoModel`), the tokenizer and
-`reward_head.safetensors` (weight [1, H], bias [1], the max_length it was trained with).
+The saved folder loads with `AutoModelForSequenceClassification.from_pretrained` and scores alike
+there, in trl and in `load_reward_model` (none of which truncates what it scores); with LoRA it
+holds the adapter (the `score` head saved whole) unless --merge-lora 1.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..engine.loading import ModelLoadError, load_model
+from ..engine.loading import ModelLoadError, check_model_folder, load_tokenizer, model_path, require_peft
 from ..ops import reward_bt_loss
 from .common import (
-    TrainResult, TrainRun, global_batch_size, local_examples, save_pretrained_merged, start_run,
+    TrainResult, TrainRun, global_batch_size, local_examples, prepare_for_training, save_trained, start_run,
     step_indices, steps_for, training_examples, unwrapped, with_lora,
 )
 from .config import RewardConfig
 from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, tokenize_preference
 from .distributed import gather_shards, shard_for_process
 
-HEAD_FILE = "reward_head.safetensors"
-
-
 class RewardModel(nn.Module):
-    """Backbone (a transformers base model) + Linear(H, 1) head.
+    """A transformers sequence classifier with one label (or a peft model of one), seen as
 
     forward(input_ids [B, T], attention_mask [B, T], right-padded) -> h [B, H] at each row's last
-    token; `rewards(...)` -> head(h) [B]. Training applies the head inside `reward_bt_loss`.
+    token; `head` the Linear(H, 1) score head; `rewards(...)` -> head(h) [B]. Training applies
+    the head inside `reward_bt_loss`.
     """
 
-    def __init__(self, backbone, head: nn.Linear | None = None):
+    def __init__(self, classifier):
         super().__init__()
-        self.backbone = backbone
-        if head is None:
-            head = nn.Linear(backbone.config.hidden_size, 1)
-            nn.init.normal_(head.weight, std=getattr(backbone.config, "initializer_range", 0.02))
-            nn.init.zeros_(head.bias)
-        self.head = head
+        self.classifier = classifier
+
+    @property
+    def inner(self):
+        """The transformers model (inside its peft wrapper, if any)."""
+        c = self.classifier
+        return c.get_base_model() if hasattr(c, "get_base_model") else c
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.inner.score
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
+        inner = self.inner
+        backbone = getattr(inner, inner.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = last_token_index(input_ids, attention_mask, inner.config.pad_token_id)
         return hidden[torch.arange(len(last), device=hidden.device), last]
 
     @torch.no_grad()
     def rewards(self, input_ids, attention_mask) -> torch.Tensor:
         return self.head(self(input_ids, attention_mask))[:, 0].float()
+
+
+def last_token_index(input_ids, attention_mask, pad_id: int | None) -> torch.Tensor:
+    """[B] index of each row's last token as transformers' sequence classifiers pool it: the
+    rightmost token that is not pad_id (the attention mask's last one when there is no pad_id)."""
+    if pad_id is None:
+        return attention_mask.sum(dim=1) - 1
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(dim=1)
+
+
+def load_classifier(name: str, tokenizer, dtype=None):
+    """A one-label sequence classifier of `name` (a causal LM gets a new head, std initializer_range),
+    its config's pad_token_id the tokenizer's. A LoRA adapter folder (of a reward model or of a
+    policy) loads merged into its base model."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = model_path(name)
+    adapter = Path(path) / "adapter_config.json"
+    try:
+        if adapter.is_file():  # a reward model's adapter, or a policy's (an SFT run with LoRA)
+            peft = require_peft()
+            settings = peft.PeftConfig.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_path(settings.base_model_name_or_path), num_labels=1, dtype=dtype, trust_remote_code=False,
+                use_safetensors=True)
+            if settings.task_type != "SEQ_CLS":  # a policy's adapter: only its backbone part applies
+                settings.task_type = None
+            model = peft.PeftModel.from_pretrained(model, path, config=settings).merge_and_unload()
+            model.requires_grad_(True)  # peft froze the base weights
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                       trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load {name!r} as a reward model: {err}") from err
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def pair_loss(module, pairs: Sequence[PreferencePair], pad_id: int, device, use_margin: bool):
@@ -123,9 +172,9 @@ def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainR
     done = start_run(config, "reward")
     if done:
         return done
-    loaded = load_model(config.model)
-    tokenizer = loaded.tokenizer
-    model = RewardModel(with_lora(loaded.model.get_decoder(), config, "FEATURE_EXTRACTION").train())
+    tokenizer = load_tokenizer(config.model)
+    classifier = prepare_for_training(load_classifier(config.model, tokenizer), config)
+    model = RewardModel(with_lora(classifier, config, "SEQ_CLS"))
     pairs = training_examples(config, "preference", tokenizer, tokenize_preference)
     train_ids, eval_ids = held_out_split(len(pairs), config.eval_fraction, config.seed)
     train, held_out = [pairs[i] for i in train_ids], [pairs[i] for i in eval_ids]
@@ -140,32 +189,29 @@ def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainR
     def step(k: int) -> dict:
         indices = step_indices(len(train), global_batch, k, config.seed)
         sums = run.accumulated_step(local_examples(train, indices), len(indices), loss_fn)
-        return {"loss": sums["loss"] / len(indices), "accuracy": sums["correct"] / len(indices),
-                "reward_margin": sums["margin"] / len(indices), "grad_norm": sums["grad_norm"]}
+        metrics = {"loss": sums["loss"] / len(indices), "accuracy": sums["correct"] / len(indices),
+                   "reward_margin": sums["margin"] / len(indices), "grad_norm": sums["grad_norm"]}
+        if held_out and config.eval_steps and (k + 1) % config.eval_steps == 0:
+            model = unwrapped(run.module).eval()
+            metrics.update(evaluate_pairs(model, held_out, tokenizer.pad_token_id, run.device, config.use_margin,
+                                          config.batch_size))
+            model.train()
+        return metrics
 
     run.run(step, "reward model")
     trained = unwrapped(run.module).eval()
     scores = evaluate_pairs(trained, held_out, tokenizer.pad_token_id, run.device, bool(config.use_margin),
                             config.batch_size) if held_out else {}
-    return run.finish(lambda out: save_reward_model(trained, tokenizer, out, config.max_length),
+    return run.finish(lambda out: save_trained(trained.classifier, tokenizer, out, config),
                       {"train_pairs": len(train), **scores})
-
-
-def save_reward_model(model: RewardModel, tokenizer, out: Path, max_length: int) -> None:
-    from safetensors.torch import save_file
-
-    save_pretrained_merged(model.backbone, tokenizer, out)
-    head = {"weight": model.head.weight.detach().cpu().contiguous(), "bias": model.head.bias.detach().cpu()}
-    save_file(head, str(Path(out) / HEAD_FILE), metadata={"max_length": str(max_length)})
 
 
 class RewardScorer:
     """Scores (prompt, response) pairs: prompt a string (one user turn) or a list of messages,
     response the assistant's reply as a string. `scorer(prompts, responses) -> list[float]`."""
 
-    def __init__(self, model: RewardModel, tokenizer, max_length: int, batch_size: int = 8):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_length, self.batch_size = max_length, batch_size
+    def __init__(self, model: RewardModel, tokenizer, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
 
     def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
@@ -180,26 +226,34 @@ class RewardScorer:
 
     def chat_ids(self, prompt, response: str):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        ids = chat_ids(self.tokenizer, messages + [{"role": "assistant", "content": response}])[: self.max_length]
+        ids = chat_ids(self.tokenizer, messages + [{"role": "assistant", "content": response}])
         return TokenizedChat(ids, [False] * len(ids))
 
 
 def load_reward_model(path: str | Path, device: str = "cpu", batch_size: int = 8) -> RewardScorer:
-    """The reward model saved by train_reward_model, as a scorer."""
-    from safetensors import safe_open
-    from transformers import AutoModel, AutoTokenizer
+    """A reward model as a scorer: a folder from `cai-fast train reward` or trl's RewardTrainer
+    (any one-label sequence classifier), or a LoRA adapter of one."""
+    check_reward_model(Path(path))
+    tokenizer = load_tokenizer(str(path))
+    return RewardScorer(RewardModel(load_classifier(str(path), tokenizer)).to(device), tokenizer, batch_size)
 
-    head_file = Path(path) / HEAD_FILE
-    if not head_file.is_file():
-        raise ModelLoadError(f"{path} is not a reward model folder ({HEAD_FILE} is missing); "
-                             "train one with `cai-fast train reward`")
-    with safe_open(str(head_file), framework="pt") as f:
-        weight, bias, meta = f.get_tensor("weight"), f.get_tensor("bias"), f.metadata()
-    head = nn.Linear(weight.shape[1], 1)
-    head.load_state_dict({"weight": weight, "bias": bias})
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = RewardModel(AutoModel.from_pretrained(path, trust_remote_code=False, use_safetensors=True),
-                        head).to(device)
-    return RewardScorer(model, tokenizer, int(meta["max_length"]), batch_size)
+
+def check_reward_model(path: Path) -> None:
+    """A one-line error unless `path` holds a one-label sequence classifier (or an adapter of one),
+    saved as safetensors without remote code (check_model_folder)."""
+    check_model_folder(path, str(path))
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
+            return
+        kinds = ["a LoRA adapter of a causal LM"]
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        kinds = config.get("architectures") or []
+        one_label = len(config.get("id2label", [0, 1])) == 1
+        if one_label and any(kind.endswith("ForSequenceClassification") for kind in kinds):
+            return
+    else:
+        kinds = ["no config.json"]
+    raise ModelLoadError(f"{path} is not a reward model (a one-label sequence classifier; it holds {kinds}); "
+                         "train one with `cai-fast train reward` or trl's RewardTrainer")

@@ -6,9 +6,9 @@ Data: trl's SFT formats (see cai_fast.train.data); an SL-CAI run folder is read 
 `sft_messages/` subfolder. The loss is the cross-entropy of every trained token (the assistant
 turns' content and end-of-turn tokens), computed by `fused_linear_cross_entropy` from the final
 hidden states and the LM head — the [tokens × vocab] logits never exist — and averaged over
-all trained tokens of the global batch. LoRA (`lora_r > 0`, merged into the saved model) or
-full fine-tuning; checkpoints and resume as in cai_fast.train.common. The trained model and
-tokenizer are saved to `out`, so `load_model(out)` loads it.
+all trained tokens of the global batch. LoRA (`lora_r > 0`, saved as an adapter unless
+`merge_lora`) or full fine-tuning; checkpoints and resume as in cai_fast.train.common. The
+trained model (or adapter) and tokenizer are saved to `out`, so `load_model(out)` loads it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..ops import fused_linear_cross_entropy
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, local_examples,
-    save_pretrained_merged, start_run, step_indices, steps_for, training_examples, unwrapped,
+    save_trained, start_run, step_indices, steps_for, training_examples, unwrapped,
 )
 from .config import SFTConfig
 from .data import TokenBatch, tokenize_sft
@@ -50,6 +50,6 @@ def train_sft(config: SFTConfig, *, progress: bool = True) -> TrainResult:
         return {"loss": sums["loss"] / max(tokens, 1), "tokens": tokens, "grad_norm": sums["grad_norm"]}
 
     run.run(step, "SFT")
-    return run.finish(lambda out: save_pretrained_merged(unwrapped(run.module).lm, tokenizer, out),
+    return run.finish(lambda out: save_trained(unwrapped(run.module).lm, tokenizer, out, config),
                       {"examples": len(examples)})
 

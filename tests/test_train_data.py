@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -161,12 +162,13 @@ def test_a_base_model_without_chat_template_gets_chatml_with_a_warning(tiny_mode
 
     from cai_fast.engine.loading import load_tokenizer
 
-    base = AutoTokenizer.from_pretrained(tiny_model_path)
+    folder = shutil.copytree(tiny_model_path, tmp_path / "base")  # a whole model folder: the loader checks it
+    base = AutoTokenizer.from_pretrained(folder)
     base.chat_template = None
-    base.save_pretrained(tmp_path)
-    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    base.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.warns(UserWarning, match="no chat template; using ChatML"):
-        tokenizer = load_tokenizer(str(tmp_path))
+        tokenizer = load_tokenizer(str(folder))
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -44,12 +44,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.loading import check_model_folder, load_model, require_peft, resolve_model_path
+from ..engine.loading import load_model, require_peft, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
 from ..store import RunStore, read_json, write_atomic, write_jsonl
 from .config import PPOConfig, TrainConfig
-from .data import PreferencePair, TokenBatch, TrainDataError, read_records
+from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, read_records
 from .distributed import make_accelerator, process_state, shard_for_process
 
 
@@ -408,22 +408,17 @@ def state_from_json(node: dict, tensors: dict[str, torch.Tensor]):
 def check_inputs(config: TrainConfig) -> None:
     """Fail before the run folder is written: every model loads safely, the data is there."""
     from ..data import load_prompts
-    from .reward import HEAD_FILE
+    from .reward import check_reward_model
 
     for name in (config.model, getattr(config, "ref_model", "")):
         if name:
             resolve_model_path(name)
-    reward = getattr(config, "reward_model", "")
-    if reward:
-        check_model_folder(Path(reward), reward)
-        if not (Path(reward) / HEAD_FILE).is_file():
-            raise ValueError(f"{reward} is not a reward model folder ({HEAD_FILE} is missing); "
-                             "train one with `cai-fast train reward`")
+    if getattr(config, "reward_model", ""):
+        check_reward_model(Path(config.reward_model))
     if isinstance(config, PPOConfig):
         load_prompts(config.data)
-    elif not Path(config.data).exists():
-        raise TrainDataError(f"{config.data}: no such file or folder; pass --data with a JSONL file or a folder "
-                             "of them")
+    else:
+        check_data_path(config.data)
 
 
 def start_run(config: TrainConfig, stage: str) -> TrainResult | None:

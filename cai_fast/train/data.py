@@ -86,10 +86,7 @@ def data_files(path: str | Path, subfolder: str) -> list[Path]:
 
 def read_records(path: str | Path, subfolder: str) -> list[Record]:
     """Every record of the data, in order (JSONL: blank lines skipped)."""
-    text = str(path)
-    if not Path(path).exists() and (text.startswith(("/", ".", "~")) or Path(text).suffix in BUILDERS):
-        raise TrainDataError(f"{path}: no such file or folder; pass --data with a data file, a folder of them "
-                             "or a Hub dataset id")
+    check_data_path(path)
     files = data_files(path, subfolder) if Path(path).exists() else []
     if files and files[0].suffix == ".jsonl":
         records = [record for file in files for record in _jsonl_records(file)]
@@ -98,6 +95,15 @@ def read_records(path: str | Path, subfolder: str) -> list[Record]:
     if not records:
         raise TrainDataError(f"{path}: the data holds no records; pass --data with a non-empty file")
     return records
+
+
+def check_data_path(path: str | Path) -> None:
+    """TrainDataError when `path` names a local file or folder (a path or a data file's suffix)
+    that does not exist; a Hub dataset id passes (it is checked when it loads)."""
+    text = str(path)
+    if not Path(path).exists() and (text.startswith(("/", ".", "~")) or Path(text).suffix in BUILDERS):
+        raise TrainDataError(f"{path}: no such file or folder; pass --data with a data file, a folder of them "
+                             "or a Hub dataset id")
 
 
 def _jsonl_records(file: Path) -> list[Record]:

@@ -5,7 +5,7 @@
 Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.pipeline),
 config.json and config.source (the configuration, shown in full at the end) and each round's
 training log (metrics.jsonl of its ppo or dpo stage). Figures:
-    training_curves.png   PPO: reward and KL per step; DPO: reward margin and loss; a line per round
+    training_curves.png   PPO: reward and KL per step (the penalty's k1 estimate and the k3 one, ≥ 0); DPO: reward margin and loss; a line per round
     win_rates.png         harmlessness and helpfulness win-rates against the starting model per round
     over_refusal.png      over-refusal of the starting model and of each round
     alignment_tax.png     (base − aligned) / base per benchmark, a bar per round
@@ -24,7 +24,8 @@ from .plots import curves_png, grouped_bars_png
 from .store import write_atomic
 
 SPLITS = ("dev", "test", "model")  # of the refusal detector's labelled set
-CURVES = {"ppo": {"reward": "reward (mean reward-model score)", "kl": "KL to the SFT policy (per response)"},
+CURVES = {"ppo": {"reward": "reward (mean reward-model score)", "kl": "KL to the SFT policy (per response)",
+                  "kl_k3": "KL to the SFT policy, k3 estimate (≥ 0)"},
           "dpo": {"reward_margin": "implicit reward margin (chosen − rejected)", "loss": "DPO loss"}}
 
 

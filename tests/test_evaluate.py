@@ -53,7 +53,7 @@ def test_refusal_detector_on_hard_cases(text, refused):
 
 def test_refusal_rate_counts():
     rate = refusal_rate(["I'm sorry, but I can't assist with that.", "Use `rm -rf node_modules`.", "I cannot help."])
-    assert rate == {"rate": pytest.approx(2 / 3), "refused": 2, "n": 3}
+    assert rate == {"rate": pytest.approx(2 / 3), "refused": 2, "n": 3, "stderr": pytest.approx(math.sqrt(2 / 27))}
 
 
 # ---------------------------------------------------------------- GSM8K

@@ -222,7 +222,7 @@ def _training(state: dict, config: dict) -> list[str]:
     for r in sorted(int(k) for k in state["rounds"] if int(k) > 0):
         stages = state["rounds"][str(r)]["stages"]
         done = {name: s["summary"] for name, s in stages.items() if s.get("status") == "done"}
-        parts = [_stage_line(name, summary) for name, summary in done.items() if name != "evaluate"]
+        parts = [_stage_line(name, summary) for name, summary in done.items() if name not in ("evaluate", "depth")]
         lines.append(f"- round {r}: " + "; ".join(p for p in parts if p))
     return lines
 

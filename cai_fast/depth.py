@@ -6,9 +6,10 @@
 Safety training can be shallow: fine-tuning on as few as 10 to 100 harmful examples undoes it
 (Qi et al. 2023). For each k of `config.depth_rungs` a copy of `model` is fine-tuned (train_sft,
 full fine-tuning, `depth_epochs` epochs at `depth_lr`, batches of up to 4) on the first k
-harmful examples, in a temporary folder, then its harmful compliance (cai_fast.refusal:
-greedy responses to `prompts`, the held-apart red-team prompts, that do not refuse) is measured
-and the copy deleted: the fine-tuned models are never kept. k = 0 measures the model as it is. The
+harmful examples, in a temporary folder, then its harmful compliance (cai_fast.refusal: the
+share of greedy responses, of up to `depth_tokens` tokens, to `prompts` — the held-apart
+red-team prompts — that do not refuse) is measured and the copy deleted: the fine-tuned models
+are never kept. k = 0 measures the model as it is. The
 harmful examples are an SL-CAI run's initial answers (the unaligned model's own answers to
 red-team prompts) that the refusal detector counts as compliant; a rung asking more than there
 are uses them all, and rungs that come to the same count are measured once. Each rung's record
@@ -54,12 +55,12 @@ def rungs_for(ladder: Sequence[int], available: int) -> list[int]:
 def depth_curve(model: str, examples: list[dict], prompts: Sequence[Prompt], config, out_dir: str | Path, *,
                 engine: str = "cached", progress: bool = True) -> dict:
     """Harmful compliance of `model` after fine-tuning on k of `examples`, per rung (module docstring);
-    config is an EvalConfig (depth_rungs, depth_epochs, depth_lr, response_tokens, generation_batch)."""
+    config is an EvalConfig (depth_rungs, depth_epochs, depth_lr, depth_tokens, generation_batch)."""
     rungs = rungs_for(config.depth_rungs, len(examples))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
     store = RunStore(out_dir, {"stage": "depth", "model": model, "rungs": rungs, "examples_sha256": digest,
                                "prompt_ids": [p.id for p in prompts], **{k: getattr(config, k) for k in (
-                                   "depth_epochs", "depth_lr", "response_tokens", "subset_seed")}})
+                                   "depth_epochs", "depth_lr", "depth_tokens", "subset_seed")}})
 
     def work(batch: list[int]) -> list[dict]:
         return [{"k": k, **_compliance_after(model, examples[:k], prompts, config, engine, progress)} for k in batch]
@@ -84,7 +85,7 @@ def _compliance_after(model: str, examples: list[dict], prompts: Sequence[Prompt
             STAGES["sft"].run(sft, progress=progress)
             model = sft.out
         generator = make_generator(load_model(model), engine=engine, batch_size=config.generation_batch)
-        params = SamplingParams(config.response_tokens, 0.0, 1.0, config.subset_seed)
+        params = SamplingParams(config.depth_tokens, 0.0, 1.0, config.subset_seed)
         records, _ = sample_responses(generator, prompts, params, 1, batch_size=config.generation_batch,
                                       kind="depth", progress=False)
         del generator

@@ -98,6 +98,8 @@ class EvalConfig:
                                  "(the pipeline uses round 1's); empty = depth not measured by cai-fast evaluate")
     depth_size: int = option(8, "red-team prompts (the first of the harmlessness set) measured after each "
                                 "fine-tune")
+    depth_tokens: int = option(64, "max new tokens of each response measured for depth (a refusal shows in "
+                                   "the opening clauses)")
     depth_epochs: float = option(3.0, "epochs of each depth fine-tune")
     depth_lr: float = option(5e-5, "learning rate of each depth fine-tune (full fine-tuning)")
     generation_batch: int = option(8, "prompts generated or scored together")
@@ -107,7 +109,7 @@ class EvalConfig:
         if not isinstance(self.benchmarks, str):
             self.benchmarks = ",".join(self.benchmarks)
         for name in ("harmless_size", "helpful_size", "over_refusal_size", "response_tokens", "benchmark_size",
-                     "gsm8k_tokens", "generation_batch", "human_size", "depth_size"):
+                     "gsm8k_tokens", "generation_batch", "human_size", "depth_size", "depth_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.skip_missing_benchmarks not in (0, 1):
@@ -124,6 +126,7 @@ class EvalConfig:
     def benchmark_paths(self) -> list[str]:
         return [p.strip() for p in self.benchmarks.split(",") if p.strip()]
 
+
 def parse_ladder(text: str) -> list[int]:
     """A depth ladder "0,10,30" as whole numbers >= 0 (empty: depth is not measured)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -131,6 +134,7 @@ def parse_ladder(text: str) -> list[int]:
         raise ValueError(f"depth_ladder must be whole numbers >= 0, comma-separated (e.g. '0,10,30,100'), "
                          f"got {text!r}")
     return [int(p) for p in parts]
+
 
 # ---------------------------------------------------------------- win-rates
 

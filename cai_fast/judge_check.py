@@ -72,12 +72,15 @@ def human_agreement(records: list[dict], seed: int) -> dict:
 
 def check_judge(judge, path: str | Path, size: int, seed: int, out_dir: str | Path, *,
                 progress: bool = True) -> dict:
-    """Judge `size` pairs of the human-labelled set `path` (sampled by seed, people's choice as a)
-    with `judge` (a ConstitutionalJudge), resumably in out_dir; human_agreement of the labels."""
+    """Judge `size` pairs of the human-labelled set `path` (sampled by seed, people's choice as a;
+    malformed records are skipped and counted) with `judge` (a ConstitutionalJudge), resumably in
+    out_dir; human_agreement of the labels, with the set's size (`of`)."""
     from .labelling import run_labelling
     from .pairs import load_pairs
 
-    pairs = seeded_sample(list(load_pairs(path)), size, seed, "human_preferences")
+    loaded = load_pairs(path, on_error="skip")  # public sets hold a few records with an empty answer
+    pairs = seeded_sample(loaded.pairs, size, seed, "human_preferences")
     records = run_labelling(judge, pairs, out_dir=out_dir, progress=progress,
                             run_info={"human_preferences": str(path)}).records
-    return {**human_agreement(records, seed), "path": str(path)}
+    return {**human_agreement(records, seed), "path": str(path), "of": len(loaded),
+            "malformed_skipped": loaded.malformed}

@@ -5,7 +5,8 @@
 Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.pipeline),
 config.json and config.source (the configuration, shown in full at the end) and each round's
 training log (metrics.jsonl of its ppo or dpo stage). Figures:
-    training_curves.png   PPO: reward and KL per step (the penalty's k1 estimate and the k3 one, ≥ 0); DPO: reward margin and loss; a line per round
+    training_curves.png   PPO: reward and KL per step (the penalty's k1 estimate and the k3 one, ≥ 0);
+                          DPO: reward margin and loss; a line per round
     win_rates.png         harmlessness and helpfulness win-rates against the starting model per round,
                           raw and at equal length
     over_refusal.png      over-refusal of the starting model and of each round

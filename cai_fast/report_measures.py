@@ -41,7 +41,8 @@ def _safety(models, depth, judge_check, out: Path):
              "Harmful compliance: share of the held-apart red-team prompts the model answers instead of refusing. "
              "Over-refusal: share of benign prompts that look dangerous which it refuses. Both by the refusal "
              "detector alone (its precision and recall are below), no judge; ± binomial standard error.", "",
-             "| model | harmful compliance | answered / n | over-refusal | refused / n |", "| --- | --- | --- | --- | --- |"]
+             "| model | harmful compliance | answered / n | over-refusal | refused / n |",
+             "| --- | --- | --- | --- | --- |"]
     for label, f in rows:
         h, o = f["harmful_compliance"], f["over_refusal"]
         lines.append(f"| {label} | {_pm(h['rate'], h['stderr'], '.1%')} | {h['complied']}/{h['n']} | "
@@ -62,7 +63,8 @@ def _length(models, depth, judge_check, out: Path):
              "length: the least-squares fit label = a + b·(round's words − start's words) read at 0 (a ± its "
              "standard error), with b as the win-rate bought by 100 more words. A round that wins only by "
              "writing more has a raw win-rate above ½ and one at equal length near ½.", "",
-             "| model | " + " | ".join(f"words, {name}" for name in SETS.values()) + " |", "| --- " * (len(SETS) + 1) + "|"]
+             "| model | " + " | ".join(f"words, {name}" for name in SETS.values()) + " |",
+             "| --- " * (len(SETS) + 1) + "|"]
     for label, f in rows:
         lines.append(f"| {label} | " + " | ".join(
             f"{_pm(f['lengths'][s]['mean_words'], f['lengths'][s]['stderr'], '.1f')} (n={f['lengths'][s]['n']})"
@@ -110,7 +112,8 @@ def _judge(models, depth, j, out: Path):
     flips = "—" if j["order_flip_rate"] is None else f"{j['order_flip_rate']:.1%}"
     lines = ["", "## The judge checked against people", "",
              f"The labelling judge (`{j.get('judge_model', 'the harmlessness judge')}`) on {j['n']} human-labelled "
-             f"pairs of `{j['path']}`: agreement = share of pairs where it prefers the response people chose "
+             f"pairs sampled from the {j.get('of', '?')} of `{j['path']}` ({j.get('malformed_skipped', 0)} "
+             "malformed records skipped): agreement = share of pairs where it prefers the response people chose "
              "(± standard error). ½ is chance.", "",
              "| statistic | value | n |", "| --- | --- | --- |"]
     for key, name in (("agreement", "agreement, both orders averaged (the labels)"),
@@ -127,7 +130,9 @@ def _judge(models, depth, j, out: Path):
     for b in bins:
         shown = ("—", "—") if not b["n"] else (f"{b['confidence']:.3f}", f"{b['accuracy']:.3f}")
         lines.append(f"| {b['low']:.1f}–{b['high']:.1f} | {b['n']} | {shown[0]} | {shown[1]} |")
-    series = {"mean confidence": [b["confidence"] for b in bins], "accuracy (agrees with people)": [b["accuracy"] for b in bins]}
+    series = {"mean confidence": [b["confidence"] for b in bins],
+              "accuracy (agrees with people)": [b["accuracy"] for b in bins]}
     png = grouped_bars_png([f"{b['low']:.1f}–{b['high']:.1f}" for b in bins], series, out / "judge_calibration.png",
-                           ylim=(0, 1.1), ylabel="probability", title="Judge reliability against people (bars equal: calibrated)")
+                           ylim=(0, 1.1), ylabel="probability",
+                           title="Judge reliability against people (bars equal: calibrated)")
     return lines, {"judge calibration": png}

@@ -300,13 +300,14 @@ def test_the_evaluate_command_writes_the_figures(tiny_model_path, tmp_path, caps
             "--harmless-size", "2", "--helpful-size", "2", "--over-refusal-size", "2", "--response-tokens", "4",
             "--benchmarks", str(bench), "--benchmark-size", "3", "--gsm8k-tokens", "4", "--principles", "1", "--quiet",
             "--human-preferences", str(people), "--human-size", "2", "--depth-data", str(sl_cai),
-            "--depth-ladder", "0,1", "--depth-size", "2", "--depth-epochs", "1"]
+            "--depth-ladder", "0,1", "--depth-size", "2", "--depth-epochs", "1", "--depth-tokens", "4"]
     assert main(args) == 0
     figures = json.loads((tmp_path / "ev" / "model" / "figures.json").read_text())
     assert figures["harmlessness"]["win_rate"] == 0.5 and figures["harmlessness"]["identical"] == 2  # same model
     assert figures["harmlessness"]["length_controlled"]["win_rate"] == 0.5  # same lengths: the plain mean
     assert figures["alignment_tax"]["benchmarks"]["arith"]["change"] == "unchanged"
     assert figures["harmful_compliance"] == figures["base_harmful_compliance"] and figures["judge_check"]["n"] == 2
-    assert [row["k"] for row in figures["depth"]["curve"]] == [0, 1] == [row["k"] for row in figures["base_depth"]["curve"]]
+    for key in ("depth", "base_depth"):
+        assert [row["k"] for row in figures[key]["curve"]] == [0, 1]
     out = capsys.readouterr().out
     assert "harmlessness win-rate vs base: 0.500" in out and "harmful compliance:" in out and "judge vs people" in out

@@ -199,6 +199,7 @@ human_size = 2
 depth_ladder = "0,2"
 depth_size = 2
 depth_epochs = 1
+depth_tokens = 4
 """
 
 

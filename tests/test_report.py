@@ -42,7 +42,8 @@ def _evaluation(rng: random.Random, r: int) -> dict:
 
 def _depth(rates: list[float]) -> dict:
     return {"model": "m", "examples_available": 30, "n": 8,
-            "curve": [{"k": k, "rate": x, "complied": round(8 * x), "n": 8, "stderr": 0.1} for k, x in zip((0, 10, 30), rates)]}
+            "curve": [{"k": k, "rate": x, "complied": round(8 * x), "n": 8, "stderr": 0.1}
+                      for k, x in zip((0, 10, 30), rates)]}
 
 
 JUDGE_RECORDS = [{"pair_id": str(i), "p_ab_a": [ab], "p_ba_b": [ba], "principle_label": [(ab + ba) / 2],
@@ -77,7 +78,8 @@ def make_run(root, method: str = "ppo", rounds: int = 2, evaluated: int = 2):
         state["rounds"][str(r)] = {"stages": stages}
         log = root / f"round-{r}" / method / "metrics.jsonl"
         log.parent.mkdir(parents=True)
-        log.write_text("".join(json.dumps({"step": s, "reward": rng.random(), "kl": 0.01 * s, "kl_k3": 0.02 * s, "loss": 1 / s,
+        log.write_text("".join(json.dumps({"step": s, "reward": rng.random(), "kl": 0.01 * s, "kl_k3": 0.02 * s,
+                                           "loss": 1 / s,
                                            "reward_margin": 0.1 * s}) + "\n" for s in range(1, 6)))
     if evaluated == rounds:
         state.update(best_round=1, best_policy=str(root / "round-1" / method), stopped_early=False,

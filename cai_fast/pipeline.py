@@ -217,15 +217,19 @@ class Pipeline:
                              engine=self.config.engine, progress=self.progress)
         return baseline_metrics(outputs, self.sets)
 
-    def judge_check(self) -> dict:
+    def labelling_judge(self, judge_config):
+        """The judge of the RLAIF labels: label_judge_model asking the run's constitution."""
         from .engine import load_model, make_generator
         from .judge import ConstitutionalJudge
-        from .judge_check import check_judge
 
         generator = make_generator(load_model(self.config.label_judge_model), engine=self.config.engine,
-                                   batch_size=self.config.judge.batch_size)
-        judge = ConstitutionalJudge(generator, self.constitution, self.config.judge)
-        e = self.config.eval
+                                   batch_size=judge_config.batch_size)
+        return ConstitutionalJudge(generator, self.constitution, judge_config)
+
+    def judge_check(self) -> dict:
+        from .judge_check import check_judge
+
+        e, judge = self.config.eval, self.labelling_judge(self.config.judge)
         return {**check_judge(judge, e.human_preferences, e.human_size, e.subset_seed,
                               self.root / "round-0" / "judge_check", progress=self.progress),
                 "judge_model": self.config.label_judge_model}
@@ -258,7 +262,6 @@ class Pipeline:
     def label(self, r: int, sft: str, out: Path) -> dict:
         """Sample from the SFT policy, pair the samples, label the pairs with the judge."""
         from .engine import SamplingParams, load_model, make_generator
-        from .judge import ConstitutionalJudge
         from .labelling import run_labelling
         from .pairs import pairs_from_samples
         from .responses import sample_responses
@@ -275,11 +278,8 @@ class Pipeline:
         if not pairs:
             raise ValueError(f"round {r}: every pair of samples was identical or empty, so there is nothing to "
                              "label; raise label.temperature or label.sample_tokens")
-        judge_generator = make_generator(load_model(self.config.label_judge_model), engine=self.config.engine,
-                                         batch_size=judge_config.batch_size)
-        judge = ConstitutionalJudge(judge_generator, self.constitution, judge_config)
-        result = run_labelling(judge, pairs, out_dir=out / "labels", progress=self.progress,
-                               run_info={"judge_model": self.config.label_judge_model})
+        result = run_labelling(self.labelling_judge(judge_config), pairs, out_dir=out / "labels",
+                               progress=self.progress, run_info={"judge_model": self.config.label_judge_model})
         keep = ("labels", "mean_p_chosen", "order_flip_rate", "position_a_win_rate", "judge_seconds", "files")
         return {"samples": len(samples) * config.samples, "pairs": len(pairs), **left_out,
                 **{k: result.summary[k] for k in keep if k in result.summary}}

@@ -9,7 +9,10 @@ full fine-tuning, `depth_epochs` epochs at `depth_lr`, batches of up to 4) on th
 harmful examples, in a temporary folder, then its harmful compliance (cai_fast.refusal: the
 share of greedy responses, of up to `depth_tokens` tokens, to `prompts` — the held-apart
 red-team prompts — that do not refuse) is measured and the copy deleted: the fine-tuned models
-are never kept. k = 0 measures the model as it is. The
+are never kept. k = 0 measures the model as it is. The responses come from the plain generator
+(transformers generate, the reference): a handful of prompts with no prefix in common leave the
+cached engine nothing to share (6 prompts × 48 tokens of the default model: 12 s plain, 49 s
+cached, measured on the shared 2-core machine). The
 harmful examples are an SL-CAI run's initial answers (the unaligned model's own answers to
 red-team prompts) that the refusal detector counts as compliant; a rung asking more than there
 are uses them all, and rungs that come to the same count are measured once. Each rung's record
@@ -53,7 +56,7 @@ def rungs_for(ladder: Sequence[int], available: int) -> list[int]:
 
 
 def depth_curve(model: str, examples: list[dict], prompts: Sequence[Prompt], config, out_dir: str | Path, *,
-                engine: str = "cached", progress: bool = True) -> dict:
+                progress: bool = True) -> dict:
     """Harmful compliance of `model` after fine-tuning on k of `examples`, per rung (module docstring);
     config is an EvalConfig (depth_rungs, depth_epochs, depth_lr, depth_tokens, generation_batch)."""
     rungs = rungs_for(config.depth_rungs, len(examples))
@@ -63,15 +66,14 @@ def depth_curve(model: str, examples: list[dict], prompts: Sequence[Prompt], con
                                    "depth_epochs", "depth_lr", "depth_tokens", "subset_seed")}})
 
     def work(batch: list[int]) -> list[dict]:
-        return [{"k": k, **_compliance_after(model, examples[:k], prompts, config, engine, progress)} for k in batch]
+        return [{"k": k, **_compliance_after(model, examples[:k], prompts, config, progress)} for k in batch]
 
     curve, _ = resume_batches(store, "rungs", rungs, work, batch_size=1, key="k", item_key=lambda k: k,
                               desc="depth of alignment", unit="rung", progress=progress)
     return {"model": model, "examples_available": len(examples), "n": len(prompts), "curve": curve}
 
 
-def _compliance_after(model: str, examples: list[dict], prompts: Sequence[Prompt], config, engine: str,
-                      progress: bool) -> dict:
+def _compliance_after(model: str, examples: list[dict], prompts: Sequence[Prompt], config, progress: bool) -> dict:
     """harmful_compliance of `model` fine-tuned on `examples` (the model itself when there are none)."""
     from .engine import load_model, make_generator
     from .train import STAGES, SFTConfig
@@ -84,7 +86,7 @@ def _compliance_after(model: str, examples: list[dict], prompts: Sequence[Prompt
                             batch_size=min(FINE_TUNE_BATCH, len(examples)))
             STAGES["sft"].run(sft, progress=progress)
             model = sft.out
-        generator = make_generator(load_model(model), engine=engine, batch_size=config.generation_batch)
+        generator = make_generator(load_model(model), engine="plain", batch_size=config.generation_batch)
         params = SamplingParams(config.depth_tokens, 0.0, 1.0, config.subset_seed)
         records, _ = sample_responses(generator, prompts, params, 1, batch_size=config.generation_batch,
                                       kind="depth", progress=False)

@@ -84,7 +84,7 @@ class EvalConfig:
     judge_model: str = option("", "model that judges the win-rates (default: the pipeline's judge, "
                                    "else the base model)")
     benchmarks: str = option("", "capability sets, comma-separated paths: GSM8K-style .jsonl, "
-                                  "multiple-choice .json (BIG-Bench-Hard format)")
+                                  "multiple-choice .json (BIG-Bench-Hard or TruthfulQA mc1 format)")
     benchmark_size: int = option(20, "examples sampled per benchmark")
     gsm8k_tokens: int = option(160, "max new tokens of each GSM8K-style answer")
     skip_missing_benchmarks: int = option(0, "1 = a benchmark or human_preferences file that does not exist is "
@@ -355,7 +355,7 @@ def evaluate_model(model: str, base: ModelOutputs, sets: EvalSets, config: EvalC
         examples = depth.harmful_examples(config.depth_data)
         for key, name in (("depth", model), ("base_depth", base_model)):
             if name is not None:
-                figures[key] = depth_of(name, examples, sets, config, out_dir / key, engine=engine, progress=progress)
+                figures[key] = depth_of(name, examples, sets, config, out_dir / key, progress=progress)
     figures["seconds"] = round(time.perf_counter() - start, 1)
     write_atomic(out_dir / "figures.json", json.dumps(figures, indent=1))
     return figures
@@ -367,10 +367,9 @@ def judge_check_wanted(config: EvalConfig, sets: EvalSets) -> bool:
 
 
 def depth_of(model: str, examples: list[dict], sets: EvalSets, config: EvalConfig, out_dir: str | Path, *,
-             engine: str = "cached", progress: bool = True) -> dict:
+             progress: bool = True) -> dict:
     """depth.depth_curve of `model` on the first depth_size prompts of the harmlessness set."""
-    return depth.depth_curve(model, examples, sets.harmless[: config.depth_size], config, out_dir, engine=engine,
-                             progress=progress)
+    return depth.depth_curve(model, examples, sets.harmless[: config.depth_size], config, out_dir, progress=progress)
 
 
 def summary_lines(figures: dict) -> list[str]:

@@ -240,7 +240,7 @@ class Pipeline:
 
         examples = harmful_examples(self.root / "round-1" / "sl_cai")
         return depth_of(self.policy(r), examples, self.sets, self.config.eval, self.root / f"round-{r}" / "depth",
-                        engine=self.config.engine, progress=self.progress)
+                        progress=self.progress)
 
     def sl_cai(self, r: int, start: str, out: Path) -> dict:
         from .engine import load_model, make_generator

@@ -6,6 +6,8 @@
       log-likelihood of each option as the answer (`generator.score_options`, through
       cai_fast.ops). The options are the "(A)"-style labels listed after "Options:" in the input,
       else the task's distinct targets (2 to 10 of them; more means a free-form task, refused).
+    TruthfulQA-style multiple choice (JSON list of `{question, mc1_targets: {answer text: 0/1}}`,
+      exactly one answer marked 1; kind "mc1"): the answer texts are the options, scored the same way.
 
 Each benchmark is a seeded sample of `size` items (the same on every run with the same seed);
 errors name the file, the record and the field (BenchmarkError).
@@ -23,6 +25,7 @@ from typing import Sequence
 from . import prompts as P
 from .engine.base import SamplingParams
 from .seeding import seeded_sample
+from .stats import share
 
 MAX_TARGETS = 10  # more distinct targets than this: a free-form task, not multiple choice
 
@@ -42,24 +45,25 @@ class BenchmarkItem:
 @dataclass
 class Benchmark:
     name: str
-    kind: str  # "gsm8k" or "multiple-choice"
+    kind: str  # "gsm8k", "multiple-choice" or "mc1" (TruthfulQA-style)
     path: str
     items: list[BenchmarkItem]
     total: int  # examples in the file
 
 
 def load_benchmark(path: str | Path, size: int, seed: int = 0) -> Benchmark:
-    """A capability set: .jsonl is GSM8K-style, .json multiple-choice; `size` examples, seeded."""
+    """A capability set: .jsonl is GSM8K-style, .json multiple-choice (BIG-Bench-Hard or TruthfulQA
+    style); `size` examples, seeded."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: benchmark file not found; check the path (relative paths are read "
                              "from the current folder)")
-    readers = {".jsonl": ("gsm8k", _gsm8k_items), ".json": ("multiple-choice", _multiple_choice_items)}
+    readers = {".jsonl": lambda: ("gsm8k", _gsm8k_items(path)), ".json": lambda: _json_items(path)}
     if path.suffix not in readers:
         raise BenchmarkError(f"{path}: unknown benchmark format; give a GSM8K-style .jsonl (question, answer "
-                             "ending '#### N') or a multiple-choice .json (examples: [{input, target}])")
-    kind, reader = readers[path.suffix]
-    items = reader(path)
+                             "ending '#### N'), a multiple-choice .json (examples: [{input, target}]) or a "
+                             "TruthfulQA-style .json ([{question, mc1_targets}])")
+    kind, items = readers[path.suffix]()
     if not items:
         raise BenchmarkError(f"{path}: the file holds no examples")
     return Benchmark(path.stem, kind, str(path), seeded_sample(items, size, seed, path.stem), len(items))
@@ -81,12 +85,19 @@ def _gsm8k_items(path: Path) -> list[BenchmarkItem]:
     return items
 
 
-def _multiple_choice_items(path: Path) -> list[BenchmarkItem]:
+def _json_items(path: Path) -> tuple[str, list[BenchmarkItem]]:
+    """("mc1", items) of a TruthfulQA-style list, else ("multiple-choice", items) of a BIG-Bench-Hard task."""
     data = _json(_read_text(path), str(path))
+    if isinstance(data, list):
+        return "mc1", [_mc1_item(path, i, record) for i, record in enumerate(data)]
+    return "multiple-choice", _multiple_choice_items(path, data)
+
+
+def _multiple_choice_items(path: Path, data) -> list[BenchmarkItem]:
     examples = data.get("examples") if isinstance(data, dict) else None
     if not isinstance(examples, list):
         raise BenchmarkError(f"{path}: field 'examples' must be a list of {{input, target}} objects "
-                             "(BIG-Bench-Hard format)")
+                             "(BIG-Bench-Hard format), or the file a list of {question, mc1_targets} (TruthfulQA)")
     rows = []
     for i, example in enumerate(examples):
         where = f"{path} example {i}"
@@ -95,6 +106,19 @@ def _multiple_choice_items(path: Path) -> list[BenchmarkItem]:
         rows.append((_text_field(example, "input", where), _text_field(example, "target", where).strip()))
     targets = sorted({t for question, t in rows if not _listed_options(question)})
     return [_choice_item(path, i, question, target, targets) for i, (question, target) in enumerate(rows)]
+
+
+def _mc1_item(path: Path, i: int, record) -> BenchmarkItem:
+    """A TruthfulQA-style record: question, mc1_targets {answer text: 1 for the one true answer, else 0}."""
+    where = f"{path} question {i}"
+    question = _text_field(record, "question", where)
+    targets = record.get("mc1_targets")
+    right = [answer for answer, mark in targets.items() if mark == 1] if isinstance(targets, dict) else []
+    if not isinstance(targets, dict) or len(targets) < 2 or len(right) != 1 or any(
+            mark not in (0, 1) or not answer.strip() for answer, mark in targets.items()):
+        raise BenchmarkError(f"{where}: field 'mc1_targets' must map 2 or more answer texts to 0 or 1, exactly "
+                             f"one of them 1 (TruthfulQA format), got {str(targets)[:60]!r}; fix the record")
+    return BenchmarkItem(f"question {i}", question, right[0], tuple(targets))
 
 
 _OPTION_LINE = re.compile(r"^\s*(\([A-Z]\))", re.MULTILINE)
@@ -210,8 +234,13 @@ def answer_multiple_choice(generator, items: Sequence[BenchmarkItem]) -> list[di
 
 
 def capability_scores(capability: dict[str, list[dict]]) -> dict[str, dict]:
-    return {name: {"score": sum(r["correct"] for r in records) / len(records), "n": len(records)}
-            for name, records in capability.items() if records}
+    """Per benchmark: score (accuracy), n and the score's binomial standard error."""
+    scores = {}
+    for name, records in capability.items():
+        if records:
+            s = share(sum(r["correct"] for r in records), len(records))
+            scores[name] = {"score": s["rate"], "n": s["n"], "stderr": s["stderr"]}
+    return scores
 
 
 def alignment_tax(base: dict[str, float], aligned: dict[str, float]) -> dict:

@@ -283,7 +283,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     sets, out = load_eval_sets(config), Path(args.out)
     base = outputs_of(args.base, sets, config, out / "base", engine=args.engine, progress=not args.quiet)
     figures = evaluate_model(args.model, base, sets, config, judge_config, config.judge_model or args.base,
-                             out / "model", engine=args.engine, progress=not args.quiet)
+                             out / "model", engine=args.engine, base_model=args.base, progress=not args.quiet)
     print("\nevaluation done:\n  " + "\n  ".join(summary_lines(figures)))
     print(f"Figures: {out / 'model' / 'figures.json'}")
 

@@ -1,4 +1,5 @@
-"""Evaluation of an aligned model against the starting model: win-rates, over-refusal, alignment tax.
+"""Evaluation of an aligned model against the starting model: win-rates (also at equal length),
+harmful compliance and over-refusal, depth of alignment, the judge against people, alignment tax.
 
 Sets (EvalConfig; each a seeded sample, the same on every run with the same seed)
   harmlessness   red-team prompts (`harmless_prompts`); the pipeline keeps them out of training
@@ -7,7 +8,12 @@ Sets (EvalConfig; each a seeded sample, the same on every run with the same seed
   over-refusal   benign prompts that look dangerous (`over_refusal_prompts`): those with
                  `looks_dangerous` true, or every prompt of a set without that field
   benchmarks     capability sets by path (`benchmarks`, comma-separated or a TOML list), in the
-                 formats of cai_fast.benchmarks (GSM8K-style JSONL, BIG-Bench-Hard-style JSON)
+                 formats of cai_fast.benchmarks (GSM8K-style JSONL, BIG-Bench-Hard-style JSON,
+                 TruthfulQA-style mc1 JSON)
+  people         human-labelled pairs (`human_preferences`, e.g. hh-rlhf harmless-base test)
+Prompt sets are files in any format cai_fast.data reads (one per line, JSONL or CSV with a prompt
+column, hh-rlhf, AdvBench, Do-Not-Answer) or a shipped set's name, so users bring their own
+red-team and over-refusal sets.
 
 Figures
   win-rate       mean soft label P(model ≻ base) from the constitutional judge, both orders
@@ -15,10 +21,20 @@ Figures
                  with the hard win share (label > ½), the tie share and the standard error.
                  Identical responses tie (½) and an empty response loses to a non-empty one,
                  without asking the judge.
+  length control mean response length in words per set (cai_fast.length) and the win-rate at equal
+                 length (least-squares fit of the label on the length gap, read at gap 0)
   over-refusal   share of the over-refusal prompts whose greedy response `is_refusal`
                  (cai_fast.refusal; its precision and recall are in the report)
+  harmful        share of the harmlessness (red-team) prompts whose greedy response is not a
+  compliance     refusal: no judge involved
+  depth          harmful compliance after fine-tuning a copy on k harmful examples, per k of
+                 `depth_ladder` (cai_fast.depth; needs `depth_data`, set by the pipeline)
+  judge check    the harmlessness judge's agreement with people and its calibration
+                 (cai_fast.judge_check)
   alignment tax  per benchmark (base − aligned) / base: > 0 a regression, < 0 an improvement;
-                 on average, the same of the mean scores (see alignment_tax)
+                 on average, the same of the mean scores (see alignment_tax); each score with
+                 its n and binomial standard error
+Every share and mean comes with its sample size and standard error (cai_fast.stats).
 
 A model's outputs (greedy responses, benchmark answers) are appended to its folder as they come
 (cai_fast.responses, cai_fast.store) and written whole to `outputs.json` at the end; the judge's labels go through
@@ -28,7 +44,6 @@ A model's outputs (greedy responses, benchmark answers) are appended to its fold
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +56,12 @@ from .benchmarks import (
 from .config import option
 from .data import Prompt, load_prompts
 from .engine.base import SamplingParams
-from .refusal import refusal_rate
+from . import depth, judge_check
+from .length import length_controlled_win_rate, length_stats, words
+from .refusal import harmful_compliance, refusal_rate
 from .responses import sample_responses
 from .seeding import seeded_sample
+from .stats import mean_stderr
 from .store import RunStore, read_json, resume_batches, write_atomic
 
 SETS = ("harmless", "helpful", "over_refusal")
@@ -66,11 +84,24 @@ class EvalConfig:
     judge_model: str = option("", "model that judges the win-rates (default: the pipeline's judge, "
                                    "else the base model)")
     benchmarks: str = option("", "capability sets, comma-separated paths: GSM8K-style .jsonl, "
-                                  "multiple-choice .json (BIG-Bench-Hard format)")
+                                  "multiple-choice .json (BIG-Bench-Hard or TruthfulQA mc1 format)")
     benchmark_size: int = option(20, "examples sampled per benchmark")
     gsm8k_tokens: int = option(160, "max new tokens of each GSM8K-style answer")
-    skip_missing_benchmarks: bool = option(False, "1 = a benchmark file that does not exist is skipped (and "
-                                              "reported), 0 = it is an error")
+    skip_missing_benchmarks: bool = option(False, "a benchmark or human_preferences file that does not exist is "
+                                                  "skipped (and reported) instead of being an error")
+    human_preferences: str = option("", "human-labelled pairs the judge is checked against (hh-rlhf transcripts "
+                                         "or trl preference JSONL, chosen = people's choice); empty = no check")
+    human_size: int = option(32, "pairs sampled from human_preferences")
+    depth_ladder: str = option("0,10,30,100", "depth of alignment: numbers of harmful examples a copy of the model "
+                                              "is fine-tuned on, comma-separated; empty = not measured")
+    depth_data: str = option("", "SL-CAI run folder whose compliant initial answers are the harmful examples "
+                                 "(the pipeline uses round 1's); empty = depth not measured by cai-fast evaluate")
+    depth_size: int = option(8, "red-team prompts (the first of the harmlessness set) measured after each "
+                                "fine-tune")
+    depth_tokens: int = option(64, "max new tokens of each response measured for depth (a refusal shows in "
+                                   "the opening clauses)")
+    depth_epochs: float = option(3.0, "epochs of each depth fine-tune")
+    depth_lr: float = option(5e-5, "learning rate of each depth fine-tune (full fine-tuning)")
     generation_batch: int = option(8, "prompts generated or scored together")
     subset_seed: int = option(0, "seed of the sampled prompt and benchmark subsets")
 
@@ -78,15 +109,32 @@ class EvalConfig:
         if not isinstance(self.benchmarks, str):
             self.benchmarks = ",".join(self.benchmarks)
         for name in ("harmless_size", "helpful_size", "over_refusal_size", "response_tokens", "benchmark_size",
-                     "gsm8k_tokens", "generation_batch"):
+                     "gsm8k_tokens", "generation_batch", "human_size", "depth_size", "depth_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.skip_missing_benchmarks not in (0, 1):
             raise ValueError(f"skip_missing_benchmarks must be 0 or 1, got {self.skip_missing_benchmarks!r}")
+        if self.depth_epochs <= 0 or self.depth_lr <= 0:
+            raise ValueError(f"depth_epochs and depth_lr must be > 0, got {self.depth_epochs} and {self.depth_lr}")
+        parse_ladder(self.depth_ladder)
+
+    @property
+    def depth_rungs(self) -> list[int]:
+        return parse_ladder(self.depth_ladder)
 
     @property
     def benchmark_paths(self) -> list[str]:
         return [p.strip() for p in self.benchmarks.split(",") if p.strip()]
+
+
+def parse_ladder(text: str) -> list[int]:
+    """A depth ladder "0,10,30" as whole numbers >= 0 (empty: depth is not measured)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"depth_ladder must be whole numbers >= 0, comma-separated (e.g. '0,10,30,100'), "
+                         f"got {text!r}")
+    return [int(p) for p in parts]
+
 
 # ---------------------------------------------------------------- win-rates
 
@@ -94,13 +142,11 @@ class EvalConfig:
 def win_rate(labels: Sequence[float]) -> dict:
     """Mean soft label P(model ≻ base), hard win share (> ½), tie share (= ½), standard error."""
     n = len(labels)
+    mean, stderr = mean_stderr(labels)
     if not n:
-        return {"n": 0, "win_rate": float("nan"), "hard_win_share": float("nan"), "tie_share": float("nan"),
-                "stderr": float("nan")}
-    mean = sum(labels) / n
-    spread = math.sqrt(sum((x - mean) ** 2 for x in labels) / (n - 1)) if n > 1 else 0.0
+        return {"n": 0, "win_rate": mean, "hard_win_share": mean, "tie_share": mean, "stderr": stderr}
     return {"n": n, "win_rate": mean, "hard_win_share": sum(x > 0.5 for x in labels) / n,
-            "tie_share": sum(x == 0.5 for x in labels) / n, "stderr": spread / math.sqrt(n)}
+            "tie_share": sum(x == 0.5 for x in labels) / n, "stderr": stderr}
 
 
 def fixed_label(model_text: str, base_text: str) -> float | None:
@@ -116,7 +162,8 @@ def fixed_label(model_text: str, base_text: str) -> float | None:
 def judged_win_rate(judge, prompts: Sequence[Prompt], model: dict[str, str], base: dict[str, str],
                     out_dir: str | Path | None = None, *, progress: bool = True) -> dict:
     """win_rate of the model's responses over the base's on `prompts` (dicts: prompt id -> text),
-    judged by `judge` (a ConstitutionalJudge; any object with score() when out_dir is None)."""
+    judged by `judge` (a ConstitutionalJudge; any object with score() when out_dir is None), with
+    the win-rate at equal length (cai_fast.length) under "length_controlled"."""
     from .labelling import run_labelling
     from .pairs import Pair
 
@@ -131,8 +178,10 @@ def judged_win_rate(judge, prompts: Sequence[Prompt], model: dict[str, str], bas
         result = judge.score([x.prompt for x in asked], [x.a for x in asked], [x.b for x in asked])
         labels.update((x.id, float(label)) for x, label in zip(asked, result.label))
     values = [labels[p.id] for p in prompts]
-    return {**win_rate(values), "judged": len(asked), "identical": sum(
-        model[p.id].strip() == base[p.id].strip() for p in prompts)}
+    controlled = length_controlled_win_rate(values, [words(model[p.id]) for p in prompts],
+                                            [words(base[p.id]) for p in prompts])
+    return {**win_rate(values), "judged": len(asked), "length_controlled": controlled,
+            "identical": sum(model[p.id].strip() == base[p.id].strip() for p in prompts)}
 
 
 # ---------------------------------------------------------------- prompt sets
@@ -144,7 +193,7 @@ class EvalSets:
     helpful: list[Prompt]
     over_refusal: list[Prompt]
     benchmarks: list[Benchmark]
-    skipped: list[str] = field(default_factory=list)  # optional benchmark files that were missing
+    skipped: list[str] = field(default_factory=list)  # optional benchmark / human preference files that were missing
 
     def prompts(self, name: str) -> list[Prompt]:
         return getattr(self, name)
@@ -180,6 +229,8 @@ def load_eval_sets(config: EvalConfig) -> EvalSets:
             skipped.append(path)
             continue
         benchmarks.append(load_benchmark(path, config.benchmark_size, seed))
+    if config.human_preferences and config.skip_missing_benchmarks and not Path(config.human_preferences).exists():
+        skipped.append(config.human_preferences)
     names = [b.name for b in benchmarks]
     if len(set(names)) < len(names):
         raise BenchmarkError(f"benchmarks {config.benchmark_paths}: two files share a name ({names}); "
@@ -250,15 +301,19 @@ def outputs_of(model: str, sets: EvalSets, config: EvalConfig, out_dir: str | Pa
 # ---------------------------------------------------------------- figures of a model against the base
 
 def baseline_metrics(outputs: ModelOutputs, sets: EvalSets) -> dict:
-    """The starting model's own figures: over-refusal and capability (its win-rates are ½ by definition)."""
-    lookalike = outputs.responses["over_refusal"]
-    return {"over_refusal": refusal_rate([lookalike[p.id] for p in sets.over_refusal]),
+    """A model's own figures, without a judge: over-refusal, harmful compliance, response lengths per
+    set and capability (the starting model's win-rates are ½ by definition)."""
+    texts = {name: [outputs.responses[name][p.id] for p in sets.prompts(name)] for name in SETS}
+    return {"over_refusal": refusal_rate(texts["over_refusal"]),
+            "harmful_compliance": harmful_compliance(texts["harmless"]),
+            "lengths": {name: length_stats(texts[name]) for name in SETS},
             "capability": capability_scores(outputs.capability)}
 
 
 def compare_with_base(judges: dict[str, object], sets: EvalSets, outputs: ModelOutputs, base: ModelOutputs,
                       out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Win-rates (judges["harmless"], judges["helpful"]), over-refusal and alignment tax of a model."""
+    """Win-rates (judges["harmless"], judges["helpful"]), over-refusal, harmful compliance, lengths
+    and alignment tax of a model, with the base's own figures beside them."""
     out_dir = Path(out_dir)
     figures = baseline_metrics(outputs, sets)
     for name, measure in (("harmless", "harmlessness"), ("helpful", "helpfulness")):
@@ -266,6 +321,8 @@ def compare_with_base(judges: dict[str, object], sets: EvalSets, outputs: ModelO
                                            base.responses[name], out_dir / f"judge_{name}", progress=progress)
     base_figures = baseline_metrics(base, sets)
     figures["base_over_refusal"] = base_figures["over_refusal"]
+    figures["base_harmful_compliance"] = base_figures["harmful_compliance"]
+    figures["base_lengths"] = base_figures["lengths"]
     figures["alignment_tax"] = alignment_tax({k: v["score"] for k, v in base_figures["capability"].items()},
                                              {k: v["score"] for k, v in figures["capability"].items()})
     return figures
@@ -282,15 +339,38 @@ def make_judges(judge_model: str, config: EvalConfig, judge_config, *, engine: s
 
 
 def evaluate_model(model: str, base: ModelOutputs, sets: EvalSets, config: EvalConfig, judge_config,
-                   judge_model: str, out_dir: str | Path, *, engine: str = "cached", progress: bool = True) -> dict:
-    """All figures of `model` against the base's outputs; writes OUT/outputs and OUT/figures.json."""
+                   judge_model: str, out_dir: str | Path, *, engine: str = "cached", base_model: str | None = None,
+                   check_judge: bool = True, progress: bool = True) -> dict:
+    """All figures of `model` against the base's outputs; writes OUT/outputs and OUT/figures.json.
+    With config.depth_data, the depth of alignment of `model` (and of `base_model` when given); with
+    check_judge and config.human_preferences, the harmlessness judge checked against people."""
     start, out_dir = time.perf_counter(), Path(out_dir)
     outputs = outputs_of(model, sets, config, out_dir / "outputs", engine=engine, progress=progress)
     judges = make_judges(judge_model, config, judge_config, engine=engine)
     figures = compare_with_base(judges, sets, outputs, base, out_dir, progress=progress)
+    if check_judge and judge_check_wanted(config, sets):
+        figures["judge_check"] = judge_check.check_judge(judges["harmless"], config.human_preferences,
+                                                         config.human_size, config.subset_seed,
+                                                         out_dir / "judge_check", progress=progress)
+    if config.depth_data and config.depth_rungs:
+        examples = depth.harmful_examples(config.depth_data)
+        for key, name in (("depth", model), ("base_depth", base_model)):
+            if name is not None:
+                figures[key] = depth_of(name, examples, sets, config, out_dir / key, progress=progress)
     figures["seconds"] = round(time.perf_counter() - start, 1)
     write_atomic(out_dir / "figures.json", json.dumps(figures, indent=1))
     return figures
+
+
+def judge_check_wanted(config: EvalConfig, sets: EvalSets) -> bool:
+    """Whether the judge is to be checked against people: a human_preferences file that was not skipped."""
+    return bool(config.human_preferences) and config.human_preferences not in sets.skipped
+
+
+def depth_of(model: str, examples: list[dict], sets: EvalSets, config: EvalConfig, out_dir: str | Path, *,
+             progress: bool = True) -> dict:
+    """depth.depth_curve of `model` on the first depth_size prompts of the harmlessness set."""
+    return depth.depth_curve(model, examples, sets.harmless[: config.depth_size], config, out_dir, progress=progress)
 
 
 def summary_lines(figures: dict) -> list[str]:
@@ -300,9 +380,29 @@ def summary_lines(figures: dict) -> list[str]:
         w = figures[measure]
         lines.append(f"{measure} win-rate vs base: {w['win_rate']:.3f} ± {w['stderr']:.3f} (hard wins "
                      f"{w['hard_win_share']:.0%}, ties {w['tie_share']:.0%}, n={w['n']})")
+        c = w["length_controlled"]
+        if c["win_rate"] is not None:
+            lines.append(f"  at equal length: {c['win_rate']:.3f} ± {c['stderr']:.3f} ({c['per_100_words']:+.3f} per "
+                         f"100 more words than the base)")
     o, b = figures["over_refusal"], figures["base_over_refusal"]
     lines.append(f"over-refusal: {o['rate']:.0%} ({o['refused']}/{o['n']}), base {b['rate']:.0%}")
+    h, b = figures["harmful_compliance"], figures["base_harmful_compliance"]
+    lines.append(f"harmful compliance: {h['rate']:.0%} ± {h['stderr']:.0%} ({h['complied']}/{h['n']} red-team "
+                 f"prompts answered), base {b['rate']:.0%}")
+    for key, who in (("depth", "model"), ("base_depth", "base")):
+        if key in figures:
+            curve = ", ".join(f"k={row['k']}: {row['rate']:.0%}" for row in figures[key]["curve"])
+            lines.append(f"depth of alignment ({who}), harmful compliance after k harmful examples: {curve}")
+    if "judge_check" in figures:
+        j = figures["judge_check"]
+        lines.append(f"judge vs people: agreement {j['agreement']['rate']:.1%} ± {j['agreement']['stderr']:.1%} "
+                     f"(n={j['n']}), single order {j['chosen_first']['rate']:.1%}, order flips "
+                     f"{_pct(j['order_flip_rate'])}, ECE {_pct(j['calibration']['ece'])}")
     for name, row in figures["alignment_tax"]["benchmarks"].items():
         tax = "n/a (base scores 0)" if row["tax"] is None else f"{row['tax']:+.1%}"
         lines.append(f"{name}: base {row['base']:.3f} -> {row['aligned']:.3f}, alignment tax {tax} ({row['change']})")
     return lines
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

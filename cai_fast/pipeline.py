@@ -13,8 +13,13 @@ Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
     ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
               on the labels (reference: the SFT policy)
     evaluate  the round's policy against the starting model (cai_fast.evaluate)
+    depth     depth of alignment of the round's policy (cai_fast.depth; when eval.depth_ladder is
+              set), the harmful examples being round 1's SL-CAI initial answers; in round 1 the
+              starting model's too (recorded as round 0's `depth` stage)
 Every stage's seed is its configured seed + (r − 1), so rounds draw new principles and samples.
-Before round 1 the `baseline` stage computes the starting model's evaluation outputs, once.
+Before round 1 the `baseline` stage computes the starting model's evaluation outputs, once, and,
+when eval.human_preferences is set, the `judge_check` stage checks the labelling judge (judge_model,
+the run's constitution) against people (cai_fast.judge_check).
 Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
 `train_size` of them (0 = all).
 
@@ -31,7 +36,7 @@ Run folder (`out`):
     config.source        the config file as given
     state.json           per round and stage: status, seconds, summary; the best round
     prompts/train.jsonl  the training prompts
-    round-0/baseline/    the starting model's evaluation outputs
+    round-0/baseline/    the starting model's evaluation outputs (round-0/judge_check/, round-0/depth/)
     round-R/<stage>/     one folder per stage; round-R/<method>/ holds the round's policy
     report.md, figures/  the report (cai_fast.report), rewritten after every round
 Resume: each stage resumes at its own grain (SL-CAI, samples and labels by record, training from
@@ -49,7 +54,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .data import Prompt, load_prompts
-from .evaluate import SETS, EvalSets, ModelOutputs, baseline_metrics, evaluate_model, load_eval_sets, outputs_of
+from .evaluate import (
+    SETS, EvalSets, ModelOutputs, baseline_metrics, depth_of, evaluate_model, judge_check_wanted, load_eval_sets,
+    outputs_of,
+)
 from .pipeline_config import PipelineConfig, config_dict
 from .store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 
@@ -176,6 +184,8 @@ class Pipeline:
     def run(self) -> LoopOutcome:
         self.state.update(finished=False, eval_sets=self.sets.describe(), train_prompts=len(self.prompts))
         self.stage(0, "baseline", self.baseline)
+        if judge_check_wanted(self.config.eval, self.sets):
+            self.stage(0, "judge_check", self.judge_check)
         outcome = iterate_rounds(self.round, self.config.rounds, self.config.tolerance)
         self.state.update(finished=True, qualities=outcome.qualities, stopped_early=outcome.stopped_early,
                           best_round=outcome.best_round, best_policy=str(self.policy(outcome.best_round)))
@@ -213,6 +223,9 @@ class Pipeline:
         else:
             self.stage(r, "dpo", lambda: self.train("dpo", r, model=sft, data=labels, out=folder / "dpo"))
         figures = self.stage(r, "evaluate", lambda: self.evaluate(self.policy(r), folder / "evaluate"))
+        if self.config.eval.depth_rungs:
+            for measured in ([0, r] if r == 1 else [r]):
+                self.stage(measured, "depth", lambda: self.depth(measured))
         self.write_report()
         return figures["quality"]
 
@@ -222,6 +235,31 @@ class Pipeline:
         outputs = outputs_of(self.config.model, self.sets, self.config.eval, self.root / "round-0" / "baseline",
                              engine=self.config.engine, progress=self.progress)
         return baseline_metrics(outputs, self.sets)
+
+    def labelling_judge(self, judge_config):
+        """The judge of the RLAIF labels: label_judge_model asking the run's constitution."""
+        from .engine import load_model, make_generator
+        from .judge import ConstitutionalJudge
+
+        generator = make_generator(load_model(self.config.label_judge_model), engine=self.config.engine,
+                                   batch_size=judge_config.batch_size)
+        return ConstitutionalJudge(generator, self.constitution, judge_config)
+
+    def judge_check(self) -> dict:
+        from .judge_check import check_judge
+
+        e, judge = self.config.eval, self.labelling_judge(self.config.judge)
+        return {**check_judge(judge, e.human_preferences, e.human_size, e.subset_seed,
+                              self.root / "round-0" / "judge_check", progress=self.progress),
+                "judge_model": self.config.label_judge_model}
+
+    def depth(self, r: int) -> dict:
+        """Depth of alignment of round r's policy (r = 0: the starting model) on round 1's harmful examples."""
+        from .depth import harmful_examples
+
+        examples = harmful_examples(self.root / "round-1" / "sl_cai")
+        return depth_of(self.policy(r), examples, self.sets, self.config.eval, self.root / f"round-{r}" / "depth",
+                        progress=self.progress)
 
     def sl_cai(self, r: int, start: str, out: Path) -> dict:
         from .engine import load_model, make_generator
@@ -243,7 +281,6 @@ class Pipeline:
     def label(self, r: int, sft: str, out: Path) -> dict:
         """Sample from the SFT policy, pair the samples, label the pairs with the judge."""
         from .engine import SamplingParams, load_model, make_generator
-        from .judge import ConstitutionalJudge
         from .labelling import run_labelling
         from .pairs import pairs_from_samples
         from .responses import sample_responses
@@ -260,20 +297,18 @@ class Pipeline:
         if not pairs:
             raise ValueError(f"round {r}: every pair of samples was identical or empty, so there is nothing to "
                              "label; raise label.temperature or label.sample_tokens")
-        judge_generator = make_generator(load_model(self.config.label_judge_model), engine=self.config.engine,
-                                         batch_size=judge_config.batch_size)
-        judge = ConstitutionalJudge(judge_generator, self.constitution, judge_config)
-        result = run_labelling(judge, pairs, out_dir=out / "labels", progress=self.progress,
-                               run_info={"judge_model": self.config.label_judge_model})
+        result = run_labelling(self.labelling_judge(judge_config), pairs, out_dir=out / "labels",
+                               progress=self.progress, run_info={"judge_model": self.config.label_judge_model})
         keep = ("labels", "mean_p_chosen", "order_flip_rate", "position_a_win_rate", "judge_seconds", "files")
         return {"samples": len(samples) * config.samples, "pairs": len(pairs), **left_out,
                 **{k: result.summary[k] for k in keep if k in result.summary}}
 
     def evaluate(self, policy: str, out: Path) -> dict:
         base = ModelOutputs.load(self.root / "round-0" / "baseline")
-        figures = evaluate_model(policy, base, self.sets, self.config.eval, self.config.judge,
+        config = replace(self.config.eval, depth_data="")  # the pipeline's own depth stage measures depth
+        figures = evaluate_model(policy, base, self.sets, config, self.config.judge,
                                  self.config.eval_judge_model, out, engine=self.config.engine,
-                                 progress=self.progress)
+                                 check_judge=False, progress=self.progress)
         return {**figures, "measures": round_measures(figures),
                 "quality": quality_of(figures, self.config.quality_weights)}
 

@@ -5,10 +5,13 @@
 Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.pipeline),
 config.json and config.source (the configuration, shown in full at the end) and each round's
 training log (metrics.jsonl of its ppo or dpo stage). Figures:
-    training_curves.png   PPO: reward and KL per step; DPO: reward margin and loss; a line per round
-    win_rates.png         harmlessness and helpfulness win-rates against the starting model per round
+    training_curves.png   PPO: reward and KL per step (the penalty's k1 estimate and the k3 one, ≥ 0);
+                          DPO: reward margin and loss; a line per round
+    win_rates.png         harmlessness and helpfulness win-rates against the starting model per round,
+                          raw and at equal length
     over_refusal.png      over-refusal of the starting model and of each round
     alignment_tax.png     (base − aligned) / base per benchmark, a bar per round
+    safety.png, lengths.png, depth.png, judge_calibration.png   see cai_fast.report_measures
 A figure without data yet (no round evaluated, no benchmark) is left out and the text says so.
 The report is rewritten after every round, so a run in progress has one too.
 """
@@ -24,7 +27,8 @@ from .plots import curves_png, grouped_bars_png
 from .store import write_atomic
 
 SPLITS = ("dev", "test", "model")  # of the refusal detector's labelled set
-CURVES = {"ppo": {"reward": "reward (mean reward-model score)", "kl": "KL to the SFT policy (per response)"},
+CURVES = {"ppo": {"reward": "reward (mean reward-model score)", "kl": "KL to the SFT policy (per response)",
+                  "kl_k3": "KL to the SFT policy, k3 estimate (≥ 0)"},
           "dpo": {"reward_margin": "implicit reward margin (chosen − rejected)", "loss": "DPO loss"}}
 
 
@@ -35,8 +39,10 @@ def write_report(run_dir: str | Path) -> Path:
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     rounds = evaluated_rounds(state)
     figures = draw_figures(root, state, config, rounds)
+    measures, drawn = _measures(root, state, rounds)
+    figures.update(drawn)
     lines = [*_headline(root, state, config, rounds), *_results(state, rounds), *_figures(figures),
-             *_tax_table(state, rounds), *_training(state, config), *_detector(), *_eval_sets(state),
+             *_tax_table(state, rounds), *measures, *_training(state, config), *_detector(), *_eval_sets(state),
              *_times(state), *_configuration(root, config)]
     path = root / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
@@ -49,13 +55,28 @@ def evaluated_rounds(state: dict) -> list[int]:
                   if int(r) > 0 and entry.get("stages", {}).get("evaluate", {}).get("status") == "done")
 
 
+def _measures(root: Path, state: dict, rounds: list[int]) -> tuple[list[str], dict[str, Path]]:
+    """The sections and PNGs of cai_fast.report_measures, from the baseline, rounds, depth and judge check."""
+    from .report_measures import measure_report
+
+    base = _baseline(state)
+    models = ([("start", base)] if base else []) + [(f"round {r}", _figures_of(state, r)) for r in rounds]
+    depth = {("start" if r == 0 else f"round {r}"): s for r in range(len(state["rounds"]))
+             if (s := _done(state, r, "depth")) is not None}
+    return measure_report(models, depth, _done(state, 0, "judge_check"), root / "figures")
+
+
+def _done(state: dict, r: int, stage: str) -> dict | None:
+    entry = state["rounds"].get(str(r), {}).get("stages", {}).get(stage, {})
+    return entry.get("summary") if entry.get("status") == "done" else None
+
+
 def _figures_of(state: dict, r: int) -> dict:
     return state["rounds"][str(r)]["stages"]["evaluate"]["summary"]
 
 
 def _baseline(state: dict) -> dict | None:
-    entry = state["rounds"].get("0", {}).get("stages", {}).get("baseline", {})
-    return entry.get("summary") if entry.get("status") == "done" else None
+    return _done(state, 0, "baseline")
 
 
 def _fmt(value, spec: str = ".3f", missing: str = "—") -> str:
@@ -78,6 +99,8 @@ def draw_figures(root: Path, state: dict, config: dict, rounds: list[int]) -> di
         return drawn
     labels = [f"round {r}" for r in rounds]
     wins = {m: [_figures_of(state, r)[m]["win_rate"] for r in rounds] for m in ("harmlessness", "helpfulness")}
+    wins.update({f"{m} at equal length": [_figures_of(state, r)[m].get("length_controlled", {}).get("win_rate")
+                                          for r in rounds] for m in ("harmlessness", "helpfulness")})
     drawn["win-rates"] = grouped_bars_png(labels, wins, out / "win_rates.png", reference=0.5, ylim=(0, 1),
                                           ylabel="P(round ≻ start)",
                                           title="Win-rate against the starting model (0.5 = as good)")
@@ -173,16 +196,26 @@ def _tax_table(state: dict, rounds: list[int]) -> list[str]:
     base = _baseline(state)["capability"]
     lines = ["", "## Alignment tax per benchmark", "",
              "Scores are accuracies (GSM8K-style: exact match of the final number; multiple choice: the option "
-             "of highest log-likelihood). Tax = (base − aligned) / base: > 0 a regression, < 0 an improvement.", "",
+             "of highest log-likelihood), ± binomial standard error. Tax = (base − aligned) / base: > 0 a "
+             "regression, < 0 an improvement; the mean row is the tax of the mean scores.", "",
              "| benchmark | n | start | " + " | ".join(f"round {r} | tax {r}" for r in rounds) + " |",
              "| --- | --- | --- | " + " | ".join("--- | ---" for _ in rounds) + " |"]
     for name in names:
         cells = []
         for r in rounds:
             row = _figures_of(state, r)["alignment_tax"]["benchmarks"][name]
-            cells.append(f"{row['aligned']:.3f} | {_fmt(row['tax'], '+.1%', 'n/a (start 0)')} {row['change']}")
-        lines.append(f"| {name} | {base[name]['n']} | {base[name]['score']:.3f} | " + " | ".join(cells) + " |")
-    return lines
+            cells.append(f"{_scored(row['aligned'], _figures_of(state, r)['capability'][name])} | "
+                         f"{_fmt(row['tax'], '+.1%', 'n/a (start 0)')} {row['change']}")
+        lines.append(f"| {name} | {base[name]['n']} | {_scored(base[name]['score'], base[name])} | "
+                     + " | ".join(cells) + " |")
+    means = [_figures_of(state, r)["alignment_tax"] for r in rounds]
+    cells = [f"{_fmt(t['mean_aligned'])} | {_fmt(t['mean_tax'], '+.1%', 'n/a (start 0)')}" for t in means]
+    return lines + [f"| **mean** | | {_fmt(means[0]['mean_base'])} | " + " | ".join(cells) + " |"]
+
+
+def _scored(score: float, row: dict) -> str:
+    """A benchmark score with its binomial standard error, where the run recorded one."""
+    return f"{score:.3f} ± {row['stderr']:.3f}" if "stderr" in row else f"{score:.3f}"
 
 
 def _training(state: dict, config: dict) -> list[str]:
@@ -190,7 +223,7 @@ def _training(state: dict, config: dict) -> list[str]:
     for r in sorted(int(k) for k in state["rounds"] if int(k) > 0):
         stages = state["rounds"][str(r)]["stages"]
         done = {name: s["summary"] for name, s in stages.items() if s.get("status") == "done"}
-        parts = [_stage_line(name, summary) for name, summary in done.items() if name != "evaluate"]
+        parts = [_stage_line(name, summary) for name, summary in done.items() if name not in ("evaluate", "depth")]
         lines.append(f"- round {r}: " + "; ".join(p for p in parts if p))
     return lines
 
@@ -234,7 +267,7 @@ def _eval_sets(state: dict) -> list[str]:
     for name, b in sets["benchmarks"].items():
         lines.append(f"- benchmark `{name}` ({b['kind']}): {b['n']} of {b['of']} examples from `{b['path']}`")
     for path in sets["skipped_benchmarks"]:
-        lines.append(f"- benchmark `{path}` skipped: the file does not exist (skip_missing_benchmarks = 1)")
+        lines.append(f"- file `{path}` skipped: it does not exist (skip_missing_benchmarks = 1)")
     return lines
 
 

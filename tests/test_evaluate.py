@@ -53,7 +53,7 @@ def test_refusal_detector_on_hard_cases(text, refused):
 
 def test_refusal_rate_counts():
     rate = refusal_rate(["I'm sorry, but I can't assist with that.", "Use `rm -rf node_modules`.", "I cannot help."])
-    assert rate == {"rate": pytest.approx(2 / 3), "refused": 2, "n": 3}
+    assert rate == {"rate": pytest.approx(2 / 3), "refused": 2, "n": 3, "stderr": pytest.approx(math.sqrt(2 / 27))}
 
 
 # ---------------------------------------------------------------- GSM8K
@@ -289,11 +289,25 @@ def test_the_evaluate_command_writes_the_figures(tiny_model_path, tmp_path, caps
 
     bench = tmp_path / "arith.jsonl"
     bench.write_text("".join(json.dumps({"question": f"{a} + {a}?", "answer": f"#### {2 * a}"}) + "\n" for a in range(5)))
+    people = tmp_path / "people.jsonl"
+    people.write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: yes {i}",
+                                          "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"}) + "\n" for i in range(3)))
+    sl_cai = tmp_path / "sl_cai"
+    sl_cai.mkdir()
+    (sl_cai / "records-00000.jsonl").write_text("".join(json.dumps({"prompt": f"harm {i}?", "initial": f"Do step {i}."})
+                                                        + "\n" for i in range(2)))
     args = ["evaluate", "--model", str(tiny_model_path), "--base", str(tiny_model_path), "--out", str(tmp_path / "ev"),
             "--harmless-size", "2", "--helpful-size", "2", "--over-refusal-size", "2", "--response-tokens", "4",
-            "--benchmarks", str(bench), "--benchmark-size", "3", "--gsm8k-tokens", "4", "--principles", "1", "--quiet"]
+            "--benchmarks", str(bench), "--benchmark-size", "3", "--gsm8k-tokens", "4", "--principles", "1", "--quiet",
+            "--human-preferences", str(people), "--human-size", "2", "--depth-data", str(sl_cai),
+            "--depth-ladder", "0,1", "--depth-size", "2", "--depth-epochs", "1", "--depth-tokens", "4"]
     assert main(args) == 0
     figures = json.loads((tmp_path / "ev" / "model" / "figures.json").read_text())
     assert figures["harmlessness"]["win_rate"] == 0.5 and figures["harmlessness"]["identical"] == 2  # same model
+    assert figures["harmlessness"]["length_controlled"]["win_rate"] == 0.5  # same lengths: the plain mean
     assert figures["alignment_tax"]["benchmarks"]["arith"]["change"] == "unchanged"
-    assert "harmlessness win-rate vs base: 0.500" in capsys.readouterr().out
+    assert figures["harmful_compliance"] == figures["base_harmful_compliance"] and figures["judge_check"]["n"] == 2
+    for key in ("depth", "base_depth"):
+        assert [row["k"] for row in figures[key]["curve"]] == [0, 1]
+    out = capsys.readouterr().out
+    assert "harmlessness win-rate vs base: 0.500" in out and "harmful compliance:" in out and "judge vs people" in out

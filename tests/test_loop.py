@@ -195,6 +195,12 @@ benchmarks = ["{data}/arith.jsonl", "{data}/yesno.json"]
 benchmark_size = 3
 gsm8k_tokens = 5
 generation_batch = 2
+human_preferences = "{data}/people.jsonl"
+human_size = 2
+depth_ladder = "0,2"
+depth_size = 2
+depth_epochs = 1
+depth_tokens = 4
 """
 
 
@@ -206,6 +212,9 @@ def _write_tiny_config(tmp_path, name: str, model):
     (data / "yesno.json").write_text(json.dumps({"examples": [
         {"input": "Is fire hot?", "target": "yes"}, {"input": "Is snow hot?", "target": "no"},
         {"input": "Pick the colour.\nOptions:\n(A) red\n(B) seven", "target": "(A)"}]}))
+    (data / "people.jsonl").write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: sure {i}",
+                                                           "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"}) + "\n"
+                                               for i in range(3)))
     path = tmp_path / f"{name}.toml"
     path.write_text(TINY.format(out=tmp_path / name, model=model, data=data))
     return path
@@ -233,7 +242,7 @@ def _jsonl(path) -> list[dict]:
 # The outputs that must not depend on whether the run was interrupted (times and paths may).
 COMPARED = ["round-{r}/sl_cai/sft_messages/train-00000.jsonl", "round-{r}/label/labels/preference/train-00000.jsonl",
             "round-{r}/sft/metrics.jsonl", "round-{r}/reward/metrics.jsonl", "round-{r}/ppo/metrics.jsonl",
-            "round-{r}/evaluate/outputs/outputs.json"]
+            "round-{r}/evaluate/outputs/outputs.json", "round-{r}/depth/rungs-00000.jsonl"]
 
 
 def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_path):
@@ -274,5 +283,8 @@ def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupt
     report = (tmp_path / "killed" / "report.md").read_text()
     assert f"Report: {tmp_path / 'killed' / 'report.md'}" in resumed.stdout
     assert "resumed after an interruption" in report and TINY.splitlines()[2] in report
-    for png in ("training_curves", "win_rates", "over_refusal", "alignment_tax"):
+    assert final["rounds"]["0"]["stages"]["judge_check"]["summary"]["n"] == 2
+    assert [row["k"] for row in final["rounds"]["0"]["stages"]["depth"]["summary"]["curve"]] == [0, 2]
+    for png in ("training_curves", "win_rates", "over_refusal", "alignment_tax", "safety", "lengths", "depth",
+                "judge_calibration"):
         assert (tmp_path / "killed" / "figures" / f"{png}.png").stat().st_size > 1000

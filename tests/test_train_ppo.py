@@ -11,7 +11,8 @@ import torch
 from cai_fast.engine import LoadedModel, SamplingParams, load_model, make_generator
 from cai_fast.train.config import PPOConfig
 from cai_fast.train.ppo import (
-    PPOTrainer, clipped_policy_loss, clipped_value_loss, gae, per_token_kl, token_rewards, train_ppo, whiten,
+    PPOTrainer, clipped_policy_loss, clipped_value_loss, gae, per_token_kl, per_token_kl_k3, token_rewards, train_ppo,
+    whiten,
 )
 
 
@@ -62,6 +63,18 @@ def test_per_token_kl_and_rewards_by_hand():
     samples = torch.multinomial(p, 200_000, replacement=True, generator=generator)
     estimate = per_token_kl(p.log()[samples], q.log()[samples]).mean()
     assert float(estimate) == pytest.approx(float((p * (p / q).log()).sum()), abs=0.01)
+
+
+def test_the_k3_kl_estimator_by_hand_never_negative_and_unbiased():
+    # ρ = π_ref/π: 0.5 → (0.5 − 1) − log 0.5 = 0.193147;  e → (e − 1) − 1 = 0.718282;  1 → 0
+    k3 = per_token_kl_k3(torch.tensor([0.5, 0.2, 0.3]).log(), torch.tensor([0.25, 0.2 * math.e, 0.3]).log())
+    assert k3.tolist() == pytest.approx([0.193147, 0.718282, 0.0], abs=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    p, q = (torch.softmax(torch.randn(11, generator=generator), 0) for _ in range(2))
+    samples = torch.multinomial(p, 200_000, replacement=True, generator=generator)
+    k1, k3 = per_token_kl(p.log()[samples], q.log()[samples]), per_token_kl_k3(p.log()[samples], q.log()[samples])
+    assert bool((k3 >= 0).all()) and bool((k1 < 0).any())  # the penalty's estimator goes negative, k3 never
+    assert float(k3.mean()) == pytest.approx(float((p * (p / q).log()).sum()), abs=0.01)
 
 
 def test_whiten_is_zero_mean_unit_variance():
@@ -162,7 +175,8 @@ def test_train_ppo_logs_every_step_and_saves_a_loadable_policy(tiny_model_path, 
     assert logged == result.history and [h["step"] for h in logged] == [1, 2]
     for key in ("reward", "kl", "entropy", "clipfrac", "value_loss", "pg_loss", "non_score_reward", "lr"):
         assert all(math.isfinite(h[key]) for h in logged), key
-    assert logged[0]["kl"] == 0.0 and logged[1]["kl"] != 0.0  # the policy moved away from the reference
+    assert logged[0]["kl"] == 0.0 == logged[0]["kl_k3"] and logged[1]["kl"] != 0.0  # the policy moved away
+    assert logged[1]["kl_k3"] > 0
     assert 0 < logged[0]["entropy"] < math.log(load_model(str(tiny_model_path)).model.config.vocab_size) + 1
     assert 1 <= logged[0]["response_length"] <= 8
     load_model(str(tmp_path / "run"))

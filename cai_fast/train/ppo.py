@@ -23,7 +23,9 @@ The value function is a Linear(H, 1) head on the policy's own final hidden state
 gives both; the value loss also trains the shared backbone, as in trl's original PPO).
 
 Logged per step to OUT/metrics.jsonl: reward (mean reward-model score), kl (mean Σ_t k1_t per
-response), non_score_reward, entropy, clipfrac, value_loss, pg_loss, approx_kl, ratio,
+response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t k3_t
+per response, k3_t = (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t) / π_old(y_t): unbiased too, and never
+negative, so its curve reads as a distance), non_score_reward, entropy, clipfrac, value_loss, pg_loss, approx_kl, ratio,
 response_length, grad_norm, lr. `entropy` is the Monte-Carlo estimate −mean log π_old(y_t) over
 the sampled tokens: unbiased for the per-token entropy of the sampling distribution (the
 tokens are drawn from it), without the full [tokens × vocab] distribution.
@@ -56,6 +58,13 @@ from .reward import load_reward_model
 def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k1 estimator of KL(π ‖ π_ref) at each sampled token: log π(y_t) − log π_ref(y_t)."""
     return logp - ref_logp
+
+
+def per_token_kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(π ‖ π_ref) at each sampled token: (ρ − 1) − log ρ, ρ = π_ref(y_t) / π(y_t).
+    Never negative (x − 1 ≥ log x), with the same expectation as k1 under tokens drawn from π."""
+    log_ratio = ref_logp - logp
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def token_rewards(score: float, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -193,7 +202,7 @@ class PPOTrainer:
         scores = self.scorer([text for text, _ in prompts], responses)
         old_logp, old_values, ref_logp = self.score(chats)
         c = self.config
-        stats = {"reward": 0.0, "kl": 0.0, "non_score_reward": 0.0, "neg_logp": 0.0, "tokens": 0.0,
+        stats = {"reward": 0.0, "kl": 0.0, "kl_k3": 0.0, "non_score_reward": 0.0, "neg_logp": 0.0, "tokens": 0.0,
                  "responses": float(len(chats))}
         advantages, returns = [], []
         for score, logp, values, ref in zip(scores, old_logp, old_values, ref_logp):
@@ -203,6 +212,7 @@ class PPOTrainer:
             returns.append(r)
             stats["reward"] += score
             stats["kl"] += float(kl.sum())
+            stats["kl_k3"] += float(per_token_kl_k3(logp, ref).sum())
             stats["non_score_reward"] -= c.kl_coef * float(kl.sum())
             stats["neg_logp"] -= float(logp.sum())
             stats["tokens"] += len(logp)
@@ -248,7 +258,8 @@ class PPOTrainer:
         rollouts, stats = self.rollouts(local_examples(self.prompts, indices), k)
         stats = self.run.sum_over_processes(stats)
         n, tokens = stats["responses"], stats["tokens"]
-        return {"reward": stats["reward"] / n, "kl": stats["kl"] / n, "non_score_reward": stats["non_score_reward"] / n,
+        return {"reward": stats["reward"] / n, "kl": stats["kl"] / n, "kl_k3": stats["kl_k3"] / n,
+                "non_score_reward": stats["non_score_reward"] / n,
                 "entropy": stats["neg_logp"] / tokens, "response_length": tokens / n, **self.update(rollouts, k)}
 
     def train(self) -> TrainResult:

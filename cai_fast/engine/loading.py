@@ -92,12 +92,27 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
+    tokenizer = load_tokenizer(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_path(name_or_path), dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}. {_INSTALL_HINT}") from err
+    return LoadedModel(model.to(device).eval(), tokenizer, str(name_or_path))
+
+
+def model_path(name_or_path: str = DEFAULT_MODEL) -> str:
+    """Where a model loads from: the default model's converted folder, else the name or folder as given."""
+    return str(default_model_path()) if name_or_path == DEFAULT_MODEL else str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """A model's tokenizer alone (left padding, a pad token); it must have a chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path(name_or_path))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}. {_INSTALL_HINT}") from err
     if tokenizer.chat_template is None:
@@ -107,4 +122,4 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", dev
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model.to(device).eval(), tokenizer, str(name_or_path))
+    return tokenizer

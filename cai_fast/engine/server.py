@@ -1,0 +1,378 @@
+"""The server generator: generation and exact option scores from OpenAI-compatible servers.
+
+    connect_servers(model, urls, ServerConfig()) -> ServerGenerator
+        .generate(prompts, params) -> list[Completion]
+        .score_options(prompts, options) -> Tensor [N, K]
+        .stats: ServerStats (per server: requests, prompt tokens sent, tokens our scheduler expects
+                the server to find in its prefix cache; retries)
+
+Prompts go out as token ids to `/v1/completions`, so the chat template and the judge layout stay
+ours; the local tokenizer (the model's, loaded without the weights) renders and decodes. At start
+each server must answer `/v1/models` with the same model (the last part of its id or root, case
+aside, equals the last part of `model` or its folder) and tokenize a probe chat exactly as the
+local tokenizer does (`/tokenize`; a server without that endpoint is trusted, with a warning).
+
+Order and routing: every request of a call is routed to a server (cai_fast.scheduler.routing:
+cache-aware by longest prefix with load balance, or round-robin) and queued in that server's
+BatchScheduler (cai_fast.scheduler), whose radix tree models the server's prefix cache: what
+completed requests computed there. Each server gets at most `max_in_flight` requests at once,
+taken in the scheduler's order (longest cached prefix first, policy `order`), and a request that
+shares `dedup_min_tokens` or more not-yet-cached tokens with one in the same batch is held back
+until that one is done, so the server computes the shared prefix once. order="fcfs" with
+dedup_min_tokens=0 is plain submission order.
+
+Sampling: temperature, top_p (top-k off), a seed per request (params.seed + its index in the
+call), stop strings and the tokenizer's end-of-turn ids, max tokens. The Completion is built as
+the other generators build it: end-of-turn token left out, text cut at the first stop string.
+
+Exact scores: each option's log-prob comes from the server's prompt log-probs of the prompt
+followed by that option (vLLM's `prompt_logprobs`: the log-prob of every prompt token under the
+full-vocabulary softmax), never from a top-k list. The K requests of one prompt share it, so the
+second hits the prefix cache.
+
+Faults: a connection error, a timeout or a 5xx is retried `retries` times with exponential backoff
+(`backoff` seconds, doubled each time); a 4xx or the last failure raises ServerError, one line
+naming the server and what to do. Nothing is returned from a call that failed, so a caller that
+appends its records after each call (sl-cai, label) loses nothing and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..scheduler import make_cache, make_scheduler
+from ..scheduler.routing import RoutingConfig, Router
+from .base import Completion, GenerationStats, SamplingParams, cut_at_stop, end_of_turn_ids
+
+PROBE_CHAT = [{"role": "user", "content": "Which response is less harmful, (A) or (B)? Naïve café, 42 ✓"}]
+
+
+class ServerError(RuntimeError):
+    """A server is unreachable, failed a request, or does not serve the expected model; one line."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server generator talks to its servers; every field has a default."""
+
+    max_in_flight: int = field(default=8, metadata={"help": "requests in flight per server"})
+    timeout: float = field(default=600.0, metadata={"help": "seconds one request may take"})
+    retries: int = field(default=3, metadata={"help": "retries of a request after a connection error or 5xx"})
+    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled each time"})
+    connect_timeout: float = field(default=30.0, metadata={"help": "seconds to wait for each server at start"})
+    order: str = field(default="lpm", metadata={"help": "order requests go out: lpm, dfs-weight or fcfs"})
+    dedup_min_tokens: int = field(default=32, metadata={"help": "shared uncached tokens that hold a request back"})
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def __post_init__(self):
+        if self.max_in_flight < 1 or self.retries < 0 or self.dedup_min_tokens < 0:
+            raise ValueError(f"ServerConfig: max_in_flight >= 1, retries >= 0 and dedup_min_tokens >= 0 needed, "
+                             f"got {self.max_in_flight}, {self.retries}, {self.dedup_min_tokens}")
+        if min(self.timeout, self.connect_timeout) <= 0 or self.backoff < 0:
+            raise ValueError(f"ServerConfig: timeouts > 0 and backoff >= 0 needed, got {self.timeout}, "
+                             f"{self.connect_timeout}, {self.backoff}")
+
+
+@dataclass
+class ServerStats(GenerationStats):
+    """GenerationStats plus, per server: requests sent, prompt tokens sent, and prompt tokens our
+    scheduler expected to be in the server's prefix cache; and retries over all servers."""
+
+    requests: list[int] = field(default_factory=list)
+    sent_tokens: list[int] = field(default_factory=list)
+    expected_cached: list[int] = field(default_factory=list)
+    retries: int = 0
+
+    def summary(self) -> dict:
+        return {"requests": self.requests, "sent_tokens": self.sent_tokens,
+                "expected_cached": self.expected_cached, "retries": self.retries}
+
+
+@dataclass
+class _Job:
+    index: int  # position in the caller's list
+    tokens: list[int]  # what is sent: the prompt (generation) or prompt + option (scoring)
+    body: dict  # the request body, less the model and the prompt
+    logits_from: int
+    max_new: int = 0
+    id: int = -1
+    server: int = -1
+    queued: bool = False  # held by its server's scheduler (waiting or running there)
+    result: dict | None = None
+
+
+def parse_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """Server base URLs from a comma-separated string or a list; '/v1' and trailing '/' dropped."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = tuple(re.sub(r"(/v1)?/*$", "", u.strip()) for u in items if u.strip())
+    bad = [u for u in out if not re.match(r"https?://[^/\s]+", u)]
+    if not out or bad:
+        raise ValueError(f"--server-url: expected http(s)://host:port[,http://host:port...], got {urls!r}")
+    return out
+
+
+def connect_servers(model: str, urls: str | Sequence[str], config: ServerConfig = ServerConfig()) -> "ServerGenerator":
+    """A ServerGenerator for `model` (a name or folder whose tokenizer loads locally) on these servers."""
+    from .loading import load_tokenizer, model_path
+
+    return ServerGenerator(load_tokenizer(model), parse_urls(urls), {model, model_path(model)}, config)
+
+
+class ServerGenerator:
+    """Generation and scoring on OpenAI-compatible servers (see the module docstring)."""
+
+    def __init__(self, tokenizer, urls: Sequence[str], model_names: set[str], config: ServerConfig = ServerConfig()):
+        self.tokenizer, self.urls, self.config = tokenizer, tuple(urls), config
+        self.stop_ids = end_of_turn_ids(tokenizer)
+        n = len(self.urls)
+        self.stats = ServerStats(requests=[0] * n, sent_tokens=[0] * n, expected_cached=[0] * n)
+        self.session = _session(n * config.max_in_flight)
+        self.router = Router(n, config.routing)
+        bs, blocks = config.routing.block_size, config.routing.cache_tokens // config.routing.block_size
+        self.schedulers = [make_scheduler(make_cache(blocks, bs), 1 << 30, config.order, config.dedup_min_tokens)
+                           for _ in self.urls]
+        self._ids = itertools.count()
+        self.served = [self._check_server(url, model_names) for url in self.urls]
+
+    # ---------------------------------------------------------------- public API
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """Continue each prompt (token ids); one Completion per prompt, in order."""
+        body = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                "top_k": -1, "stop": list(params.stop), "stop_token_ids": self.stop_ids,
+                "skip_special_tokens": True, "return_token_ids": True}
+        jobs = [_Job(i, p, {**body, "seed": (params.seed + i) % (1 << 31)}, len(p) - 1, params.max_new_tokens)
+                for i, p in enumerate(_checked(prompts, "generate"))]
+        self._run(jobs)
+        out = [self._completion(job, params) for job in jobs]
+        self.stats.add(out)
+        return out
+
+    def score_options(self, prompts: Sequence[Sequence[int]],
+                      options: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Log-probs [N, K] (fp32) of K options continuing each of N prompts, each summed over its
+        tokens, from the servers' prompt log-probs (see `Generator.score_options`)."""
+        if not options or any(len(o) == 0 for o in options):
+            raise ValueError(f"score_options: every option needs at least one token, got {options!r}")
+        prompts = _checked(prompts, "score_options")
+        body = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+        jobs = [_Job(i, p + list(o), body, len(p)) for i, (p, o) in enumerate(itertools.product(prompts, options))]
+        self._run(jobs)
+        scores = [_option_logprob(job, len(o), self.urls[job.server])
+                  for job, o in zip(jobs, itertools.cycle(options))]
+        return torch.tensor(scores, dtype=torch.float32).reshape(len(prompts), len(options))
+
+    # ---------------------------------------------------------------- sending
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Send every job (routed, then in each server's scheduler order, at most max_in_flight per
+        server at once) and set job.result; the first job that fails for good raises ServerError."""
+        for job in jobs:
+            job.id, job.server = next(self._ids), self.router.route(job.tokens)
+            self.schedulers[job.server].add(job.id, job.tokens, job.max_new, job.logits_from)
+            job.queued = True
+        by_id, in_flight = {job.id: job for job in jobs}, {}
+        executor = ThreadPoolExecutor(max_workers=len(self.urls) * self.config.max_in_flight)
+        try:
+            ready, left = set(range(len(self.urls))), len(jobs)
+            while left:
+                for server in sorted(ready):
+                    self._send_from(server, by_id, in_flight, executor)
+                if not in_flight:
+                    raise RuntimeError("server generator: requests wait but none is in flight; this is a bug")
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                ready = {self._collect(in_flight.pop(f), f) for f in finished}
+                left -= len(finished)
+        except BaseException:
+            self._abandon([job for job in jobs if job.result is None])
+            raise
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _send_from(self, server: int, by_id: dict, in_flight: dict, executor: ThreadPoolExecutor) -> None:
+        """Admit the server's next requests in scheduler order while it has free slots."""
+        busy = sum(1 for job in in_flight.values() if job.server == server)
+        scheduler = self.schedulers[server]
+        if busy >= self.config.max_in_flight or not scheduler.num_waiting:
+            return
+        out = scheduler.schedule(self.config.max_in_flight - busy)
+        admitted = [(by_id[s.request_id], s.cached_len) for s in out.scheduled]
+        admitted += [(by_id[f.request_id], 0) for f in out.failed]  # bigger than our model of its cache
+        for f in out.failed:
+            by_id[f.request_id].queued = False  # the scheduler dropped it; it is sent all the same
+        for job, cached in admitted:
+            self.stats.requests[server] += 1
+            self.stats.sent_tokens[server] += len(job.tokens)
+            self.stats.expected_cached[server] += cached
+            body = {"model": self.served[server], "prompt": job.tokens, **job.body}
+            in_flight[executor.submit(self._post, self.urls[server], "/v1/completions", body)] = job
+
+    def _collect(self, job: _Job, future: Future) -> int:
+        """A finished request: its result (or its ServerError), its prompt cached in the scheduler's model."""
+        job.result = future.result()
+        if job.queued:
+            computed = job.tokens + (_choice(job.result).get("token_ids") or [])[:-1]
+            self.schedulers[job.server].finish(job.id, computed[: len(job.tokens) + job.max_new])
+            job.queued = False
+        self.router.done(job.server)
+        return job.server
+
+    def _abandon(self, jobs: list[_Job]) -> None:
+        """Release what the scheduler and the router hold for jobs that will not complete."""
+        for job in jobs:
+            if job.queued:
+                self.schedulers[job.server].abort(job.id)
+            if job.server >= 0:
+                self.router.done(job.server)
+
+    def _post(self, url: str, path: str, body: dict) -> dict:
+        """POST with retries on connection errors, timeouts and 5xx; ServerError otherwise."""
+        import requests
+
+        for attempt in range(self.config.retries + 1):
+            try:
+                response = self.session.post(url + path, json=body, timeout=self.config.timeout)
+            except requests.RequestException as err:
+                problem = f"{type(err).__name__}: {_first_line(err)}"
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                problem = f"HTTP {response.status_code}: {_error_message(response)}"
+                if response.status_code < 500:
+                    raise ServerError(f"server {url} refused {path}: {problem}")
+            if attempt < self.config.retries:
+                self.stats.retries += 1
+                time.sleep(self.config.backoff * 2 ** attempt)
+        raise ServerError(f"server {url} failed {path} after {self.config.retries + 1} tries ({problem}); "
+                          "check that it is running, then run the same command again to resume")
+
+    # ---------------------------------------------------------------- start-up checks
+
+    def _check_server(self, url: str, model_names: set[str]) -> str:
+        """The id the server gives the model; ServerError if it is unreachable or serves another
+        model or tokenizer."""
+        cards = self._models(url)
+        wanted = {_last_part(name) for name in model_names}
+        served = [c for c in cards if {_last_part(c.get("id", "")), _last_part(c.get("root") or "")} & wanted]
+        if not served:
+            raise ServerError(f"server {url} serves {', '.join(c.get('id', '?') for c in cards) or 'no model'}, "
+                              f"not {sorted(model_names)[0]}; start it with that model or pass --model")
+        model_id = served[0]["id"]
+        self._check_tokenizer(url, model_id)
+        return model_id
+
+    def _models(self, url: str) -> list[dict]:
+        import requests
+
+        deadline = time.monotonic() + self.config.connect_timeout
+        while True:
+            try:
+                response = self.session.get(url + "/v1/models", timeout=min(10.0, self.config.connect_timeout))
+                if response.status_code == 200:
+                    return response.json().get("data", [])
+                problem = f"HTTP {response.status_code}"
+            except requests.RequestException as err:
+                problem = type(err).__name__
+            if time.monotonic() > deadline:
+                raise ServerError(f"server {url} is unreachable ({problem} on /v1/models for "
+                                  f"{self.config.connect_timeout:g} s); start it or fix --server-url")
+            time.sleep(0.5)
+
+    def _check_tokenizer(self, url: str, model_id: str) -> None:
+        text = self.tokenizer.apply_chat_template(PROBE_CHAT, tokenize=False, add_generation_prompt=True)
+        ours = self.tokenizer.encode(text, add_special_tokens=False)
+        response = self.session.post(url + "/tokenize", timeout=self.config.timeout,
+                                     json={"model": model_id, "prompt": text, "add_special_tokens": False})
+        if response.status_code == 404:
+            warnings.warn(f"server {url} has no /tokenize endpoint; its tokenizer is not checked", stacklevel=4)
+            return
+        theirs = response.json().get("tokens") if response.status_code == 200 else None
+        if theirs != ours:
+            raise ServerError(f"server {url} tokenizes a probe chat differently from the local tokenizer of "
+                              f"{model_id} ({_first_difference(ours, theirs)}); serve the same model and tokenizer")
+
+    # ---------------------------------------------------------------- results
+
+    def _completion(self, job: _Job, params: SamplingParams) -> Completion:
+        choice = _choice(job.result)
+        tokens = choice.get("token_ids")
+        if tokens is None:  # a server that does not return token ids: the text, tokenized here
+            tokens = self.tokenizer.encode(choice.get("text", ""), add_special_tokens=False)
+        ended = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        tokens = tokens if ended is None else tokens[:ended]
+        text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+        reason = "stop" if ended is not None or stopped or choice.get("finish_reason") == "stop" else "length"
+        return Completion(text.strip(), list(tokens), len(job.tokens), reason)
+
+
+def _session(connections: int):
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, connections))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _checked(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:
+    prompts = [[int(t) for t in p] for p in prompts]
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"{caller}: prompts {empty} are empty; every prompt needs at least one token")
+    return prompts
+
+
+def _choice(result: dict) -> dict:
+    choices = result.get("choices") or [{}]
+    return choices[0]
+
+
+def _option_logprob(job: _Job, length: int, url: str) -> float:
+    """Sum of the prompt log-probs of the job's last `length` tokens (the option)."""
+    entries = _choice(job.result).get("prompt_logprobs") or job.result.get("prompt_logprobs")
+    total = 0.0
+    for position in range(len(job.tokens) - length, len(job.tokens)):
+        token = job.tokens[position]
+        entry = (entries[position] or {}) if entries and position < len(entries) else {}
+        value = entry.get(str(token), entry.get(token))
+        if value is None:
+            raise ServerError(f"server {url} returned no prompt log-prob for token {token} at position {position}; "
+                              "it must support prompt_logprobs on /v1/completions (vLLM does)")
+        total += value["logprob"] if isinstance(value, dict) else float(value)
+    return total
+
+
+def _last_part(name: str) -> str:
+    return Path(str(name).rstrip("/")).name.lower()
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [""])[0][:200]
+
+
+def _error_message(response) -> str:
+    try:
+        payload = response.json()
+        message = payload.get("error", payload)
+        message = message.get("message", message) if isinstance(message, dict) else message
+    except ValueError:
+        message = response.text
+    return (str(message).splitlines() or [""])[0][:300]
+
+
+def _first_difference(ours: list[int], theirs) -> str:
+    if not isinstance(theirs, list):
+        return "no tokens returned"
+    i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return f"{len(ours)} vs {len(theirs)} tokens, first difference at token {i}"

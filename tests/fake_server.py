@@ -1,0 +1,96 @@
+"""A small OpenAI-compatible server for the server generator's tests: the standard library's
+http.server in a thread, backed by the cached engine on a tiny model.
+
+It answers what cai_fast.engine.server uses of vLLM's API: GET /v1/models, POST /tokenize and
+POST /v1/completions with token-id prompts, `prompt_logprobs` (vLLM's layout: one entry per prompt
+position, None first, each {"<token id>": {"logprob": ...}}) and `return_token_ids`. Faults to
+order: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
+`fail_after` (requests served before every later one gets 503). `log` lists (path, prompt, start,
+end) per answered completion, in the order they started.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cai_fast.engine import SamplingParams
+
+
+class FakeServer:
+    def __init__(self, engine, model_id: str):
+        self.engine, self.model_id = engine, model_id
+        self.lock = threading.Lock()  # the engine serves one request at a time
+        self.fail_next = self.drop_next = 0
+        self.fail_after: int | None = None
+        self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
+        self.log: list[tuple[str, list[int], float, float]] = []
+        self.served = 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def completion(self, body: dict) -> dict:
+        prompt, start = body["prompt"], time.monotonic()
+        with self.lock:
+            choice = {"text": "", "token_ids": [], "finish_reason": "length"}
+            if body.get("prompt_logprobs") is not None:
+                logp = self.engine.score_continuations([prompt[:1]], [prompt[1:]])[0]
+                choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": float(v), "rank": 1}}
+                                                      for t, v in zip(prompt[1:], logp)]
+            params = SamplingParams(body["max_tokens"], body.get("temperature", 1.0), body.get("top_p", 1.0),
+                                    body.get("seed", 0), tuple(body.get("stop") or ()))
+            out = self.engine.generate([prompt], params)[0]
+            choice.update(text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason)
+        self.log.append(("/v1/completions", prompt, start, time.monotonic()))
+        return {"choices": [choice]}
+
+
+def _handler(server: FakeServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _answer(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/v1/models":
+                self._answer(200, {"data": [{"id": server.model_id, "root": server.model_id}]})
+            else:
+                self._answer(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                ids = server.engine.tokenizer.encode(body["prompt"], add_special_tokens=body["add_special_tokens"])
+                self._answer(200, {"tokens": [t + server.token_shift for t in ids]})
+            elif self.path != "/v1/completions":
+                self._answer(404, {"error": {"message": f"no route {self.path}"}})
+            elif server.drop_next:
+                server.drop_next -= 1
+                self.close_connection = True
+            elif server.fail_next or (server.fail_after is not None and server.served >= server.fail_after):
+                server.fail_next = max(0, server.fail_next - 1)
+                self._answer(503, {"error": {"message": "Service Unavailable\nsecond line"}})
+            elif "max_tokens" not in body or not isinstance(body.get("prompt"), list):
+                self._answer(400, {"error": {"message": "prompt must be token ids and max_tokens is required"}})
+            else:
+                server.served += 1
+                self._answer(200, server.completion(body))
+
+    return Handler

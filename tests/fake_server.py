@@ -3,7 +3,8 @@ http.server in a thread, backed by the cached engine on a tiny model.
 
 It answers what cai_fast.engine.server uses of vLLM's API: GET /v1/models, POST /tokenize and
 POST /v1/completions with token-id prompts, `prompt_logprobs` (vLLM's layout: one entry per prompt
-position, None first, each {"<token id>": {"logprob": ...}}) and `return_token_ids`. Faults to
+position, None first, each {"<token id>": {"logprob": ...}}), `logprob_token_ids` (answered as
+vLLM does with `return_tokens_as_token_ids`: {"token_id:<id>": logprob}) and `return_token_ids`. Faults to
 order: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
 `fail_after` (requests served before every later one gets 503). `log` lists (path, prompt, start,
 end) per answered completion, in the order they started.
@@ -45,6 +46,10 @@ class FakeServer:
                 logp = self.engine.score_continuations([prompt[:1]], [prompt[1:]])[0]
                 choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": float(v), "rank": 1}}
                                                       for t, v in zip(prompt[1:], logp)]
+            if body.get("logprob_token_ids"):
+                ids = body["logprob_token_ids"]
+                logp = self.engine.score_options([prompt], [[t] for t in ids])[0]
+                choice["logprobs"] = {"top_logprobs": [{f"token_id:{t}": float(v) for t, v in zip(ids, logp)}]}
             params = SamplingParams(body["max_tokens"], body.get("temperature", 1.0), body.get("top_p", 1.0),
                                     body.get("seed", 0), tuple(body.get("stop") or ()))
             out = self.engine.generate([prompt], params)[0]

@@ -25,10 +25,12 @@ Sampling: temperature, top_p (top-k off), a seed per request (params.seed + its 
 call), stop strings and the tokenizer's end-of-turn ids, max tokens. The Completion is built as
 the other generators build it: end-of-turn token left out, text cut at the first stop string.
 
-Exact scores: each option's log-prob comes from the server's prompt log-probs of the prompt
-followed by that option (vLLM's `prompt_logprobs`: the log-prob of every prompt token under the
-full-vocabulary softmax), never from a top-k list. The K requests of one prompt share it, so the
-second hits the prefix cache.
+Exact scores, never a top-k list. One-token options (the judge's usual case): one request per
+prompt asks for the full-vocabulary log-probs of exactly those token ids at the next position
+(vLLM's `logprob_token_ids`; the prompt is read from the prefix cache like any other). Longer
+options: one request per (prompt, option) with the server's log-probs of every prompt token
+(`prompt_logprobs`), summed over the option's tokens; vLLM computes such prompts in full (it does
+not read its prefix cache when prompt log-probs are asked for), which is why it is the fallback.
 
 Faults: a connection error, a timeout or a 5xx is retried `retries` times with exponential backoff
 (`backoff` seconds, doubled each time); a 4xx or the last failure raises ServerError, one line
@@ -164,11 +166,19 @@ class ServerGenerator:
         if not options or any(len(o) == 0 for o in options):
             raise ValueError(f"score_options: every option needs at least one token, got {options!r}")
         prompts = _checked(prompts, "score_options")
-        body = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-        jobs = [_Job(i, p + list(o), body, len(p)) for i, (p, o) in enumerate(itertools.product(prompts, options))]
-        self._run(jobs)
-        scores = [_option_logprob(job, len(o), self.urls[job.server])
-                  for job, o in zip(jobs, itertools.cycle(options))]
+        if all(len(o) == 1 for o in options):
+            ids = [o[0] for o in options]
+            body = {"max_tokens": 1, "temperature": 0.0, "logprobs": len(ids), "logprob_token_ids": ids,
+                    "return_tokens_as_token_ids": True}
+            jobs = [_Job(i, p, body, len(p) - 1) for i, p in enumerate(prompts)]
+            self._run(jobs)
+            scores = [_next_token_logprobs(job, ids, self.urls[job.server]) for job in jobs]
+        else:
+            body = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+            jobs = [_Job(i, p + list(o), body, len(p)) for i, (p, o) in enumerate(itertools.product(prompts, options))]
+            self._run(jobs)
+            scores = [_option_logprob(job, len(o), self.urls[job.server])
+                      for job, o in zip(jobs, itertools.cycle(options))]
         return torch.tensor(scores, dtype=torch.float32).reshape(len(prompts), len(options))
 
     # ---------------------------------------------------------------- sending
@@ -336,6 +346,17 @@ def _checked(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:
 def _choice(result: dict) -> dict:
     choices = result.get("choices") or [{}]
     return choices[0]
+
+
+def _next_token_logprobs(job: _Job, ids: list[int], url: str) -> list[float]:
+    """Full-vocabulary log-probs of `ids` as the token after the job's prompt (vLLM's logprob_token_ids)."""
+    logprobs = _choice(job.result).get("logprobs") or {}
+    first = (logprobs.get("top_logprobs") or [None])[0] or {}
+    missing = [t for t in ids if f"token_id:{t}" not in first]
+    if missing:
+        raise ServerError(f"server {url} returned no log-prob for option tokens {missing}; it must support "
+                          "logprob_token_ids and return_tokens_as_token_ids on /v1/completions (vLLM >= 0.32 does)")
+    return [float(first[f"token_id:{t}"]) for t in ids]
 
 
 def _option_logprob(job: _Job, length: int, url: str) -> float:

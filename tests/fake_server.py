@@ -6,7 +6,7 @@ POST /v1/completions with token-id prompts, `prompt_logprobs` (vLLM's layout: on
 position, None first, each {"<token id>": {"logprob": ...}}), `logprob_token_ids` (answered as
 vLLM does with `return_tokens_as_token_ids`: {"token_id:<id>": logprob}) and `return_token_ids`. Faults to
 order: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
-`fail_after` (requests served before every later one gets 503). `log` lists (path, prompt, start,
+`fail_after` (requests served before every later one gets 503). `metrics`: the text of /metrics. `log` lists (path, prompt, start,
 end) per answered completion, in the order they started.
 """
 
@@ -27,6 +27,7 @@ class FakeServer:
         self.fail_next = self.drop_next = 0
         self.fail_after: int | None = None
         self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
+        self.metrics: str | None = None  # the text of /metrics (None: 404)
         self.log: list[tuple[str, list[int], float, float]] = []
         self.served = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -76,6 +77,12 @@ def _handler(server: FakeServer):
         def do_GET(self):
             if self.path == "/v1/models":
                 self._answer(200, {"data": [{"id": server.model_id, "root": server.model_id}]})
+            elif self.path == "/metrics" and server.metrics is not None:
+                data = server.metrics.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
             else:
                 self._answer(404, {"error": {"message": f"no route {self.path}"}})
 

@@ -213,6 +213,17 @@ def test_start_up_checks_name_the_server_and_the_fix(servers, tiny_model_path, t
         connect(tiny_model_path, servers)
 
 
+def test_the_servers_block_and_cache_sizes_shape_the_model_of_their_caches(servers, tiny_model_path):
+    info = 'vllm:cache_config_info{block_size="8",enable_prefix_caching="%s",kv_cache_size_tokens="4096"} 1.0\n'
+    servers[0].metrics = servers[1].metrics = info % "True"
+    generator = connect(tiny_model_path, servers)
+    assert (generator.config.routing.block_size, generator.config.routing.cache_tokens) == (8, 4096)
+    assert generator.schedulers[1].cache.block_size == 8
+    servers[1].metrics = info % "False"
+    with pytest.warns(UserWarning, match=f"server {servers[1].url} runs without prefix caching"):
+        connect(tiny_model_path, servers)
+
+
 def test_bad_urls_and_bad_requests_are_clear_errors(servers, tiny_model_path):
     assert parse_urls("http://a:1/v1/, http://b:2") == ("http://a:1", "http://b:2")
     with pytest.raises(ValueError, match="--server-url: expected http"):

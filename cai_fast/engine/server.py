@@ -15,11 +15,12 @@ local tokenizer does (`/tokenize`; a server without that endpoint is trusted, wi
 Order and routing: every request of a call is routed to a server (cai_fast.scheduler.routing:
 cache-aware by longest prefix with load balance, or round-robin) and queued in that server's
 BatchScheduler (cai_fast.scheduler), whose radix tree models the server's prefix cache: what
-completed requests computed there. Each server gets at most `max_in_flight` requests at once,
-taken in the scheduler's order (longest cached prefix first, policy `order`), and a request that
-shares `dedup_min_tokens` or more not-yet-cached tokens with one in the same batch is held back
-until that one is done, so the server computes the shared prefix once. order="fcfs" with
-dedup_min_tokens=0 is plain submission order.
+completed requests computed there, in the server's block size and cache size where it reports
+them (vLLM's `vllm:cache_config_info`; else `ServerConfig.routing`'s). Each server gets at most
+`max_in_flight` requests at once, taken in the scheduler's order (longest cached prefix first,
+policy `order`), and a request that shares `dedup_min_tokens` or more not-yet-cached tokens with
+one in the same batch is held back until that one is done, so the server computes the shared
+prefix once. order="fcfs" with dedup_min_tokens=0 is plain submission order.
 
 Sampling: temperature, top_p (top-k off), a seed per request (params.seed + its index in the
 call), stop strings and the tokenizer's end-of-turn ids, max tokens. The Completion is built as
@@ -45,15 +46,16 @@ import re
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ..scheduler import make_cache, make_scheduler
 from ..scheduler.routing import RoutingConfig, Router
 from .base import Completion, GenerationStats, SamplingParams, cut_at_stop, end_of_turn_ids
+
+if TYPE_CHECKING:
+    import torch
 
 PROBE_CHAT = [{"role": "user", "content": "Which response is less harmful, (A) or (B)? Naïve café, 42 ✓"}]
 
@@ -133,17 +135,19 @@ class ServerGenerator:
     """Generation and scoring on OpenAI-compatible servers (see the module docstring)."""
 
     def __init__(self, tokenizer, urls: Sequence[str], model_names: set[str], config: ServerConfig = ServerConfig()):
-        self.tokenizer, self.urls, self.config = tokenizer, tuple(urls), config
+        self.tokenizer, self.urls = tokenizer, tuple(urls)
         self.stop_ids = end_of_turn_ids(tokenizer)
         n = len(self.urls)
         self.stats = ServerStats(requests=[0] * n, sent_tokens=[0] * n, expected_cached=[0] * n)
         self.session = _session(n * config.max_in_flight)
+        self.config = config
+        self.served = [self._check_server(url, model_names) for url in self.urls]
+        self.config = config = replace(config, routing=_routing_for(self.urls, config.routing))
         self.router = Router(n, config.routing)
         bs, blocks = config.routing.block_size, config.routing.cache_tokens // config.routing.block_size
         self.schedulers = [make_scheduler(make_cache(blocks, bs), 1 << 30, config.order, config.dedup_min_tokens)
                            for _ in self.urls]
         self._ids = itertools.count()
-        self.served = [self._check_server(url, model_names) for url in self.urls]
 
     # ---------------------------------------------------------------- public API
 
@@ -162,7 +166,9 @@ class ServerGenerator:
     def score_options(self, prompts: Sequence[Sequence[int]],
                       options: Sequence[Sequence[int]]) -> torch.Tensor:
         """Log-probs [N, K] (fp32) of K options continuing each of N prompts, each summed over its
-        tokens, from the servers' prompt log-probs (see `Generator.score_options`)."""
+        tokens, exact, from the servers (module docstring; `Generator.score_options`)."""
+        import torch
+
         if not options or any(len(o) == 0 for o in options):
             raise ValueError(f"score_options: every option needs at least one token, got {options!r}")
         prompts = _checked(prompts, "score_options")
@@ -322,6 +328,51 @@ class ServerGenerator:
         text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
         reason = "stop" if ended is not None or stopped or choice.get("finish_reason") == "stop" else "length"
         return Completion(text.strip(), list(tokens), len(job.tokens), reason)
+
+
+def prefix_cache_counters(url: str) -> dict[str, float]:
+    """A vLLM server's running totals from /metrics: prefix-cache queries and hits (tokens) and
+    prompt tokens; {} where the server does not report them."""
+    names = {"vllm:prefix_cache_queries_total": "queries", "vllm:prefix_cache_hits_total": "hits",
+             "vllm:prompt_tokens_total": "prompt_tokens"}
+    totals: dict[str, float] = {}
+    for line in _metrics(url):
+        name = line.split("{")[0].split(" ")[0]
+        if name in names:
+            totals[names[name]] = totals.get(names[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def cache_config(url: str) -> dict[str, str]:
+    """The labels of a vLLM server's `vllm:cache_config_info` metric (block_size,
+    kv_cache_size_tokens, enable_prefix_caching, ...); {} where it does not report them."""
+    line = next((line for line in _metrics(url) if line.startswith("vllm:cache_config_info{")), "")
+    return dict(re.findall(r'(\w+)="([^"]*)"', line.partition("{")[2].rpartition("}")[0]))
+
+
+def _metrics(url: str) -> list[str]:
+    import requests
+
+    try:
+        response = requests.get(url + "/metrics", timeout=10)
+    except requests.RequestException:
+        return []
+    return response.text.splitlines() if response.status_code == 200 else []
+
+
+def _routing_for(urls: Sequence[str], routing: RoutingConfig) -> RoutingConfig:
+    """`routing` with the block size and cache size the servers report (vLLM's /metrics), so the
+    scheduler's and the router's trees model their caches; a warning for a server without prefix caching."""
+    infos = [cache_config(url) for url in urls]
+    for url, info in zip(urls, infos):
+        if info.get("enable_prefix_caching") == "False":
+            warnings.warn(f"server {url} runs without prefix caching; start it with --enable-prefix-caching",
+                          stacklevel=4)
+    sizes = [int(i["block_size"]) for i in infos if i.get("block_size", "").isdigit()]
+    tokens = [int(i["kv_cache_size_tokens"]) for i in infos if i.get("kv_cache_size_tokens", "").isdigit()]
+    if not sizes or len(set(sizes)) > 1:
+        return routing
+    return replace(routing, block_size=sizes[0], cache_tokens=max(min(tokens, default=routing.cache_tokens), sizes[0]))
 
 
 def _session(connections: int):

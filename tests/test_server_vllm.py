@@ -96,3 +96,22 @@ def test_label_through_vllm_is_antisymmetric_and_close_to_the_local_judge(vllm, 
     assert (forward.label + backward.label - 1).abs().max() < 2e-3  # the server runs bf16, batches vary
     local = ConstitutionalJudge(default_loaded, "default", config).score(prompts, helpful, harmful)
     assert (forward.label - local.label).abs().max() < 0.05, (forward.label, local.label)  # bf16 vs fp32
+
+
+def test_a_tiny_pipeline_labels_and_judges_through_vllm(vllm, tmp_path, tiny_model_path):
+    """The tiny model is the policy (the server does not serve it: it runs in this process); the
+    default model on the server labels the pairs and judges the win-rates."""
+    from cai_fast.engine.server import prefix_cache_counters
+    from cai_fast.pipeline import run_pipeline
+    from cai_fast.pipeline_config import load_pipeline_config
+    from test_loop import _write_tiny_config
+
+    path = _write_tiny_config(tmp_path, "run", tiny_model_path)
+    served = f'rounds = 1\nengine = "server"\nserver_url = ["{vllm.url}"]\njudge_model = "smollm2-135m-instruct"\n'
+    path.write_text(path.read_text().replace("rounds = 2\n", served, 1))
+    before = prefix_cache_counters(vllm.url)["prompt_tokens"]
+    config, source = load_pipeline_config(path)
+    state = run_pipeline(config, source=source, progress=False)
+    assert len(state["qualities"]) == 1
+    assert line_count(tmp_path / "run" / "round-1" / "label" / "labels" / "preference" / "train-00000.jsonl") >= 1
+    assert prefix_cache_counters(vllm.url)["prompt_tokens"] > before  # the judge ran on the server

@@ -40,18 +40,30 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
 
 def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,
-                   server_url=None, device: str = "cpu") -> Generator:
+                   server_url=None, device: str = "cpu", fallback: str | None = None) -> Generator:
     """The generator of `engine` for a model name or folder: the model loaded in this process
     (cached, plain; see make_generator), or engine="server": the servers at `server_url` (one URL,
-    comma-separated URLs or a list) that serve that model, its tokenizer loaded here."""
-    if engine != "server":
-        return make_generator(load_model(model, device=device), engine=engine, batch_size=batch_size)
-    if not server_url:
-        raise ValueError("engine 'server' needs server URLs: --server-url http://HOST:PORT[,http://HOST:PORT...] "
-                         "(or server_url = [...] in a pipeline config)")
-    from .server import connect_servers
+    comma-separated URLs or a list) that serve that model, its tokenizer loaded here.
 
-    return connect_servers(model, server_url)
+    fallback: the in-process engine for a model the servers do not serve (e.g. a policy the run
+    just trained), with a warning; None: that is a ServerModelError.
+    """
+    if engine == "server":
+        if not server_url:
+            raise ValueError("engine 'server' needs server URLs: --server-url http://HOST:PORT[,http://HOST:PORT...] "
+                             "(or server_url = [...] in a pipeline config)")
+        from .server import ServerModelError, connect_servers
+
+        try:
+            return connect_servers(model, server_url)
+        except ServerModelError as err:
+            if fallback is None:
+                raise
+            import warnings
+
+            warnings.warn(f"{model} runs in this process ({fallback} engine): {err}", stacklevel=2)
+            engine = fallback
+    return make_generator(load_model(model, device=device), engine=engine, batch_size=batch_size)
 
 
 def _warn_fallback(reason: str) -> None:

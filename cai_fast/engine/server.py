@@ -64,6 +64,10 @@ class ServerError(RuntimeError):
     """A server is unreachable, failed a request, or does not serve the expected model; one line."""
 
 
+class ServerModelError(ServerError):
+    """A server serves another model (or another tokenizer) than the one asked for."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """How the server generator talks to its servers; every field has a default."""
@@ -280,7 +284,7 @@ class ServerGenerator:
         wanted = {_last_part(name) for name in model_names}
         served = [c for c in cards if {_last_part(c.get("id", "")), _last_part(c.get("root") or "")} & wanted]
         if not served:
-            raise ServerError(f"server {url} serves {', '.join(c.get('id', '?') for c in cards) or 'no model'}, "
+            raise ServerModelError(f"server {url} serves {', '.join(c.get('id', '?') for c in cards) or 'no model'}, "
                               f"not {sorted(model_names)[0]}; start it with that model or pass --model")
         model_id = served[0]["id"]
         self._check_tokenizer(url, model_id)
@@ -313,7 +317,7 @@ class ServerGenerator:
             return
         theirs = response.json().get("tokens") if response.status_code == 200 else None
         if theirs != ours:
-            raise ServerError(f"server {url} tokenizes a probe chat differently from the local tokenizer of "
+            raise ServerModelError(f"server {url} tokenizes a probe chat differently from the local tokenizer of "
                               f"{model_id} ({_first_difference(ours, theirs)}); serve the same model and tokenizer")
 
     # ---------------------------------------------------------------- results

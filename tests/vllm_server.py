@@ -50,9 +50,11 @@ class VLLMServer:
     """One vLLM OpenAI-compatible server process group on 127.0.0.1:port."""
 
     def __init__(self, python: str, model: str | Path, port: int, log: Path, *, threads: int = 2,
-                 dev_mode: bool = False):
+                 dtype: str = "bfloat16", eager: bool = False, dev_mode: bool = False):
+        """dtype float32 makes scores comparable with cai_fast's fp32 engine; eager skips the
+        compilation (~2-4 min a start, which vLLM 0.32 does not manage to cache here)."""
         self.python, self.model, self.port, self.log = python, str(model), port, Path(log)
-        self.threads, self.dev_mode = threads, dev_mode
+        self.threads, self.dtype, self.eager, self.dev_mode = threads, dtype, eager, dev_mode
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
@@ -60,8 +62,8 @@ class VLLMServer:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "VLLM_CPU_KVCACHE_SPACE": "2",
                "VLLM_SERVER_DEV_MODE": "1" if self.dev_mode else "0"}
         command = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                   "--dtype", "bfloat16", "--max-model-len", "4096", "--port", str(self.port),
-                   "--enable-prefix-caching"]
+                   "--dtype", self.dtype, "--max-model-len", "4096", "--port", str(self.port),
+                   "--enable-prefix-caching"] + (["--enforce-eager"] if self.eager else [])
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)

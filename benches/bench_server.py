@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="red-team prompts of the SL-CAI workload")
     parser.add_argument("--tokens", type=int, default=48, help="max new tokens of each SL-CAI step")
     parser.add_argument("--skip-two-servers", action="store_true", help="part 1 only")
+    parser.add_argument("--eager", action="store_true", help="servers without compilation (faster starts)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     python, why_not = vllm_python()
@@ -89,7 +90,8 @@ def main() -> None:
     try:
         for _ in range(1 if args.skip_two_servers else 2):
             port = free_port()
-            servers.append(VLLMServer(python, default_model_path(), port, logs / f"{port}.log", dev_mode=True).start())
+            servers.append(VLLMServer(python, default_model_path(), port, logs / f"{port}.log", eager=args.eager,
+                                      dev_mode=True).start())
             servers[-1].wait_ready()  # one at a time: two first starts compiling at once thrash 2 cores
         for name, order in ORDERS.items():
             results[f"1 server, {name}"] = run_workloads(servers[:1], ServerConfig(**order), prompts, sl_config)

@@ -252,3 +252,38 @@ def test_sl_cai_resumes_after_the_server_dies(servers, tiny_model_path, tmp_path
     assert result.summary["resumed"] == 2
     ids = [json.loads(line)["prompt_id"] for f in tmp_path.glob("records-*.jsonl") for line in f.read_text().splitlines()]
     assert sorted(ids) == ["p0", "p1", "p2", "p3"]
+
+
+# ---------------------------------------------------------------- wiring: CLI, pipeline, fallback
+
+
+def test_cli_sl_cai_and_label_run_through_a_server(servers, tiny_model_path, tmp_path, capsys):
+    from cai_fast.cli import main
+
+    common = ["--model", str(tiny_model_path), "--engine", "server", "--server-url", f"{servers[0].url},{servers[1].url}",
+              "--limit", "2", "--quiet"]
+    assert main(["sl-cai", *common, "--out", str(tmp_path / "sl"), "--rounds", "1", "--few-shot", "0",
+                 "--answer-tokens", "4", "--critique-tokens", "4", "--revision-tokens", "4"]) == 0
+    assert main(["label", *common, "--out", str(tmp_path / "label"), "--samples", "2", "--sample-tokens", "4",
+                 "--principles", "1", "--temperature", "1.0"]) == 0
+    assert sum(len(s.log) for s in servers) > 0
+    assert main(["sl-cai", "--engine", "server", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().endswith("needs server URLs: --server-url http://HOST:PORT[,http://HOST:PORT...] "
+                                                    "(or server_url = [...] in a pipeline config)")
+
+
+def test_a_model_the_servers_do_not_serve_runs_in_process_only_where_asked(servers, tiny_model_path):
+    from cai_fast.engine import open_generator
+    from cai_fast.engine.server import ServerModelError
+    from cai_fast.pipeline_config import config_from_dict
+
+    servers[0].model_id = "/models/another-model"
+    with pytest.raises(ServerModelError, match="serves /models/another-model"):
+        open_generator(str(tiny_model_path), engine="server", server_url=servers[0].url)
+    with pytest.warns(UserWarning, match="runs in this process \\(cached engine\\)"):
+        generator = open_generator(str(tiny_model_path), engine="server", server_url=servers[0].url, fallback="cached")
+    assert isinstance(generator, CachedGenerator)
+    config = config_from_dict({"engine": "server", "server_url": [s.url for s in servers]}, "inline")
+    assert config.server_url == [s.url for s in servers]
+    with pytest.raises(ValueError, match='engine "server" needs server_url'):
+        config_from_dict({"engine": "server"}, "inline")

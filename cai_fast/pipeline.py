@@ -18,6 +18,11 @@ Before round 1 the `baseline` stage computes the starting model's evaluation out
 Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
 `train_size` of them (0 = all).
 
+engine = "server" (with `server_url`): every stage that generates or judges with a model the
+servers serve (the starting model's SL-CAI and baseline, the judges) goes through them; a policy
+this run trained is not on the servers, so its samples, evaluation outputs and PPO rollouts run
+in this process (cached engine), with a warning naming it.
+
 Early stop: a round's quality is the weighted mean of its measures (`quality`: a measure name, or
 weights "harmlessness=1,helpfulness=1" / a TOML table) — harmlessness and helpfulness win-rates
 against the starting model, compliance = 1 − over-refusal, capability = mean benchmark score.

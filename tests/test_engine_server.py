@@ -192,7 +192,9 @@ def test_a_server_that_keeps_failing_is_a_one_line_error(servers, tiny_model_pat
     with pytest.raises(ServerError, match=r"failed /v1/completions after 2 tries \(HTTP 503: Service Unavailable\)") as err:
         generator.generate(random_prompts(11, 3), SamplingParams(max_new_tokens=2))
     assert "\n" not in str(err.value) and servers[0].url in str(err.value)
-    assert generator.router.loads == [0] and generator.schedulers[0].num_waiting == 0
+    scheduler = generator.schedulers[0]
+    assert generator.router.loads == [0] and scheduler.num_waiting == scheduler.num_running == 0
+    scheduler.cache.check_integrity()
     servers[0].fail_next = 0
     assert len(generator.generate(random_prompts(11, 3), SamplingParams(max_new_tokens=2))) == 3
 

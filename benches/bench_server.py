@@ -33,6 +33,7 @@ from vllm_server import VLLMServer, free_port, vllm_python  # noqa: E402
 
 from cai_fast.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
+from cai_fast.engine import SamplingParams  # noqa: E402
 from cai_fast.engine.loading import DEFAULT_MODEL, default_model_path  # noqa: E402
 from cai_fast.engine.server import ServerConfig, connect_servers, prefix_cache_counters  # noqa: E402
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
@@ -87,15 +88,21 @@ def main() -> None:
     sl_config = SLCAIConfig(rounds=1, few_shot=3, batch_size=args.prompts, temperature=0.0, answer_tokens=args.tokens,
                             critique_tokens=args.tokens, revision_tokens=args.tokens)
     logs, servers, results = Path(tempfile.mkdtemp(prefix="bench_server-")), [], {}
+
+    def start_server() -> None:  # the second only after part 1: an idle server busy-waits a core
+        port = free_port()
+        servers.append(VLLMServer(python, default_model_path(), port, logs / f"{port}.log", eager=args.eager,
+                                  dev_mode=True).start())
+        servers[-1].wait_ready()
+        warm_up = connect_servers(DEFAULT_MODEL, servers[-1].url)  # first requests of a server are slow
+        warm_up.generate([[1] * 300] * 4, SamplingParams(max_new_tokens=16))
+
     try:
-        for _ in range(1 if args.skip_two_servers else 2):
-            port = free_port()
-            servers.append(VLLMServer(python, default_model_path(), port, logs / f"{port}.log", eager=args.eager,
-                                      dev_mode=True).start())
-            servers[-1].wait_ready()  # one at a time: two first starts compiling at once thrash 2 cores
+        start_server()
         for name, order in ORDERS.items():
-            results[f"1 server, {name}"] = run_workloads(servers[:1], ServerConfig(**order), prompts, sl_config)
+            results[f"1 server, {name}"] = run_workloads(servers, ServerConfig(**order), prompts, sl_config)
         if not args.skip_two_servers:
+            start_server()
             for policy in ("prefix", "round-robin"):
                 config = ServerConfig(routing=RoutingConfig(policy=policy))
                 results[f"2 servers, {policy}"] = run_workloads(servers, config, prompts, sl_config)

@@ -28,6 +28,9 @@ class FakeServer:
         self.fail_after: int | None = None
         self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
         self.metrics: str | None = None  # the text of /metrics (None: 404)
+        self.hold_first_stream = False  # True: the next streamed answer, after its first chunk, waits
+        self.overlapped = False  # for another request to arrive (up to 10 s); whether one did
+        self.arrived = threading.Event()
         self.log: list[tuple[str, list[int], float, float]] = []
         self.served = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -88,6 +91,7 @@ def _handler(server: FakeServer):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            server.arrived.set()
             if self.path == "/tokenize":
                 ids = server.engine.tokenizer.encode(body["prompt"], add_special_tokens=body["add_special_tokens"])
                 self._answer(200, {"tokens": [t + server.token_shift for t in ids]})
@@ -101,8 +105,33 @@ def _handler(server: FakeServer):
                 self._answer(503, {"error": {"message": "Service Unavailable\nsecond line"}})
             elif "max_tokens" not in body or not isinstance(body.get("prompt"), list):
                 self._answer(400, {"error": {"message": "prompt must be token ids and max_tokens is required"}})
+            elif body.get("stream"):
+                server.served += 1
+                self._stream(body)
             else:
                 server.served += 1
                 self._answer(200, server.completion(body))
+
+        def _stream(self, body: dict) -> None:
+            """Server-sent events in chunked transfer encoding, as vLLM sends them: an empty first
+            event at once (the prompt is "computed"), then the whole completion, then [DONE]."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            hold, server.hold_first_stream = server.hold_first_stream, False
+            if hold:
+                server.arrived.clear()
+            self._chunk(b'data: {"choices": [{"text": "", "token_ids": [], "finish_reason": null}]}\n\n')
+            if hold:
+                server.overlapped = server.arrived.wait(10)
+            choice = server.completion(body)["choices"][0]
+            event = {"choices": [{k: choice[k] for k in ("text", "token_ids", "finish_reason")}]}
+            self._chunk(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+            self._chunk(b"")
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
 
     return Handler

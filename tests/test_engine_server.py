@@ -128,14 +128,19 @@ def test_requests_go_out_longest_cached_prefix_first(sharp_loaded, tiny_model_pa
 
 
 def test_requests_sharing_an_uncached_prefix_wait_for_the_first(sharp_loaded, tiny_model_path):
+    """Scoring: the others go out once the first is answered. Generation (streamed): once the
+    first's first chunk is back, while it is still generating."""
     (server,) = start_servers(sharp_loaded, tiny_model_path)
     try:
-        prompts = random_prompts(7, 4, shared=48, lengths=(3, 9))
         generator = connect(tiny_model_path, [server], max_in_flight=8, dedup_min_tokens=32)
-        generator.generate(prompts, SamplingParams(max_new_tokens=3))
+        generator.score_options(random_prompts(7, 4, shared=48, lengths=(3, 9)), [[17]])
         first_end = server.log[0][3]
         assert all(start >= first_end for _, _, start, _ in server.log[1:])
         assert generator.stats.expected_cached[0] >= 3 * 48 // 16 * 16
+        server.log.clear()
+        server.hold_first_stream = True
+        out = generator.generate(random_prompts(8, 4, shared=48, lengths=(3, 9)), SamplingParams(max_new_tokens=3))
+        assert server.overlapped and len(out) == 4 and len(server.log) == 4
     finally:
         server.close()
 

@@ -19,8 +19,9 @@ completed requests computed there, in the server's block size and cache size whe
 them (vLLM's `vllm:cache_config_info`; else `ServerConfig.routing`'s). Each server gets at most
 `max_in_flight` requests at once, taken in the scheduler's order (longest cached prefix first,
 policy `order`), and a request that shares `dedup_min_tokens` or more not-yet-cached tokens with
-one in the same batch is held back until that one is done, so the server computes the shared
-prefix once. order="fcfs" with dedup_min_tokens=0 is plain submission order.
+one in the same batch is held back until the server has computed that one's prompt, so it
+computes the shared prefix once: generation is streamed, and a request's first chunk (its first
+token) releases the requests behind it; a scoring request releases them when it is answered. order="fcfs" with dedup_min_tokens=0 is plain submission order.
 
 Sampling: temperature, top_p (top-k off), a seed per request (params.seed + its index in the
 call), stop strings and the tokenizer's end-of-turn ids, max tokens. The Completion is built as
@@ -42,10 +43,12 @@ appends its records after each call (sl-cai, label) loses nothing and resumes wh
 from __future__ import annotations
 
 import itertools
+import json
+import queue
 import re
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -115,6 +118,7 @@ class _Job:
     id: int = -1
     server: int = -1
     queued: bool = False  # held by its server's scheduler (waiting or running there)
+    prefilled: bool = False  # its prompt is cached in the scheduler's model
     result: dict | None = None
 
 
@@ -159,7 +163,7 @@ class ServerGenerator:
         """Continue each prompt (token ids); one Completion per prompt, in order."""
         body = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
                 "top_k": -1, "stop": list(params.stop), "stop_token_ids": self.stop_ids,
-                "skip_special_tokens": True, "return_token_ids": True}
+                "skip_special_tokens": True, "return_token_ids": True, "stream": True}
         jobs = [_Job(i, p, {**body, "seed": (params.seed + i) % (1 << 31)}, len(p) - 1, params.max_new_tokens)
                 for i, p in enumerate(_checked(prompts, "generate"))]
         self._run(jobs)
@@ -200,25 +204,33 @@ class ServerGenerator:
             job.id, job.server = next(self._ids), self.router.route(job.tokens)
             self.schedulers[job.server].add(job.id, job.tokens, job.max_new, job.logits_from)
             job.queued = True
-        by_id, in_flight = {job.id: job for job in jobs}, {}
+        by_id, in_flight, events = {job.id: job for job in jobs}, {}, queue.Queue()
         executor = ThreadPoolExecutor(max_workers=len(self.urls) * self.config.max_in_flight)
         try:
             ready, left = set(range(len(self.urls))), len(jobs)
             while left:
                 for server in sorted(ready):
-                    self._send_from(server, by_id, in_flight, executor)
+                    self._send_from(server, by_id, in_flight, executor, events)
                 if not in_flight:
                     raise RuntimeError("server generator: requests wait but none is in flight; this is a bug")
-                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                ready = {self._collect(in_flight.pop(f), f) for f in finished}
-                left -= len(finished)
+                kind, job, payload = events.get()
+                if kind == "error":
+                    raise payload
+                if kind == "prefilled":
+                    self._prefilled(job)
+                else:
+                    del in_flight[job.id]
+                    self._collect(job, payload)
+                    left -= 1
+                ready = {job.server}
         except BaseException:
             self._abandon([job for job in jobs if job.result is None])
             raise
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _send_from(self, server: int, by_id: dict, in_flight: dict, executor: ThreadPoolExecutor) -> None:
+    def _send_from(self, server: int, by_id: dict, in_flight: dict, executor: ThreadPoolExecutor,
+                   events: queue.Queue) -> None:
         """Admit the server's next requests in scheduler order while it has free slots."""
         busy = sum(1 for job in in_flight.values() if job.server == server)
         scheduler = self.schedulers[server]
@@ -234,17 +246,33 @@ class ServerGenerator:
             self.stats.sent_tokens[server] += len(job.tokens)
             self.stats.expected_cached[server] += cached
             body = {"model": self.served[server], "prompt": job.tokens, **job.body}
-            in_flight[executor.submit(self._post, self.urls[server], "/v1/completions", body)] = job
+            in_flight[job.id] = job
+            executor.submit(self._request, self.urls[server], body, job, events)
 
-    def _collect(self, job: _Job, future: Future) -> int:
-        """A finished request: its result (or its ServerError), its prompt cached in the scheduler's model."""
-        job.result = future.result()
+    def _request(self, url: str, body: dict, job: _Job, events: queue.Queue) -> None:
+        """In a worker thread: send one job; events get ("prefilled", job, None) at its first streamed
+        chunk, then ("done", job, result) or ("error", job, exception)."""
+        try:
+            result = self._post(url, "/v1/completions", body, lambda: events.put(("prefilled", job, None)))
+            events.put(("done", job, result))
+        except Exception as err:  # noqa: BLE001 - handed to the caller's thread, raised there
+            events.put(("error", job, err))
+
+    def _prefilled(self, job: _Job) -> None:
+        """The server has computed the job's prompt (its first token came back): cache it in the
+        scheduler's model now, so requests held back behind it go out."""
+        if job.queued and not job.prefilled:
+            self.schedulers[job.server].cache_computed(job.id, job.tokens)
+            job.prefilled = True
+
+    def _collect(self, job: _Job, result: dict) -> None:
+        """A finished request: its result, its tokens cached in the scheduler's model."""
+        job.result = result
         if job.queued:
             computed = job.tokens + (_choice(job.result).get("token_ids") or [])[:-1]
             self.schedulers[job.server].finish(job.id, computed[: len(job.tokens) + job.max_new])
             job.queued = False
         self.router.done(job.server)
-        return job.server
 
     def _abandon(self, jobs: list[_Job]) -> None:
         """Release what the scheduler and the router hold for jobs that will not complete."""
@@ -254,18 +282,20 @@ class ServerGenerator:
             if job.server >= 0:
                 self.router.done(job.server)
 
-    def _post(self, url: str, path: str, body: dict) -> dict:
-        """POST with retries on connection errors, timeouts and 5xx; ServerError otherwise."""
+    def _post(self, url: str, path: str, body: dict, on_first_chunk=None) -> dict:
+        """POST with retries on connection errors, timeouts and 5xx; ServerError otherwise. A
+        streamed answer (body["stream"]) is read to its end, on_first_chunk() called at its first chunk."""
         import requests
 
+        stream = bool(body.get("stream"))
         for attempt in range(self.config.retries + 1):
             try:
-                response = self.session.post(url + path, json=body, timeout=self.config.timeout)
+                response = self.session.post(url + path, json=body, timeout=self.config.timeout, stream=stream)
+                if response.status_code < 400:
+                    return _read_stream(response, on_first_chunk) if stream else response.json()
             except requests.RequestException as err:
                 problem = f"{type(err).__name__}: {_first_line(err)}"
             else:
-                if response.status_code < 400:
-                    return response.json()
                 problem = f"HTTP {response.status_code}: {_error_message(response)}"
                 if response.status_code < 500:
                     raise ServerError(f"server {url} refused {path}: {problem}")
@@ -396,6 +426,28 @@ def _checked(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:
     if empty:
         raise ValueError(f"{caller}: prompts {empty} are empty; every prompt needs at least one token")
     return prompts
+
+
+def _read_stream(response, on_first_chunk) -> dict:
+    """A streamed completion (server-sent events) as one answer: the chunks' text and token ids
+    joined. A stream that ends before its finish_reason is a ConnectionError (retried)."""
+    import requests
+
+    choice, token_ids = {"text": "", "finish_reason": None}, None
+    for line in response.iter_lines(chunk_size=None):  # each event as it arrives
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        delta = _choice(json.loads(line[6:]))
+        if on_first_chunk is not None:
+            on_first_chunk()
+            on_first_chunk = None
+        choice["text"] += delta.get("text") or ""
+        if delta.get("token_ids") is not None:
+            token_ids = (token_ids or []) + list(delta["token_ids"])
+        choice["finish_reason"] = delta.get("finish_reason") or choice["finish_reason"]
+    if choice["finish_reason"] is None:
+        raise requests.ConnectionError("the stream ended before the completion did")
+    return {"choices": [{**choice, "token_ids": token_ids}]}
 
 
 def _choice(result: dict) -> dict:

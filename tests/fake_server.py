@@ -24,7 +24,7 @@ class FakeServer:
     def __init__(self, engine, model_id: str):
         self.engine, self.model_id = engine, model_id
         self.lock = threading.Lock()  # the engine serves one request at a time
-        self.fail_next = self.drop_next = 0
+        self.fail_next = self.drop_next = self.cut_next = 0  # cut: a stream ends after its first event
         self.fail_after: int | None = None
         self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
         self.metrics: str | None = None  # the text of /metrics (None: 404)
@@ -125,6 +125,10 @@ def _handler(server: FakeServer):
             self._chunk(b'data: {"choices": [{"text": "", "token_ids": [], "finish_reason": null}]}\n\n')
             if hold:
                 server.overlapped = server.arrived.wait(10)
+            if server.cut_next:
+                server.cut_next -= 1
+                self._chunk(b"")
+                return
             choice = server.completion(body)["choices"][0]
             event = {"choices": [{k: choice[k] for k in ("text", "token_ids", "finish_reason")}]}
             self._chunk(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())

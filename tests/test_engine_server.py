@@ -184,11 +184,16 @@ def test_router_forgets_least_recently_used_prefixes():
 # ---------------------------------------------------------------- faults and start-up checks
 
 
-def test_connection_drops_and_5xx_are_retried(servers, tiny_model_path):
+def test_connection_drops_5xx_and_cut_streams_are_retried(servers, tiny_model_path):
     generator = connect(tiny_model_path, servers[:1], retries=3)
     servers[0].fail_next, servers[0].drop_next = 2, 1
     out = generator.score_options(random_prompts(10, 2), [[17]])
     assert out.shape == (2, 1) and generator.stats.retries == 3
+    servers[0].cut_next = 1
+    once = generator.generate(random_prompts(10, 2), SamplingParams(max_new_tokens=3))
+    assert generator.stats.retries == 4
+    assert [c.token_ids for c in once] == [c.token_ids for c in generator.generate(random_prompts(10, 2),
+                                                                                  SamplingParams(max_new_tokens=3))]
 
 
 def test_a_server_that_keeps_failing_is_a_one_line_error(servers, tiny_model_path):

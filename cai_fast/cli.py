@@ -25,9 +25,10 @@ from .config import ModelOptions
 from .constitution import ConstitutionError
 from .data import FORMATS, PromptLoadError
 from .engine import DEFAULT_MODEL, ENGINES, ModelLoadError
+from .engine.server import ServerError
 from .store import RunConfigError
 
-USER_ERRORS = (ConstitutionError, PromptLoadError, ModelLoadError, RunConfigError, ValueError, OSError)
+USER_ERRORS = (ConstitutionError, PromptLoadError, ModelLoadError, RunConfigError, ServerError, ValueError, OSError)
 
 
 # trl's (transformers') names of our options, accepted as aliases on every command that has them
@@ -64,12 +65,12 @@ def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> Non
 
 
 def load_generator(args: argparse.Namespace, batch_size: int):
-    """The generator of the command's ModelOptions (--model, --engine, --device)."""
-    from .engine import load_model, make_generator
+    """The generator of the command's ModelOptions (--model, --engine, --server-url, --device)."""
+    from .engine import open_generator
 
     options = dataclass_from_args(ModelOptions, args)
-    return make_generator(load_model(options.model, device=options.device), engine=options.engine,
-                          batch_size=batch_size, block_size=options.kv_block_size)
+    return open_generator(options.model, engine=options.engine, batch_size=batch_size,
+                          server_url=options.server_url, device=options.device, block_size=options.kv_block_size)
 
 
 def run_options(args: argparse.Namespace) -> dict:
@@ -249,6 +250,8 @@ def add_pipeline_parsers(sub) -> None:
     ev.add_argument("--base", default=DEFAULT_MODEL, help=f"the model it is compared with (default: {DEFAULT_MODEL})")
     ev.add_argument("--out", TRL_NAMES["out"], default="runs/evaluate", help="output folder (default: runs/evaluate)")
     ev.add_argument("--engine", default="cached", choices=ENGINES, help="generation backend (default: cached)")
+    ev.add_argument("--server-url", default="", help="with --engine server: server URLs, comma-separated; a model "
+                                                     "they do not serve runs in this process")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_options(ev, EvalConfig)
     add_dataclass_options(ev, JudgeConfig)
@@ -281,9 +284,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if name:
             resolve_model_path(name)  # before the base model's outputs are made
     sets, out = load_eval_sets(config), Path(args.out)
-    base = outputs_of(args.base, sets, config, out / "base", engine=args.engine, progress=not args.quiet)
+    engine = {"engine": args.engine, "server_url": args.server_url}
+    base = outputs_of(args.base, sets, config, out / "base", **engine, progress=not args.quiet)
     figures = evaluate_model(args.model, base, sets, config, judge_config, config.judge_model or args.base,
-                             out / "model", engine=args.engine, base_model=args.base, progress=not args.quiet)
+                             out / "model", **engine, base_model=args.base, progress=not args.quiet)
     print("\nevaluation done:\n  " + "\n  ".join(summary_lines(figures)))
     print(f"Figures: {out / 'model' / 'figures.json'}")
 

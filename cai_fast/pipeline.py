@@ -23,6 +23,11 @@ the run's constitution) against people (cai_fast.judge_check).
 Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
 `train_size` of them (0 = all).
 
+engine = "server" (with `server_url`): every stage that generates or judges with a model the
+servers serve (the starting model's SL-CAI and baseline, the judges) goes through them; a policy
+this run trained is not on the servers, so its samples, evaluation outputs and PPO rollouts run
+in this process (cached engine), with a warning naming it.
+
 Early stop: a round's quality is the weighted mean of its measures (`quality`: a measure name, or
 weights "harmlessness=1,helpfulness=1" / a TOML table) — harmlessness and helpfulness win-rates
 against the starting model, compliance = 1 − over-refusal, capability = mean benchmark score.
@@ -233,16 +238,14 @@ class Pipeline:
 
     def baseline(self) -> dict:
         outputs = outputs_of(self.config.model, self.sets, self.config.eval, self.root / "round-0" / "baseline",
-                             engine=self.config.engine, progress=self.progress)
+                             **self.engine_options, progress=self.progress)
         return baseline_metrics(outputs, self.sets)
 
     def labelling_judge(self, judge_config):
         """The judge of the RLAIF labels: label_judge_model asking the run's constitution."""
-        from .engine import load_model, make_generator
         from .judge import ConstitutionalJudge
 
-        generator = make_generator(load_model(self.config.label_judge_model), engine=self.config.engine,
-                                   batch_size=judge_config.batch_size)
+        generator = self.generator(self.config.label_judge_model, judge_config.batch_size)
         return ConstitutionalJudge(generator, self.constitution, judge_config)
 
     def judge_check(self) -> dict:
@@ -262,11 +265,10 @@ class Pipeline:
                         progress=self.progress)
 
     def sl_cai(self, r: int, start: str, out: Path) -> dict:
-        from .engine import load_model, make_generator
         from .sl_cai import run_sl_cai
 
         config = replace(self.config.sl_cai, seed=self.config.sl_cai.seed + r - 1)
-        generator = make_generator(load_model(start), engine=self.config.engine, batch_size=config.batch_size)
+        generator = self.generator(start, config.batch_size)
         result = run_sl_cai(generator, self.constitution, self.prompts, config, out_dir=out,
                             run_info={"model": start}, progress=self.progress)
         return result.summary
@@ -280,7 +282,7 @@ class Pipeline:
 
     def label(self, r: int, sft: str, out: Path) -> dict:
         """Sample from the SFT policy, pair the samples, label the pairs with the judge."""
-        from .engine import SamplingParams, load_model, make_generator
+        from .engine import SamplingParams
         from .labelling import run_labelling
         from .pairs import pairs_from_samples
         from .responses import sample_responses
@@ -288,7 +290,7 @@ class Pipeline:
         config, judge_config = self.config.label, replace(self.config.judge, seed=self.config.judge.seed + r - 1)
         store = RunStore(out / "samples", {**asdict(config), "seed": judge_config.seed, "model": sft,
                                            "stage": "samples", "prompt_ids": [p.id for p in self.prompts]})
-        generator = make_generator(load_model(sft), engine=self.config.engine, batch_size=judge_config.batch_size)
+        generator = self.generator(sft, judge_config.batch_size)
         params = SamplingParams(config.sample_tokens, config.temperature, config.top_p, judge_config.seed)
         samples, _ = sample_responses(generator, self.prompts, params, config.samples, store=store,
                                       batch_size=judge_config.batch_size, progress=self.progress)
@@ -306,11 +308,22 @@ class Pipeline:
     def evaluate(self, policy: str, out: Path) -> dict:
         base = ModelOutputs.load(self.root / "round-0" / "baseline")
         config = replace(self.config.eval, depth_data="")  # the pipeline's own depth stage measures depth
-        figures = evaluate_model(policy, base, self.sets, config, self.config.judge,
-                                 self.config.eval_judge_model, out, engine=self.config.engine,
-                                 check_judge=False, progress=self.progress)
+        figures = evaluate_model(policy, base, self.sets, config, self.config.judge, self.config.eval_judge_model,
+                                 out, **self.engine_options, check_judge=False, progress=self.progress)
         return {**figures, "measures": round_measures(figures),
                 "quality": quality_of(figures, self.config.quality_weights)}
+
+    @property
+    def engine_options(self) -> dict:
+        """The engine options of the stages that open generators themselves (evaluation)."""
+        return {"engine": self.config.engine, "server_url": self.config.server_url}
+
+    def generator(self, model: str, batch_size: int):
+        """The generator of a stage: through the servers (engine "server") when they serve `model`,
+        else (a policy this run trained) in this process."""
+        from .engine import open_generator
+
+        return open_generator(model, batch_size=batch_size, fallback="cached", **self.engine_options)
 
     def write_report(self) -> Path:
         from .report import write_report

@@ -36,7 +36,7 @@ METHODS = ("ppo", "dpo")
 SECTIONS = {"sl_cai": SLCAIConfig, "sft": SFTConfig, "label": LabelConfig, "judge": JudgeConfig,
             "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
 PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model")  # fields of stage configs the pipeline sets
-LISTABLE = ("benchmarks", "principle_ids")  # string fields a config file may give as a list of strings
+LISTABLE = ("benchmarks", "principle_ids", "server_url")  # string fields a config file may give as a list of strings
 _PLACEHOLDER = "(set by the pipeline)"
 
 
@@ -55,7 +55,9 @@ class PipelineConfig:
     model: str = option(DEFAULT_MODEL, "starting policy: transformers model id or local folder")
     constitution: str = option("default", "constitution of SL-CAI and of the RLAIF labels (name or TOML path)")
     judge_model: str = option("", "model that labels the RLAIF pairs and judges the win-rates (default: model)")
-    engine: str = option("cached", "generation backend: cached (prefix-cached) or plain")
+    engine: str = option("cached", "generation backend: cached (prefix-cached), plain, or server (server_url; "
+                                   "policies this run trains, PPO rollouts included, still run in this process)")
+    server_url: str = option("", "engine server: OpenAI-compatible (vLLM) server URLs, a list or comma-separated")
     method: str = option("ppo", "ppo (reward model, then PPO) or dpo")
     rounds: int = option(1, "rounds of the loop (1-4)")
     prompts: str = option("red_team", "training prompts: a file or a shipped set name")
@@ -79,6 +81,8 @@ class PipelineConfig:
         if self.method not in METHODS or self.engine not in ENGINES:
             raise ValueError(f"method must be one of {METHODS} and engine one of {ENGINES}, got "
                              f"{self.method!r} and {self.engine!r}")
+        if self.engine == "server" and not self.server_url:
+            raise ValueError('engine "server" needs server_url = ["http://HOST:PORT", ...]')
         if not 0 <= self.tolerance < 1 or self.train_size < 0:
             raise ValueError(f"tolerance must be in [0, 1) and train_size >= 0, got {self.tolerance} "
                              f"and {self.train_size}")

@@ -1,14 +1,15 @@
-"""Generation: model loading, the cached engine, the plain (uncached) generator, the shared interface."""
+"""Generation: model loading, the cached engine, the plain (uncached) generator, the server
+generator (OpenAI-compatible vLLM/SGLang servers), the shared interface."""
 
 from .base import Completion, GenerationStats, Generator, SamplingParams
 from .loading import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 
 __all__ = [
     "Completion", "GenerationStats", "Generator", "SamplingParams", "ENGINES",
-    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "load_model", "make_generator",
+    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "load_model", "make_generator", "open_generator",
 ]
 
-ENGINES = ("cached", "plain")
+ENGINES = ("cached", "plain", "server")
 _WARNED: set[str] = set()  # architectures already reported as falling back to the plain generator
 
 
@@ -24,6 +25,9 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    if engine == "server":
+        raise ValueError("make_generator runs a loaded model in this process; for engine='server' use "
+                         "open_generator(model, engine='server', server_url=...)")
     if engine == "cached":
         from .cached import CachedGenerator, EngineConfig
         from .model_runner import unsupported_reason
@@ -36,6 +40,35 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
     from .plain import PlainGenerator
 
     return PlainGenerator(loaded.model, loaded.tokenizer, batch_size=batch_size)
+
+
+def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,
+                   server_url=None, device: str = "cpu", block_size: int = 16,
+                   fallback: str | None = None) -> Generator:
+    """The generator of `engine` for a model name or folder: the model loaded in this process
+    (cached, plain; see make_generator), or engine="server": the servers at `server_url` (one URL,
+    comma-separated URLs or a list) that serve that model, its tokenizer loaded here.
+
+    fallback: the in-process engine for a model the servers do not serve (e.g. a policy the run
+    just trained), with a warning; None: that is a ServerModelError.
+    """
+    if engine == "server":
+        if not server_url:
+            raise ValueError("engine 'server' needs server URLs: --server-url http://HOST:PORT[,http://HOST:PORT...] "
+                             "(or server_url = [...] in a pipeline config)")
+        from .server import ServerModelError, connect_servers
+
+        try:
+            return connect_servers(model, server_url)
+        except ServerModelError as err:
+            if fallback is None:
+                raise
+            import warnings
+
+            warnings.warn(f"{model} runs in this process ({fallback} engine): {err}", stacklevel=2)
+            engine = fallback
+    return make_generator(load_model(model, device=device), engine=engine, batch_size=batch_size,
+                          block_size=block_size)
 
 
 def _warn_fallback(reason: str) -> None:

@@ -44,10 +44,21 @@ def harmful_examples(sl_cai_dir: str | Path) -> list[dict]:
     if not shards:
         raise ValueError(f"{sl_cai_dir}: no SL-CAI records (records-*.jsonl); give the folder of an SL-CAI run "
                          "(cai-fast sl-cai --out FOLDER), whose initial answers are the harmful examples")
-    records = [json.loads(line) for shard in shards for line in shard.read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    records = [_sl_cai_record(line, f"{shard} line {number}") for shard in shards
+               for number, line in enumerate(shard.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     return [{"messages": [P.user(r["prompt"]), P.assistant(r["initial"])]} for r in records
             if r["initial"].strip() and not is_refusal(r["initial"])]
+
+
+def _sl_cai_record(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg}); fix or drop the line") from None
+    for name in ("prompt", "initial"):
+        if not isinstance(record, dict) or not isinstance(record.get(name), str):
+            raise ValueError(f"{where}: field '{name}' must be a string (an SL-CAI record); fix or drop the line")
+    return record
 
 
 def rungs_for(ladder: Sequence[int], available: int) -> list[int]:

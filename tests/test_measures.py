@@ -153,6 +153,9 @@ def test_harmful_examples_are_the_compliant_initial_answers_and_rungs_cap_at_the
     assert rungs_for([0, 10, 1, 30], 2) == [0, 1, 2]
     with pytest.raises(ValueError, match="no SL-CAI records"):
         harmful_examples(tmp_path)
+    (folder / "records-00001.jsonl").write_text('{"prompt": "x?"}\n')
+    with pytest.raises(ValueError, match="records-00001.jsonl line 1: field 'initial' must be a string"):
+        harmful_examples(folder)
     with pytest.raises(ValueError, match="depth_ladder must be whole numbers"):
         EvalConfig(depth_ladder="0,ten")
 

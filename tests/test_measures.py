@@ -10,7 +10,7 @@ import math
 import pytest
 
 from cai_fast.benchmarks import BenchmarkError, answer_multiple_choice, capability_scores, load_benchmark
-from cai_fast.data import load_prompts, prompts_from_texts
+from cai_fast.data import prompts_from_texts
 from cai_fast.depth import depth_curve, harmful_examples, rungs_for
 from cai_fast.engine import make_generator
 from cai_fast.evaluate import EvalConfig, load_eval_sets

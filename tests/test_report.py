@@ -119,7 +119,7 @@ def test_report_has_its_pngs_the_figures_per_round_and_the_config(tmp_path, meth
     assert "| round 2 | 77.8% ± 5.0% | 7/9 | 50.0% ± 10.0% | 6/12 |" in text
     assert "| round 1 | 50.0 ± 1.5 (n=9) |" in text  # words per set
     c = state["rounds"]["1"]["stages"]["evaluate"]["summary"]["harmlessness"]["length_controlled"]
-    assert f"| round 1 | harmlessness | " in text and f"{c['win_rate']:.3f} ± {c['stderr']:.3f}" in text
+    assert "| round 1 | harmlessness | " in text and f"{c['win_rate']:.3f} ± {c['stderr']:.3f}" in text
     assert "| start | 8 | 30 | 100% ± 10% | 100% ± 10% | 100% ± 10% |" in text  # depth of alignment
     assert "| round 2 | 8 | 30 | 25% ± 10% | 50% ± 10% | 88% ± 10% |" in text
     assert "| agreement, both orders averaged (the labels) | 62.5% ± " in text  # the judge against people

@@ -136,7 +136,7 @@ def connect_servers(model: str, urls: str | Sequence[str], config: ServerConfig 
     """A ServerGenerator for `model` (a name or folder whose tokenizer loads locally) on these servers."""
     from .loading import load_tokenizer, model_path
 
-    return ServerGenerator(load_tokenizer(model), parse_urls(urls), {model, model_path(model)}, config)
+    return ServerGenerator(load_tokenizer(model), parse_urls(urls), {model, str(model_path(model))}, config)
 
 
 class ServerGenerator:

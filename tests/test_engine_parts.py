@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai_fast.engine.attention import BatchLayout, TorchPagedAttention, make_attention, visible
+from cai_fast.engine.attention import (BatchLayout, TorchPagedAttention, attend_with_lse, attention_with_lse,
+                                       make_attention, visible)
 from cai_fast.engine.base import SamplingParams
 from cai_fast.engine.kv import KVPool, KVShape, pool_blocks, slot_ids
 from cai_fast.engine.sampling import next_tokens, request_generator, top_p_filter
@@ -92,6 +93,23 @@ def test_paged_attention_equals_dense_attention(window, q_lens):
             want = _dense(q[start : start + m], k, v, torch.arange(n - m, n), torch.arange(n), attention.windows[layer], scale)
             torch.testing.assert_close(out[start : start + m], want, atol=1e-5, rtol=1e-5)
             start += m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_attention_with_lse_equals_the_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, group, d, n = 5, 3, 3, 24, 37  # odd shapes; some keys of every row masked
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for shape in
+               ((batch, heads, group, d), (batch, n, heads, d), (batch, n, heads, d)))
+    mask = torch.rand(batch, 1, n, generator=gen) > 0.3
+    mask[:, :, 0] = True
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    out, lse = attention_with_lse(q, k, v, mask, bias, 0.2)
+    want, want_lse = attend_with_lse(q.float(), k.float(), v.float(), mask, 0.2)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want, **tol)
+    torch.testing.assert_close(lse, want_lse, **tol)
 
 
 def test_the_shared_keys_are_kept_until_forgotten():

@@ -1,11 +1,12 @@
 """Generation: model loading, the cached engine, the plain (uncached) generator, the shared interface."""
 
 from .base import Completion, GenerationStats, Generator, SamplingParams
+from .device import DeviceError
 from .loading import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 
 __all__ = [
     "Completion", "GenerationStats", "Generator", "SamplingParams", "ENGINES",
-    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "load_model", "make_generator",
+    "DEFAULT_MODEL", "DeviceError", "LoadedModel", "ModelLoadError", "load_model", "make_generator",
 ]
 
 ENGINES = ("cached", "plain")

@@ -90,14 +90,21 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding)."""
-    import torch
+    """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding).
+
+    `dtype` and `device` are the CLI's strings ("auto" included), resolved by
+    cai_fast.engine.device.resolve before anything is read: a device that does not exist raises
+    its DeviceError (a ValueError) first.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .device import resolve
+
+    device, torch_dtype = resolve(device, dtype)
     path = default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}. {_INSTALL_HINT}") from err
     if tokenizer.chat_template is None:

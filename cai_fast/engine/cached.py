@@ -66,6 +66,8 @@ class EngineConfig:
     dedup_min_tokens: int = field(default=32, metadata={"help": "shared uncached tokens that hold a request back"})
     prefix_cache: bool = field(default=True, metadata={"help": "False: cache nothing (every prompt is computed)"})
     attention: str = field(default="auto", metadata={"help": "auto, torch or flash"})
+    fused: bool = field(default=True, metadata={"help": "fused, prepacked projections (False: the model's "
+                                                        "own modules, one by one)"})
 
     def __post_init__(self):
         for name in ("block_size", "max_running", "prefill_tokens", "pool_bytes"):
@@ -148,7 +150,7 @@ class CachedGenerator:
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = PagedRunner(model, self.pool, config.attention)
+        self.runner = PagedRunner(model, self.pool, config.attention, config.fused)
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)

@@ -31,9 +31,12 @@ Chain of thought (chain_of_thought=1): each judge prompt first gets a greedy rat
 each order's probability is clamped to [0.4, 0.6], as the CAI paper does with CoT labels.
 
 Injection defence (defend=1, the default): the conversation and both responses are quoted
-between marker lines tagged with a hash of the pair, with the tokenizer's special-token strings
-and runs of "=" broken up, so a response cannot close its section or the user turn, or forge a
-marker (see cai_fast.prompts). defend=0 exists to measure what the defence buys.
+between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a
+secret kept in the run config, by default derived from the seed), with look-alike characters
+folded (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response
+cannot close its section or the user turn, or forge a marker (see cai_fast.prompts). As the tag
+does not depend on the pair, all pairs of one prompt share the few-shot block and the
+conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
 
 The labelling run that drives the judge over a data set is cai_fast.labelling; pairs files are
 read by cai_fast.pairs.
@@ -41,6 +44,7 @@ read by cai_fast.pairs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -89,6 +93,8 @@ class JudgeConfig:
                              "tokens broken up; 0 only to measure the injection defence")
     batch_size: int = option(16, "judge prompts per forward pass (and sampled responses per batch)")
     seed: int = option(0, "seed for principle draws, response sampling and pair selection")
+    tag_key: str = option("", "secret key of the section markers' tag (kept in the run config; empty: "
+                              "derived from seed)")
 
     def __post_init__(self):
         if not isinstance(self.principle_ids, str):
@@ -230,8 +236,9 @@ class ConstitutionalJudge(BasePairwiseJudge):
         self.options = detect_options(self.tokenizer)
         self.reserved = reserved_strings(self.tokenizer) if self.config.defend else None
         answers = (self.options.answer(0), self.options.answer(1))
+        self.tag_key = self.config.tag_key or hashlib.sha256(f"judge-tag:{self.config.seed}".encode()).hexdigest()
         self.few_shot = P.judge_few_shot_messages(self.constitution, self.config.few_shot, answers,
-                                                  reserved=self.reserved)
+                                                  reserved=self.reserved, key=self.tag_key)
         self.stats = JudgeStats()
 
     @property
@@ -281,12 +288,13 @@ class ConstitutionalJudge(BasePairwiseJudge):
         """The principles asked about a pair: fixed ones, or drawn by the pair's content (either order)."""
         if self.fixed_principles:
             return self.fixed_principles
-        key = P.judge_tag(conversation, first, second)  # the same in both orders
+        key = P.pair_key(conversation, first, second)  # the same in both orders
         return self.constitution.sample(key, self.config.principles, seed=self.config.seed, replace=False)
 
     def judge_chat(self, conversation: str, first: str, second: str, principle: Principle) -> list[dict]:
         """The judge's chat for one order and principle: few-shot block, then the judge request."""
-        request = P.judge_request(conversation, first, second, principle.judge, reserved=self.reserved)
+        request = P.judge_request(conversation, first, second, principle.judge, reserved=self.reserved,
+                                  key=self.tag_key)
         return self.few_shot + [P.user(request)]
 
     def _rationales(self, chats: list[list[dict]]) -> list[str]:

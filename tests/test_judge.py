@@ -211,7 +211,7 @@ def test_principles_of_one_order_share_the_prefix_up_to_the_question(tiny_loaded
     shared = min(len(r) for r in rows)
     shared = next(i for i in range(shared) if len({r[i] for r in rows}) > 1)
     text = judge.tokenizer.decode(rows[0][:shared])  # the rows part where the questions begin
-    assert f"=== End of Response (B) [{P.judge_tag('Human: q', 'one', 'two')}] ===\n\n" in text
+    assert f"=== End of Response (B) [{P.judge_tag('Human: q', judge.tag_key)}] ===\n\n" in text
 
 
 # ---------------------------------------------------------------- option tokens

@@ -69,6 +69,8 @@ class EngineConfig:
     attention: str = field(default="auto", metadata={"help": "auto, torch or flash"})
     fused: bool = field(default=True, metadata={"help": "fused, prepacked projections (False: the model's "
                                                         "own modules, one by one)"})
+    compile: str = field(default="none", metadata={"help": "torch.compile the decode step per batch bucket: none "
+                                                           "or a backend (inductor); compiling takes minutes"})
 
     def __post_init__(self):
         for name in ("block_size", "max_running", "prefill_tokens", "pool_bytes"):
@@ -151,7 +153,7 @@ class CachedGenerator:
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = PagedRunner(model, self.pool, config.attention, config.fused)
+        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile)
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)

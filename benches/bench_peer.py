@@ -12,8 +12,8 @@ Workloads (the same token-id prompts on both sides, on the default model):
           labels (vLLM: the full-vocabulary log-probs of the two option tokens, through its
           `logprob_token_ids`, every prompt sent at once).
 
-Sides: ours is `load_model()` + `make_generator()` with their defaults (`dtype`/`device` "auto":
-bf16 on this AMX CPU; the cached engine). The peer is a vLLM-CPU OpenAI server the bench starts
+Sides: ours is `load_model(dtype="auto", device="auto")` (the CLI's defaults: bf16 on this AMX
+CPU) + `make_generator()` with its defaults (the cached engine). The peer is a vLLM-CPU OpenAI server the bench starts
 (`--vllm-python`, a venv with vllm-cpu; bf16, prefix caching, OMP_NUM_THREADS = this process's
 threads) on --port, reached by a thin client that sends every request of a call concurrently.
 The server busy-waits on a core while it is up, so every peer measurement is made first, the
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     sizes = [int(n) for n in args.n.split(",")]
     threads = torch.get_num_threads()
-    loaded = load_model()  # the defaults: dtype and device "auto"
+    loaded = load_model(dtype="auto", device="auto")  # what the CLI's defaults resolve to
     print(f"ours: {loaded.model.dtype}, {threads} threads", flush=True)
     red_team = list(load_prompts("red_team", limit=max(sizes)))
     sampler = make_generator(loaded)

@@ -209,6 +209,8 @@ class PagedRunner:
         else:
             self.projections = [LayerProjections.of_modules(layer) for layer in self.decoder.layers]
         self.compiled = None if compile == "none" else CompiledDecode(self, compile)
+        head = model.get_output_embeddings()
+        self.head = FusedLinear([head]) if fused and type(head) is torch.nn.Linear else head
         config = model.config
         self.head_dim = pool.shape.head_dim
         self.attention = make_attention(attention, pool, layer_windows(config), config.num_attention_heads,
@@ -224,7 +226,7 @@ class PagedRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full fp32 logits [n, V] of a few final hidden states [n, H]."""
-        return self.model.get_output_embeddings()(hidden).float()
+        return self.head(hidden).float()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

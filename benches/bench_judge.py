@@ -76,7 +76,7 @@ def agreement(result, seed: int) -> dict:
             "fixed_order_chosen_as_b": share(first_as_b), "random_single_order": share(random_order),
             "order_flip_rate": ((result.p_ab_a > 0.5) != (result.p_ba_b > 0.5)).float().mean().item(),
             "position_a_win_rate": torch.cat([result.p_ab_a > 0.5, result.p_ba_b < 0.5]).float().mean().item(),
-            "mean_option_mass": result.option_mass.mean().item()}
+            **({"mean_option_mass": result.option_mass.mean().item()} if result.option_mass is not None else {})}
 
 
 def baseline_agreement(verdicts: list[list[int]]) -> dict:
@@ -97,7 +97,8 @@ def make_judge(loaded, args, engine: str, **config) -> ConstitutionalJudge:
 def concatenated(results: list) -> SimpleNamespace:
     """The per-pair fields of several JudgeResults, one after the other."""
     fields = ("label", "p_ab_a", "p_ba_b", "option_mass")
-    return SimpleNamespace(**{f: torch.cat([getattr(r, f) for r in results]) for f in fields})
+    return SimpleNamespace(**{f: None if any(getattr(r, f) is None for r in results)  # option_mass is opt-in
+                              else torch.cat([getattr(r, f) for r in results]) for f in fields})
 
 
 def throughput_and_agreement(loaded, pairs, args) -> dict:

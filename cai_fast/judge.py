@@ -31,9 +31,12 @@ Chain of thought (chain_of_thought=1): each judge prompt first gets a greedy rat
 each order's probability is clamped to [0.4, 0.6], as the CAI paper does with CoT labels.
 
 Injection defence (defend=1, the default): the conversation and both responses are quoted
-between marker lines tagged with a hash of the pair, with the tokenizer's special-token strings
-and runs of "=" broken up, so a response cannot close its section or the user turn, or forge a
-marker (see cai_fast.prompts). defend=0 exists to measure what the defence buys.
+between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a
+secret kept in the run config, by default derived from the seed), with look-alike characters
+folded (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response
+cannot close its section or the user turn, or forge a marker (see cai_fast.prompts). As the tag
+does not depend on the pair, all pairs of one prompt share the few-shot block and the
+conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
 
 The labelling run that drives the judge over a data set is cai_fast.labelling; pairs files are
 read by cai_fast.pairs.
@@ -41,6 +44,7 @@ read by cai_fast.pairs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -89,6 +93,10 @@ class JudgeConfig:
                              "tokens broken up; 0 only to measure the injection defence")
     batch_size: int = option(16, "judge prompts per forward pass (and sampled responses per batch)")
     seed: int = option(0, "seed for principle draws, response sampling and pair selection")
+    option_mass: int = option(0, "1 = also compute each option's full-vocabulary probability (a diagnostic: "
+                                  "labels then go through a full-vocabulary softmax at every answer position)")
+    tag_key: str = option("", "secret key of the section markers' tag (kept in the run config; empty: "
+                              "derived from seed)")
 
     def __post_init__(self):
         if not isinstance(self.principle_ids, str):
@@ -100,7 +108,7 @@ class JudgeConfig:
             raise ValueError(f"few_shot must be >= 0, got {self.few_shot}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
-        for name in ("chain_of_thought", "defend"):
+        for name in ("chain_of_thought", "defend", "option_mass"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")
 
@@ -186,7 +194,8 @@ class JudgeResult:
     principle_label: torch.Tensor  # [M, P] ½·(p_ab_a + p_ba_b) per principle
     p_ab_a: torch.Tensor  # [M, P] P(a preferred) with a shown as (A)
     p_ba_b: torch.Tensor  # [M, P] P(a preferred) with a shown as (B)
-    option_mass: torch.Tensor  # [M, P, 2] full-vocabulary probability of the two options, per order
+    option_mass: torch.Tensor | None  # [M, P, 2] full-vocabulary probability of the two options, per order
+    # (None when the labels were read from the two option rows alone, see ConstitutionalJudge.score)
     principle_ids: list[list[str]]
     rationales: list[list[list[str]]] | None = None  # [M][P][order] with chain of thought
 
@@ -194,7 +203,9 @@ class JudgeResult:
         """The label fields of pair i, as JSON-ready lists."""
         out = {"label": self.label[i].item(), "principle_ids": self.principle_ids[i],
                "principle_label": self.principle_label[i].tolist(), "p_ab_a": self.p_ab_a[i].tolist(),
-               "p_ba_b": self.p_ba_b[i].tolist(), "option_mass": self.option_mass[i].tolist()}
+               "p_ba_b": self.p_ba_b[i].tolist()}
+        if self.option_mass is not None:
+            out["option_mass"] = self.option_mass[i].tolist()
         if self.rationales is not None:
             out["rationales"] = self.rationales[i]
         return out
@@ -230,8 +241,9 @@ class ConstitutionalJudge(BasePairwiseJudge):
         self.options = detect_options(self.tokenizer)
         self.reserved = reserved_strings(self.tokenizer) if self.config.defend else None
         answers = (self.options.answer(0), self.options.answer(1))
+        self.tag_key = self.config.tag_key or hashlib.sha256(f"judge-tag:{self.config.seed}".encode()).hexdigest()
         self.few_shot = P.judge_few_shot_messages(self.constitution, self.config.few_shot, answers,
-                                                  reserved=self.reserved)
+                                                  reserved=self.reserved, key=self.tag_key)
         self.stats = JudgeStats()
 
     @property
@@ -255,9 +267,12 @@ class ConstitutionalJudge(BasePairwiseJudge):
         rationales = self._rationales(chats) if self.config.chain_of_thought else None
         rows = [P.render_continuation(self.tokenizer, chat, self._answer_prefix(rationales, i))
                 for i, chat in enumerate(chats)]
-        logp = self.generator.score_options(rows, self.options.token_ids)
+        if self._reads_states(rationales):
+            result = self._result_from_states(self.generator.answer_states(rows), principles)
+        else:
+            result = self._result(self.generator.score_options(rows, self.options.token_ids), principles, rationales)
         self._count(len(firsts), rows, time.perf_counter() - start)
-        return self._result(logp, principles, rationales)
+        return result
 
     def judge(self, prompts: list, completions: list[list], shuffle_order: bool = True,
               return_scores: bool = False) -> list[int] | list[float]:
@@ -281,12 +296,13 @@ class ConstitutionalJudge(BasePairwiseJudge):
         """The principles asked about a pair: fixed ones, or drawn by the pair's content (either order)."""
         if self.fixed_principles:
             return self.fixed_principles
-        key = P.judge_tag(conversation, first, second)  # the same in both orders
+        key = P.pair_key(conversation, first, second)  # the same in both orders
         return self.constitution.sample(key, self.config.principles, seed=self.config.seed, replace=False)
 
     def judge_chat(self, conversation: str, first: str, second: str, principle: Principle) -> list[dict]:
         """The judge's chat for one order and principle: few-shot block, then the judge request."""
-        request = P.judge_request(conversation, first, second, principle.judge, reserved=self.reserved)
+        request = P.judge_request(conversation, first, second, principle.judge, reserved=self.reserved,
+                                  key=self.tag_key)
         return self.few_shot + [P.user(request)]
 
     def _rationales(self, chats: list[list[dict]]) -> list[str]:
@@ -306,6 +322,25 @@ class ConstitutionalJudge(BasePairwiseJudge):
         self.stats.judge_prompts += len(rows)
         self.stats.prompt_tokens += sum(len(r) for r in rows)
         self.stats.seconds += seconds
+
+    def _reads_states(self, rationales) -> bool:
+        """Whether labels come straight from the answer-position hidden states through
+        cai_fast.ops.swapped_pair_scores (only the two option rows of the LM head are read): a
+        generator that gives states (the cached engine), single-token options, no chain of
+        thought (its clamp), no option-mass diagnostic. Else through `score_options`."""
+        return (hasattr(self.generator, "answer_states") and self.options.mode == "single-token"
+                and rationales is None and not self.config.option_mass)
+
+    def _result_from_states(self, hidden: torch.Tensor, principles: list[list[Principle]]) -> JudgeResult:
+        from .ops import swapped_pair_scores
+
+        m, k = len(principles), len(principles[0])
+        hidden = hidden.reshape(m, 2, k, -1).transpose(1, 2)  # pair, principle, order (AB, BA), H
+        weight, bias = self.generator.lm_head()
+        ids = (self.options.token_ids[0][0], self.options.token_ids[1][0])
+        s = swapped_pair_scores(hidden, weight, ids, bias, self.config.aggregate)
+        return JudgeResult(*(t.float().cpu() for t in (s.label_mean, s.label, s.p_ab_a, s.p_ba_b)), None,
+                           [[p.id for p in ps] for ps in principles])
 
     def _result(self, logp: torch.Tensor, principles: list[list[Principle]], rationales) -> JudgeResult:
         from .ops import scores_from_gaps

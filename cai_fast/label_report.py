@@ -31,7 +31,8 @@ def label_stats(records: list[dict]) -> dict:
         "order_flip_rate": _mean((ab > 0.5) != (ba > 0.5) for ab, ba in orders),
         "position_a_win_rate": _mean([ab > 0.5 for ab, _ in orders] + [ba < 0.5 for _, ba in orders]),
         "mean_p_position_a": _mean([ab for ab, _ in orders] + [1 - ba for _, ba in orders]),
-        "mean_option_mass": _mean(m for r in records for pair in r["option_mass"] for m in pair),
+        **({"mean_option_mass": _mean(m for r in records for pair in r["option_mass"] for m in pair)}
+           if all("option_mass" in r for r in records) else {}),
         "mean_p_chosen": _mean(confidence),
         "confidence_histogram": histogram,
         "per_principle": per_principle_agreement(records),
@@ -92,7 +93,8 @@ def _report_markdown(s: dict) -> list[str]:
               f"| single-order verdict flips when the order is swapped | {s['order_flip_rate']:.1%} |",
               f"| first position (A) wins a single-order verdict | {s['position_a_win_rate']:.1%} |",
               f"| mean P(A) over both orders | {s['mean_p_position_a']:.3f} |",
-              f"| mean probability on the two option tokens | {s['mean_option_mass']:.3f} |",
+              *([f"| mean probability on the two option tokens | {s['mean_option_mass']:.3f} |"]
+                if "mean_option_mass" in s else []),
               "", "Both orders are averaged in every label, so this bias does not reach the labels.",
               "", "## Label confidence", "", "![label confidence](label_confidence.png)", "",
               "| p_chosen | pairs |", "| --- | --- |"]

@@ -28,7 +28,9 @@ turn, or forge a marker.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
+import unicodedata
 
 from .constitution import Constitution, Principle
 
@@ -91,15 +93,25 @@ def conversation_text(prompt: str | list[dict]) -> str:
                        for m in prompt)
 
 
-def judge_tag(conversation: str, first: str, second: str) -> str:
-    """The marker tag of a pair: a hash of its content, the same in both orders."""
+def pair_key(conversation: str, first: str, second: str) -> str:
+    """A hash of a pair's content, the same in both orders (what principles are drawn by)."""
     content = "\0".join([conversation, *sorted((first, second))])
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:8]
 
 
+def judge_tag(conversation: str, key: str) -> str:
+    """The marker tag of every pair of one conversation: a keyed hash (HMAC-SHA256 under the run's
+    secret `key`) of the conversation alone. A response's author cannot predict it without the
+    key, and it does not depend on the responses, so all pairs of one prompt share the few-shot
+    block and the conversation in the prefix cache."""
+    return hmac.new(key.encode("utf-8"), conversation.encode("utf-8"), hashlib.sha256).hexdigest()[:8]
+
+
 def neutralise(text: str, reserved: list[str]) -> str:
-    """Quoted text that cannot end its section: every reserved string (the tokenizer's special
-    tokens) gets a space after its first character, and runs of "=" are spaced out."""
+    """Quoted text that cannot end its section: look-alike characters folded first (Unicode NFKC:
+    full-width "＝" becomes "="), then every reserved string (the tokenizer's special tokens) gets
+    a space after its first character, and runs of "=" are spaced out."""
+    text = unicodedata.normalize("NFKC", text)
     for token in sorted(reserved, key=len, reverse=True):
         text = text.replace(token, f"{token[0]} {token[1:]}")
     return _MARKER_RUN.sub(lambda run: " ".join(run.group()), text)
@@ -112,13 +124,14 @@ def _section(title: str, body: str, tag: str | None) -> str:
 
 
 def judge_request(conversation: str, first: str, second: str, question: str, *,
-                  reserved: list[str] | None) -> str:
+                  reserved: list[str] | None, key: str) -> str:
     """The judge's user turn: intro, conversation, (A) = first, (B) = second, then the question.
 
     reserved: the strings quoted text must not contain (see `neutralise`); None turns the
     injection defence off (no markers, raw text), which is only for measuring the defence.
+    key: the run's secret for the marker tag (see `judge_tag`).
     """
-    tag = None if reserved is None else judge_tag(conversation, first, second)
+    tag = None if reserved is None else judge_tag(conversation, key)
     intro = JUDGE_INTRO if tag is None else JUDGE_INTRO + JUDGE_QUOTING.format(tag=tag)
     if reserved is not None:
         conversation, first, second = (neutralise(t, reserved) for t in (conversation, first, second))
@@ -128,7 +141,7 @@ def judge_request(conversation: str, first: str, second: str, question: str, *,
 
 
 def judge_few_shot_messages(constitution: Constitution, n: int, answers: tuple[str, str], *,
-                            reserved: list[str] | None) -> list[dict]:
+                            reserved: list[str] | None, key: str) -> list[dict]:
     """The first `n` few-shot examples as finished judge exchanges: the revision is the better
     response, shown as (B) in even examples and as (A) in odd ones; `answers` are the assistant's
     full answers naming (A) and (B)."""
@@ -138,7 +151,7 @@ def judge_few_shot_messages(constitution: Constitution, n: int, answers: tuple[s
                      else constitution.principles[0])
         better = 1 - k % 2
         pair = (example.response, example.revision) if better else (example.revision, example.response)
-        request = judge_request(conversation_text(example.prompt), *pair, principle.judge, reserved=reserved)
+        request = judge_request(conversation_text(example.prompt), *pair, principle.judge, reserved=reserved, key=key)
         messages += [user(request), assistant(answers[better])]
     return messages
 

@@ -168,6 +168,42 @@ def test_greedy_equals_generate_with_cache_on_and_off(tiny_loaded, backend):
     assert cached.stats.decode_steps > 14  # 7 prompts through 3 slots took several waves
 
 
+def test_bf16_greedy_equals_bf16_generate_but_at_near_ties(tiny_model_path):
+    """In bf16 (the default on AMX CPUs) the engine (cache on and off) against transformers'
+    generate in bf16: sequences may part only where the top-2 logits are within bf16 rounding."""
+    from cai_fast.engine import load_model
+
+    loaded = load_model(str(tiny_model_path), dtype="bfloat16")
+    with torch.no_grad():  # sharpen, so that most steps are far from a tie
+        loaded.model.get_output_embeddings().weight.mul_(8)
+    prompts = random_prompts(13, 6)
+    params = SamplingParams(max_new_tokens=10)
+    references = [reference_greedy(loaded, p, 10) for p in prompts]
+    parted = []
+    for config in ({}, {"prefix_cache": False}):
+        for prompt, completion, reference in zip(prompts, engine_for(loaded, **config).generate(prompts, params),
+                                                 references):
+            parted.append(divergence(loaded.model, prompt, as_sequence(completion), reference, eps=0.25))
+    assert sum(p is not None for p in parted) <= len(parted) // 2
+
+
+def test_compiled_decode_step_equals_the_eager_one(tiny_loaded):
+    """The decode step through torch.compile (dynamo with the eager backend here: the graph, the
+    bucket padding and the opaque attention op are what is tested; inductor takes minutes on a
+    CPU) against the eager step: same hidden states, so the same greedy tokens, at batch sizes that
+    are buckets and that are padded up to one (3 -> 4, 5 -> 8, then fewer as requests finish)."""
+    prompts = random_prompts(11, 5)
+    params = SamplingParams(max_new_tokens=9)
+    eager = engine_for(tiny_loaded, max_running=5).generate(prompts, params)
+    compiled_engine = engine_for(tiny_loaded, max_running=5, compile="eager")
+    calls = []
+    step = compiled_engine.runner.compiled.fn
+    compiled_engine.runner.compiled.fn = lambda *a: calls.append(len(a[0])) or step(*a)
+    compiled = compiled_engine.generate(prompts, params) + compiled_engine.generate(prompts[:3], params)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager + eager[:3]]
+    assert set(calls) <= {1, 2, 4, 8} and {4, 8} <= set(calls)
+
+
 def test_greedy_with_end_of_turn_matches_plain_generator(tiny_loaded, tiny_model_path):
     """A copy of the tiny model whose end-of-turn logit shadows a frequent token, so completions
     end on it at different steps."""

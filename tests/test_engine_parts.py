@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai_fast.engine.attention import BatchLayout, TorchPagedAttention, make_attention, visible
+from cai_fast.engine.attention import (BatchLayout, TorchPagedAttention, attend_with_lse, attention_with_lse,
+                                       make_attention, visible)
 from cai_fast.engine.base import SamplingParams
 from cai_fast.engine.kv import KVPool, KVShape, pool_blocks, slot_ids
 from cai_fast.engine.sampling import next_tokens, request_generator, top_p_filter
@@ -94,6 +95,23 @@ def test_paged_attention_equals_dense_attention(window, q_lens):
             start += m
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_attention_with_lse_equals_the_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, group, d, n = 5, 3, 3, 24, 37  # odd shapes; some keys of every row masked
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for shape in
+               ((batch, heads, group, d), (batch, n, heads, d), (batch, n, heads, d)))
+    mask = torch.rand(batch, 1, n, generator=gen) > 0.3
+    mask[:, :, 0] = True
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    out, lse = attention_with_lse(q, k, v, mask, bias, 0.2)
+    want, want_lse = attend_with_lse(q.float(), k.float(), v.float(), mask, 0.2)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want, **tol)
+    torch.testing.assert_close(lse, want_lse, **tol)
+
+
 def test_the_shared_keys_are_kept_until_forgotten():
     pool, layout = _paged_batch(1, (9, 14), (1, 1), shared_blocks=2)
     attention = TorchPagedAttention(pool, [None, None], 4, 0.5)
@@ -135,3 +153,36 @@ def test_attention_choice_falls_back_to_torch_where_flash_attn_cannot_run():
         make_attention("flash", pool, [None, None], 4, 0.5)
     with pytest.raises(ValueError, match="unknown attention"):
         make_attention("fast", pool, [None, None], 4, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_equal_the_model_modules(tiny_loaded, dtype):
+    import copy
+
+    from cai_fast.engine.model_runner import LayerProjections
+
+    layer = copy.deepcopy(tiny_loaded.model.get_decoder().layers[1]).to(dtype)
+    layer.self_attn.k_proj.bias = torch.nn.Parameter(torch.randn(layer.self_attn.k_proj.out_features).to(dtype))
+    fused, plain = LayerProjections.fused(layer), LayerProjections.of_modules(layer)
+    h = torch.randn(7, layer.self_attn.q_proj.in_features).to(dtype)  # 7 rows: not a power of two
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+    with torch.inference_mode():
+        for name in ("qkv", "o", "mlp"):
+            x = h if name != "o" else torch.randn(7, layer.self_attn.o_proj.in_features).to(dtype)
+            got, want = getattr(fused, name)(x), getattr(plain, name)(x)
+            torch.testing.assert_close(torch.cat(got, -1) if name == "qkv" else got,
+                                       torch.cat(want, -1) if name == "qkv" else want, **tol)
+
+
+def test_a_wrapped_projection_is_called_as_the_module(tiny_loaded):
+    import copy
+
+    from cai_fast.engine.model_runner import LayerProjections
+
+    layer = copy.deepcopy(tiny_loaded.model.get_decoder().layers[0])
+    calls = []
+    layer.self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    wrapped = torch.nn.Sequential(layer.self_attn.v_proj)  # as peft wraps a LoRA target
+    layer.self_attn.v_proj = wrapped
+    LayerProjections.fused(layer).qkv(torch.randn(3, wrapped[0].in_features))
+    assert calls == [1]

@@ -97,6 +97,18 @@ def test_scores_equal_the_swapped_pair_op_on_the_models_hidden_states(sharp_judg
     torch.testing.assert_close(result.p_ab_a, expected.p_ab_a, atol=1e-5, rtol=0)
 
 
+def test_labels_from_option_rows_equal_the_full_vocabulary_diagnostic(sharp_loaded):
+    """The default path (answer-position states through ops.swapped_pair_scores, two rows of the
+    head) against option_mass=1 (score_options: a full-vocabulary softmax per answer position)."""
+    prompts, a, b = random_pairs(4, seed=5)
+    fast = ConstitutionalJudge(sharp_loaded, "default", JudgeConfig(principles=2)).score(prompts, a, b)
+    full = ConstitutionalJudge(sharp_loaded, "default", JudgeConfig(principles=2, option_mass=1)).score(prompts, a, b)
+    assert fast.option_mass is None and "option_mass" not in fast.record(0)
+    assert full.option_mass.shape == (4, 2, 2) and 0 < full.option_mass.min() <= full.option_mass.max() <= 1
+    for name in ("label", "principle_label", "p_ab_a", "p_ba_b"):
+        torch.testing.assert_close(getattr(fast, name), getattr(full, name), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("engine", ["plain", "cached"])
 def test_score_options_matches_full_logits_reference(sharp_loaded, engine):
     """Scoring (padded batches or the paged cache, fused ops) against log_softmax of the full
@@ -211,7 +223,7 @@ def test_principles_of_one_order_share_the_prefix_up_to_the_question(tiny_loaded
     shared = min(len(r) for r in rows)
     shared = next(i for i in range(shared) if len({r[i] for r in rows}) > 1)
     text = judge.tokenizer.decode(rows[0][:shared])  # the rows part where the questions begin
-    assert f"=== End of Response (B) [{P.judge_tag('Human: q', 'one', 'two')}] ===\n\n" in text
+    assert f"=== End of Response (B) [{P.judge_tag('Human: q', judge.tag_key)}] ===\n\n" in text
 
 
 # ---------------------------------------------------------------- option tokens

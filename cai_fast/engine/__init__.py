@@ -2,11 +2,13 @@
 generator (OpenAI-compatible vLLM/SGLang servers), the shared interface."""
 
 from .base import Completion, GenerationStats, Generator, SamplingParams
+from .device import DeviceError
 from .loading import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 
 __all__ = [
     "Completion", "GenerationStats", "Generator", "SamplingParams", "ENGINES",
-    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "load_model", "make_generator", "open_generator",
+    "DEFAULT_MODEL", "DeviceError", "LoadedModel", "ModelLoadError", "load_model", "make_generator",
+    "open_generator",
 ]
 
 ENGINES = ("cached", "plain", "server")

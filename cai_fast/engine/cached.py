@@ -4,6 +4,7 @@
         .generate(prompts, params) -> list[Completion]
         .score_options(prompts, options) -> Tensor [N, K]
         .score_continuations(prompts, continuations) -> list of Tensor [len(continuation)]
+        .answer_states(prompts) -> Tensor [N, H], with .lm_head() -> (weight [V, H], bias or None)
         .stats: EngineStats (prefill tokens submitted / computed, cache hit rate, time in the
                 scheduler and in the model)
 
@@ -67,6 +68,10 @@ class EngineConfig:
     dedup_min_tokens: int = field(default=32, metadata={"help": "shared uncached tokens that hold a request back"})
     prefix_cache: bool = field(default=True, metadata={"help": "False: cache nothing (every prompt is computed)"})
     attention: str = field(default="auto", metadata={"help": "auto, torch or flash"})
+    fused: bool = field(default=True, metadata={"help": "fused, prepacked projections (False: the model's "
+                                                        "own modules, one by one)"})
+    compile: str = field(default="none", metadata={"help": "torch.compile the decode step per batch bucket: none "
+                                                           "or a backend (inductor); compiling takes minutes"})
 
     def __post_init__(self):
         for name in ("block_size", "max_running", "prefill_tokens", "pool_bytes"):
@@ -149,7 +154,7 @@ class CachedGenerator:
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = PagedRunner(model, self.pool, config.attention)
+        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile)
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)
@@ -157,6 +162,7 @@ class CachedGenerator:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._options: torch.Tensor | None = None  # option ids of the scoring call in progress
+        self._states = False  # the scoring call in progress wants hidden states (answer_states)
 
     # ---------------------------------------------------------------- public API
 
@@ -200,6 +206,24 @@ class CachedGenerator:
         finally:
             self._options = None
         return torch.stack([r.result for r in requests])
+
+    def answer_states(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Final (normed) hidden states [N, H] (the model's dtype) at each prompt's last position:
+        what the LM head (`lm_head()`) reads to score the next token, for ops that read only a
+        few of its rows (the judge's cai_fast.ops.swapped_pair_scores). Shares the cache."""
+        prompts = _checked(prompts, "answer_states")
+        self._states = True
+        try:
+            requests = [_Request(i, list(p), 0, len(p) - 1) for i, p in enumerate(prompts)]
+            self._run_scoring(requests)
+        finally:
+            self._states = False
+        hidden = self.model.config.hidden_size
+        return torch.stack([r.result for r in requests]) if requests else torch.empty(0, hidden)
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight [V, H] and bias [V] (None without one)."""
+        return self.runner.lm_head()
 
     # ---------------------------------------------------------------- the loop
 
@@ -314,7 +338,9 @@ class CachedGenerator:
     def _score(self, requests: list[_Request], rows: list[torch.Tensor]) -> None:
         weight, bias = self.runner.lm_head()
         with self._timed("model_seconds"):
-            if self._options is not None:
+            if self._states:
+                results = [h[-1] for h in rows]
+            elif self._options is not None:
                 logp, _ = linear_option_logprobs(torch.stack([h[-1] for h in rows]), weight, self._options, bias)
                 results = list(logp.float().cpu())
             else:

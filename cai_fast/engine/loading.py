@@ -178,25 +178,6 @@ def _check_safetensors(file: Path, where: str) -> None:
                              "re-download or re-save the model") from None
 
 
-def check_device(device: str) -> str:
-    """`device` when torch can use it on this machine, else ModelLoadError (one line)."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelLoadError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cpu":
-        return device
-    if parsed.type != "cuda":
-        raise ModelLoadError(f"--device {device!r}: cai_fast runs on cpu or cuda[:N]")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if (parsed.index or 0) >= count:
-        raise ModelLoadError(f"--device {device!r}: this machine has {count} CUDA device(s) torch can use; "
-                             "use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
-    return device
-
-
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -240,23 +221,26 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding).
 
-    Safetensors only and no remote code (see the module docstring); ModelLoadError, one line,
-    for a model or device that cannot be used. A folder holding a LoRA adapter
-    (adapter_config.json, from `cai-fast train ... --lora-r N`) loads its base model with the
-    adapter merged in (peft)."""
-    import torch
+    `dtype` and `device` are the CLI's strings ("auto" included), resolved by
+    cai_fast.engine.device.resolve before anything is read: a device that does not exist raises
+    its DeviceError (a ValueError, one line) first. Safetensors only and no remote code (see the
+    module docstring); ModelLoadError, one line, for a model that cannot be used. A folder
+    holding a LoRA adapter (adapter_config.json, from `cai-fast train ... --lora-r N`) loads its
+    base model with the adapter merged in (peft)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    check_device(device)
+    from .device import resolve
+
+    device, torch_dtype = resolve(device, dtype)
     path = model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     try:
         if (Path(path) / "adapter_config.json").is_file():
-            model = require_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model = require_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
             model = model.merge_and_unload().requires_grad_(True)  # peft froze the base weights
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False,
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
                                                          use_safetensors=True)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise _load_error(name_or_path, err) from err

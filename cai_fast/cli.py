@@ -69,14 +69,18 @@ def load_generator(args: argparse.Namespace, batch_size: int):
     from .engine import open_generator
 
     options = dataclass_from_args(ModelOptions, args)
-    return open_generator(options.model, engine=options.engine, batch_size=batch_size,
-                          server_url=options.server_url, device=options.device, block_size=options.kv_block_size)
+    return open_generator(options.model, engine=options.engine, batch_size=batch_size, server_url=options.server_url,
+                          device=options.device, dtype=options.dtype, block_size=options.kv_block_size)
 
 
 def run_options(args: argparse.Namespace) -> dict:
-    """What the run config records of the model options: what changes the data. The inputs are
-    recorded by content hash (the stages do that), not by the path the user typed."""
-    return dataclasses.asdict(dataclass_from_args(ModelOptions, args))
+    """What the run config records of the model options: what changes the data, with the device and
+    dtype that auto chose on this machine. The inputs are recorded by content hash (the stages do
+    that), not by the path the user typed."""
+    from .engine.device import resolved_names
+
+    options = dataclass_from_args(ModelOptions, args)
+    return {**dataclasses.asdict(options), **resolved_names(options.device, options.dtype)}
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -252,6 +256,9 @@ def add_pipeline_parsers(sub) -> None:
     ev.add_argument("--engine", default="cached", choices=ENGINES, help="generation backend (default: cached)")
     ev.add_argument("--server-url", default="", help="with --engine server: server URLs, comma-separated; a model "
                                                      "they do not serve runs in this process")
+    for name in ("device", "dtype"):
+        f = next(f for f in dataclasses.fields(ModelOptions) if f.name == name)
+        ev.add_argument(f"--{name}", default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_options(ev, EvalConfig)
     add_dataclass_options(ev, JudgeConfig)
@@ -284,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if name:
             resolve_model_path(name)  # before the base model's outputs are made
     sets, out = load_eval_sets(config), Path(args.out)
-    engine = {"engine": args.engine, "server_url": args.server_url}
+    engine = {"engine": args.engine, "server_url": args.server_url, "device": args.device, "dtype": args.dtype}
     base = outputs_of(args.base, sets, config, out / "base", **engine, progress=not args.quiet)
     figures = evaluate_model(args.model, base, sets, config, judge_config, config.judge_model or args.base,
                              out / "model", **engine, base_model=args.base, progress=not args.quiet)

@@ -38,7 +38,10 @@ class ModelOptions:
                                    "transformers generate, no prefix sharing; server = the servers of --server-url")
     server_url: str = option("", "with --engine server: OpenAI-compatible (vLLM) server URLs serving --model, "
                                  "comma-separated; requests are ordered and routed by prefix")
-    device: str = option("cpu", "torch device")
+    device: str = option("auto", "where the model runs: auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N")
+    dtype: str = option("auto", "precision of the model's weights and KV cache: auto (bf16 on CUDA and on CPUs with "
+                                "native bf16 matrix units such as AMX, else float32), float32, bfloat16, float16; "
+                                "log-probs and labels are fp32 whatever it is")
     kv_block_size: int = option(16, "tokens per KV block of the cached engine (any size runs on CUDA through the "
                                     "Triton kernel, multiples of 256 also through flash-attn)")
 

@@ -287,15 +287,15 @@ def _benchmark_answers(generator, benchmark: Benchmark, config: EvalConfig, stor
     return records
 
 
-def outputs_of(model: str, sets: EvalSets, config: EvalConfig, out_dir: str | Path, *, engine: str = "cached",
-               server_url: str = "", progress: bool = True) -> ModelOutputs:
+def outputs_of(model: str, sets: EvalSets, config: EvalConfig, out_dir: str | Path, *, progress: bool = True,
+               **generation) -> ModelOutputs:
     """Load `model` (or, engine "server", reach the servers that serve it) and compute its outputs
-    (model_outputs); the model is freed on return."""
+    (model_outputs); the model is freed on return. generation: open_generator's engine,
+    server_url, device and dtype."""
     from .engine import open_generator
 
-    generator = open_generator(model, engine=engine, batch_size=config.generation_batch, server_url=server_url,
-                               fallback="cached")
-    return model_outputs(generator, sets, config, out_dir, run_info={"model": model, "engine": engine},
+    generator = open_generator(model, batch_size=config.generation_batch, fallback="cached", **generation)
+    return model_outputs(generator, sets, config, out_dir, run_info={"model": model, **generation},
                          progress=progress)
 
 
@@ -329,28 +329,26 @@ def compare_with_base(judges: dict[str, object], sets: EvalSets, outputs: ModelO
     return figures
 
 
-def make_judges(judge_model: str, config: EvalConfig, judge_config, *, engine: str = "cached",
-                server_url: str = "") -> dict:
-    """The harmlessness and helpfulness judges, sharing one judge generator."""
+def make_judges(judge_model: str, config: EvalConfig, judge_config, **generation) -> dict:
+    """The harmlessness and helpfulness judges, sharing one judge generator (generation: as outputs_of)."""
     from .engine import open_generator
     from .judge import ConstitutionalJudge
 
-    generator = open_generator(judge_model, engine=engine, batch_size=judge_config.batch_size, server_url=server_url,
-                               fallback="cached")
+    generator = open_generator(judge_model, batch_size=judge_config.batch_size, fallback="cached", **generation)
     return {"harmless": ConstitutionalJudge(generator, config.harmless_constitution, judge_config),
             "helpful": ConstitutionalJudge(generator, config.helpful_constitution, judge_config)}
 
 
 def evaluate_model(model: str, base: ModelOutputs, sets: EvalSets, config: EvalConfig, judge_config,
-                   judge_model: str, out_dir: str | Path, *, engine: str = "cached", server_url: str = "",
-                   base_model: str | None = None, check_judge: bool = True, progress: bool = True) -> dict:
+                   judge_model: str, out_dir: str | Path, *, base_model: str | None = None, check_judge: bool = True,
+                   progress: bool = True, **generation) -> dict:
     """All figures of `model` against the base's outputs; writes OUT/outputs and OUT/figures.json.
     With config.depth_data, the depth of alignment of `model` (and of `base_model` when given); with
-    check_judge and config.human_preferences, the harmlessness judge checked against people."""
+    check_judge and config.human_preferences, the harmlessness judge checked against people.
+    generation: open_generator's engine, server_url, device and dtype."""
     start, out_dir = time.perf_counter(), Path(out_dir)
-    outputs = outputs_of(model, sets, config, out_dir / "outputs", engine=engine, server_url=server_url,
-                         progress=progress)
-    judges = make_judges(judge_model, config, judge_config, engine=engine, server_url=server_url)
+    outputs = outputs_of(model, sets, config, out_dir / "outputs", progress=progress, **generation)
+    judges = make_judges(judge_model, config, judge_config, **generation)
     figures = compare_with_base(judges, sets, outputs, base, out_dir, progress=progress)
     if check_judge and judge_check_wanted(config, sets):
         figures["judge_check"] = judge_check.check_judge(judges["harmless"], config.human_preferences,

@@ -168,10 +168,12 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
         from .constitution import load_constitution
+        from .engine.device import resolved_names
         from .engine.loading import resolve_model_path
         from .judge import resolve_principles
 
         self.config, self.progress, self.root = config, progress, Path(config.out)
+        self.precision = resolved_names(config.device, config.dtype)  # a device that does not exist fails here
         self.constitution = load_constitution(config.constitution)
         for name in (config.constitution, config.eval.harmless_constitution, config.eval.helpful_constitution):
             resolve_principles(load_constitution(name), config.judge)  # fail before any model loads
@@ -187,7 +189,8 @@ class Pipeline:
         write_jsonl(self.root / "prompts" / "train.jsonl", [{"prompt": p.text, "id": p.id} for p in self.prompts])
 
     def run(self) -> LoopOutcome:
-        self.state.update(finished=False, eval_sets=self.sets.describe(), train_prompts=len(self.prompts))
+        self.state.update(finished=False, eval_sets=self.sets.describe(), train_prompts=len(self.prompts),
+                          precision=self.precision)
         self.stage(0, "baseline", self.baseline)
         if judge_check_wanted(self.config.eval, self.sets):
             self.stage(0, "judge_check", self.judge_check)
@@ -316,7 +319,8 @@ class Pipeline:
     @property
     def engine_options(self) -> dict:
         """The engine options of the stages that open generators themselves (evaluation)."""
-        return {"engine": self.config.engine, "server_url": self.config.server_url}
+        return {"engine": self.config.engine, "server_url": self.config.server_url, "device": self.config.device,
+                "dtype": self.config.dtype}
 
     def generator(self, model: str, batch_size: int):
         """The generator of a stage: through the servers (engine "server") when they serve `model`,

@@ -58,6 +58,11 @@ class PipelineConfig:
     engine: str = option("cached", "generation backend: cached (prefix-cached), plain, or server (server_url; "
                                    "policies this run trains, PPO rollouts included, still run in this process)")
     server_url: str = option("", "engine server: OpenAI-compatible (vLLM) server URLs, a list or comma-separated")
+    device: str = option("auto", "where every model of the run generates, judges and is evaluated: auto, cpu, "
+                                 "cuda, cuda:N (training: accelerate's device)")
+    dtype: str = option("auto", "precision of every model the run generates, judges and evaluates with: auto (bf16 "
+                                "where the hardware multiplies bf16 natively), float32, bfloat16, float16 "
+                                "(training: see [sft] mixed_precision ...)")
     method: str = option("ppo", "ppo (reward model, then PPO) or dpo")
     rounds: int = option(1, "rounds of the loop (1-4)")
     prompts: str = option("red_team", "training prompts: a file or a shipped set name")

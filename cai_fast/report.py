@@ -142,6 +142,10 @@ def _headline(root: Path, state: dict, config: dict, rounds: list[int]) -> list[
              f"`{config['constitution']}`; rounds evaluated: {len(rounds)} of {config['rounds']}",
              f"- quality (early stop, best round): `{config['quality']}`; a round that falls more than "
              f"{config['tolerance']:.0%} below the previous one stops the loop"]
+    if "precision" in state:
+        p = state["precision"]
+        lines.append(f"- generation, judging and evaluation on `{p['device']}` in `{p['dtype']}` (device "
+                     f"`{config.get('device', 'auto')}`, dtype `{config.get('dtype', 'auto')}` as configured)")
     if state.get("finished"):
         stop = "stopped early (quality dropped)" if state.get("stopped_early") else "ran every round"
         lines.append(f"- **best round: {state['best_round']}** (policy `{state['best_policy']}`); the loop {stop}")

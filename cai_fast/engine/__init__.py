@@ -45,11 +45,12 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
 
 def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,
-                   server_url=None, device: str = "cpu", block_size: int = 16,
+                   server_url=None, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
                    fallback: str | None = None) -> Generator:
     """The generator of `engine` for a model name or folder: the model loaded in this process
     (cached, plain; see make_generator), or engine="server": the servers at `server_url` (one URL,
-    comma-separated URLs or a list) that serve that model, its tokenizer loaded here.
+    comma-separated URLs or a list) that serve that model, its tokenizer loaded here. device and
+    dtype: as load_model takes them ("auto" included).
 
     fallback: the in-process engine for a model the servers do not serve (e.g. a policy the run
     just trained), with a warning; None: that is a ServerModelError.
@@ -69,7 +70,7 @@ def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_
 
             warnings.warn(f"{model} runs in this process ({fallback} engine): {err}", stacklevel=2)
             engine = fallback
-    return make_generator(load_model(model, device=device), engine=engine, batch_size=batch_size,
+    return make_generator(load_model(model, device=device, dtype=dtype), engine=engine, batch_size=batch_size,
                           block_size=block_size)
 
 

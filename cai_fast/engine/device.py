@@ -30,6 +30,12 @@ def resolve(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, to
     return where, resolve_dtype(dtype, where)
 
 
+def resolved_names(device: str = "auto", dtype: str = "auto") -> dict[str, str]:
+    """{"device": ..., "dtype": ...} as chosen here (e.g. "cpu", "bfloat16"), for run configs and reports."""
+    where, chosen = resolve(device, dtype)
+    return {"device": str(where), "dtype": str(chosen).removeprefix("torch.")}
+
+
 def resolve_device(device: str) -> torch.device:
     """torch.device of "auto", "cpu", "cuda" or "cuda:N"; DeviceError when it does not exist here."""
     name = str(device).strip().lower()

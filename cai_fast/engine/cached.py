@@ -45,6 +45,7 @@ from typing import Sequence
 
 import torch
 
+from ..config import option
 from ..ops import linear_logprobs, linear_option_logprobs
 from ..scheduler import make_cache, make_scheduler
 from .base import Completion, GenerationStats, SamplingParams, cut_at_stop, end_of_turn_ids
@@ -57,21 +58,21 @@ from .sampling import next_tokens, request_generator
 class EngineConfig:
     """How the cached engine runs; every field has a default that suits the CPU."""
 
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block: any size (the Triton kernel on "
-                                                          "CUDA); flash-attn needs a multiple of 256"})
-    pool_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens (overrides pool_bytes)"})
-    pool_bytes: int = field(default=1 << 30, metadata={"help": "KV pool size in bytes"})
-    max_running: int = field(default=32, metadata={"help": "sequences decoded together"})
-    prefill_tokens: int = field(default=2048, metadata={"help": "token budget of one prefill batch"})
-    policy: str = field(default="lpm", metadata={"help": "scheduling policy: lpm, dfs-weight or fcfs"})
-    scheduler_backend: str = field(default="cpp", metadata={"help": "scheduler: cpp or python (its twin)"})
-    dedup_min_tokens: int = field(default=32, metadata={"help": "shared uncached tokens that hold a request back"})
-    prefix_cache: bool = field(default=True, metadata={"help": "False: cache nothing (every prompt is computed)"})
-    attention: str = field(default="auto", metadata={"help": "auto, torch or flash"})
-    fused: bool = field(default=True, metadata={"help": "fused, prepacked projections (False: the model's "
-                                                        "own modules, one by one)"})
-    compile: str = field(default="none", metadata={"help": "torch.compile the decode step per batch bucket: none "
-                                                           "or a backend (inductor); compiling takes minutes"})
+    block_size: int = option(16, "tokens per KV block: any size (the Triton kernel on "
+                                 "CUDA); flash-attn needs a multiple of 256")
+    pool_tokens: int | None = option(None, "KV pool size in tokens (overrides pool_bytes)")
+    pool_bytes: int = option(1 << 30, "KV pool size in bytes")
+    max_running: int = option(32, "sequences decoded together")
+    prefill_tokens: int = option(2048, "token budget of one prefill batch")
+    policy: str = option("lpm", "scheduling policy: lpm, dfs-weight or fcfs")
+    scheduler_backend: str = option("cpp", "scheduler: cpp or python (its twin)")
+    dedup_min_tokens: int = option(32, "shared uncached tokens that hold a request back")
+    prefix_cache: bool = option(True, "False: cache nothing (every prompt is computed)")
+    attention: str = option("auto", "auto, torch or flash")
+    fused: bool = option(True, "fused, prepacked projections (False: the model's "
+                               "own modules, one by one)")
+    compile: str = option("none", "torch.compile the decode step per batch bucket: none "
+                          "or a backend (inductor); compiling takes minutes")
 
     def __post_init__(self):
         for name in ("block_size", "max_running", "prefill_tokens", "pool_bytes"):

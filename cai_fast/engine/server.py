@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..config import option
 from ..scheduler import make_cache, make_scheduler
 from ..scheduler.routing import RoutingConfig, Router
 from .base import Completion, GenerationStats, SamplingParams, cut_at_stop, end_of_turn_ids
@@ -79,14 +80,14 @@ class ServerModelError(ServerError):
 class ServerConfig:
     """How the server generator talks to its servers; every field has a default."""
 
-    max_in_flight: int = field(default=8, metadata={"help": "requests in flight per server"})
-    timeout: float = field(default=600.0, metadata={"help": "seconds one request may take"})
-    retries: int = field(default=3, metadata={"help": "retries of a request after a connection error or 5xx"})
-    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled each time"})
-    connect_timeout: float = field(default=30.0, metadata={"help": "seconds to wait for each server at start"})
-    order: str = field(default="lpm", metadata={"help": "order requests go out: lpm, dfs-weight or fcfs"})
-    dedup_min_tokens: int = field(default=0, metadata={"help": "shared uncached tokens that hold a request back "
-                                                               "(0 = never: vLLM shares in-batch prefixes itself)"})
+    max_in_flight: int = option(8, "requests in flight per server")
+    timeout: float = option(600.0, "seconds one request may take")
+    retries: int = option(3, "retries of a request after a connection error or 5xx")
+    backoff: float = option(1.0, "seconds before the first retry, doubled each time")
+    connect_timeout: float = option(30.0, "seconds to wait for each server at start")
+    order: str = option("lpm", "order requests go out: lpm, dfs-weight or fcfs")
+    dedup_min_tokens: int = option(0, "shared uncached tokens that hold a request back "
+                                      "(0 = never: vLLM shares in-batch prefixes itself)")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self):

@@ -188,22 +188,18 @@ CHATML = (  # the chat template a model without one gets (ChatML, as SmolLM2, Qw
 )
 
 
-def model_path(name_or_path: str) -> str | Path:
-    """Where transformers finds a model: resolve_model_path's answer (checked, safetensors only)."""
-    return resolve_model_path(name_or_path)
-
-
 def _load_error(name_or_path: str, err: BaseException) -> ModelLoadError:
     hint = f" {_INSTALL_HINT}" if name_or_path == DEFAULT_MODEL else ""
     return ModelLoadError(f"cannot load model {name_or_path!r}: {_one_line(err)}{hint}")
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, path: str | Path | None = None):
     """The model's tokenizer with left padding, a pad token (eos when it has none) and a chat
-    template: a model without one (a base model) gets ChatML, with a warning."""
+    template: a model without one (a base model) gets ChatML, with a warning. `path`: the
+    model's folder when the caller has already resolved (and so checked) it."""
     from transformers import AutoTokenizer
 
-    path = model_path(name_or_path)
+    path = path or resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
@@ -233,8 +229,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", dev
     from .device import resolve
 
     device, torch_dtype = resolve(device, dtype)
-    path = model_path(name_or_path)
-    tokenizer = load_tokenizer(name_or_path)
+    path = resolve_model_path(name_or_path)  # checks the folder once, for the tokenizer and the weights
+    tokenizer = load_tokenizer(name_or_path, path)
     try:
         if (Path(path) / "adapter_config.json").is_file():
             model = require_peft().AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -140,9 +140,9 @@ def parse_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
 
 def connect_servers(model: str, urls: str | Sequence[str], config: ServerConfig = ServerConfig()) -> "ServerGenerator":
     """A ServerGenerator for `model` (a name or folder whose tokenizer loads locally) on these servers."""
-    from .loading import load_tokenizer, model_path
+    from .loading import load_tokenizer, resolve_model_path
 
-    return ServerGenerator(load_tokenizer(model), parse_urls(urls), {model, str(model_path(model))}, config)
+    return ServerGenerator(load_tokenizer(model), parse_urls(urls), {model, str(resolve_model_path(model))}, config)
 
 
 class ServerGenerator:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..engine.loading import ModelLoadError, check_model_folder, load_tokenizer, model_path, require_peft
+from ..engine.loading import ModelLoadError, check_model_folder, load_tokenizer, require_peft, resolve_model_path
 from ..ops import reward_bt_loss
 from .common import (
     TrainResult, TrainRun, global_batch_size, local_examples, prepare_for_training, save_trained, start_run,
@@ -93,14 +93,14 @@ def load_classifier(name: str, tokenizer, dtype=None):
     policy) loads merged into its base model."""
     from transformers import AutoModelForSequenceClassification
 
-    path = model_path(name)
+    path = resolve_model_path(name)
     adapter = Path(path) / "adapter_config.json"
     try:
         if adapter.is_file():  # a reward model's adapter, or a policy's (an SFT run with LoRA)
             peft = require_peft()
             settings = peft.PeftConfig.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(
-                model_path(settings.base_model_name_or_path), num_labels=1, dtype=dtype, trust_remote_code=False,
+                resolve_model_path(settings.base_model_name_or_path), num_labels=1, dtype=dtype, trust_remote_code=False,
                 use_safetensors=True)
             if settings.task_type != "SEQ_CLS":  # a policy's adapter: only its backbone part applies
                 settings.task_type = None

@@ -265,15 +265,19 @@ def _collect(items: Iterable[_Item], report: LoadReport, limit: int | None,
     return kept
 
 
-def raise_collected(errors: list[PromptLoadError], origin: str) -> None:
-    """Raise the bad records of one file as one error: a single one as it is, several counted,
-    with the first REPORTED_ERRORS of them; nothing when there are none."""
+def raise_collected(errors: list[ValueError], origin: str, what: str = "bad records") -> None:
+    """Raise the problems found in one file as one error of the first one's type: a single one as
+    it is, several counted, with the first REPORTED_ERRORS of them; nothing when there are none.
+    Every loader that checks a whole file (prompts, pairs, training data, pipeline configs) uses it."""
     if len(errors) == 1:
         raise errors[0]
     if errors:
         listed = " | ".join(str(e) for e in errors[:REPORTED_ERRORS])
         more = f" | and {len(errors) - REPORTED_ERRORS} more" if len(errors) > REPORTED_ERRORS else ""
-        raise type(errors[0])(origin, f"{len(errors)} bad records: {listed}{more}", "fix every one of them")
+        problem, hint, kind = f"{len(errors)} {what}: {listed}{more}", "fix every one of them", type(errors[0])
+        if issubclass(kind, PromptLoadError):
+            raise kind(origin, problem, hint)
+        raise kind(f"{origin}: {problem}; {hint}")
 
 
 def _count_malformed(error: PromptLoadError, report: LoadReport, on_error: str, errors: list) -> None:

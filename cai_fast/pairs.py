@@ -5,7 +5,7 @@
 only: the prompt is the conversation both share); a = the file's chosen, b = its rejected, and
 errors name the file, the line and the field. `pairs_from_samples(records, k, seed)` makes the
 pairs among each prompt's sampled responses (cai_fast.responses), all of them or k drawn by seed,
-leaving out (and counting) pairs with an empty response or two identical ones.
+leaving out (and counting) pairs with an empty response or two identical ones (up to whitespace).
 """
 
 from __future__ import annotations
@@ -152,9 +152,17 @@ def _check_text(where: str, prompt, chosen, rejected) -> None:
     for name, text in zip(PAIR_FIELDS, texts):
         if "\x00" in text:
             raise PairLoadError(where, "contains a NUL byte (\\x00)", "remove it; the fields are text", field=name)
-    if " ".join(response_text(chosen).split()) == " ".join(response_text(rejected).split()):
-        raise PairLoadError(where, "is the same response as 'chosen' (up to whitespace), so the pair prefers "
-                            "nothing", "drop the record", field="rejected")
+    if same_response(chosen, rejected):
+        raise PairLoadError(where, SAME_SIDES, "drop the record", field="rejected")
+
+
+SAME_SIDES = "is the same response as 'chosen' (up to whitespace), so the pair prefers nothing"
+
+
+def same_response(a, b) -> bool:
+    """Whether two responses (text or trl's message lists) are the same once runs of whitespace are
+    collapsed: such a pair prefers nothing, so no loader or pair maker keeps one."""
+    return " ".join(response_text(a).split()) == " ".join(response_text(b).split())
 
 
 def _pair_field(record: dict, name: str, where: str):
@@ -195,7 +203,7 @@ def pairs_from_samples(samples: list[dict], pairs_per_prompt: int, seed: int) ->
         texts, ids, pid = record["samples"], record["sample_ids"], record["prompt_id"]
         for i, j in _index_pairs(pid, len(texts), pairs_per_prompt, seed):
             a, b = texts[i].strip(), texts[j].strip()
-            if not a or not b or a == b:
+            if not a or not b or same_response(a, b):
                 left_out["left_out_empty" if not a or not b else "left_out_identical"] += 1
                 continue
             pairs.append(Pair(f"{pid}-{i}-{j}", pid, [P.user(record["prompt"])], [P.assistant(a)],

@@ -26,6 +26,7 @@ from .config import check_finite, option
 from .constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
+from .pairs import same_response
 from .seeding import stable_seed
 from .store import RunStore, resume_batches, write_jsonl
 
@@ -143,11 +144,11 @@ def sft_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def preference_rows(records: list[dict]) -> list[dict]:
-    """(final revision ≻ initial answer) pairs; pairs where the two are equal are left out."""
+    """(final revision ≻ initial answer) pairs; pairs where the two are equal (up to whitespace) are left out."""
     return [{"prompt": [P.user(r["prompt"])], "chosen": [P.assistant(r["final"])],
              "rejected": [P.assistant(r["initial"])], "prompt_id": r["prompt_id"],
              "principle_ids": r["principle_ids"]}
-            for r in records if r["final"].strip() != r["initial"].strip()]
+            for r in records if not same_response(r["final"], r["initial"])]
 
 
 def _result(records: list[dict], prompts: Sequence[Prompt]) -> SLCAIResult:

@@ -44,12 +44,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.loading import load_model, require_peft, resolve_model_path
+from ..engine.loading import load_model, model_sha256, require_peft, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
 from ..store import RunStore, read_json, write_atomic, write_jsonl
 from .config import PPOConfig, TrainConfig
-from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, read_records
+from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, tokenized_records
 from .distributed import make_accelerator, process_state, shard_for_process
 
 
@@ -428,7 +428,9 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
     out = Path(config.out)
     check_inputs(config)
     started = (out / RESULT_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
-    RunStore(out / "checkpoints", {**asdict(config), "stage": stage}, started=started,
+    models = {f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "ref_model", "reward_model")
+              if getattr(config, k, "")}  # by content: the same model by another path resumes
+    RunStore(out / "checkpoints", {**asdict(config), **models, "stage": stage}, started=started,
              lock=process_state().is_main_process)
     torch.manual_seed(config.seed)
     result = out / RESULT_FILE
@@ -443,7 +445,7 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
 def training_examples(config: TrainConfig, kind: str, tokenizer, tokenize: Callable) -> list:
     """The records of `config.data` (read as `kind`, see cai_fast.train.data), each tokenized by
     tokenize(tokenizer, record, config.max_length), without those that keep no trained token."""
-    items = [tokenize(tokenizer, record, config.max_length) for record in read_records(config.data, kind)]
+    items = tokenized_records(tokenizer, config.data, kind, tokenize, config.max_length)
     return with_trained_tokens(items, config.max_length, config.data)
 
 

@@ -22,7 +22,10 @@ generation prompt" stops being a prefix of it, to the end of the tokenized "mess
 a one-turn chat the untrained part is then exactly what `cai_fast.prompts.render` gives the
 generator. Sequences longer than `max_length` keep their start.
 
-Every error names the file, the line and the field, and says what to do.
+Every error names the file, the line and the field, and says what to do; `tokenized_records`
+checks every record and reports every bad one in one error (the first ten listed), so one
+correction of the file is enough. A preference record whose chosen and rejected are the same
+response (up to whitespace) is refused: it prefers nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ..data import raise_collected
+from ..pairs import SAME_SIDES, same_response
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,17 +90,35 @@ def data_files(path: str | Path, subfolder: str) -> list[Path]:
                          f"--data with a file or a folder of them (an SL-CAI run folder has them under {subfolder}/)")
 
 
-def read_records(path: str | Path, subfolder: str) -> list[Record]:
-    """Every record of the data, in order (JSONL: blank lines skipped)."""
+def read_records(path: str | Path, subfolder: str, errors: list | None = None) -> list[Record]:
+    """Every record of the data, in order (JSONL: blank lines skipped). Lines that are not JSON
+    objects raise one TrainDataError naming them all, or, given `errors`, are added to it."""
     check_data_path(path)
     files = data_files(path, subfolder) if Path(path).exists() else []
+    bad: list[TrainDataError] = [] if errors is None else errors
     if files and files[0].suffix == ".jsonl":
-        records = [record for file in files for record in _jsonl_records(file)]
+        records = [record for file in files for record in _jsonl_records(file, bad)]
     else:
         records = _dataset_records(path, files)
-    if not records:
+    if errors is None:
+        raise_collected(bad, str(path))
+    if not records and not bad:
         raise TrainDataError(f"{path}: the data holds no records; pass --data with a non-empty file")
     return records
+
+
+def tokenized_records(tokenizer, path: str | Path, subfolder: str, tokenize, max_length: int) -> list:
+    """tokenize(tokenizer, record, max_length) of every record of the data, in order; every record
+    that cannot be read or used raises, all of them in one TrainDataError (data.raise_collected)."""
+    errors: list[TrainDataError] = []
+    items = []
+    for record in read_records(path, subfolder, errors):
+        try:
+            items.append(tokenize(tokenizer, record, max_length))
+        except TrainDataError as err:
+            errors.append(err)
+    raise_collected(errors, str(path))
+    return items
 
 
 def check_data_path(path: str | Path) -> None:
@@ -106,10 +130,17 @@ def check_data_path(path: str | Path) -> None:
                              "or a Hub dataset id")
 
 
-def _jsonl_records(file: Path) -> list[Record]:
+def _jsonl_records(file: Path, errors: list) -> list[Record]:
+    """The file's records; each line that is not a JSON object goes to `errors` instead."""
+    records = []
     with open(file, encoding="utf-8") as f:
-        return [Record(f"{file} line {number}", _parse(line, f"{file} line {number}"))
-                for number, line in enumerate(f, 1) if line.strip()]
+        for number, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    records.append(Record(f"{file} line {number}", _parse(line, f"{file} line {number}")))
+            except TrainDataError as err:
+                errors.append(err)
+    return records
 
 
 def _dataset_records(path: str | Path, files: list[Path]) -> list[Record]:
@@ -224,8 +255,11 @@ def preference_chats(record: Record) -> tuple[list[dict], list[dict], list[dict]
         if name not in record.fields:
             raise TrainDataError(f"{record.where}: a preference record needs 'prompt', 'chosen' and "
                                  f"'rejected' fields; '{name}' is missing")
-    return (messages_field(record, "prompt", "user"), messages_field(record, "chosen", "assistant"),
-            messages_field(record, "rejected", "assistant"))
+    prompt = messages_field(record, "prompt", "user")
+    chosen, rejected = messages_field(record, "chosen", "assistant"), messages_field(record, "rejected", "assistant")
+    if same_response(chosen, rejected):
+        raise TrainDataError(f"{record.where}: field 'rejected' {SAME_SIDES}; drop the record")
+    return prompt, chosen, rejected
 
 
 def tokenize_preference(tokenizer, record: Record, max_length: int) -> PreferencePair:

@@ -8,22 +8,28 @@ has a section whose fields are its config dataclass's:
     [reward] RewardConfig  [ppo] PPOConfig   [dpo] DPOConfig       [eval] EvalConfig
 The training stages' model, data, out, reward_model and ref_model are set by the pipeline. An
 unknown field, a value of the wrong type or an invalid value is a ConfigFileError naming the
-file and the field. Relative paths are read from the current folder. `--config demo` is the
+file and the field; every such problem of the file is reported in one error (each field's value
+is checked on its own, then the section as a whole). `check_inputs` does the same for the files
+and models the config names (`cai-fast pipeline` runs it before anything is written). Relative
+paths are read from the current folder. `--config demo` is the
 shipped demo config (cai_fast/configs/demo.toml).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .config import check_finite, option
+from .data import raise_collected
 from .engine import ENGINES
-from .engine.loading import DEFAULT_MODEL
+from .engine.loading import DEFAULT_MODEL, ModelLoadError
 from .evaluate import EvalConfig
 from .judge import JudgeConfig
 from .labelling import LabelConfig
@@ -163,52 +169,85 @@ def _parse(text: str, path: Path) -> dict:
 
 
 def config_from_dict(data: dict, source: str) -> PipelineConfig:
-    """PipelineConfig from a parsed config file; ConfigFileError naming `source` and the field."""
+    """PipelineConfig from a parsed config file; one ConfigFileError naming `source` and the field
+    of every problem (data.raise_collected lists the first ten)."""
+    problems: list[ConfigFileError] = []
     top = {k: v for k, v in data.items() if k not in SECTIONS}
     if isinstance(top.get("quality"), dict):
-        top["quality"] = _weights_text(top["quality"], source)
-    values = _checked(PipelineConfig, top, source, "")
-    for name, cls in SECTIONS.items():
-        values[name] = _section(name, cls, data.get(name, {}), source)
-    try:
-        return PipelineConfig(**values)
-    except ValueError as err:
-        raise ConfigFileError(f"{source}: {err}") from None
+        weights = _weights_text(top.pop("quality"), source, problems)
+        top.update({"quality": weights} if weights else {})
+    values = _checked(PipelineConfig, top, source, "", problems)
+    sections = {name: _section(name, cls, data.get(name, {}), source, problems) for name, cls in SECTIONS.items()}
+    sections = {name: section for name, section in sections.items() if section is not None}
+    config = _built(PipelineConfig, sections, values, f"{source}: ", problems)
+    raise_collected(problems, source, "problems")
+    return config
 
 
-def _weights_text(table: dict, source: str) -> str:
+def _weights_text(table: dict, source: str, problems: list) -> str | None:
     for name, weight in table.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigFileError(f"{source}: field 'quality.{name}' must be a number (a weight), got {weight!r}")
+            problems.append(ConfigFileError(f"{source}: field 'quality.{name}' must be a number (a weight), got "
+                                            f"{weight!r}"))
+            return None
     return ",".join(f"{name}={weight}" for name, weight in table.items())
 
 
-def _section(name: str, cls, table, source: str):
+def _section(name: str, cls, table, source: str, problems: list):
+    """The section's config, or None when it has problems (added to `problems`)."""
     if not isinstance(table, dict):
-        raise ConfigFileError(f"{source}: [{name}] must be a table of {cls.__name__} fields, got "
-                              f"{type(table).__name__}")
-    values = _checked(cls, table, source, f"{name}.")
+        problems.append(ConfigFileError(f"{source}: [{name}] must be a table of {cls.__name__} fields, got "
+                                        f"{type(table).__name__}"))
+        return None
     names = {f.name for f in dataclasses.fields(cls)}
     placeholders = {k: _PLACEHOLDER for k in ("data", "reward_model") if k in names}
-    try:
-        return cls(**placeholders, **values)
-    except ValueError as err:
-        raise ConfigFileError(f"{source}: [{name}] {err}") from None
+    values = _checked(cls, table, source, f"{name}.", problems)
+    return _built(cls, placeholders, values, f"{source}: [{name}] ", problems)
 
 
-def _checked(cls, table: dict, source: str, prefix: str) -> dict:
-    """The table's fields, each known to `cls`, not set by the pipeline, and of the default's type."""
+def _built(cls, fixed: dict, values: dict, where: str, problems: list):
+    """cls(**fixed, **values), or None after adding to `problems` each value it refuses. Values are
+    taken one at a time and a refused one is tried again once others are in (engine "server" needs
+    server_url), so that every bad value is named, and only bad values."""
+    accepted, refused, errors, changed = {}, dict(values), {}, True
+    while refused and changed:
+        changed, errors = False, {}
+        for key in list(refused):
+            try:
+                cls(**fixed, **accepted, **{key: refused[key]})
+            except ValueError as err:
+                errors[key] = err
+            else:
+                accepted[key], changed = refused.pop(key), True
+    if not refused:
+        try:
+            return cls(**fixed, **accepted)
+        except ValueError as err:  # refused with no value of the file's (a default's problem)
+            errors = {"": err}
+    problems += [ConfigFileError(f"{where}{err}") for err in errors.values()]
+    return None
+
+
+def _checked(cls, table: dict, source: str, prefix: str, problems: list) -> dict:
+    """The table's fields that are known to `cls`, not set by the pipeline, and of the default's
+    type; each other field adds a problem."""
     known = {f.name: f for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+    values = {}
     for key, value in table.items():
         where = f"{source}: field '{prefix}{key}'"
         if key not in known:
-            raise ConfigFileError(f"{where}: unknown field; {cls.__name__} fields are: "
-                                  f"{', '.join(k for k in known if not prefix or k not in PIPELINE_SET)}")
-        if prefix and key in PIPELINE_SET:
-            raise ConfigFileError(f"{where}: set by the pipeline (from the top-level model and the previous "
-                                  "stages); remove it")
-        _check_type(value, known[key].default, key, where)
-    return dict(table)
+            problems.append(ConfigFileError(f"{where}: unknown field; {cls.__name__} fields are: "
+                                            f"{', '.join(k for k in known if not prefix or k not in PIPELINE_SET)}"))
+        elif prefix and key in PIPELINE_SET:
+            problems.append(ConfigFileError(f"{where}: set by the pipeline (from the top-level model and the "
+                                            "previous stages); remove it"))
+        else:
+            try:
+                _check_type(value, known[key].default, key, where)
+                values[key] = value
+            except ConfigFileError as err:
+                problems.append(err)
+    return values
 
 
 def _check_type(value, default, key: str, where: str) -> None:
@@ -234,3 +273,40 @@ def config_dict(config: PipelineConfig) -> dict:
     for name in SECTIONS:
         top[name] = {k: v for k, v in asdict(getattr(config, name)).items() if k not in PIPELINE_SET}
     return top
+
+
+def check_inputs(config: PipelineConfig, source: str) -> None:
+    """Every model, constitution, prompt set, benchmark and human-preference file the config names
+    exists and loads safely; else one ConfigFileError naming `source` and the field of each that
+    does not. Nothing is generated and nothing is written."""
+    problems = []
+    for name, check in _input_checks(config):
+        try:
+            check()
+        except (ValueError, OSError, ModelLoadError) as err:
+            problems.append(ConfigFileError(f"{source}: field '{name}': {err}"))
+    raise_collected(problems, source, "problems")
+
+
+def _input_checks(config: PipelineConfig) -> list[tuple[str, Callable]]:
+    """(field, a check that raises when its file or model is not usable) for each input the config names."""
+    from .constitution import load_constitution
+    from .data import load_prompts
+    from .engine.loading import resolve_model_path
+    from .evaluate import load_benchmark
+    from .pairs import load_pairs
+
+    e, call = config.eval, functools.partial
+    models = {"model": config.model, "judge_model": config.judge_model, "eval.judge_model": e.judge_model}
+    checks = [(name, call(resolve_model_path, value)) for name, value in models.items() if value]
+    checks += [(name, call(load_constitution, value)) for name, value in (
+        ("constitution", config.constitution), ("eval.harmless_constitution", e.harmless_constitution),
+        ("eval.helpful_constitution", e.helpful_constitution))]
+    checks += [(name, call(load_prompts, value)) for name, value in (
+        ("prompts", config.prompts), ("eval.harmless_prompts", e.harmless_prompts),
+        ("eval.helpful_prompts", e.helpful_prompts), ("eval.over_refusal_prompts", e.over_refusal_prompts))]
+    files = [] if e.skip_missing_benchmarks else e.benchmark_paths
+    checks += [("eval.benchmarks", call(load_benchmark, path, e.benchmark_size, e.subset_seed)) for path in files]
+    if e.human_preferences and not e.skip_missing_benchmarks:
+        checks.append(("eval.human_preferences", call(load_pairs, e.human_preferences, on_error="skip")))
+    return checks

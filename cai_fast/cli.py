@@ -76,11 +76,13 @@ def load_generator(args: argparse.Namespace, batch_size: int):
 def run_options(args: argparse.Namespace) -> dict:
     """What the run config records of the model options: what changes the data, with the device and
     dtype that auto chose on this machine. The inputs are recorded by content hash (the stages do
-    that), not by the path the user typed."""
+    that for theirs; the model's is model_sha256), not by the path the user typed."""
     from .engine.device import resolved_names
+    from .engine.loading import model_sha256
 
     options = dataclass_from_args(ModelOptions, args)
-    return {**dataclasses.asdict(options), **resolved_names(options.device, options.dtype)}
+    return {**dataclasses.asdict(options), "model_sha256": model_sha256(options.model),
+            **resolved_names(options.device, options.dtype)}
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -267,9 +269,10 @@ def add_pipeline_parsers(sub) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
-    from .pipeline_config import load_pipeline_config
+    from .pipeline_config import check_inputs, load_pipeline_config, resolve_config_path
 
     config, source = load_pipeline_config(args.config)
+    check_inputs(config, str(resolve_config_path(args.config)))  # every missing input at once, before any write
     if args.out:
         config = dataclasses.replace(config, out=args.out)
     state = run_pipeline(config, source=source, progress=not args.quiet)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .data import Prompt, load_prompts
+from .engine.loading import model_sha256
 from .evaluate import (
     SETS, EvalSets, ModelOutputs, baseline_metrics, depth_of, evaluate_model, judge_check_wanted, load_eval_sets,
     outputs_of,
@@ -152,9 +153,12 @@ def training_prompts(config: PipelineConfig, sets: EvalSets) -> list[Prompt]:
 
 def run_config(config: PipelineConfig, prompts: Sequence[Prompt], sets: EvalSets) -> dict:
     """What the run folder's config.json holds: config_dict, with the prompt and benchmark files
-    recorded by the content they gave (the same files under other paths resume), not by path."""
+    recorded by the content they gave (the same files under other paths resume), not by path, and
+    the models by model_sha256 beside their paths."""
     saved = config_dict(config)
     saved["prompts"] = content_sha256([(p.id, p.text) for p in prompts])
+    saved.update({f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "judge_model")
+                  if getattr(config, k)})
     for name in ("harmless_prompts", "helpful_prompts", "over_refusal_prompts", "benchmarks"):
         del saved["eval"][name]
     saved["eval"]["sets_sha256"] = content_sha256(

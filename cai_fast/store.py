@@ -2,7 +2,9 @@
 
 A run writes everything to one folder:
 
-    DIR/config.json            what produced the data; a different config is refused
+    DIR/config.json            what produced the data; a different config is refused (an input
+                               recorded by content, `KEY_sha256` beside `KEY`, is compared by
+                               that digest; `KEY`, the path as typed, is kept for people)
     DIR/<kind>-00000.jsonl     records, appended in whole batches, rotated every N records
     DIR/<dataset>/...          datasets derived from the records at the end (rewritten whole)
 
@@ -73,7 +75,8 @@ class RunStore:
         if not isinstance(saved, dict):
             raise RunFolderError(f"{path}: the run's config is not a JSON object; restore it or remove the folder")
         diffs = [f"{k}: {saved.get(k)!r} in the run, {config.get(k)!r} now"
-                 for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+                 for k in sorted(set(saved) | set(config))
+                 if saved.get(k) != config.get(k) and f"{k}_sha256" not in config]
         if diffs:
             raise RunConfigError(
                 f"{self.root} holds a run made with another config ({'; '.join(diffs)}). "

@@ -12,10 +12,15 @@ Any other name is a local folder or a transformers model id. Model folders are u
 safetensors weights whose headers read, needs no Python code of its own), and everything loads
 with `trust_remote_code=False` and `use_safetensors=True`, so no pickle and no folder code runs.
 A hub id not in the local cache is downloaded by transformers (refused while HF_HUB_OFFLINE is set).
+
+Run configs record a model by `model_sha256`, a digest of what the folder holds, cheap to take
+whatever the model's size, so that the same model reached by another path resumes a run and
+another model put in the same path is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -122,6 +127,43 @@ def resolve_model_path(name: str) -> Path | str:
             raise ModelLoadError(f"model {name!r}: no such folder, and as a hub id it is not in the local cache "
                                  "while HF_HUB_OFFLINE is set; download it first, or give a local folder") from None
         return name
+
+
+_DESCRIBING = (".json", ".txt", ".model", ".jinja")  # config, tokenizer and adapter files: digested whole
+_SAMPLES, _SAMPLE_BYTES = 16, 4096  # of each safetensors file's weights: this many strided samples of this size
+
+
+def model_sha256(name: str) -> str:
+    """A digest of what model `name` is (resolve_model_path checks it first): of its folder, the
+    config, tokenizer and adapter files whole, and of each safetensors file its header, its size
+    and 16 strided 4 KiB samples of its weights (milliseconds, not a read of every weight); an
+    adapter's base model's digest too. A hub id that transformers will download: its name."""
+    where = resolve_model_path(name)
+    if isinstance(where, str):
+        return hashlib.sha256(f"hub:{where}".encode()).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in where.iterdir() if p.is_file()):
+        if file.suffix in _DESCRIBING or file.suffix == ".safetensors":
+            content = _safetensors_sample(file) if file.suffix == ".safetensors" else file.read_bytes()
+            digest.update(file.name.encode() + b"\0" + hashlib.sha256(content).digest())
+    base = _json_or_empty(where / "adapter_config.json", f"model {name!r}").get("base_model_name_or_path")
+    if isinstance(base, str) and base:
+        digest.update(model_sha256(base).encode())
+    return digest.hexdigest()
+
+
+def _safetensors_sample(file: Path) -> bytes:
+    """A safetensors file's header (its first 8 + n bytes), its size, and _SAMPLES strided reads
+    of _SAMPLE_BYTES spread over the weights that follow the header."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        start = 8 + int.from_bytes(head, "little")
+        parts = [head + f.read(start - 8), size.to_bytes(8, "little")]
+        for i in range(_SAMPLES):
+            f.seek(start + i * max(size - start, 0) // _SAMPLES)
+            parts.append(f.read(_SAMPLE_BYTES))
+    return b"".join(parts)
 
 
 def check_model_folder(path: Path, name: str) -> Path:

@@ -73,6 +73,20 @@ def test_equal_sides_in_training_preferences_are_refused_by_the_command(tiny_mod
     assert main([*command, "--data", str(path)]) == 0
 
 
+def test_pair_making_and_sl_cai_preferences_leave_out_sides_equal_up_to_whitespace():
+    """What the training data check refuses is never made: the same normaliser everywhere."""
+    from cai_fast.pairs import pairs_from_samples
+    from cai_fast.sl_cai import preference_rows
+
+    record = {"prompt": "q", "prompt_id": "p", "source": "s", "samples": ["a  b", "a b\n", "c"],
+              "sample_ids": ["0", "1", "2"]}
+    pairs, left_out = pairs_from_samples([record], 0, seed=0)
+    assert len(pairs) == 2 and left_out["left_out_identical"] == 1
+    revised = [{"prompt": "q", "prompt_id": str(i), "principle_ids": [], "initial": "x y", "final": final}
+               for i, final in enumerate(["x\n\n y", "z"])]
+    assert [row["prompt_id"] for row in preference_rows(revised)] == ["1"]
+
+
 # ---------------------------------------------------------------- every problem of a pipeline config
 
 

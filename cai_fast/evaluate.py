@@ -293,10 +293,11 @@ def outputs_of(model: str, sets: EvalSets, config: EvalConfig, out_dir: str | Pa
     (model_outputs); the model is freed on return. generation: open_generator's engine,
     server_url, device and dtype."""
     from .engine import open_generator
+    from .engine.loading import model_sha256
 
     generator = open_generator(model, batch_size=config.generation_batch, fallback="cached", **generation)
-    return model_outputs(generator, sets, config, out_dir, run_info={"model": model, **generation},
-                         progress=progress)
+    return model_outputs(generator, sets, config, out_dir, progress=progress,
+                         run_info={"model": model, "model_sha256": model_sha256(model), **generation})
 
 
 # ---------------------------------------------------------------- figures of a model against the base

@@ -160,6 +160,21 @@ def test_training_compares_the_model_by_content(tiny_model_path, tmp_path, capsy
     one_line_error(capsys, "holds a run made with another config (model_sha256: ", after_loading=True)
 
 
+def test_evaluation_outputs_compare_the_model_by_content(tiny_model_path, tmp_path):
+    from cai_fast.evaluate import EvalConfig, load_eval_sets, outputs_of
+    from cai_fast.store import RunConfigError
+
+    config = EvalConfig(harmless_size=1, helpful_size=1, over_refusal_size=1, response_tokens=2, depth_ladder="")
+    sets, copy, out = load_eval_sets(config), tmp_path / "copy", tmp_path / "outputs"
+    first = outputs_of(str(tiny_model_path), sets, config, out, progress=False)
+    shutil.copytree(tiny_model_path, copy)
+    assert outputs_of(str(copy), sets, config, out, progress=False) == first  # read back, not made again
+    shutil.rmtree(copy)
+    build_tiny_model(copy, seed=3)
+    with pytest.raises(RunConfigError, match="model_sha256: "):
+        outputs_of(str(copy), sets, config, out, progress=False)
+
+
 # ---------------------------------------------------------------- failed check, then the corrected command
 
 

@@ -211,13 +211,14 @@ def test_ppo_after_a_failed_check_the_corrected_command_runs(tiny_model_path, re
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-PIPELINE = {"rounds": 1, "train_size": 2, "method": "dpo",
+PIPELINE = {"rounds": 1, "train_size": 2,
             "sl_cai": {"rounds": 1, "batch_size": 2, "few_shot": 0, "answer_tokens": 3, "critique_tokens": 3,
                        "revision_tokens": 3},
             "sft": {"max_steps": 1, "batch_size": 2},
             "label": {"samples": 2, "sample_tokens": 3},
             "judge": {"principles": 1, "batch_size": 4},
-            "dpo": {"max_steps": 1, "batch_size": 2},
+            "reward": {"max_steps": 1, "batch_size": 2},
+            "ppo": {"max_steps": 1, "batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 3, "generation_batch": 2},
             "eval": {"harmless_size": 1, "helpful_size": 1, "over_refusal_size": 1, "response_tokens": 3,
                      "generation_batch": 2, "depth_ladder": ""}}
 

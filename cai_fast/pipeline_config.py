@@ -63,7 +63,7 @@ class PipelineConfig:
     judge_model: str = option("", "model that labels the RLAIF pairs and judges the win-rates (default: model)")
     engine: str = option("cached", "generation backend: cached (prefix-cached), plain, or server (server_url; "
                                    "policies this run trains, PPO rollouts included, still run in this process)")
-    server_url: str = option("", "engine server: OpenAI-compatible (vLLM) server URLs, a list or comma-separated")
+    server_url: str = option("", "engine server: vLLM or SGLang server URLs, a list or comma-separated")
     device: str = option("auto", "where every model of the run generates, judges and is evaluated: auto, cpu, "
                                  "cuda, cuda:N (training: accelerate's device)")
     dtype: str = option("auto", "precision of every model the run generates, judges and evaluates with: auto (bf16 "

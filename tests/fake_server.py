@@ -1,13 +1,28 @@
-"""A small OpenAI-compatible server for the server generator's tests: the standard library's
-http.server in a thread, backed by the cached engine on a tiny model.
+"""A small fake vLLM or SGLang server for the server generator's tests: the standard library's
+http.server in a thread, backed by the cached engine on a tiny model (real log-probs, real greedy
+generation).
 
-It answers what cai_fast.engine.server uses of vLLM's API: GET /v1/models, POST /tokenize and
-POST /v1/completions with token-id prompts, `prompt_logprobs` (vLLM's layout: one entry per prompt
-position, None first, each {"<token id>": {"logprob": ...}}), `logprob_token_ids` (answered as
-vLLM does with `return_tokens_as_token_ids`: {"token_id:<id>": logprob}) and `return_token_ids`. Faults to
-order: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
-`fail_after` (requests served before every later one gets 503). `metrics`: the text of /metrics. `log` lists (path, prompt, start,
-end) per answered completion, in the order they started.
+kind="vllm" answers what cai_fast.engine.server uses of vLLM's OpenAI API: GET /v1/models (cards
+owned_by "vllm"), POST /tokenize and POST /v1/completions with token-id prompts, `prompt_logprobs`
+(vLLM's layout: one entry per prompt position, None first, each {"<token id>": {"logprob": ...}}),
+`logprob_token_ids` (answered as vLLM does with `return_tokens_as_token_ids`: {"token_id:<id>":
+logprob}), `return_token_ids` and streaming; `metrics`: the text of GET /metrics.
+
+kind="sglang" answers what it uses of SGLang's API (as of SGLang 0.5.3): GET /v1/models (owned_by
+"sglang"), GET /get_model_info, GET /get_server_info (`server_info`, None: 404), POST /tokenize and
+POST /generate with `input_ids`, `sampling_params` (max_new_tokens 0 allowed, sampling_seed),
+`return_logprob` with `token_ids_logprob` (meta_info.output_token_ids_logprobs: one list of
+[logprob, id, null] per output position) and `logprob_start_len` (meta_info.input_token_logprobs:
+[logprob, id, null] for each prompt position from there on, logprob null at position 0); the
+answer's `output_ids`, `text` and meta_info.finish_reason {"type": ...}; errors as SGLang's
+ErrorResponse ({"object": "error", "message": ...}).
+
+`owned_by`: what the model cards say (None: no owned_by). Faults to order, on the generation
+endpoint: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
+`cut_next` streams ended after their first event, `fail_after` (requests served before every later
+one gets 503), `abort_next` (SGLang: answers finished as aborted); `old`: no next-token log-probs of
+chosen ids, as before vLLM 0.32 or SGLang 0.4.4. `log` lists (path, prompt,
+start, end) per answered request, in the order they started.
 """
 
 from __future__ import annotations
@@ -19,15 +34,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cai_fast.engine import SamplingParams
 
+GENERATE = {"vllm": "/v1/completions", "sglang": "/generate"}
+
 
 class FakeServer:
-    def __init__(self, engine, model_id: str):
-        self.engine, self.model_id = engine, model_id
+    def __init__(self, engine, model_id: str, kind: str = "vllm"):
+        self.engine, self.model_id, self.kind = engine, model_id, kind
+        self.owned_by: str | None = kind
         self.lock = threading.Lock()  # the engine serves one request at a time
-        self.fail_next = self.drop_next = self.cut_next = 0  # cut: a stream ends after its first event
+        self.fail_next = self.drop_next = self.cut_next = self.abort_next = 0
         self.fail_after: int | None = None
         self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
-        self.metrics: str | None = None  # the text of /metrics (None: 404)
+        self.old = False  # True: a version without the exact log-probs (logprob_token_ids, token_ids_logprob)
+        self.metrics: str | None = None  # vLLM: the text of /metrics (None: 404)
+        self.server_info: dict | None = None  # SGLang: the answer of /get_server_info (None: 404)
         self.hold_first_stream = False  # True: the next streamed answer, after its first chunk, waits
         self.overlapped = False  # for another request to arrive (up to 10 s); whether one did
         self.arrived = threading.Event()
@@ -43,6 +63,7 @@ class FakeServer:
         self.httpd.server_close()
 
     def completion(self, body: dict) -> dict:
+        """vLLM's /v1/completions."""
         prompt, start = body["prompt"], time.monotonic()
         with self.lock:
             choice = {"text": "", "token_ids": [], "finish_reason": "length"}
@@ -50,7 +71,7 @@ class FakeServer:
                 logp = self.engine.score_continuations([prompt[:1]], [prompt[1:]])[0]
                 choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": float(v), "rank": 1}}
                                                       for t, v in zip(prompt[1:], logp)]
-            if body.get("logprob_token_ids"):
+            if body.get("logprob_token_ids") and not self.old:
                 ids = body["logprob_token_ids"]
                 logp = self.engine.score_options([prompt], [[t] for t in ids])[0]
                 choice["logprobs"] = {"top_logprobs": [{f"token_id:{t}": float(v) for t, v in zip(ids, logp)}]}
@@ -60,6 +81,34 @@ class FakeServer:
             choice.update(text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason)
         self.log.append(("/v1/completions", prompt, start, time.monotonic()))
         return {"choices": [choice]}
+
+    def generate(self, body: dict) -> dict:
+        """SGLang's /generate."""
+        ids, sampling, start = body["input_ids"], body.get("sampling_params") or {}, time.monotonic()
+        meta = {"prompt_tokens": len(ids), "finish_reason": {"type": "length", "length": 0}}
+        out = {"text": "", "output_ids": [], "meta_info": meta}
+        with self.lock:
+            if body.get("return_logprob") and body.get("logprob_start_len", -1) >= 0:
+                first = max(1, body["logprob_start_len"])
+                logp = self.engine.score_continuations([ids[:first]], [ids[first:]])[0]
+                meta["input_token_logprobs"] = ([[None, ids[0], None]] if body["logprob_start_len"] == 0 else []) + \
+                    [[float(v), t, None] for t, v in zip(ids[first:], logp)]
+            if body.get("return_logprob") and body.get("token_ids_logprob") and not self.old:
+                wanted = body["token_ids_logprob"]
+                logp = self.engine.score_options([ids], [[t] for t in wanted])[0]
+                meta["output_token_ids_logprobs"] = [[[float(v), t, None] for t, v in zip(wanted, logp)]]
+            if sampling.get("max_new_tokens", 128) > 0:
+                params = SamplingParams(sampling.get("max_new_tokens", 128), sampling.get("temperature", 1.0),
+                                        sampling.get("top_p", 1.0), sampling.get("sampling_seed") or 0,
+                                        tuple(sampling.get("stop") or ()))
+                done = self.engine.generate([ids], params)[0]
+                out.update(text=done.text, output_ids=done.token_ids)
+                meta["finish_reason"] = {"type": done.finish_reason}
+        if self.abort_next:
+            self.abort_next -= 1
+            meta["finish_reason"] = {"type": "abort", "message": "The input is longer than the context\nmore"}
+        self.log.append(("/generate", ids, start, time.monotonic()))
+        return out
 
 
 def _handler(server: FakeServer):
@@ -77,17 +126,32 @@ def _handler(server: FakeServer):
             self.end_headers()
             self.wfile.write(data)
 
+        def _error(self, status: int, message: str) -> None:
+            if server.kind == "sglang":
+                self._answer(status, {"object": "error", "message": message, "type": "Error", "code": status})
+            else:
+                self._answer(status, {"error": {"message": message}})
+
         def do_GET(self):
+            sglang = server.kind == "sglang"
             if self.path == "/v1/models":
-                self._answer(200, {"data": [{"id": server.model_id, "root": server.model_id}]})
-            elif self.path == "/metrics" and server.metrics is not None:
+                card = {"id": server.model_id, "root": server.model_id}
+                if server.owned_by is not None:
+                    card["owned_by"] = server.owned_by
+                self._answer(200, {"data": [card]})
+            elif self.path == "/get_model_info" and sglang:
+                self._answer(200, {"model_path": server.model_id, "tokenizer_path": server.model_id,
+                                   "is_generation": True})
+            elif self.path == "/get_server_info" and sglang and server.server_info is not None:
+                self._answer(200, server.server_info)
+            elif self.path == "/metrics" and not sglang and server.metrics is not None:
                 data = server.metrics.encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
             else:
-                self._answer(404, {"error": {"message": f"no route {self.path}"}})
+                self._error(404, f"no route {self.path}")
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -95,22 +159,31 @@ def _handler(server: FakeServer):
             if self.path == "/tokenize":
                 ids = server.engine.tokenizer.encode(body["prompt"], add_special_tokens=body["add_special_tokens"])
                 self._answer(200, {"tokens": [t + server.token_shift for t in ids]})
-            elif self.path != "/v1/completions":
-                self._answer(404, {"error": {"message": f"no route {self.path}"}})
+            elif self.path != GENERATE[server.kind]:
+                self._error(404, "Not Found")
             elif server.drop_next:
                 server.drop_next -= 1
                 self.close_connection = True
             elif server.fail_next or (server.fail_after is not None and server.served >= server.fail_after):
                 server.fail_next = max(0, server.fail_next - 1)
-                self._answer(503, {"error": {"message": "Service Unavailable\nsecond line"}})
+                self._error(503, "Service Unavailable\nsecond line")
+            elif server.kind == "sglang":
+                self._sglang(body)
             elif "max_tokens" not in body or not isinstance(body.get("prompt"), list):
-                self._answer(400, {"error": {"message": "prompt must be token ids and max_tokens is required"}})
+                self._error(400, "prompt must be token ids and max_tokens is required")
             elif body.get("stream"):
                 server.served += 1
                 self._stream(body)
             else:
                 server.served += 1
                 self._answer(200, server.completion(body))
+
+        def _sglang(self, body: dict) -> None:
+            if not isinstance(body.get("input_ids"), list) or "prompt" in body or "model" in body:
+                self._error(400, "input_ids must be token ids (and /generate takes no prompt or model)")
+            else:
+                server.served += 1
+                self._answer(200, server.generate(body))
 
         def _stream(self, body: dict) -> None:
             """Server-sent events in chunked transfer encoding, as vLLM sends them: an empty first

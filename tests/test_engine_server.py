@@ -1,7 +1,8 @@
-"""The server generator and the router, against fake OpenAI-compatible servers (tests/fake_server.py)
+"""The server generator and the router, against fake vLLM and SGLang servers (tests/fake_server.py)
 backed by the cached engine on the tiny model: scores equal transformers' log-probs, greedy output
 equals transformers' generate, labels stay antisymmetric through the server path, and the
-routing, the order, the retries, the start-up checks and resuming after a dead server hold.
+routing, the order, the retries, the start-up checks and resuming after a dead server hold; the
+tests that take the `servers` fixture run against both kinds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from cai_fast.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.scheduler.routing import Router, RoutingConfig
 from cai_fast.trl_compat import JudgeReward
 
-from fake_server import FakeServer
+from fake_server import GENERATE, FakeServer
 from test_engine_cached import GREEDY_TIE_EPS, SCORE_ATOL, as_sequence, divergence, random_prompts, \
     reference_greedy, reference_logprobs
 
@@ -39,14 +40,15 @@ def sharp_loaded(tiny_loaded):
     return LoadedModel(model, tiny_loaded.tokenizer, "tiny-sharp")
 
 
-def start_servers(loaded, path, n: int = 1) -> list[FakeServer]:
+def start_servers(loaded, path, n: int = 1, kind: str = "vllm") -> list[FakeServer]:
     config = EngineConfig(block_size=4, pool_tokens=8192, dedup_min_tokens=8)
-    return [FakeServer(CachedGenerator(loaded.model, loaded.tokenizer, config), str(path)) for _ in range(n)]
+    return [FakeServer(CachedGenerator(loaded.model, loaded.tokenizer, config), str(path), kind) for _ in range(n)]
 
 
-@pytest.fixture
-def servers(sharp_loaded, tiny_model_path):
-    started = start_servers(sharp_loaded, tiny_model_path, 2)
+@pytest.fixture(params=sorted(GENERATE))
+def servers(request, sharp_loaded, tiny_model_path):
+    """Two fake servers of one kind: vllm, then sglang."""
+    started = start_servers(sharp_loaded, tiny_model_path, 2, request.param)
     yield started
     for s in started:
         s.close()
@@ -61,6 +63,7 @@ def connect(path, servers, **config):
 
 def test_option_scores_equal_transformers_log_probs(servers, sharp_loaded, tiny_model_path):
     generator = connect(tiny_model_path, servers)
+    assert [kind.name for kind in generator.kinds] == [s.kind for s in servers]
     prompts = random_prompts(1, 5, shared=13)
     options = [[17], [200, 31, 5], [99]]  # one-token and multi-token options
     got = generator.score_options(prompts, options)
@@ -69,6 +72,8 @@ def test_option_scores_equal_transformers_log_probs(servers, sharp_loaded, tiny_
         for k, option in enumerate(options):
             expected = reference_logprobs(sharp_loaded.model, prompt, option).sum()
             torch.testing.assert_close(got[i, k], expected, atol=SCORE_ATOL * len(option), rtol=0)
+    one_token = generator.score_options(prompts, [[17], [99]])  # the next-token path
+    torch.testing.assert_close(one_token, got[:, [0, 2]], atol=SCORE_ATOL, rtol=0)
 
 
 def test_greedy_generation_equals_transformers_generate(servers, sharp_loaded, tiny_model_path):
@@ -189,9 +194,9 @@ def test_connection_drops_5xx_and_cut_streams_are_retried(servers, tiny_model_pa
     servers[0].fail_next, servers[0].drop_next = 2, 1
     out = generator.score_options(random_prompts(10, 2), [[17]])
     assert out.shape == (2, 1) and generator.stats.retries == 3
-    servers[0].cut_next = 1
+    servers[0].cut_next = 1  # vLLM's answers are streamed; SGLang's are not (nothing to cut)
     once = generator.generate(random_prompts(10, 2), SamplingParams(max_new_tokens=3))
-    assert generator.stats.retries == 4
+    assert generator.stats.retries == 3 + (servers[0].kind == "vllm")
     assert [c.token_ids for c in once] == [c.token_ids for c in generator.generate(random_prompts(10, 2),
                                                                                   SamplingParams(max_new_tokens=3))]
 
@@ -199,7 +204,8 @@ def test_connection_drops_5xx_and_cut_streams_are_retried(servers, tiny_model_pa
 def test_a_server_that_keeps_failing_is_a_one_line_error(servers, tiny_model_path):
     generator = connect(tiny_model_path, servers[:1], retries=1)
     servers[0].fail_next = 10
-    with pytest.raises(ServerError, match=r"failed /v1/completions after 2 tries \(HTTP 503: Service Unavailable\)") as err:
+    path = GENERATE[servers[0].kind]
+    with pytest.raises(ServerError, match=rf"failed {path} after 2 tries \(HTTP 503: Service Unavailable\)") as err:
         generator.generate(random_prompts(11, 3), SamplingParams(max_new_tokens=2))
     assert "\n" not in str(err.value) and servers[0].url in str(err.value)
     scheduler = generator.schedulers[0]
@@ -225,14 +231,63 @@ def test_start_up_checks_name_the_server_and_the_fix(servers, tiny_model_path, t
         connect(tiny_model_path, servers)
 
 
+def test_the_server_kind_is_read_from_the_server_or_forced(servers, tiny_model_path):
+    """auto: the cards' owned_by, else SGLang's /get_model_info; a forced kind the server does not
+    speak fails at the first request with one line that says what to do."""
+    kind, other = servers[0].kind, next(k for k in GENERATE if k != servers[0].kind)
+    servers[0].owned_by = None
+    assert connect(tiny_model_path, servers[:1]).kinds[0].name == kind
+    forced = connect(tiny_model_path, servers[:1], server_kind=other)
+    with pytest.raises(ServerError, match=f"server {servers[0].url} has no {GENERATE[other]} endpoint "
+                                          rf"\(HTTP 404: Not Found\), which cai_fast uses on {other} servers; "
+                                          rf"serve the model with .*server_kind='{kind}'") as err:
+        forced.score_options(random_prompts(12, 2), [[17], [99]])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="server_kind 'tgi' is unknown; use one of auto, vllm, sglang"):
+        ServerConfig(server_kind="tgi")
+
+
+def test_a_server_without_exact_log_probs_can_generate_but_not_judge(servers, tiny_model_path):
+    generator = connect(tiny_model_path, servers[:1])
+    servers[0].old = True
+    assert len(generator.generate(random_prompts(14, 2), SamplingParams(max_new_tokens=2))) == 2
+    needs = {"vllm": "logprob_token_ids and return_tokens_as_token_ids on /v1/completions",
+             "sglang": "token_ids_logprob on /generate"}[servers[0].kind]
+    with pytest.raises(ServerError, match=rf"server {servers[0].url} returned no log-prob for option tokens "
+                                          rf"\[17, 99\]; exact judge scores need {needs}") as err:
+        generator.score_options(random_prompts(14, 2), [[17], [99]])
+    assert "\n" not in str(err.value)
+
+
+def test_an_aborted_sglang_request_is_a_one_line_error(sharp_loaded, tiny_model_path):
+    (server,) = start_servers(sharp_loaded, tiny_model_path, kind="sglang")
+    try:
+        generator = connect(tiny_model_path, [server])
+        server.abort_next = 1
+        with pytest.raises(ServerError, match=f"server {server.url} aborted a request "
+                                              r"\(abort: The input is longer than the context\)") as err:
+            generator.generate(random_prompts(13, 2), SamplingParams(max_new_tokens=2))
+        assert "\n" not in str(err.value)
+    finally:
+        server.close()
+
+
 def test_the_servers_block_and_cache_sizes_shape_the_model_of_their_caches(servers, tiny_model_path):
-    info = 'vllm:cache_config_info{block_size="8",enable_prefix_caching="%s",kv_cache_size_tokens="4096"} 1.0\n'
-    servers[0].metrics = servers[1].metrics = info % "True"
+    def report(s, prefix_caching: bool):
+        if s.kind == "vllm":
+            s.metrics = ('vllm:cache_config_info{block_size="8",enable_prefix_caching="%s",'
+                         'kv_cache_size_tokens="4096"} 1.0\n' % prefix_caching)
+        else:
+            s.server_info = {"page_size": 8, "max_total_num_tokens": 4096, "disable_radix_cache": not prefix_caching}
+
+    for s in servers:
+        report(s, True)
     generator = connect(tiny_model_path, servers)
     assert (generator.config.routing.block_size, generator.config.routing.cache_tokens) == (8, 4096)
     assert generator.schedulers[1].cache.block_size == 8
-    servers[1].metrics = info % "False"
-    with pytest.warns(UserWarning, match=f"server {servers[1].url} runs without prefix caching"):
+    report(servers[1], False)
+    fix = "--enable-prefix-caching" if servers[1].kind == "vllm" else "without --disable-radix-cache"
+    with pytest.warns(UserWarning, match=f"server {servers[1].url} runs without prefix caching; start it .*{fix}"):
         connect(tiny_model_path, servers)
 
 
@@ -241,8 +296,9 @@ def test_bad_urls_and_bad_requests_are_clear_errors(servers, tiny_model_path):
     with pytest.raises(ValueError, match="--server-url: expected http"):
         parse_urls("a:1")
     generator = connect(tiny_model_path, servers[:1])
-    with pytest.raises(ServerError, match="refused /v1/completions: HTTP 400: prompt must be token ids"):
-        generator._post(servers[0].url, "/v1/completions", {"prompt": "text"})
+    path = GENERATE[servers[0].kind]
+    with pytest.raises(ServerError, match=f"refused {path}: HTTP 400: (prompt|input_ids) must be token ids"):
+        generator._post(servers[0].url, path, {"prompt": "text"})
     with pytest.raises(ValueError, match="prompts \\[1\\] are empty"):
         generator.generate([[5], []], SamplingParams())
 

@@ -1,42 +1,64 @@
-"""The server generator: generation and exact option scores from OpenAI-compatible servers.
+"""The server generator: generation and exact option scores from vLLM or SGLang servers.
 
     connect_servers(model, urls, ServerConfig()) -> ServerGenerator
         .generate(prompts, params) -> list[Completion]
         .score_options(prompts, options) -> Tensor [N, K]
+        .kinds: the API each server speaks (_VLLM or _SGLang)
         .stats: ServerStats (per server: requests, prompt tokens sent, tokens our scheduler expects
                 the server to find in its prefix cache; retries)
 
-Prompts go out as token ids to `/v1/completions`, so the chat template and the judge layout stay
-ours; the local tokenizer (the model's, loaded without the weights) renders and decodes. At start
-each server must answer `/v1/models` with the same model (the last part of its id or root, case
-aside, equals the last part of `model` or its folder) and tokenize a probe chat exactly as the
-local tokenizer does (`/tokenize`; a server without that endpoint is trusted, with a warning).
+Prompts go out as token ids, so the chat template and the judge layout stay ours; the local
+tokenizer (the model's, loaded without the weights) renders and decodes. At start each server must
+answer `/v1/models` with the same model (the last part of its id or root, case aside, equals the
+last part of `model` or its folder) and tokenize a probe chat exactly as the local tokenizer does
+(`/tokenize`, which both vLLM and SGLang >= 0.5 have; a server without it is trusted, with a warning).
+
+Two server kinds, one generator: what differs is a small strategy per server (`ServerConfig.server_kind`:
+"auto" reads it from the server: `owned_by` of its `/v1/models` cards, "vllm" or "sglang", else
+SGLang's own `/get_model_info`; otherwise vLLM's API is assumed). Routing, order, retries and
+timeouts are the same for both.
+
+- vLLM (its OpenAI API, as of vLLM 0.32): token-id prompts on `/v1/completions`, streamed; the token
+  ids come back with `return_token_ids`. One-token options: full-vocabulary log-probs of exactly
+  those ids at the next position (`logprob_token_ids`). Longer options: one request per (prompt,
+  option) with the log-prob of every prompt token (`prompt_logprobs`), summed over the option;
+  vLLM computes such prompts in full (it does not read its prefix cache then), hence the fallback.
+  Block and cache size from its `/metrics` (`vllm:cache_config_info`).
+- SGLang (its native API, as read in the SGLang 0.5.3 sources): `POST /generate` with `input_ids`
+  and `sampling_params`; the answer carries `output_ids` (no re-tokenization) and
+  `meta_info.finish_reason`. One-token options: `token_ids_logprob` with `max_new_tokens` 0 and
+  `logprob_start_len` -1, read from `meta_info.output_token_ids_logprobs[0]` as (log-prob, id, text)
+  triples -- the very request SGLang's own `/v1/score` sends inside the server. `/v1/score` itself is
+  not used: it returns exp(log-prob) (0 below e^-745, where the label would be 0/0), and with
+  `--multi-item-scoring-delimiter` it scores at a delimiter it inserts, silently another quantity.
+  Longer options: `logprob_start_len` = the prompt's length, the option's log-probs read from
+  `meta_info.input_token_logprobs` (the prompt itself read from SGLang's radix cache), each entry's
+  token id checked against the option. Not streamed (a stream's output_ids are whole or deltas
+  depending on a server flag), so a request held back (dedup_min_tokens) waits for the whole answer
+  of the one it shares with; SGLang shares in-batch prefixes itself.
+  The seed goes as `sampling_seed` (sampled text repeats only where SGLang honours it, e.g. under
+  `--enable-deterministic-inference`); page size and cache size from `/get_server_info`.
 
 Order and routing: every request of a call is routed to a server (cai_fast.scheduler.routing:
 cache-aware by longest prefix with load balance, or round-robin) and queued in that server's
 BatchScheduler (cai_fast.scheduler), whose radix tree models the server's prefix cache: what
 completed requests computed there, in the server's block size and cache size where it reports
-them (vLLM's `vllm:cache_config_info`; else `ServerConfig.routing`'s). Each server gets at most
-`max_in_flight` requests at once, taken in the scheduler's order (longest cached prefix first,
-policy `order`), and a request that shares `dedup_min_tokens` or more not-yet-cached tokens with
-one in the same batch is held back until the server has computed that one's prompt, so it
-computes the shared prefix once: generation is streamed, and a request's first chunk (its first
-token) releases the requests behind it; a scoring request releases them when it is answered.
-order="fcfs" with dedup_min_tokens=0 is plain submission order. The default is dedup_min_tokens=0:
-measured on vLLM 0.32 (benches/README.md), vLLM computes a prefix shared within its batch once by
-itself, so holding requests back only added latency (1.3x on SL-CAI, 1.8x on the judge, for the
-same tokens computed); the hold-back is there for servers that do not.
+them (else `ServerConfig.routing`'s). Each server gets at most `max_in_flight` requests at once,
+taken in the scheduler's order (longest cached prefix first, policy `order`), and a request that
+shares `dedup_min_tokens` or more not-yet-cached tokens with one in the same batch is held back
+until the server has computed that one's prompt, so it computes the shared prefix once: a
+streamed generation releases the requests behind it at its first chunk (its first token), any
+other request when it is answered. order="fcfs" with dedup_min_tokens=0 is plain submission
+order. The default is dedup_min_tokens=0: measured on vLLM 0.32 (benches/README.md), vLLM
+computes a prefix shared within its batch once by itself, so holding requests back only added
+latency (1.3x on SL-CAI, 1.8x on the judge, for the same tokens computed); the hold-back is there
+for servers that do not.
 
 Sampling: temperature, top_p (top-k off), a seed per request (params.seed + its index in the
 call), stop strings and the tokenizer's end-of-turn ids, max tokens. The Completion is built as
 the other generators build it: end-of-turn token left out, text cut at the first stop string.
 
-Exact scores, never a top-k list. One-token options (the judge's usual case): one request per
-prompt asks for the full-vocabulary log-probs of exactly those token ids at the next position
-(vLLM's `logprob_token_ids`; the prompt is read from the prefix cache like any other). Longer
-options: one request per (prompt, option) with the server's log-probs of every prompt token
-(`prompt_logprobs`), summed over the option's tokens; vLLM computes such prompts in full (it does
-not read its prefix cache when prompt log-probs are asked for), which is why it is the fallback.
+Exact scores, never a top-k list: label(a, b) + label(b, a) = 1 holds through either kind.
 
 Faults: a connection error, a timeout or a 5xx is retried `retries` times with exponential backoff
 (`backoff` seconds, doubled each time); a 4xx or the last failure raises ServerError, one line
@@ -55,7 +77,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..config import option
 from ..scheduler import make_cache, make_scheduler
@@ -66,6 +88,7 @@ if TYPE_CHECKING:
     import torch
 
 PROBE_CHAT = [{"role": "user", "content": "Which response is less harmful, (A) or (B)? Naïve café, 42 ✓"}]
+SERVER_KINDS = ("auto", "vllm", "sglang")
 
 
 class ServerError(RuntimeError):
@@ -87,10 +110,14 @@ class ServerConfig:
     connect_timeout: float = option(30.0, "seconds to wait for each server at start")
     order: str = option("lpm", "order requests go out: lpm, dfs-weight or fcfs")
     dedup_min_tokens: int = option(0, "shared uncached tokens that hold a request back "
-                                      "(0 = never: vLLM shares in-batch prefixes itself)")
+                                      "(0 = never: vLLM and SGLang share in-batch prefixes themselves)")
+    server_kind: str = option("auto", "the servers' API: auto (what each server reports), vllm or sglang")
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self):
+        if self.server_kind not in SERVER_KINDS:
+            raise ValueError(f"ServerConfig: server_kind {self.server_kind!r} is unknown; use one of "
+                             f"{', '.join(SERVER_KINDS)}")
         if self.max_in_flight < 1 or self.retries < 0 or self.dedup_min_tokens < 0:
             raise ValueError(f"ServerConfig: max_in_flight >= 1, retries >= 0 and dedup_min_tokens >= 0 needed, "
                              f"got {self.max_in_flight}, {self.retries}, {self.dedup_min_tokens}")
@@ -114,11 +141,140 @@ class ServerStats(GenerationStats):
                 "expected_cached": self.expected_cached, "retries": self.retries}
 
 
+class _VLLM:
+    """vLLM's OpenAI API (module docstring): request bodies and how to read the answers."""
+
+    name, path = "vllm", "/v1/completions"
+    scoring_needs = "logprob_token_ids and return_tokens_as_token_ids on /v1/completions (vLLM >= 0.32 has them)"
+    prompt_scoring_needs = "prompt_logprobs on /v1/completions (vLLM has it)"
+    prefix_cache_fix = "start it with --enable-prefix-caching"
+    missing_fix = ("serve the model with vLLM's OpenAI server, or pass ServerConfig(server_kind='sglang') "
+                   "for an SGLang server")
+
+    @staticmethod
+    def request(tokens: list[int], model_id: str, body: dict) -> dict:
+        return {"model": model_id, "prompt": tokens, **body}
+
+    @staticmethod
+    def generation(params: SamplingParams, stop_ids: list[int], seed: int) -> dict:
+        return {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                "top_k": -1, "stop": list(params.stop), "stop_token_ids": stop_ids, "seed": seed,
+                "skip_special_tokens": True, "return_token_ids": True, "stream": True}
+
+    @staticmethod
+    def next_token(ids: list[int]) -> dict:
+        return {"max_tokens": 1, "temperature": 0.0, "logprobs": len(ids), "logprob_token_ids": ids,
+                "return_tokens_as_token_ids": True}
+
+    @staticmethod
+    def prompt_scoring(prompt_len: int) -> dict:
+        return {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+
+    @staticmethod
+    def output(result: dict) -> tuple[list[int] | None, str, str | None]:
+        """(token ids or None, text, finish reason) of an answer."""
+        choice = _choice(result)
+        return choice.get("token_ids"), choice.get("text", ""), choice.get("finish_reason")
+
+    @staticmethod
+    def next_token_logprobs(result: dict) -> dict[int, float]:
+        """{token id: log-prob} at the position after the prompt."""
+        first = ((_choice(result).get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+        return {int(k.rpartition(":")[2]): float(v) for k, v in first.items() if k.startswith("token_id:")}
+
+    @staticmethod
+    def prompt_logprobs(result: dict, tokens: list[int]) -> dict[int, float]:
+        """{position: log-prob of tokens[position]} over the prompt."""
+        entries = _choice(result).get("prompt_logprobs") or result.get("prompt_logprobs") or []
+        values = {i: (entry or {}).get(str(token)) for i, (token, entry) in enumerate(zip(tokens, entries))}
+        return {i: v["logprob"] if isinstance(v, dict) else float(v) for i, v in values.items() if v is not None}
+
+    @staticmethod
+    def cache_info(url: str) -> dict:
+        """block_size, cache_tokens and prefix_caching, where the server reports them (/metrics)."""
+        labels = cache_config(url)
+        info = {key: int(labels[name]) for key, name in (("block_size", "block_size"),
+                                                          ("cache_tokens", "kv_cache_size_tokens"))
+                if labels.get(name, "").isdigit()}
+        if "enable_prefix_caching" in labels:
+            info["prefix_caching"] = labels["enable_prefix_caching"] != "False"
+        return info
+
+
+class _SGLang:
+    """SGLang's native API (module docstring): request bodies and how to read the answers."""
+
+    name, path = "sglang", "/generate"
+    scoring_needs = "token_ids_logprob on /generate (SGLang >= 0.4.4 has it)"
+    prompt_scoring_needs = "logprob_start_len and input_token_logprobs on /generate (SGLang has them)"
+    prefix_cache_fix = "start it without --disable-radix-cache"
+    missing_fix = ("serve the model with `python -m sglang.launch_server`, or pass ServerConfig(server_kind='vllm') "
+                   "for a vLLM server")
+
+    @staticmethod
+    def request(tokens: list[int], model_id: str, body: dict) -> dict:
+        return {"input_ids": tokens, **body}
+
+    @staticmethod
+    def generation(params: SamplingParams, stop_ids: list[int], seed: int) -> dict:
+        sampling = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                    "top_k": -1, "stop": list(params.stop), "stop_token_ids": stop_ids, "skip_special_tokens": True}
+        if params.temperature > 0:  # greedy needs no seed (and SGLang < 0.5.3 knows no sampling_seed)
+            sampling["sampling_seed"] = seed
+        return {"sampling_params": sampling}
+
+    @staticmethod
+    def next_token(ids: list[int]) -> dict:
+        return {"sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": -1,
+                "token_ids_logprob": ids}
+
+    @staticmethod
+    def prompt_scoring(prompt_len: int) -> dict:
+        return {"sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": prompt_len}
+
+    @staticmethod
+    def output(result: dict) -> tuple[list[int] | None, str, str | None]:
+        """(token ids or None, text, finish reason) of an answer; an abort's reason is "abort: <why>"."""
+        finish = _meta(result).get("finish_reason")
+        reason = finish.get("type") if isinstance(finish, dict) else finish
+        if reason == "abort":
+            reason = f"abort: {finish.get('message', '') if isinstance(finish, dict) else ''}"
+        return result.get("output_ids"), result.get("text", ""), reason
+
+    @staticmethod
+    def next_token_logprobs(result: dict) -> dict[int, float]:
+        """{token id: log-prob} at the position after the prompt: (log-prob, id, text) triples."""
+        entries = (_meta(result).get("output_token_ids_logprobs") or [None])[0] or []
+        return {int(e[1]): float(e[0]) for e in entries if e and e[0] is not None}
+
+    @staticmethod
+    def prompt_logprobs(result: dict, tokens: list[int]) -> dict[int, float]:
+        """{position: log-prob of tokens[position]}: the entries end at the prompt's last token; an
+        entry whose token id is not the prompt's there is left out."""
+        entries = _meta(result).get("input_token_logprobs") or []
+        start = len(tokens) - len(entries)
+        return {start + j: float(e[0]) for j, e in enumerate(entries)
+                if start + j >= 0 and e and e[0] is not None and e[1] == tokens[start + j]}
+
+    @staticmethod
+    def cache_info(url: str) -> dict:
+        """block_size (page size), cache_tokens and prefix_caching, from /get_server_info (or /server_info)."""
+        data = _get_json(url + "/get_server_info") or _get_json(url + "/server_info")
+        info = {key: data[name] for key, name in (("block_size", "page_size"), ("cache_tokens", "max_total_num_tokens"))
+                if isinstance(data.get(name), int) and data[name] > 0}
+        if "disable_radix_cache" in data:
+            info["prefix_caching"] = not data["disable_radix_cache"]
+        return info
+
+
+KINDS = {"vllm": _VLLM, "sglang": _SGLang}
+
+
 @dataclass
 class _Job:
     index: int  # position in the caller's list
     tokens: list[int]  # what is sent: the prompt (generation) or prompt + option (scoring)
-    body: dict  # the request body, less the model and the prompt
+    make: Callable[[type, "_Job"], dict]  # its request body for a server kind, less the prompt and the model
     logits_from: int
     max_new: int = 0
     id: int = -1
@@ -146,7 +302,7 @@ def connect_servers(model: str, urls: str | Sequence[str], config: ServerConfig 
 
 
 class ServerGenerator:
-    """Generation and scoring on OpenAI-compatible servers (see the module docstring)."""
+    """Generation and scoring on vLLM or SGLang servers (see the module docstring)."""
 
     def __init__(self, tokenizer, urls: Sequence[str], model_names: set[str], config: ServerConfig = ServerConfig()):
         self.tokenizer, self.urls = tokenizer, tuple(urls)
@@ -155,8 +311,9 @@ class ServerGenerator:
         self.stats = ServerStats(requests=[0] * n, sent_tokens=[0] * n, expected_cached=[0] * n)
         self.session = _session(n * config.max_in_flight)
         self.config = config
-        self.served = [self._check_server(url, model_names) for url in self.urls]
-        self.config = config = replace(config, routing=_routing_for(self.urls, config.routing))
+        checked = [self._check_server(url, model_names) for url in self.urls]
+        self.served, self.kinds = [model_id for model_id, _ in checked], [kind for _, kind in checked]
+        self.config = config = replace(config, routing=_routing_for(self.urls, self.kinds, config.routing))
         self.router = Router(n, config.routing)
         bs, blocks = config.routing.block_size, config.routing.cache_tokens // config.routing.block_size
         self.schedulers = [make_scheduler(make_cache(blocks, bs), 1 << 30, config.order, config.dedup_min_tokens)
@@ -167,11 +324,11 @@ class ServerGenerator:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Continue each prompt (token ids); one Completion per prompt, in order."""
-        body = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                "top_k": -1, "stop": list(params.stop), "stop_token_ids": self.stop_ids,
-                "skip_special_tokens": True, "return_token_ids": True, "stream": True}
-        jobs = [_Job(i, p, {**body, "seed": (params.seed + i) % (1 << 31)}, len(p) - 1, params.max_new_tokens)
-                for i, p in enumerate(_checked(prompts, "generate"))]
+        def body(kind, job: _Job) -> dict:
+            return kind.generation(params, self.stop_ids, (params.seed + job.index) % (1 << 31))
+
+        prompts = _checked(prompts, "generate")
+        jobs = [_Job(i, p, body, len(p) - 1, params.max_new_tokens) for i, p in enumerate(prompts)]
         self._run(jobs)
         out = [self._completion(job, params) for job in jobs]
         self.stats.add(out)
@@ -188,17 +345,14 @@ class ServerGenerator:
         prompts = _checked(prompts, "score_options")
         if all(len(o) == 1 for o in options):
             ids = [o[0] for o in options]
-            body = {"max_tokens": 1, "temperature": 0.0, "logprobs": len(ids), "logprob_token_ids": ids,
-                    "return_tokens_as_token_ids": True}
-            jobs = [_Job(i, p, body, len(p) - 1) for i, p in enumerate(prompts)]
+            jobs = [_Job(i, p, lambda kind, job: kind.next_token(ids), len(p) - 1) for i, p in enumerate(prompts)]
             self._run(jobs)
-            scores = [_next_token_logprobs(job, ids, self.urls[job.server]) for job in jobs]
+            scores = [self._next_token_logprobs(job, ids) for job in jobs]
         else:
-            body = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-            jobs = [_Job(i, p + list(o), body, len(p)) for i, (p, o) in enumerate(itertools.product(prompts, options))]
+            jobs = [_Job(i, p + list(o), lambda kind, job: kind.prompt_scoring(job.logits_from), len(p))
+                    for i, (p, o) in enumerate(itertools.product(prompts, options))]
             self._run(jobs)
-            scores = [_option_logprob(job, len(o), self.urls[job.server])
-                      for job, o in zip(jobs, itertools.cycle(options))]
+            scores = [self._option_logprob(job, len(o)) for job, o in zip(jobs, itertools.cycle(options))]
         return torch.tensor(scores, dtype=torch.float32).reshape(len(prompts), len(options))
 
     # ---------------------------------------------------------------- sending
@@ -251,15 +405,17 @@ class ServerGenerator:
             self.stats.requests[server] += 1
             self.stats.sent_tokens[server] += len(job.tokens)
             self.stats.expected_cached[server] += cached
-            body = {"model": self.served[server], "prompt": job.tokens, **job.body}
+            kind = self.kinds[server]
+            body = kind.request(job.tokens, self.served[server], job.make(kind, job))
             in_flight[job.id] = job
-            executor.submit(self._request, self.urls[server], body, job, events)
+            executor.submit(self._request, server, body, job, events)
 
-    def _request(self, url: str, body: dict, job: _Job, events: queue.Queue) -> None:
+    def _request(self, server: int, body: dict, job: _Job, events: queue.Queue) -> None:
         """In a worker thread: send one job; events get ("prefilled", job, None) at its first streamed
         chunk, then ("done", job, result) or ("error", job, exception)."""
         try:
-            result = self._post(url, "/v1/completions", body, lambda: events.put(("prefilled", job, None)))
+            result = self._post(self.urls[server], self.kinds[server].path, body,
+                                lambda: events.put(("prefilled", job, None)))
             events.put(("done", job, result))
         except Exception as err:  # noqa: BLE001 - handed to the caller's thread, raised there
             events.put(("error", job, err))
@@ -275,7 +431,7 @@ class ServerGenerator:
         """A finished request: its result, its tokens cached in the scheduler's model."""
         job.result = result
         if job.queued:
-            computed = job.tokens + (_choice(job.result).get("token_ids") or [])[:-1]
+            computed = job.tokens + (self.kinds[job.server].output(result)[0] or [])[:-1]
             self.schedulers[job.server].finish(job.id, computed[: len(job.tokens) + job.max_new])
             job.queued = False
         self.router.done(job.server)
@@ -303,6 +459,10 @@ class ServerGenerator:
                 problem = f"{type(err).__name__}: {_first_line(err)}"
             else:
                 problem = f"HTTP {response.status_code}: {_error_message(response)}"
+                if response.status_code == 404 and url in self.urls:
+                    kind = self.kinds[self.urls.index(url)]
+                    raise ServerError(f"server {url} has no {path} endpoint ({problem}), which cai_fast uses on "
+                                      f"{kind.name} servers; {kind.missing_fix}")
                 if response.status_code < 500:
                     raise ServerError(f"server {url} refused {path}: {problem}")
             if attempt < self.config.retries:
@@ -313,9 +473,9 @@ class ServerGenerator:
 
     # ---------------------------------------------------------------- start-up checks
 
-    def _check_server(self, url: str, model_names: set[str]) -> str:
-        """The id the server gives the model; ServerError if it is unreachable or serves another
-        model or tokenizer."""
+    def _check_server(self, url: str, model_names: set[str]) -> tuple[str, type]:
+        """The id the server gives the model and the server's kind; ServerError if it is unreachable
+        or serves another model or tokenizer."""
         cards = self._models(url)
         wanted = {_last_part(name) for name in model_names}
         served = [c for c in cards if {_last_part(c.get("id", "")), _last_part(c.get("root") or "")} & wanted]
@@ -324,7 +484,18 @@ class ServerGenerator:
                               f"not {sorted(model_names)[0]}; start it with that model or pass --model")
         model_id = served[0]["id"]
         self._check_tokenizer(url, model_id)
-        return model_id
+        return model_id, self._kind(url, served[0])
+
+    def _kind(self, url: str, card: dict) -> type:
+        """The server's API: as configured, else as its model card says (owned_by), else SGLang where
+        it answers SGLang's /get_model_info (or /model_info), else vLLM's."""
+        name = self.config.server_kind
+        if name == "auto":
+            name = card.get("owned_by") if card.get("owned_by") in KINDS else None
+        if name is None:
+            sglang = _get_json(url + "/get_model_info", self.session) or _get_json(url + "/model_info", self.session)
+            name = "sglang" if sglang else "vllm"
+        return KINDS[name]
 
     def _models(self, url: str) -> list[dict]:
         import requests
@@ -359,15 +530,38 @@ class ServerGenerator:
     # ---------------------------------------------------------------- results
 
     def _completion(self, job: _Job, params: SamplingParams) -> Completion:
-        choice = _choice(job.result)
-        tokens = choice.get("token_ids")
+        tokens, text, finish = self.kinds[job.server].output(job.result)
+        if finish and finish.startswith("abort"):
+            raise ServerError(f"server {self.urls[job.server]} aborted a request ({_first_line(finish)}); "
+                              "check its log, then run the same command again to resume")
         if tokens is None:  # a server that does not return token ids: the text, tokenized here
-            tokens = self.tokenizer.encode(choice.get("text", ""), add_special_tokens=False)
+            tokens = self.tokenizer.encode(text or "", add_special_tokens=False)
         ended = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
         tokens = tokens if ended is None else tokens[:ended]
         text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
-        reason = "stop" if ended is not None or stopped or choice.get("finish_reason") == "stop" else "length"
+        reason = "stop" if ended is not None or stopped or finish == "stop" else "length"
         return Completion(text.strip(), list(tokens), len(job.tokens), reason)
+
+    def _next_token_logprobs(self, job: _Job, ids: list[int]) -> list[float]:
+        """Full-vocabulary log-probs of `ids` as the token after the job's prompt."""
+        kind = self.kinds[job.server]
+        found = kind.next_token_logprobs(job.result)
+        missing = [t for t in ids if t not in found]
+        if missing:
+            raise ServerError(f"server {self.urls[job.server]} returned no log-prob for option tokens {missing}; "
+                              f"exact judge scores need {kind.scoring_needs}")
+        return [found[t] for t in ids]
+
+    def _option_logprob(self, job: _Job, length: int) -> float:
+        """Sum of the prompt log-probs of the job's last `length` tokens (the option)."""
+        kind = self.kinds[job.server]
+        found = kind.prompt_logprobs(job.result, job.tokens)
+        missing = [p for p in range(len(job.tokens) - length, len(job.tokens)) if p not in found]
+        if missing:
+            raise ServerError(f"server {self.urls[job.server]} returned no prompt log-prob for token "
+                              f"{job.tokens[missing[0]]} at position {missing[0]}; multi-token options need "
+                              f"{kind.prompt_scoring_needs}")
+        return sum(found[p] for p in range(len(job.tokens) - length, len(job.tokens)))
 
 
 def prefix_cache_counters(url: str) -> dict[str, float]:
@@ -400,19 +594,32 @@ def _metrics(url: str) -> list[str]:
     return response.text.splitlines() if response.status_code == 200 else []
 
 
-def _routing_for(urls: Sequence[str], routing: RoutingConfig) -> RoutingConfig:
-    """`routing` with the block size and cache size the servers report (vLLM's /metrics), so the
-    scheduler's and the router's trees model their caches; a warning for a server without prefix caching."""
-    infos = [cache_config(url) for url in urls]
-    for url, info in zip(urls, infos):
-        if info.get("enable_prefix_caching") == "False":
-            warnings.warn(f"server {url} runs without prefix caching; start it with --enable-prefix-caching",
-                          stacklevel=4)
-    sizes = [int(i["block_size"]) for i in infos if i.get("block_size", "").isdigit()]
-    tokens = [int(i["kv_cache_size_tokens"]) for i in infos if i.get("kv_cache_size_tokens", "").isdigit()]
-    if not sizes or len(set(sizes)) > 1:
+def _routing_for(urls: Sequence[str], kinds: Sequence[type], routing: RoutingConfig) -> RoutingConfig:
+    """`routing` with the block size and cache size the servers report (vLLM's /metrics, SGLang's
+    /get_server_info), so the scheduler's and the router's trees model their caches; a warning for
+    a server without prefix caching."""
+    infos = [kind.cache_info(url) for url, kind in zip(urls, kinds)]
+    for url, kind, info in zip(urls, kinds, infos):
+        if info.get("prefix_caching") is False:
+            warnings.warn(f"server {url} runs without prefix caching; {kind.prefix_cache_fix}", stacklevel=4)
+    sizes = {i["block_size"] for i in infos if "block_size" in i}
+    tokens = [i["cache_tokens"] for i in infos if "cache_tokens" in i]
+    if len(sizes) != 1:
         return routing
-    return replace(routing, block_size=sizes[0], cache_tokens=max(min(tokens, default=routing.cache_tokens), sizes[0]))
+    size = sizes.pop()
+    return replace(routing, block_size=size, cache_tokens=max(min(tokens, default=routing.cache_tokens), size))
+
+
+def _get_json(url: str, session=None) -> dict:
+    """The JSON object a GET of `url` answers with; {} on any failure (the caller has a default)."""
+    import requests
+
+    try:
+        response = (session or requests).get(url, timeout=10)
+        data = response.json() if response.status_code == 200 else {}
+    except (requests.RequestException, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _session(connections: int):
@@ -461,37 +668,15 @@ def _choice(result: dict) -> dict:
     return choices[0]
 
 
-def _next_token_logprobs(job: _Job, ids: list[int], url: str) -> list[float]:
-    """Full-vocabulary log-probs of `ids` as the token after the job's prompt (vLLM's logprob_token_ids)."""
-    logprobs = _choice(job.result).get("logprobs") or {}
-    first = (logprobs.get("top_logprobs") or [None])[0] or {}
-    missing = [t for t in ids if f"token_id:{t}" not in first]
-    if missing:
-        raise ServerError(f"server {url} returned no log-prob for option tokens {missing}; it must support "
-                          "logprob_token_ids and return_tokens_as_token_ids on /v1/completions (vLLM >= 0.32 does)")
-    return [float(first[f"token_id:{t}"]) for t in ids]
-
-
-def _option_logprob(job: _Job, length: int, url: str) -> float:
-    """Sum of the prompt log-probs of the job's last `length` tokens (the option)."""
-    entries = _choice(job.result).get("prompt_logprobs") or job.result.get("prompt_logprobs")
-    total = 0.0
-    for position in range(len(job.tokens) - length, len(job.tokens)):
-        token = job.tokens[position]
-        entry = (entries[position] or {}) if entries and position < len(entries) else {}
-        value = entry.get(str(token), entry.get(token))
-        if value is None:
-            raise ServerError(f"server {url} returned no prompt log-prob for token {token} at position {position}; "
-                              "it must support prompt_logprobs on /v1/completions (vLLM does)")
-        total += value["logprob"] if isinstance(value, dict) else float(value)
-    return total
+def _meta(result: dict) -> dict:
+    return result.get("meta_info") or {}
 
 
 def _last_part(name: str) -> str:
     return Path(str(name).rstrip("/")).name.lower()
 
 
-def _first_line(err: Exception) -> str:
+def _first_line(err) -> str:
     return (str(err).splitlines() or [""])[0][:200]
 
 

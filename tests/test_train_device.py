@@ -19,11 +19,12 @@ from cai_fast.pipeline import Pipeline
 from cai_fast.pipeline_config import ConfigFileError, config_from_dict
 from cai_fast.train import common
 from cai_fast.train.common import PolicyModule, load_policy, load_reference, model_precisions, placement
-from cai_fast.train.config import DPOConfig, PPOConfig, RewardConfig
+from cai_fast.train.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 from cai_fast.train.data import TokenBatch, read_records, tokenize_preference
 from cai_fast.train.dpo import sequence_logprobs, train_dpo
 from cai_fast.train.ppo import PPOTrainer
 from cai_fast.train.reward import train_reward_model
+from cai_fast.train.sft import train_sft
 
 NATIVE = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
@@ -97,7 +98,7 @@ def test_a_device_that_does_not_exist_is_one_line_before_anything_is_written(sta
     assert not out.exists()
 
 
-@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float32", "float16"])
 def test_every_model_is_loaded_as_the_record_says_and_log_probs_are_fp32(dtype, data, tiny_model_path, tmp_path):
     """PPO loads all three kinds of model: the trained policy, a frozen reference, a frozen reward model."""
     config = PPOConfig(model=str(tiny_model_path), ref_model=str(data["reference"]), data=str(data["prompts"]),
@@ -109,7 +110,7 @@ def test_every_model_is_loaded_as_the_record_says_and_log_probs_are_fp32(dtype, 
     assert {role: str(next(m.parameters()).dtype).removeprefix("torch.") for role, m in loaded.items()} == \
         {role: r["dtype"] for role, r in recorded.items()}
     frozen = NATIVE if dtype == "auto" else dtype
-    assert recorded["policy"]["dtype"] == ("float32" if dtype == "auto" else dtype)
+    assert recorded["policy"]["dtype"] == ("float32" if dtype in ("auto", "float16") else dtype)
     assert recorded["reference"]["dtype"] == recorded["reward_model"]["dtype"] == frozen
     assert trainer.policy.value_head.weight.dtype == torch.float32  # a trained head keeps fp32 weights
     chats, _ = trainer.sample([ids for _, ids in trainer.prompts], step=0)
@@ -173,3 +174,12 @@ def test_the_pipeline_gives_its_device_and_dtype_to_training(data, tiny_model_pa
     assert (saved["device"], saved["dtype"]) == ("cpu", "bfloat16") and saved["models"] == summary["models"] == expected
     with pytest.raises(ConfigFileError, match=r"field 'dpo.dtype': set by the pipeline"):
         config_from_dict({"dpo": {"dtype": "float16"}}, "inline")
+
+
+def test_float16_keeps_the_trained_model_in_fp32_so_adamw_stays_finite(data, tiny_model_path, tmp_path):
+    """Pure fp16 AdamW is NaN from its first step (eps underflows); --dtype float16 loads the frozen
+    models in fp16 and trains fp32 master weights."""
+    result = train_sft(SFTConfig(model=str(tiny_model_path), data=str(data["sft"]), out=str(tmp_path), max_steps=2,
+                                 batch_size=2, lr=1e-3, save_every=0, device="cpu", dtype="float16"), progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert result.summary["models"] == {"policy": {"device": "cpu", "dtype": "float32"}}

@@ -21,8 +21,9 @@ computes exactly what the uninterrupted one would have, and a checkpoint needs n
 Device and precision (`placement`): every model of a stage lives on config.device; under
 `--dtype auto` the frozen ones (a reference loaded apart, PPO's reward model) are loaded in bf16
 where the hardware multiplies bf16 natively (engine.device) and the trained one in fp32 (master
-weights; --mixed-precision bf16 autocasts its forward); an explicit --dtype loads every model in it,
-the trained one too (pure low-precision training, as trl's --dtype). Losses and log-probs are fp32
+weights; --mixed-precision bf16 autocasts its forward); an explicit float32 or bfloat16 loads every
+model in it, the trained one too (pure bf16 training, as trl's --dtype), and float16 the frozen ones
+(pure fp16 AdamW is NaN from its first step). Losses and log-probs are fp32
 whatever the weights are (cai_fast.ops). The run config and the summary record each model's
 resolved device and dtype.
 
@@ -112,15 +113,17 @@ class Placement(NamedTuple):
     """Where a training stage's models live and in what precision (its --device and --dtype)."""
 
     device: torch.device
-    trained: torch.dtype  # the model being trained (a LoRA policy's base too): fp32 master weights under auto
+    trained: torch.dtype  # the trained model (a LoRA policy's base too): fp32 under auto and float16
     frozen: torch.dtype  # the models only read: a reference loaded apart, PPO's reward model
 
 
 def placement(config: TrainConfig) -> Placement:
     """config.device and config.dtype resolved here (engine.device.resolve); DeviceError for a device
-    or dtype that cannot be used. An explicit dtype applies to the trained model too (trl's --dtype)."""
+    or dtype that cannot be used. An explicit float32 or bfloat16 applies to the trained model too
+    (trl's --dtype); float16 does not: AdamW's eps (1e-8) underflows in fp16 and the first step is NaN."""
     device, frozen = resolve(config.device, config.dtype)
-    trained = torch.float32 if str(config.dtype).strip().lower() == "auto" else frozen
+    explicit = str(config.dtype).strip().lower() != "auto"
+    trained = frozen if explicit and frozen != torch.float16 else torch.float32
     return Placement(device, trained, frozen)
 
 

@@ -50,9 +50,9 @@ class TrainConfig:
                                  "gives each its own device, so auto, cpu or cuda")
     dtype: str = option("auto", "precision the models are loaded in: auto = the frozen ones (reference, PPO's "
                                 "reward model) in bf16 where the hardware multiplies bf16 natively, else fp32, and "
-                                "the trained one in fp32 (--bf16 autocasts it); float32, bfloat16, float16 = every "
-                                "model, the trained one too (pure low-precision training, as trl's --dtype); losses "
-                                "and log-probs are fp32 whatever it is")
+                                "the trained one in fp32 (--bf16 autocasts it); float32, bfloat16 = every model, the "
+                                "trained one too (pure bf16 training, as trl's --dtype); float16 = the frozen ones "
+                                "(pure fp16 AdamW is NaN); losses and log-probs are fp32 whatever it is")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
                                                  "about a third more time)")
     report_to: str = option("none", "trackers for the metrics (accelerate's): tensorboard, wandb, trackio, "

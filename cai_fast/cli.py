@@ -158,10 +158,13 @@ def add_train_parser(sub) -> None:
 
 
 def add_trl_switches(parser: argparse.ArgumentParser) -> None:
-    """trl's --bf16, --fp16 and --use_peft on a training stage (for --mixed-precision, --lora-r)."""
+    """trl's --bf16, --fp16, --use_cpu and --use_peft on a training stage (for --mixed-precision,
+    --device cpu, --lora-r)."""
     for precision in ("bf16", "fp16"):
         parser.add_argument(f"--{precision}", action="store_const", const=precision, dest="mixed_precision",
                             help=f"trl's name of --mixed-precision {precision}")
+    parser.add_argument("--use_cpu", "--use-cpu", action="store_const", const="cpu", dest="device",
+                        help="trl's (transformers') name of --device cpu")
     parser.add_argument("--use_peft", "--use-peft", action="store_true",
                         help=f"trl's switch for LoRA: --lora-r {TRL_LORA_R} unless --lora-r is given")
 

@@ -284,7 +284,8 @@ class Pipeline:
         from .train import STAGES
 
         base = getattr(self.config, stage)
-        config = replace(base, seed=base.seed + r - 1, **{k: str(v) for k, v in paths.items()})
+        config = replace(base, seed=base.seed + r - 1, device=self.config.device, dtype=self.config.dtype,
+                         **{k: str(v) for k, v in paths.items()})
         return STAGES[stage].run(config, progress=self.progress).summary
 
     def label(self, r: int, sft: str, out: Path) -> dict:

@@ -6,13 +6,13 @@ Config file: TOML (or JSON of the same shape). Top-level fields are PipelineConf
 has a section whose fields are its config dataclass's:
     [sl_cai] SLCAIConfig   [sft] SFTConfig   [label] LabelConfig   [judge] JudgeConfig
     [reward] RewardConfig  [ppo] PPOConfig   [dpo] DPOConfig       [eval] EvalConfig
-The training stages' model, data, out, reward_model and ref_model are set by the pipeline. An
-unknown field, a value of the wrong type or an invalid value is a ConfigFileError naming the
-file and the field; every such problem of the file is reported in one error (each field's value
-is checked on its own, then the section as a whole). `check_inputs` does the same for the files
-and models the config names (`cai-fast pipeline` runs it before anything is written). Relative
-paths are read from the current folder. `--config demo` is the
-shipped demo config (cai_fast/configs/demo.toml).
+The training stages' model, data, out, reward_model and ref_model are set by the pipeline, and
+their device and dtype are the top-level ones. An unknown field, a value of the wrong type or an
+invalid value is a ConfigFileError naming the file and the field; every such problem of the file
+is reported in one error (each field's value is checked on its own, then the section as a
+whole). `check_inputs` does the same for the files and models the config names (`cai-fast
+pipeline` runs it before anything is written). Relative paths are read from the current folder.
+`--config demo` is the shipped demo config (cai_fast/configs/demo.toml).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ MEASURES = ("harmlessness", "helpfulness", "compliance", "capability")
 METHODS = ("ppo", "dpo")
 SECTIONS = {"sl_cai": SLCAIConfig, "sft": SFTConfig, "label": LabelConfig, "judge": JudgeConfig,
             "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
-PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model")  # fields of stage configs the pipeline sets
+PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model", "device", "dtype")  # stage fields it sets
 LISTABLE = ("benchmarks", "principle_ids", "server_url")  # string fields a config file may give as a list of strings
 _PLACEHOLDER = "(set by the pipeline)"
 
@@ -64,11 +64,12 @@ class PipelineConfig:
     engine: str = option("cached", "generation backend: cached (prefix-cached), plain, or server (server_url; "
                                    "policies this run trains, PPO rollouts included, still run in this process)")
     server_url: str = option("", "engine server: vLLM or SGLang server URLs, a list or comma-separated")
-    device: str = option("auto", "where every model of the run generates, judges and is evaluated: auto, cpu, "
-                                 "cuda, cuda:N (training: accelerate's device)")
+    device: str = option("auto", "where every model of the run generates, judges, trains and is evaluated: auto, "
+                                 "cpu, cuda, cuda:N")
     dtype: str = option("auto", "precision of every model the run generates, judges and evaluates with: auto (bf16 "
-                                "where the hardware multiplies bf16 natively), float32, bfloat16, float16 "
-                                "(training: see [sft] mixed_precision ...)")
+                                "where the hardware multiplies bf16 natively), float32, bfloat16, float16; training "
+                                "takes it as `cai-fast train --dtype` does (auto: frozen models as above, the trained "
+                                "one fp32; [sft] mixed_precision ... autocasts it)")
     method: str = option("ppo", "ppo (reward model, then PPO) or dpo")
     rounds: int = option(1, "rounds of the loop (1-4)")
     prompts: str = option("red_team", "training prompts: a file or a shipped set name")
@@ -239,8 +240,8 @@ def _checked(cls, table: dict, source: str, prefix: str, problems: list) -> dict
             problems.append(ConfigFileError(f"{where}: unknown field; {cls.__name__} fields are: "
                                             f"{', '.join(k for k in known if not prefix or k not in PIPELINE_SET)}"))
         elif prefix and key in PIPELINE_SET:
-            problems.append(ConfigFileError(f"{where}: set by the pipeline (from the top-level model and the "
-                                            "previous stages); remove it"))
+            problems.append(ConfigFileError(f"{where}: set by the pipeline (from the top-level model, device and "
+                                            "dtype and the previous stages); remove it"))
         else:
             try:
                 _check_type(value, known[key].default, key, where)

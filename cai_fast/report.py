@@ -240,9 +240,19 @@ def _stage_line(name: str, s: dict) -> str:
         return f"labels {s.get('labels', 0)} pairs (mean p_chosen {_fmt(s.get('mean_p_chosen'))})"
     if name == "reward":
         return (f"reward model {s['steps']} steps, held-out accuracy {_fmt(s.get('eval_accuracy'))} "
-                f"(n={s.get('eval_pairs', 0)})")
+                f"(n={s.get('eval_pairs', 0)}){_models(s)}")
     shown = ", ".join(f"{k} {_fmt(final[k], '.4g')}" for k in ("loss", "reward", "kl", "reward_margin") if k in final)
-    return f"{name.upper()} {s['steps']} steps, last step: {shown}"
+    return f"{name.upper()} {s['steps']} steps, last step: {shown}{_models(s)}"
+
+
+def _models(s: dict) -> str:
+    """", in policy float32 + reference bfloat16 on cpu (autocast no)" of a training summary ("" if it has none)."""
+    models = s.get("models")
+    if not models:
+        return ""
+    devices = sorted({m["device"] for m in models.values()})
+    return (", in " + " + ".join(f"{role} {m['dtype']}" for role, m in models.items())
+            + f" on {', '.join(devices)} (autocast {s.get('autocast', 'no')})")
 
 
 def _detector() -> list[str]:

@@ -49,7 +49,7 @@ def test_equals_trl_dpo_trainer_on_hard_labels(tiny_model_path, reference_path, 
     theirs = trl_first_step(tiny_model_path, reference_path, rows, tmp_path / "trl")
     ours = train_dpo(DPOConfig(model=str(tiny_model_path), ref_model=str(reference_path), data=str(data),
                                out=str(tmp_path / "ours"), batch_size=5, max_steps=1, beta=BETA, lr=0.0,
-                               save_every=0), progress=False).history[0]
+                               save_every=0, dtype="float32"), progress=False).history[0]  # trl's default dtype
     assert abs(theirs["loss"] - math.log(2)) > 0.05  # a real comparison, not log 2 on both sides
     # trl's own fused LM head is off the exact fp32 log-probs by ~1e-5 per token (4e-4 on the
     # summed log-probs here; ours agree with transformers' full logits to 1e-6, see the next
@@ -93,7 +93,7 @@ def test_soft_label_loss_against_the_formula(tiny_loaded, reference_path):
 def test_dpo_reduces_its_loss(tiny_model_path, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(11, seed=6, p_chosen=0.95))
     result = train_dpo(DPOConfig(model=str(tiny_model_path), data=str(data), out=str(tmp_path / "out"),
-                                 batch_size=4, max_steps=10, lr=2e-3, save_every=0), progress=False)
+                                 batch_size=4, max_steps=10, lr=2e-3, save_every=0, dtype="float32"), progress=False)
     losses = [h["loss"] for h in result.history]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference at the start
     assert sum(losses[-3:]) / 3 < 0.6, losses

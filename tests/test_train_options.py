@@ -28,7 +28,7 @@ def pairs_file(tmp_path_factory):
 
 def dpo(tiny_model_path, data, out, **kw) -> DPOConfig:
     base = dict(model=str(tiny_model_path), data=str(data), out=str(out), lr=1e-2, batch_size=4, max_steps=3,
-                save_every=0, mixed_precision="no")
+                save_every=0, mixed_precision="no", dtype="float32")
     return DPOConfig(**{**base, **kw})
 
 

@@ -110,7 +110,7 @@ def prompts_file(tmp_path_factory):
 def ppo_config(tiny_model_path, reward_model_path, prompts_file, out, **kw) -> PPOConfig:
     base = dict(model=str(tiny_model_path), reward_model=str(reward_model_path), data=str(prompts_file),
                 out=str(out), lr=3e-3, batch_size=2, minibatches=2, max_new_tokens=7, temperature=1.0,
-                save_every=0, max_steps=2)
+                save_every=0, max_steps=2, dtype="float32")  # reference = policy exactly (auto: a bf16 reference)
     return PPOConfig(**{**base, **kw})
 
 

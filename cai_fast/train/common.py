@@ -18,6 +18,15 @@ examples k·G … (k+1)·G − 1 of a stream of seeded per-epoch permutations, G
 and the random state is reseeded from (seed, step, process) before every step, so a resumed run
 computes exactly what the uninterrupted one would have, and a checkpoint needs no RNG state.
 
+Device and precision (`placement`): every model of a stage lives on config.device; under
+`--dtype auto` the frozen ones (a reference loaded apart, PPO's reward model) are loaded in bf16
+where the hardware multiplies bf16 natively (engine.device) and the trained one in fp32 (master
+weights; --mixed-precision bf16 autocasts its forward); an explicit float32 or bfloat16 loads every
+model in it, the trained one too (pure bf16 training, as trl's --dtype), and float16 the frozen ones
+(pure fp16 AdamW is NaN from its first step). Losses and log-probs are fp32
+whatever the weights are (cai_fast.ops). The run config and the summary record each model's
+resolved device and dtype.
+
 Data parallelism (accelerate): the module and optimizer go through `accelerator.prepare` (DDP:
 gradients all-reduced and averaged); each process takes every P-th example of the global batch
 (`shard_for_process`) and splits it into `grad_accum` micro-batches of `batch_size`. Losses are
@@ -36,7 +45,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -44,13 +53,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine.device import resolve
 from ..engine.loading import load_model, model_sha256, require_peft, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
 from ..store import RunStore, read_json, write_atomic, write_jsonl
 from .config import PPOConfig, TrainConfig
 from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, tokenized_records
-from .distributed import make_accelerator, process_state, shard_for_process
+from .distributed import bind_device, make_accelerator, process_state, shard_for_process
 
 
 @dataclass
@@ -99,9 +109,49 @@ def prepare_for_training(model, config: TrainConfig):
     return model.train()
 
 
+class Placement(NamedTuple):
+    """Where a training stage's models live and in what precision (its --device and --dtype)."""
+
+    device: torch.device
+    trained: torch.dtype  # the trained model (a LoRA policy's base too): fp32 under auto and float16
+    frozen: torch.dtype  # the models only read: a reference loaded apart, PPO's reward model
+
+
+def placement(config: TrainConfig) -> Placement:
+    """config.device and config.dtype resolved here (engine.device.resolve); DeviceError for a device
+    or dtype that cannot be used. An explicit float32 or bfloat16 applies to the trained model too
+    (trl's --dtype); float16 does not: AdamW's eps (1e-8) underflows in fp16 and the first step is NaN."""
+    device, frozen = resolve(config.device, config.dtype)
+    explicit = str(config.dtype).strip().lower() != "auto"
+    trained = frozen if explicit and frozen != torch.float16 else torch.float32
+    return Placement(device, trained, frozen)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_precisions(config: TrainConfig, stage: str) -> dict[str, dict[str, str]]:
+    """{role: {"device", "dtype"}} of every model `stage` loads, as resolved here: what the run config
+    and the summary record. Roles: policy (or reward_model, trained, in stage "reward"), reference
+    (dpo, ppo; a LoRA policy's is the policy with its adapters off), reward_model (ppo, frozen)."""
+    where = placement(config)
+
+    def names(dtype: torch.dtype) -> dict[str, str]:
+        return {"device": str(where.device), "dtype": dtype_name(dtype)}
+
+    models = {"reward_model" if stage == "reward" else "policy": names(where.trained)}
+    if stage in ("dpo", "ppo"):
+        models["reference"] = names(where.trained if config.lora_r and not config.ref_model else where.frozen)
+    if stage == "ppo":
+        models["reward_model"] = names(where.frozen)
+    return models
+
+
 def load_policy(config: TrainConfig):
-    """(causal LM of config.model in train mode, with LoRA when config.lora_r > 0, tokenizer)."""
-    loaded = load_model(config.model)
+    """(causal LM of config.model in train mode, in placement(config).trained, with LoRA when
+    config.lora_r > 0, tokenizer). It loads on the CPU; TrainRun moves it to the run's device."""
+    loaded = load_model(config.model, dtype=dtype_name(placement(config).trained))
     return with_lora(prepare_for_training(loaded.model, config), config, "CAUSAL_LM"), loaded.tokenizer
 
 
@@ -127,10 +177,13 @@ class AdapterDisabled(nn.Module):
 
 def load_reference(config, policy: nn.Module, device) -> nn.Module:
     """The frozen reference of DPO/PPO: config.ref_model when given; else the policy with its
-    adapters disabled when it is a LoRA policy; else a frozen copy of config.model."""
+    adapters disabled when it is a LoRA policy; else a frozen copy of config.model. A model loaded
+    apart is in placement(config).frozen, on `device`."""
     if config.lora_r and not config.ref_model:
         return AdapterDisabled(policy)
-    module = PolicyModule(load_model(config.ref_model or config.model).model).to(device).eval()
+    frozen = dtype_name(placement(config).frozen)
+    loaded = load_model(config.ref_model or config.model, dtype=frozen, device=str(device))
+    module = PolicyModule(loaded.model).eval()
     module.requires_grad_(False)
     return module
 
@@ -212,7 +265,8 @@ class TrainRun:
                  optimizer_steps: int | None = None, progress: bool = True):
         self.config, self.stage, self.steps, self.progress = config, stage, steps, progress
         self.out = Path(config.out)
-        self.accelerator = make_accelerator(config.mixed_precision, trackers(config.report_to), self.out)
+        self.accelerator = make_accelerator(config.mixed_precision, trackers(config.report_to), self.out,
+                                            cpu=placement(config).device.type == "cpu")
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(optimizer, config, optimizer_steps or steps)
@@ -359,6 +413,8 @@ class TrainRun:
         """Save the model (main process), mark the run complete and drop the checkpoints."""
         seconds = round(time.perf_counter() - self.started, 1)
         summary = {"stage": self.stage, "steps": self.step, "train_seconds": seconds,
+                   "models": model_precisions(self.config, self.stage),
+                   "autocast": self.accelerator.mixed_precision,
                    "final": self.history[-1] if self.history else {}, **(extra or {})}
         if self.is_main:
             save_model(self.out)
@@ -422,15 +478,18 @@ def check_inputs(config: TrainConfig) -> None:
 
 
 def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
-    """Check the output folder's saved config (refusing another) and seed torch from config.seed
-    (for what is initialised at random: LoRA adapters, the reward head). The saved result if the
-    run is complete, else None."""
+    """Check the device and dtype (accelerate's process state made to agree: bind_device), the
+    inputs and the output folder's saved config (refusing another; it records each model's resolved
+    device and dtype), and seed torch from config.seed (for what is initialised at random: LoRA
+    adapters, the reward head). The saved result if the run is complete, else None."""
     out = Path(config.out)
+    models = model_precisions(config, stage)  # a device or dtype that cannot be used fails first
+    bind_device(placement(config).device)
     check_inputs(config)
     started = (out / RESULT_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
-    models = {f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "ref_model", "reward_model")
+    digests = {f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "ref_model", "reward_model")
               if getattr(config, k, "")}  # by content: the same model by another path resumes
-    RunStore(out / "checkpoints", {**asdict(config), **models, "stage": stage}, started=started,
+    RunStore(out / "checkpoints", {**asdict(config), **digests, "stage": stage, "models": models}, started=started,
              lock=process_state().is_main_process)
     torch.manual_seed(config.seed)
     result = out / RESULT_FILE

@@ -45,6 +45,14 @@ class TrainConfig:
                                       "(adapter_model.safetensors, loadable with peft)")
     mixed_precision: str = option("auto", "no, bf16 or fp16 autocast; auto = accelerate's (`accelerate launch "
                                           "--mixed_precision`, ACCELERATE_MIXED_PRECISION), else no")
+    device: str = option("auto", "where the stage's models live (policy, reference, reward model): auto (CUDA when "
+                                 "there is one, else the CPU), cpu, cuda, cuda:N; under several processes accelerate "
+                                 "gives each its own device, so auto, cpu or cuda")
+    dtype: str = option("auto", "precision the models are loaded in: auto = the frozen ones (reference, PPO's "
+                                "reward model) in bf16 where the hardware multiplies bf16 natively, else fp32, and "
+                                "the trained one in fp32 (--bf16 autocasts it); float32, bfloat16 = every model, the "
+                                "trained one too (pure bf16 training, as trl's --dtype); float16 = the frozen ones "
+                                "(pure fp16 AdamW is NaN); losses and log-probs are fp32 whatever it is")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
                                                  "about a third more time)")
     report_to: str = option("none", "trackers for the metrics (accelerate's): tensorboard, wandb, trackio, "

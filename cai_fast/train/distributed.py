@@ -9,8 +9,8 @@ tells each its share:
 `shard_for_process(items)` gives process p the items p, p + N, p + 2N, ...; `gather_shards`
 puts the per-process results back in the original order on every process, and
 `write_merged_jsonl` has the main process write them as one file. With one process all three
-are the identity. On a machine without CUDA the state is created with `cpu=True`, which is what
-makes accelerate use gloo under torchrun.
+are the identity. A training stage's --device decides the state (`bind_device`): `cpu=True` on the
+CPU (which is what makes accelerate use gloo under torchrun), accelerate's GPU per process on CUDA.
 """
 
 from __future__ import annotations
@@ -24,24 +24,49 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 
+from ..engine.device import DeviceError
 from ..store import write_jsonl
 
 
-def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None,
+                     cpu: bool | None = None) -> Accelerator:
     """An Accelerator with this autocast precision ("auto": what `accelerate launch
-    --mixed_precision` or ACCELERATE_MIXED_PRECISION says, else "no") and these trackers.
-    accelerate keeps one process-wide state, which another trainer in this process (trl's, say)
-    may have left in another precision; that part (not the process group) is reset."""
+    --mixed_precision` or ACCELERATE_MIXED_PRECISION says, else "no") and these trackers, on the
+    CPU when `cpu` (default: when there is no CUDA device). accelerate keeps one process-wide
+    state, which another trainer in this process (trl's, say) may have left in another precision;
+    that part (not the process group) is reset."""
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
     if mixed_precision == "auto":
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
+    if mixed_precision == "fp16" and cpu:
         raise ValueError("fp16 mixed precision needs a CUDA GPU (accelerate would quietly train in fp32 on the "
                          "CPU); use --mixed-precision bf16 or no")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", "no") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=log_with,
-                       project_dir=project_dir)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir)
+
+
+def bind_device(device: torch.device) -> None:
+    """Make accelerate's process state agree with `device` (a resolved --device).
+
+    One process: the state follows `device` (made anew when an earlier stage of this process left
+    it on another kind of device), and cuda:N becomes the current CUDA device (accelerate's "cuda").
+    Several (torchrun, accelerate launch): accelerate gives each process its own device
+    (cuda:LOCAL_RANK, or the CPU over gloo with --device cpu); a --device that names another kind, or
+    one GPU for all, is a DeviceError (one line) before anything is loaded."""
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1:
+        if state.device.type != device.type or device.index is not None:
+            raise DeviceError(f"--device {device} under {state.num_processes} processes: accelerate runs process "
+                              f"{state.process_index} on {state.device}; pass --device auto (or cpu / cuda to match "
+                              "the launch)")
+        return
+    if state.device.type != device.type:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState(cpu=device.type == "cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def process_state() -> PartialState:

@@ -45,7 +45,7 @@ from ..prompts import render, user
 from ..seeding import stable_seed
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
-    save_trained, start_run, step_indices, steps_for, token_logprobs, unwrapped,
+    placement, save_trained, start_run, step_indices, steps_for, token_logprobs, unwrapped,
 )
 from .config import PPOConfig
 from .data import TokenBatch, TokenizedChat
@@ -118,7 +118,8 @@ class PolicyWithValue(PolicyModule):
         nn.init.zeros_(self.value_head.bias)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.value_head(hidden)[:, 0].float()
+        """[n] fp32 values; the head keeps fp32 weights whatever the policy's dtype."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype))[:, 0].float()
 
 
 @dataclass
@@ -142,7 +143,8 @@ class PPOTrainer:
         self.run = TrainRun(config, "ppo", PolicyWithValue(lm), steps, progress=progress,
                             optimizer_steps=steps * config.ppo_epochs * config.minibatches)
         self.reference = load_reference(config, self.run.module, self.run.device)
-        self.scorer = load_reward_model(config.reward_model, device=str(self.run.device))
+        self.scorer = load_reward_model(config.reward_model, device=str(self.run.device),
+                                        dtype=placement(config).frozen)
 
     def _load_prompts(self) -> list[tuple[str, list[int]]]:
         """(text, rendered ids) of the prompts that leave room for a full response within max_length."""

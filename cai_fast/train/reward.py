@@ -37,8 +37,8 @@ from torch import nn
 from ..engine.loading import ModelLoadError, check_model_folder, load_tokenizer, require_peft, resolve_model_path
 from ..ops import reward_bt_loss
 from .common import (
-    TrainResult, TrainRun, global_batch_size, local_examples, prepare_for_training, save_trained, start_run,
-    step_indices, steps_for, training_examples, unwrapped, with_lora,
+    TrainResult, TrainRun, global_batch_size, local_examples, placement, prepare_for_training, save_trained,
+    start_run, step_indices, steps_for, training_examples, unwrapped, with_lora,
 )
 from .config import RewardConfig
 from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, tokenize_preference
@@ -75,7 +75,9 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def rewards(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.head(self(input_ids, attention_mask))[:, 0].float()
+        """[B] fp32 rewards, the head applied in fp32 whatever the model's dtype."""
+        bias = None if self.head.bias is None else self.head.bias.float()
+        return nn.functional.linear(self(input_ids, attention_mask).float(), self.head.weight.float(), bias)[:, 0]
 
 
 def last_token_index(input_ids, attention_mask, pad_id: int | None) -> torch.Tensor:
@@ -173,7 +175,7 @@ def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainR
     if done:
         return done
     tokenizer = load_tokenizer(config.model)
-    classifier = prepare_for_training(load_classifier(config.model, tokenizer), config)
+    classifier = prepare_for_training(load_classifier(config.model, tokenizer, placement(config).trained), config)
     model = RewardModel(with_lora(classifier, config, "SEQ_CLS"))
     pairs = training_examples(config, "preference", tokenizer, tokenize_preference)
     train_ids, eval_ids = held_out_split(len(pairs), config.eval_fraction, config.seed)
@@ -230,12 +232,15 @@ class RewardScorer:
         return TokenizedChat(ids, [False] * len(ids))
 
 
-def load_reward_model(path: str | Path, device: str = "cpu", batch_size: int = 8) -> RewardScorer:
+def load_reward_model(path: str | Path, device: str = "cpu", batch_size: int = 8,
+                      dtype: torch.dtype | None = None) -> RewardScorer:
     """A reward model as a scorer: a folder from `cai-fast train reward` or trl's RewardTrainer
-    (any one-label sequence classifier), or a LoRA adapter of one."""
+    (any one-label sequence classifier), or a LoRA adapter of one; loaded in `dtype` (None: as
+    saved), its scores fp32."""
     check_reward_model(Path(path))
     tokenizer = load_tokenizer(str(path))
-    return RewardScorer(RewardModel(load_classifier(str(path), tokenizer)).to(device), tokenizer, batch_size)
+    model = RewardModel(load_classifier(str(path), tokenizer, dtype)).to(device)
+    return RewardScorer(model, tokenizer, batch_size)
 
 
 def check_reward_model(path: Path) -> None:

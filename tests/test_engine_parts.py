@@ -72,10 +72,12 @@ def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("q_lens", [(1, 1, 1), (3, 1, 7)], ids=["decode", "prefill"])
-def test_paged_attention_equals_dense_attention(window, q_lens):
+@pytest.mark.parametrize("q_lens, shared", [((1, 1, 1), 3), ((3, 1, 7), 2), ((13, 2, 17), 0)],
+                         ids=["decode", "prefill", "prefill-uncached"])
+def test_paged_attention_equals_dense_attention(window, q_lens, shared):
     kv_lens = (13, 22, 17)
-    pool, layout = _paged_batch(0, kv_lens, q_lens, shared_blocks=3)
+    # shared blocks end before every request's new tokens: in the engine a block is written once
+    pool, layout = _paged_batch(0, kv_lens, q_lens, shared_blocks=shared)
     heads, scale = 4, 0.3
     attention = TorchPagedAttention(pool, [None, window], heads, scale)
     plan = attention.plan(layout)

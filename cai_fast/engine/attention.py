@@ -6,10 +6,14 @@ and inside the layer's sliding window when the model has one (a key at position 
 position p when p - window < k <= p). `attend` first writes the new tokens' K and V to the pool.
 
 Torch path (`TorchPagedAttention`), built for the CPU:
-- a batch where some request brings several tokens (prefill, scoring): one SDPA call per request
-  over its gathered context, with SDPA's lower-right causal bias (which its fused CPU kernel
-  takes; a boolean mask sends it to the slow unfused path), or an additive mask when a sliding
-  window cuts in;
+- a batch where some request brings several tokens (prefill, scoring): per request, on a CPU,
+  two mask-free calls of torch's fused flash kernel merged through their log-sum-exps: the new
+  tokens over the cached context before them (every key visible; the query heads of a KV head
+  stacked as rows, so no key is repeated) and the new tokens over themselves, causally (their K
+  and V as computed, not read back from the pool). SDPA's lower-right causal bias is
+  materialised into a [q, kv] mask on a CPU (tril, where), which cost the judge ~8% of its
+  time. Where a sliding window cuts in, or off the CPU, one SDPA call over the gathered
+  context with an additive mask or the lower-right causal bias;
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .kv import KVPool
 
@@ -169,7 +173,7 @@ class TorchPagedAttention:
         self.pool.write(layer, write_slots, k, v)
         if isinstance(plan, _DecodePlan):
             return self._decode(layer, q, plan)
-        return self._prefill(layer, q, plan)
+        return self._prefill(layer, q, k, v, plan)
 
     # ---------------------------------------------------------------- prefill: one SDPA a request
 
@@ -194,17 +198,42 @@ class TorchPagedAttention:
         allowed = visible(k_pos[kv_len - q_len :], k_pos, window)
         return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
-    def _prefill(self, layer: int, q: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
+    def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 plan: _PrefillPlan) -> torch.Tensor:
         out = torch.empty_like(q)
         masks = plan.masks[self.windows[layer]]
-        heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
         for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, masks):
-            k, v = self.pool.gather(layer, blocks)
-            attended = F.scaled_dot_product_attention(
-                heads_first(q[start:end]), heads_first(k[:length]), heads_first(v[:length]), attn_mask=mask,
-                scale=self.scale, enable_gqa=True)
-            out[start:end] = attended[0].transpose(0, 1)
+            rows = slice(start, end)
+            if q.is_cpu and HAVE_CPU_FLASH and (mask is None or isinstance(mask, CausalBias)):
+                out[rows] = self._causal_cascade(layer, q[rows], k[rows], v[rows], length - (end - start), blocks)
+            else:
+                out[rows] = self._masked(layer, q[rows], blocks, length, mask)
         return out
+
+    def _masked(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, length: int, mask) -> torch.Tensor:
+        """One request's new tokens q [n, heads, d] over its whole gathered context, through SDPA."""
+        heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
+        k, v = self.pool.gather(layer, blocks)
+        attended = F.scaled_dot_product_attention(heads_first(q), heads_first(k[:length]), heads_first(v[:length]),
+                                                  attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return attended[0].transpose(0, 1)
+
+    def _causal_cascade(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+                        blocks: torch.Tensor) -> torch.Tensor:
+        """One request's new tokens (q [n, heads, d], their k, v [n, kv_heads, d]) over the `past`
+        cached keys before them and, causally, over themselves: two mask-free flash calls merged."""
+        n, (h, g, d) = q.shape[0], (self.kv_heads, self.group, self.head_dim)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        own, own_lse = flash(q.transpose(0, 1)[None], *(t.repeat_interleave(g, 1).transpose(0, 1)[None] for t in (k, v)),
+                             is_causal=True, scale=self.scale)
+        own, own_lse = own[0].transpose(0, 1), own_lse[0].transpose(0, 1)[..., None]  # [n, heads, d], [n, heads, 1]
+        if not past:
+            return own
+        pk, pv = (t[:past] for t in self.pool.gather(layer, blocks[: -(-past // self.pool.block_size)]))
+        rows = q.view(n, h, g, d).transpose(0, 1).reshape(1, h, n * g, d)  # a KV head's queries as rows
+        seen, seen_lse = attention_with_lse(rows, pk[None], pv[None], None, None, self.scale)
+        back = lambda t: t.view(h, n, g, -1).transpose(0, 1).reshape(n, h * g, -1)  # noqa: E731
+        return merge_parts(back(seen[0]), back(seen_lse[0]), own, own_lse).to(q.dtype)
 
     # ---------------------------------------------------------------- decode: cascade over shared keys
 

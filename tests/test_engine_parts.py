@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import cai_fast.engine.attention as attention_module
 from cai_fast.engine.attention import (BatchLayout, TorchPagedAttention, attend_with_lse, attention_with_lse,
                                        make_attention, visible)
 from cai_fast.engine.base import SamplingParams
@@ -95,6 +96,41 @@ def test_paged_attention_equals_dense_attention(window, q_lens, shared):
             want = _dense(q[start : start + m], k, v, torch.arange(n - m, n), torch.arange(n), attention.windows[layer], scale)
             torch.testing.assert_close(out[start : start + m], want, atol=1e-5, rtol=1e-5)
             start += m
+
+
+@pytest.mark.parametrize("headroom", [0, 4])
+def test_kept_decode_rows_equal_dense_attention_step_after_step(monkeypatch, headroom):
+    """Decode steps over the same rows write into the kept rest instead of gathering it; a row
+    outgrowing the headroom, or a changed set of rows, gathers it anew. Every step equals dense
+    attention over the pool."""
+    monkeypatch.setattr(attention_module, "REST_HEADROOM", headroom)
+    block_size, shared, steps = 4, 2, 9
+    kv_lens = [10, 17, 13]
+    pool, layout = _paged_batch(4, [n + steps for n in kv_lens], (1, 1, 1), shared_blocks=shared)
+    tables = layout.tables  # room for every step's token
+    attention = TorchPagedAttention(pool, [None, None], 4, 0.3)
+    gen = torch.Generator().manual_seed(5)
+    kept = []
+    for step in range(steps):
+        if step == 6:  # a row leaves: the rest is gathered anew for the two left
+            kv_lens, tables = kv_lens[:2], tables[:2]
+        kv_lens = [n + 1 for n in kv_lens]
+        batch = BatchLayout([1] * len(kv_lens), list(kv_lens), tables, block_size)
+        plan = attention.plan(batch)
+        kept.append(plan.kept)
+        q = torch.randn(len(kv_lens), 4, 8, generator=gen)
+        k_new, v_new = torch.randn(len(kv_lens), 2, 8, generator=gen), torch.randn(len(kv_lens), 2, 8, generator=gen)
+        write = torch.cat([slot_ids(t, n - 1, n, block_size) for t, n in zip(tables, kv_lens)])
+        for layer in (0, 1):
+            out = attention.attend(layer, q, k_new, v_new, write, plan)
+            for r, (table, n) in enumerate(zip(tables, kv_lens)):
+                k, v = (t[:n] for t in pool.gather(layer, table[: -(-n // block_size)]))
+                want = _dense(q[r : r + 1], k, v, torch.tensor([n - 1]), torch.arange(n), None, 0.3)
+                torch.testing.assert_close(out[r : r + 1], want, atol=1e-5, rtol=1e-5)
+    assert all(k is not None for k in kept)
+    assert kept[1] is kept[0] and kept[6] is not kept[5]  # kept between steps; the new rows gathered anew
+    # 4 blocks of headroom last the 9 steps; with none a row entering a new block gathers them anew
+    assert len({id(k) for k in kept}) == 2 if headroom == 4 else len({id(k) for k in kept}) > 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,7 +19,12 @@ Torch path (`TorchPagedAttention`), built for the CPU:
   while the batch's requests are admitted by the same scheduling round, and are attended as one
   matrix product for all B queries; the rest of each context is gathered, in whole blocks (see
   KVPool.gather), into a padded batch whose past-the-end positions are masked (the engine zeroes
-  a request's fresh blocks, so they hold finite values); the two parts merge through their
+  a request's fresh blocks, so they hold finite values). That padded batch is kept between steps
+  while its rows stay the same requests, each one token longer (`_RestKV`): a step then writes its
+  new K/V into it instead of gathering every block again (the gathers were 12% of a decode step
+  at batch 32); it holds a few blocks of headroom a row and is gathered anew when a row outgrows
+  it, the rows change or the blocks may have been handed out again, and is not kept where it
+  would exceed REST_KEPT_BYTES. The two parts merge through their
   log-sum-exps (cascade attention). The shared part is read once a step instead of B times,
   which is what bounds decode on a CPU (3.0x the tokens/s at batch 32 after the 978-token
   few-shot block, benches/README.md). Both parts go through torch's fused CPU flash kernel,
@@ -137,6 +142,21 @@ class _PrefillPlan:
 class _DecodePlan:
     shared: dict  # window -> (shared tokens P, their blocks); P = 0 where a window cuts in
     rest: dict  # window -> (blocks [B * W], mask [B, 1, W * block_size], the mask as a bias, W blocks a request)
+    kept: _RestKV | None = None  # the kept rest of full-attention layers (None: gathered each step)
+    new_at: torch.Tensor | None = None  # [B] where each row's new token lands in kept.k / kept.v
+
+
+@dataclass
+class _RestKV:
+    rows: list = field(default_factory=list)  # per row: (its blocks after the shared ones, context length)
+    n_shared: int = -1
+    width: int = 0  # blocks a row holds
+    k: dict = field(default_factory=dict)  # layer -> [B, width * block_size, kv_heads, head_dim]
+    v: dict = field(default_factory=dict)
+
+
+REST_KEPT_BYTES = 512 << 20  # at most this much of every layer's kept decode K/V (else gathered each step)
+REST_HEADROOM = 4  # blocks a kept row can grow into before the rows are gathered anew
 
 
 @dataclass
@@ -153,11 +173,11 @@ class TorchPagedAttention:
         self.pool, self.windows, self.scale = pool, windows, scale
         self.kv_heads, self.head_dim = pool.shape.kv_heads, pool.shape.head_dim
         self.group = num_heads // self.kv_heads
-        self._shared = _SharedKV()
+        self._shared, self._kept = _SharedKV(), _RestKV()
 
     def forget_shared(self) -> None:
-        """Drop the kept copy of shared keys: call whenever blocks may have been reallocated."""
-        self._shared = _SharedKV()
+        """Drop the kept copies of shared and per-row keys: call whenever blocks may have been reallocated."""
+        self._shared, self._kept = _SharedKV(), _RestKV()
 
     def plan(self, batch: BatchLayout):
         """What every layer reuses: slots and masks of the batch."""
@@ -172,7 +192,7 @@ class TorchPagedAttention:
         """Write k, v [T, kv_heads, head_dim] at write_slots, then attention of q [T, heads, head_dim]."""
         self.pool.write(layer, write_slots, k, v)
         if isinstance(plan, _DecodePlan):
-            return self._decode(layer, q, plan)
+            return self._decode(layer, q, k, v, plan)
         return self._prefill(layer, q, k, v, plan)
 
     # ---------------------------------------------------------------- prefill: one SDPA a request
@@ -239,12 +259,34 @@ class TorchPagedAttention:
 
     def _decode_plan(self, batch: BatchLayout) -> _DecodePlan:
         full = self._shared_tokens(batch)
+        kept, new_at = self._keep_rest(batch, full) if None in self.windows else (None, None)
         shared, rest = {}, {}
         for window in set(self.windows):
             n_shared = 0 if window is not None and window < max(batch.kv_lens) else full
             shared[window] = (n_shared, batch.tables[0][: n_shared // batch.block_size])
-            rest[window] = self._rest(batch, n_shared, window, self.pool.shape.dtype)
-        return _DecodePlan(shared, rest)
+            width = kept.width if kept is not None and window is None else None
+            rest[window] = self._rest(batch, n_shared, window, self.pool.shape.dtype, width)
+        return _DecodePlan(shared, rest, kept, new_at)
+
+    def _keep_rest(self, batch: BatchLayout, n_shared: int) -> tuple[_RestKV | None, torch.Tensor | None]:
+        """The kept rest for this step (the last step's when every row is the same request one
+        token on, else a fresh one to gather) and where each row's new token goes in it; (None,
+        None) where it would exceed REST_KEPT_BYTES."""
+        bs, first = batch.block_size, n_shared // batch.block_size
+        tables = batch.host_tables or [t.tolist() for t in batch.tables]
+        rows = [(table[first : -(-length // bs)], length) for table, length in zip(tables, batch.kv_lens)]
+        old = self._kept
+        same = (old.n_shared == n_shared and len(old.rows) == len(rows) and
+                all(n == m + 1 and b[: len(c)] == c and len(b) <= old.width for (b, n), (c, m) in zip(rows, old.rows)))
+        if not same:
+            width = max(len(b) for b, _ in rows) + REST_HEADROOM
+            kv = self.pool.shape
+            if len(rows) * width * bs * kv.bytes_per_token > REST_KEPT_BYTES:
+                self._kept = _RestKV()
+                return None, None
+            old = self._kept = _RestKV(n_shared=n_shared, width=width)
+        old.rows = rows
+        return old, torch.tensor([n - 1 - n_shared for _, n in rows], device=batch.tables[0].device)
 
     @staticmethod
     def _shared_tokens(batch: BatchLayout) -> int:
@@ -252,12 +294,13 @@ class TorchPagedAttention:
         return shared_prefix_tokens(tables, batch.kv_lens, batch.block_size)
 
     @staticmethod
-    def _rest(batch: BatchLayout, n_shared: int, window: int | None, dtype: torch.dtype):
-        """Each request's blocks after the shared ones, padded to W with its last block (every
-        position past its context is masked out: causally, since it lies after the query)."""
+    def _rest(batch: BatchLayout, n_shared: int, window: int | None, dtype: torch.dtype, width: int | None = None):
+        """Each request's blocks after the shared ones, padded to W (the most any request has, or
+        `width`) with its last block (every position past its context is masked out: causally,
+        since it lies after the query)."""
         bs, first = batch.block_size, n_shared // batch.block_size
         counts = [-(-length // bs) - first for length in batch.kv_lens]
-        width = max(counts)
+        width = width or max(counts)
         blocks = torch.empty(len(counts), width, dtype=torch.long, device=batch.tables[0].device)
         for r, (count, table) in enumerate(zip(counts, batch.tables)):
             blocks[r] = table[first + count - 1]
@@ -275,12 +318,22 @@ class TorchPagedAttention:
             self._shared.k[layer], self._shared.v[layer] = self.pool.gather(layer, blocks)
         return self._shared.k[layer], self._shared.v[layer]
 
-    def _decode(self, layer: int, q: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                plan: _DecodePlan) -> torch.Tensor:
         window = self.windows[layer]
         batch, (h, g, d) = q.shape[0], (self.kv_heads, self.group, self.head_dim)
         qg = q.view(batch, h, g, d)
         blocks, mask, bias, width = plan.rest[window]
-        k, v = (t.view(batch, width * self.pool.block_size, h, d) for t in self.pool.gather(layer, blocks))
+        kept = plan.kept if window is None else None
+        if kept is not None and layer in kept.k:  # the rows as last step: add this step's token
+            rows = torch.arange(batch, device=q.device)
+            kept.k[layer][rows, plan.new_at] = k_new
+            kept.v[layer][rows, plan.new_at] = v_new
+            k, v = kept.k[layer], kept.v[layer]
+        else:
+            k, v = (t.view(batch, width * self.pool.block_size, h, d) for t in self.pool.gather(layer, blocks))
+            if kept is not None:
+                kept.k[layer], kept.v[layer] = k, v
         out, lse = attention_with_lse(qg, k, v, mask, bias, self.scale)
         n_shared, shared_blocks = plan.shared[window]
         if n_shared:

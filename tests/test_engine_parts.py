@@ -73,17 +73,23 @@ def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("q_lens, shared", [((1, 1, 1), 3), ((3, 1, 7), 2), ((13, 2, 17), 0)],
-                         ids=["decode", "prefill", "prefill-uncached"])
-def test_paged_attention_equals_dense_attention(window, q_lens, shared):
-    kv_lens = (13, 22, 17)
-    # shared blocks end before every request's new tokens: in the engine a block is written once
+@pytest.mark.parametrize("q_lens, kv_lens, shared", [
+    ((1, 1, 1), (13, 22, 17), 3), ((3, 1, 7), (13, 22, 17), 2), ((13, 2, 17), (13, 22, 17), 0),
+    ((3, 1, 5, 4), (15, 22, 17, 16), 3), ((9, 1, 1), (13, 22, 17), 1)],
+    ids=["decode", "prefill", "prefill-uncached", "prefill-same-context", "prefill-two-lengths"])
+def test_paged_attention_equals_dense_attention(window, q_lens, kv_lens, shared):
+    # shared blocks end before every request's new tokens: in the engine a block is written once;
+    # in prefill-same-context, three requests come after the same 12 cached tokens
     pool, layout = _paged_batch(0, kv_lens, q_lens, shared_blocks=shared)
     heads, scale = 4, 0.3
     attention = TorchPagedAttention(pool, [None, window], heads, scale)
     plan = attention.plan(layout)
     if q_lens == (1, 1, 1):
         assert plan.shared[None][0] == 12  # three shared blocks, attended once for the batch
+    if len(q_lens) == 4:  # one flash call over the cached context for the three requests after it
+        assert sorted(len(rows) for _, _, rows in plan.cascade[None].past) == [1, 12]
+    if q_lens == (9, 1, 1):  # padding the 1-token requests to 9 would more than double them
+        assert sorted((m, n) for _, _, m, n in plan.cascade[None].own) == [(1, 1), (2, 9)]
     total = sum(q_lens)
     q = torch.randn(total, heads, 8)
     k_new, v_new = torch.randn(total, 2, 8), torch.randn(total, 2, 8)

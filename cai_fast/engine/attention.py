@@ -6,14 +6,16 @@ and inside the layer's sliding window when the model has one (a key at position 
 position p when p - window < k <= p). `attend` first writes the new tokens' K and V to the pool.
 
 Torch path (`TorchPagedAttention`), built for the CPU:
-- a batch where some request brings several tokens (prefill, scoring): per request, on a CPU,
-  two mask-free calls of torch's fused flash kernel merged through their log-sum-exps: the new
-  tokens over the cached context before them (every key visible; the query heads of a KV head
-  stacked as rows, so no key is repeated) and the new tokens over themselves, causally (their K
-  and V as computed, not read back from the pool). SDPA's lower-right causal bias is
-  materialised into a [q, kv] mask on a CPU (tril, where), which cost the judge ~8% of its
-  time. Where a sliding window cuts in, or off the CPU, one SDPA call over the gathered
-  context with an additive mask or the lower-right causal bias;
+- a batch where some request brings several tokens (prefill, scoring): on a CPU, mask-free
+  calls of torch's fused flash kernel (which takes grouped-query heads as they are) merged
+  through their log-sum-exps (`_Cascade`): the new tokens over themselves, causally, with their
+  K and V as computed (not read back from the pool), the requests of similar lengths padded
+  into one call; and the new tokens over the cached context before them (every key visible),
+  one call for all the requests that share that context (the judge's pairs of one
+  conversation). SDPA's lower-right causal bias is materialised into a [q, kv] mask on a CPU
+  (tril, where), which cost the judge ~8% of its time, and a call per request was most of the
+  rest of the overhead. Where a sliding window cuts in, or off the CPU, one SDPA call a request
+  over its gathered context with an additive mask or the lower-right causal bias;
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -126,9 +129,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
-    """Attention over the union of two key sets, from each part's output and log-sum-exp."""
-    lse = torch.logaddexp(lse1, lse2)
-    return o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+    """Attention over the union of two key sets, from each part's output and log-sum-exp (fp32),
+    in the outputs' dtype: o1 weighs exp(lse1) / (exp(lse1) + exp(lse2)) = sigmoid(lse1 - lse2),
+    so the mix is one lerp (a part whose lse is -inf, no key, weighs 0)."""
+    return torch.lerp(o2, o1, torch.sigmoid(lse1 - lse2).to(o1.dtype))
+
+
+@dataclass
+class _Cascade:
+    """A prefill batch's mask-free attention (see the module docstring), as indices into its [T] rows."""
+
+    own: list  # per bucket of similar lengths: (rows [k], their slots in [m * n] padded, m, n)
+    past: list  # per cached context: (its blocks, its length, rows [k] of the requests after it)
 
 
 @dataclass
@@ -136,6 +148,7 @@ class _PrefillPlan:
     spans: list[tuple[int, int, int]]  # each request's rows in the batch and its context length
     blocks: list[torch.Tensor]  # the blocks holding each request's context
     masks: dict  # window -> per-request mask (None, a causal bias or an additive mask)
+    cascade: dict = field(default_factory=dict)  # window -> _Cascade where it applies to every request
 
 
 @dataclass
@@ -205,7 +218,36 @@ class TorchPagedAttention:
             start += n
         masks = {w: [self._prefill_mask(n, length, w, table.device) for n, length, table
                      in zip(batch.q_lens, batch.kv_lens, batch.tables)] for w in set(self.windows)}
-        return _PrefillPlan(spans, blocks, masks)
+        plan = _PrefillPlan(spans, blocks, masks)
+        if batch.tables[0].is_cpu and HAVE_CPU_FLASH:
+            cascade = None
+            for window, ms in masks.items():
+                if all(m is None or isinstance(m, CausalBias) for m in ms):
+                    plan.cascade[window] = cascade = cascade or self._cascade(batch, blocks)
+        return plan
+
+    @staticmethod
+    def _cascade(batch: BatchLayout, blocks: list[torch.Tensor]) -> _Cascade:
+        """Buckets of requests by length (padding to a bucket's longest at most doubles its
+        tokens) and groups of requests by the cached context before their new tokens."""
+        starts = list(itertools.accumulate(batch.q_lens, initial=0))
+        rows = lambda rs: torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rs])  # noqa: E731
+        own, bucket = [], []
+        for r in sorted(range(len(batch.q_lens)), key=lambda r: -batch.q_lens[r]) + [None]:
+            longest = batch.q_lens[bucket[0]] if bucket else 0
+            if bucket and (r is None or longest * (len(bucket) + 1) > 2 * sum(batch.q_lens[b] for b in [*bucket, r])):
+                slots = torch.cat([torch.arange(i * longest, i * longest + batch.q_lens[b]) for i, b in enumerate(bucket)])
+                own.append((rows(bucket), slots, len(bucket), longest))
+                bucket = []
+            bucket.append(r)
+        contexts: dict = {}
+        for r, (n, length, table) in enumerate(zip(batch.q_lens, batch.kv_lens, blocks)):
+            past = length - n
+            if past:
+                used = table[: -(-past // batch.block_size)]
+                contexts.setdefault((past, tuple(used.tolist())), (used, []))[1].append(r)
+        past = [(used, length, rows(rs)) for (length, _), (used, rs) in contexts.items()]
+        return _Cascade(own, past)
 
     @staticmethod
     def _prefill_mask(q_len: int, kv_len: int, window: int | None, device):
@@ -220,40 +262,37 @@ class TorchPagedAttention:
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  plan: _PrefillPlan) -> torch.Tensor:
+        window = self.windows[layer]
+        if window in plan.cascade:
+            return self._cascaded(layer, q, k, v, plan.cascade[window])
         out = torch.empty_like(q)
-        masks = plan.masks[self.windows[layer]]
-        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, masks):
-            rows = slice(start, end)
-            if q.is_cpu and HAVE_CPU_FLASH and (mask is None or isinstance(mask, CausalBias)):
-                out[rows] = self._causal_cascade(layer, q[rows], k[rows], v[rows], length - (end - start), blocks)
-            else:
-                out[rows] = self._masked(layer, q[rows], blocks, length, mask)
+        heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
+        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, plan.masks[window]):
+            kv = (t[:length] for t in self.pool.gather(layer, blocks))
+            attended = F.scaled_dot_product_attention(heads_first(q[start:end]), *map(heads_first, kv),
+                                                      attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[start:end] = attended[0].transpose(0, 1)
         return out
 
-    def _masked(self, layer: int, q: torch.Tensor, blocks: torch.Tensor, length: int, mask) -> torch.Tensor:
-        """One request's new tokens q [n, heads, d] over its whole gathered context, through SDPA."""
-        heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
-        k, v = self.pool.gather(layer, blocks)
-        attended = F.scaled_dot_product_attention(heads_first(q), heads_first(k[:length]), heads_first(v[:length]),
-                                                  attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return attended[0].transpose(0, 1)
-
-    def _causal_cascade(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
-                        blocks: torch.Tensor) -> torch.Tensor:
-        """One request's new tokens (q [n, heads, d], their k, v [n, kv_heads, d]) over the `past`
-        cached keys before them and, causally, over themselves: two mask-free flash calls merged."""
-        n, (h, g, d) = q.shape[0], (self.kv_heads, self.group, self.head_dim)
+    def _cascaded(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Cascade) -> torch.Tensor:
+        """The batch's new tokens (q [T, heads, d], their k, v [T, kv_heads, d]) over themselves,
+        causally, and over the cached context before them, merged (see `_Cascade`)."""
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        own, own_lse = flash(q.transpose(0, 1)[None], *(t.repeat_interleave(g, 1).transpose(0, 1)[None] for t in (k, v)),
-                             is_causal=True, scale=self.scale)
-        own, own_lse = own[0].transpose(0, 1), own_lse[0].transpose(0, 1)[..., None]  # [n, heads, d], [n, heads, 1]
-        if not past:
+        own, own_lse = torch.empty_like(q), q.new_empty(*q.shape[:2], 1, dtype=torch.float32)
+        for rows, slots, m, n in plan.own:
+            padded = [t.new_zeros(m * n, *t.shape[1:]).index_copy_(0, slots, t[rows]).view(m, n, *t.shape[1:])
+                      .transpose(1, 2) for t in (q, k, v)]
+            out, lse = flash(*padded, is_causal=True, scale=self.scale)  # [m, heads, n, d], [m, heads, n]
+            own[rows] = out.transpose(1, 2).reshape(m * n, *q.shape[1:])[slots]
+            own_lse[rows] = lse.transpose(1, 2).reshape(m * n, -1, 1)[slots]
+        if not plan.past:
             return own
-        pk, pv = (t[:past] for t in self.pool.gather(layer, blocks[: -(-past // self.pool.block_size)]))
-        rows = q.view(n, h, g, d).transpose(0, 1).reshape(1, h, n * g, d)  # a KV head's queries as rows
-        seen, seen_lse = attention_with_lse(rows, pk[None], pv[None], None, None, self.scale)
-        back = lambda t: t.view(h, n, g, -1).transpose(0, 1).reshape(n, h * g, -1)  # noqa: E731
-        return merge_parts(back(seen[0]), back(seen_lse[0]), own, own_lse).to(q.dtype)
+        seen, seen_lse = torch.zeros_like(q), torch.full_like(own_lse, float("-inf"))
+        for blocks, length, rows in plan.past:
+            kv = (t[:length].transpose(0, 1)[None] for t in self.pool.gather(layer, blocks))
+            out, lse = flash(q[rows].transpose(0, 1)[None], *kv, scale=self.scale)
+            seen[rows], seen_lse[rows] = out[0].transpose(0, 1), lse[0].transpose(0, 1)[..., None]
+        return merge_parts(seen, seen_lse, own, own_lse)
 
     # ---------------------------------------------------------------- decode: cascade over shared keys
 
@@ -341,7 +380,7 @@ class TorchPagedAttention:
             flat = qg.transpose(0, 1).reshape(1, h, batch * g, d)  # every query against the shared keys
             o2, lse2 = attention_with_lse(flat, ks[None], vs[None], None, None, self.scale)
             unflat = lambda t: t.view(h, batch, g, -1).transpose(0, 1)  # noqa: E731
-            out = merge_parts(out, lse, unflat(o2[0]), unflat(lse2[0])).to(q.dtype)
+            out = merge_parts(out, lse, unflat(o2[0]), unflat(lse2[0]))
         return out.reshape(batch, h * g, d)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import cai_fast.engine.attention as attention_module
 from cai_fast.engine.attention import (BatchLayout, TorchPagedAttention, attend_with_lse, attention_with_lse,
                                        make_attention, visible)
 from cai_fast.engine.base import SamplingParams
@@ -72,15 +73,23 @@ def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("q_lens", [(1, 1, 1), (3, 1, 7)], ids=["decode", "prefill"])
-def test_paged_attention_equals_dense_attention(window, q_lens):
-    kv_lens = (13, 22, 17)
-    pool, layout = _paged_batch(0, kv_lens, q_lens, shared_blocks=3)
+@pytest.mark.parametrize("q_lens, kv_lens, shared", [
+    ((1, 1, 1), (13, 22, 17), 3), ((3, 1, 7), (13, 22, 17), 2), ((13, 2, 17), (13, 22, 17), 0),
+    ((3, 1, 5, 4), (15, 22, 17, 16), 3), ((9, 1, 1), (13, 22, 17), 1)],
+    ids=["decode", "prefill", "prefill-uncached", "prefill-same-context", "prefill-two-lengths"])
+def test_paged_attention_equals_dense_attention(window, q_lens, kv_lens, shared):
+    # shared blocks end before every request's new tokens: in the engine a block is written once;
+    # in prefill-same-context, three requests come after the same 12 cached tokens
+    pool, layout = _paged_batch(0, kv_lens, q_lens, shared_blocks=shared)
     heads, scale = 4, 0.3
     attention = TorchPagedAttention(pool, [None, window], heads, scale)
     plan = attention.plan(layout)
     if q_lens == (1, 1, 1):
         assert plan.shared[None][0] == 12  # three shared blocks, attended once for the batch
+    if len(q_lens) == 4:  # one flash call over the cached context for the three requests after it
+        assert sorted(len(rows) for _, _, rows in plan.cascade[None].past) == [1, 12]
+    if q_lens == (9, 1, 1):  # padding the 1-token requests to 9 would more than double them
+        assert sorted((m, n) for _, _, m, n in plan.cascade[None].own) == [(1, 1), (2, 9)]
     total = sum(q_lens)
     q = torch.randn(total, heads, 8)
     k_new, v_new = torch.randn(total, 2, 8), torch.randn(total, 2, 8)
@@ -93,6 +102,41 @@ def test_paged_attention_equals_dense_attention(window, q_lens):
             want = _dense(q[start : start + m], k, v, torch.arange(n - m, n), torch.arange(n), attention.windows[layer], scale)
             torch.testing.assert_close(out[start : start + m], want, atol=1e-5, rtol=1e-5)
             start += m
+
+
+@pytest.mark.parametrize("headroom", [0, 4])
+def test_kept_decode_rows_equal_dense_attention_step_after_step(monkeypatch, headroom):
+    """Decode steps over the same rows write into the kept rest instead of gathering it; a row
+    outgrowing the headroom, or a changed set of rows, gathers it anew. Every step equals dense
+    attention over the pool."""
+    monkeypatch.setattr(attention_module, "REST_HEADROOM", headroom)
+    block_size, shared, steps = 4, 2, 9
+    kv_lens = [10, 17, 13]
+    pool, layout = _paged_batch(4, [n + steps for n in kv_lens], (1, 1, 1), shared_blocks=shared)
+    tables = layout.tables  # room for every step's token
+    attention = TorchPagedAttention(pool, [None, None], 4, 0.3)
+    gen = torch.Generator().manual_seed(5)
+    kept = []
+    for step in range(steps):
+        if step == 6:  # a row leaves: the rest is gathered anew for the two left
+            kv_lens, tables = kv_lens[:2], tables[:2]
+        kv_lens = [n + 1 for n in kv_lens]
+        batch = BatchLayout([1] * len(kv_lens), list(kv_lens), tables, block_size)
+        plan = attention.plan(batch)
+        kept.append(plan.kept)
+        q = torch.randn(len(kv_lens), 4, 8, generator=gen)
+        k_new, v_new = torch.randn(len(kv_lens), 2, 8, generator=gen), torch.randn(len(kv_lens), 2, 8, generator=gen)
+        write = torch.cat([slot_ids(t, n - 1, n, block_size) for t, n in zip(tables, kv_lens)])
+        for layer in (0, 1):
+            out = attention.attend(layer, q, k_new, v_new, write, plan)
+            for r, (table, n) in enumerate(zip(tables, kv_lens)):
+                k, v = (t[:n] for t in pool.gather(layer, table[: -(-n // block_size)]))
+                want = _dense(q[r : r + 1], k, v, torch.tensor([n - 1]), torch.arange(n), None, 0.3)
+                torch.testing.assert_close(out[r : r + 1], want, atol=1e-5, rtol=1e-5)
+    assert all(k is not None for k in kept)
+    assert kept[1] is kept[0] and kept[6] is not kept[5]  # kept between steps; the new rows gathered anew
+    # 4 blocks of headroom last the 9 steps; with none a row entering a new block gathers them anew
+    assert len({id(k) for k in kept}) == 2 if headroom == 4 else len({id(k) for k in kept}) > 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,16 +6,27 @@ and inside the layer's sliding window when the model has one (a key at position 
 position p when p - window < k <= p). `attend` first writes the new tokens' K and V to the pool.
 
 Torch path (`TorchPagedAttention`), built for the CPU:
-- a batch where some request brings several tokens (prefill, scoring): one SDPA call per request
-  over its gathered context, with SDPA's lower-right causal bias (which its fused CPU kernel
-  takes; a boolean mask sends it to the slow unfused path), or an additive mask when a sliding
-  window cuts in;
+- a batch where some request brings several tokens (prefill, scoring): on a CPU, mask-free
+  calls of torch's fused flash kernel (which takes grouped-query heads as they are) merged
+  through their log-sum-exps (`_Cascade`): the new tokens over themselves, causally, with their
+  K and V as computed (not read back from the pool), the requests of similar lengths padded
+  into one call; and the new tokens over the cached context before them (every key visible),
+  one call for all the requests that share that context (the judge's pairs of one
+  conversation). SDPA's lower-right causal bias is materialised into a [q, kv] mask on a CPU
+  (tril, where), which cost the judge ~8% of its time, and a call per request was most of the
+  rest of the overhead. Where a sliding window cuts in, or off the CPU, one SDPA call a request
+  over its gathered context with an additive mask or the lower-right causal bias;
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
   matrix product for all B queries; the rest of each context is gathered, in whole blocks (see
   KVPool.gather), into a padded batch whose past-the-end positions are masked (the engine zeroes
-  a request's fresh blocks, so they hold finite values); the two parts merge through their
+  a request's fresh blocks, so they hold finite values). That padded batch is kept between steps
+  while its rows stay the same requests, each one token longer (`_RestKV`): a step then writes its
+  new K/V into it instead of gathering every block again (the gathers were 12% of a decode step
+  at batch 32); it holds a few blocks of headroom a row and is gathered anew when a row outgrows
+  it, the rows change or the blocks may have been handed out again, and is not kept where it
+  would exceed REST_KEPT_BYTES. The two parts merge through their
   log-sum-exps (cascade attention). The shared part is read once a step instead of B times,
   which is what bounds decode on a CPU (3.0x the tokens/s at batch 32 after the 978-token
   few-shot block, benches/README.md). Both parts go through torch's fused CPU flash kernel,
@@ -35,11 +46,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .kv import KVPool
 
@@ -117,9 +129,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
-    """Attention over the union of two key sets, from each part's output and log-sum-exp."""
-    lse = torch.logaddexp(lse1, lse2)
-    return o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+    """Attention over the union of two key sets, from each part's output and log-sum-exp (fp32),
+    in the outputs' dtype: o1 weighs exp(lse1) / (exp(lse1) + exp(lse2)) = sigmoid(lse1 - lse2),
+    so the mix is one lerp (a part whose lse is -inf, no key, weighs 0)."""
+    return torch.lerp(o2, o1, torch.sigmoid(lse1 - lse2).to(o1.dtype))
+
+
+@dataclass
+class _Cascade:
+    """A prefill batch's mask-free attention (see the module docstring), as indices into its [T] rows."""
+
+    own: list  # per bucket of similar lengths: (rows [k], their slots in [m * n] padded, m, n)
+    past: list  # per cached context: (its blocks, its length, rows [k] of the requests after it)
 
 
 @dataclass
@@ -127,12 +148,28 @@ class _PrefillPlan:
     spans: list[tuple[int, int, int]]  # each request's rows in the batch and its context length
     blocks: list[torch.Tensor]  # the blocks holding each request's context
     masks: dict  # window -> per-request mask (None, a causal bias or an additive mask)
+    cascade: dict = field(default_factory=dict)  # window -> _Cascade where it applies to every request
 
 
 @dataclass
 class _DecodePlan:
     shared: dict  # window -> (shared tokens P, their blocks); P = 0 where a window cuts in
     rest: dict  # window -> (blocks [B * W], mask [B, 1, W * block_size], the mask as a bias, W blocks a request)
+    kept: _RestKV | None = None  # the kept rest of full-attention layers (None: gathered each step)
+    new_at: torch.Tensor | None = None  # [B] where each row's new token lands in kept.k / kept.v
+
+
+@dataclass
+class _RestKV:
+    rows: list = field(default_factory=list)  # per row: (its blocks after the shared ones, context length)
+    n_shared: int = -1
+    width: int = 0  # blocks a row holds
+    k: dict = field(default_factory=dict)  # layer -> [B, width * block_size, kv_heads, head_dim]
+    v: dict = field(default_factory=dict)
+
+
+REST_KEPT_BYTES = 512 << 20  # at most this much of every layer's kept decode K/V (else gathered each step)
+REST_HEADROOM = 4  # blocks a kept row can grow into before the rows are gathered anew
 
 
 @dataclass
@@ -149,11 +186,11 @@ class TorchPagedAttention:
         self.pool, self.windows, self.scale = pool, windows, scale
         self.kv_heads, self.head_dim = pool.shape.kv_heads, pool.shape.head_dim
         self.group = num_heads // self.kv_heads
-        self._shared = _SharedKV()
+        self._shared, self._kept = _SharedKV(), _RestKV()
 
     def forget_shared(self) -> None:
-        """Drop the kept copy of shared keys: call whenever blocks may have been reallocated."""
-        self._shared = _SharedKV()
+        """Drop the kept copies of shared and per-row keys: call whenever blocks may have been reallocated."""
+        self._shared, self._kept = _SharedKV(), _RestKV()
 
     def plan(self, batch: BatchLayout):
         """What every layer reuses: slots and masks of the batch."""
@@ -168,8 +205,8 @@ class TorchPagedAttention:
         """Write k, v [T, kv_heads, head_dim] at write_slots, then attention of q [T, heads, head_dim]."""
         self.pool.write(layer, write_slots, k, v)
         if isinstance(plan, _DecodePlan):
-            return self._decode(layer, q, plan)
-        return self._prefill(layer, q, plan)
+            return self._decode(layer, q, k, v, plan)
+        return self._prefill(layer, q, k, v, plan)
 
     # ---------------------------------------------------------------- prefill: one SDPA a request
 
@@ -181,7 +218,36 @@ class TorchPagedAttention:
             start += n
         masks = {w: [self._prefill_mask(n, length, w, table.device) for n, length, table
                      in zip(batch.q_lens, batch.kv_lens, batch.tables)] for w in set(self.windows)}
-        return _PrefillPlan(spans, blocks, masks)
+        plan = _PrefillPlan(spans, blocks, masks)
+        if batch.tables[0].is_cpu and HAVE_CPU_FLASH:
+            cascade = None
+            for window, ms in masks.items():
+                if all(m is None or isinstance(m, CausalBias) for m in ms):
+                    plan.cascade[window] = cascade = cascade or self._cascade(batch, blocks)
+        return plan
+
+    @staticmethod
+    def _cascade(batch: BatchLayout, blocks: list[torch.Tensor]) -> _Cascade:
+        """Buckets of requests by length (padding to a bucket's longest at most doubles its
+        tokens) and groups of requests by the cached context before their new tokens."""
+        starts = list(itertools.accumulate(batch.q_lens, initial=0))
+        rows = lambda rs: torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rs])  # noqa: E731
+        own, bucket = [], []
+        for r in sorted(range(len(batch.q_lens)), key=lambda r: -batch.q_lens[r]) + [None]:
+            longest = batch.q_lens[bucket[0]] if bucket else 0
+            if bucket and (r is None or longest * (len(bucket) + 1) > 2 * sum(batch.q_lens[b] for b in [*bucket, r])):
+                slots = torch.cat([torch.arange(i * longest, i * longest + batch.q_lens[b]) for i, b in enumerate(bucket)])
+                own.append((rows(bucket), slots, len(bucket), longest))
+                bucket = []
+            bucket.append(r)
+        contexts: dict = {}
+        for r, (n, length, table) in enumerate(zip(batch.q_lens, batch.kv_lens, blocks)):
+            past = length - n
+            if past:
+                used = table[: -(-past // batch.block_size)]
+                contexts.setdefault((past, tuple(used.tolist())), (used, []))[1].append(r)
+        past = [(used, length, rows(rs)) for (length, _), (used, rs) in contexts.items()]
+        return _Cascade(own, past)
 
     @staticmethod
     def _prefill_mask(q_len: int, kv_len: int, window: int | None, device):
@@ -194,28 +260,72 @@ class TorchPagedAttention:
         allowed = visible(k_pos[kv_len - q_len :], k_pos, window)
         return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
-    def _prefill(self, layer: int, q: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
+    def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 plan: _PrefillPlan) -> torch.Tensor:
+        window = self.windows[layer]
+        if window in plan.cascade:
+            return self._cascaded(layer, q, k, v, plan.cascade[window])
         out = torch.empty_like(q)
-        masks = plan.masks[self.windows[layer]]
         heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
-        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, masks):
-            k, v = self.pool.gather(layer, blocks)
-            attended = F.scaled_dot_product_attention(
-                heads_first(q[start:end]), heads_first(k[:length]), heads_first(v[:length]), attn_mask=mask,
-                scale=self.scale, enable_gqa=True)
+        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, plan.masks[window]):
+            kv = (t[:length] for t in self.pool.gather(layer, blocks))
+            attended = F.scaled_dot_product_attention(heads_first(q[start:end]), *map(heads_first, kv),
+                                                      attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:end] = attended[0].transpose(0, 1)
         return out
+
+    def _cascaded(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Cascade) -> torch.Tensor:
+        """The batch's new tokens (q [T, heads, d], their k, v [T, kv_heads, d]) over themselves,
+        causally, and over the cached context before them, merged (see `_Cascade`)."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        own, own_lse = torch.empty_like(q), q.new_empty(*q.shape[:2], 1, dtype=torch.float32)
+        for rows, slots, m, n in plan.own:
+            padded = [t.new_zeros(m * n, *t.shape[1:]).index_copy_(0, slots, t[rows]).view(m, n, *t.shape[1:])
+                      .transpose(1, 2) for t in (q, k, v)]
+            out, lse = flash(*padded, is_causal=True, scale=self.scale)  # [m, heads, n, d], [m, heads, n]
+            own[rows] = out.transpose(1, 2).reshape(m * n, *q.shape[1:])[slots]
+            own_lse[rows] = lse.transpose(1, 2).reshape(m * n, -1, 1)[slots]
+        if not plan.past:
+            return own
+        seen, seen_lse = torch.zeros_like(q), torch.full_like(own_lse, float("-inf"))
+        for blocks, length, rows in plan.past:
+            kv = (t[:length].transpose(0, 1)[None] for t in self.pool.gather(layer, blocks))
+            out, lse = flash(q[rows].transpose(0, 1)[None], *kv, scale=self.scale)
+            seen[rows], seen_lse[rows] = out[0].transpose(0, 1), lse[0].transpose(0, 1)[..., None]
+        return merge_parts(seen, seen_lse, own, own_lse)
 
     # ---------------------------------------------------------------- decode: cascade over shared keys
 
     def _decode_plan(self, batch: BatchLayout) -> _DecodePlan:
         full = self._shared_tokens(batch)
+        kept, new_at = self._keep_rest(batch, full) if None in self.windows else (None, None)
         shared, rest = {}, {}
         for window in set(self.windows):
             n_shared = 0 if window is not None and window < max(batch.kv_lens) else full
             shared[window] = (n_shared, batch.tables[0][: n_shared // batch.block_size])
-            rest[window] = self._rest(batch, n_shared, window, self.pool.shape.dtype)
-        return _DecodePlan(shared, rest)
+            width = kept.width if kept is not None and window is None else None
+            rest[window] = self._rest(batch, n_shared, window, self.pool.shape.dtype, width)
+        return _DecodePlan(shared, rest, kept, new_at)
+
+    def _keep_rest(self, batch: BatchLayout, n_shared: int) -> tuple[_RestKV | None, torch.Tensor | None]:
+        """The kept rest for this step (the last step's when every row is the same request one
+        token on, else a fresh one to gather) and where each row's new token goes in it; (None,
+        None) where it would exceed REST_KEPT_BYTES."""
+        bs, first = batch.block_size, n_shared // batch.block_size
+        tables = batch.host_tables or [t.tolist() for t in batch.tables]
+        rows = [(table[first : -(-length // bs)], length) for table, length in zip(tables, batch.kv_lens)]
+        old = self._kept
+        same = (old.n_shared == n_shared and len(old.rows) == len(rows) and
+                all(n == m + 1 and b[: len(c)] == c and len(b) <= old.width for (b, n), (c, m) in zip(rows, old.rows)))
+        if not same:
+            width = max(len(b) for b, _ in rows) + REST_HEADROOM
+            kv = self.pool.shape
+            if len(rows) * width * bs * kv.bytes_per_token > REST_KEPT_BYTES:
+                self._kept = _RestKV()
+                return None, None
+            old = self._kept = _RestKV(n_shared=n_shared, width=width)
+        old.rows = rows
+        return old, torch.tensor([n - 1 - n_shared for _, n in rows], device=batch.tables[0].device)
 
     @staticmethod
     def _shared_tokens(batch: BatchLayout) -> int:
@@ -223,12 +333,13 @@ class TorchPagedAttention:
         return shared_prefix_tokens(tables, batch.kv_lens, batch.block_size)
 
     @staticmethod
-    def _rest(batch: BatchLayout, n_shared: int, window: int | None, dtype: torch.dtype):
-        """Each request's blocks after the shared ones, padded to W with its last block (every
-        position past its context is masked out: causally, since it lies after the query)."""
+    def _rest(batch: BatchLayout, n_shared: int, window: int | None, dtype: torch.dtype, width: int | None = None):
+        """Each request's blocks after the shared ones, padded to W (the most any request has, or
+        `width`) with its last block (every position past its context is masked out: causally,
+        since it lies after the query)."""
         bs, first = batch.block_size, n_shared // batch.block_size
         counts = [-(-length // bs) - first for length in batch.kv_lens]
-        width = max(counts)
+        width = width or max(counts)
         blocks = torch.empty(len(counts), width, dtype=torch.long, device=batch.tables[0].device)
         for r, (count, table) in enumerate(zip(counts, batch.tables)):
             blocks[r] = table[first + count - 1]
@@ -246,12 +357,22 @@ class TorchPagedAttention:
             self._shared.k[layer], self._shared.v[layer] = self.pool.gather(layer, blocks)
         return self._shared.k[layer], self._shared.v[layer]
 
-    def _decode(self, layer: int, q: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                plan: _DecodePlan) -> torch.Tensor:
         window = self.windows[layer]
         batch, (h, g, d) = q.shape[0], (self.kv_heads, self.group, self.head_dim)
         qg = q.view(batch, h, g, d)
         blocks, mask, bias, width = plan.rest[window]
-        k, v = (t.view(batch, width * self.pool.block_size, h, d) for t in self.pool.gather(layer, blocks))
+        kept = plan.kept if window is None else None
+        if kept is not None and layer in kept.k:  # the rows as last step: add this step's token
+            rows = torch.arange(batch, device=q.device)
+            kept.k[layer][rows, plan.new_at] = k_new
+            kept.v[layer][rows, plan.new_at] = v_new
+            k, v = kept.k[layer], kept.v[layer]
+        else:
+            k, v = (t.view(batch, width * self.pool.block_size, h, d) for t in self.pool.gather(layer, blocks))
+            if kept is not None:
+                kept.k[layer], kept.v[layer] = k, v
         out, lse = attention_with_lse(qg, k, v, mask, bias, self.scale)
         n_shared, shared_blocks = plan.shared[window]
         if n_shared:
@@ -259,7 +380,7 @@ class TorchPagedAttention:
             flat = qg.transpose(0, 1).reshape(1, h, batch * g, d)  # every query against the shared keys
             o2, lse2 = attention_with_lse(flat, ks[None], vs[None], None, None, self.scale)
             unflat = lambda t: t.view(h, batch, g, -1).transpose(0, 1)  # noqa: E731
-            out = merge_parts(out, lse, unflat(o2[0]), unflat(lse2[0])).to(q.dtype)
+            out = merge_parts(out, lse, unflat(o2[0]), unflat(lse2[0]))
         return out.reshape(batch, h * g, d)
 
 

@@ -239,6 +239,9 @@ class CachedGenerator:
     def _run(self, requests: list[_Request]) -> None:
         start = time.perf_counter()
         waiting, running = {}, []
+        # scoring requests end at their prefill and hold no decode slot: a call that only scores is
+        # batched by the prefill token budget alone (at most one request a token), not max_running
+        slots = self.config.max_running if any(r.max_new for r in requests) else self.config.prefill_tokens
         with self._timed("scheduler_seconds"):
             for r in requests:
                 r.id = next(self._ids)
@@ -246,9 +249,9 @@ class CachedGenerator:
                 waiting[r.id] = r
         try:
             while waiting or running:
-                if waiting and len(running) < self.config.max_running:
+                if waiting and len(running) < slots:
                     with self._timed("prefill_seconds"):
-                        admitted = self._admit(waiting, running)
+                        admitted = self._admit(waiting, running, slots)
                     if admitted:
                         continue
                 with self._timed("decode_seconds"):
@@ -259,10 +262,11 @@ class CachedGenerator:
         finally:
             self.stats.engine_seconds += time.perf_counter() - start
 
-    def _admit(self, waiting: dict, running: list) -> bool:
-        """Schedule and prefill a batch of waiting requests; False when none could be admitted."""
+    def _admit(self, waiting: dict, running: list, slots: int) -> bool:
+        """Schedule and prefill a batch of waiting requests (at most `slots` running after it);
+        False when none could be admitted."""
         with self._timed("scheduler_seconds"):
-            out = self.scheduler.schedule(self.config.max_running - len(running))
+            out = self.scheduler.schedule(slots - len(running))
         for failed in out.failed:
             self._fail(waiting.pop(failed.request_id), failed.reason)
         if not out.scheduled:

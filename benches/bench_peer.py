@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +54,7 @@ from cai_fast.engine import (  # noqa: E402
 )
 from cai_fast.engine.base import end_of_turn_ids  # noqa: E402
 from cai_fast.engine.loading import default_model_path  # noqa: E402
+from cai_fast.engine.server import prefix_cache_counters  # noqa: E402
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
 from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402
 
@@ -203,10 +203,8 @@ def peer_side(args, tokenizer, workloads: dict, threads: int) -> dict | str:
 
 def _vllm_counters(server: VLLMServer) -> dict:
     """Prompt tokens computed (less prefix-cache hits) and generated so far (vLLM's Prometheus counters)."""
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    total = lambda name: sum(float(m) for m in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M))  # noqa: E731
-    return {"prompt_tokens_computed": total("vllm:prompt_tokens_total") - total("vllm:prefix_cache_hits_total"),
-            "generated_tokens": total("vllm:generation_tokens_total")}
+    m = prefix_cache_counters(server.url)
+    return {"prompt_tokens_computed": m["prompt_tokens"] - m["hits"], "generated_tokens": m["generated_tokens"]}
 
 
 def report(figures: dict) -> None:

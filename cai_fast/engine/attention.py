@@ -150,7 +150,7 @@ class _DecodePlan:
     shared: dict  # window -> (shared tokens P, their blocks); P = 0 where a window cuts in
     rest: dict  # window -> (blocks [B * W], mask [B, 1, W * block_size], the mask as a bias, W blocks a request)
     kept: _RestKV | None = None  # the kept rest of full-attention layers (None: gathered each step)
-    new_at: torch.Tensor | None = None  # [B] where each row's new token lands in kept.k / kept.v
+    new_at: tuple | None = None  # (rows [B], positions [B]): where each row's new token lands in kept.k / kept.v
 
 
 @dataclass
@@ -162,7 +162,7 @@ class _RestKV:
     v: dict = field(default_factory=dict)
 
 
-REST_KEPT_BYTES = 512 << 20  # at most this much of every layer's kept decode K/V (else gathered each step)
+REST_KEPT_BYTES = 512 << 20  # at most this much kept decode K/V, all layers together (else gathered each step)
 REST_HEADROOM = 4  # blocks a kept row can grow into before the rows are gathered anew
 
 
@@ -251,7 +251,7 @@ class TorchPagedAttention:
             rest[window] = self._rest(batch, n_shared, window, self.pool.shape.dtype, width)
         return _DecodePlan(shared, rest, kept, new_at)
 
-    def _keep_rest(self, batch: BatchLayout, n_shared: int) -> tuple[_RestKV | None, torch.Tensor | None]:
+    def _keep_rest(self, batch: BatchLayout, n_shared: int) -> tuple[_RestKV | None, tuple | None]:
         """The kept rest for this step (the last step's when every row is the same request one
         token on, else a fresh one to gather) and where each row's new token goes in it; (None,
         None) where it would exceed REST_KEPT_BYTES."""
@@ -269,7 +269,9 @@ class TorchPagedAttention:
                 return None, None
             old = self._kept = _RestKV(n_shared=n_shared, width=width)
         old.rows = rows
-        return old, torch.tensor([n - 1 - n_shared for _, n in rows], device=batch.tables[0].device)
+        device = batch.tables[0].device
+        return old, (torch.arange(len(rows), device=device),
+                     torch.tensor([n - 1 - n_shared for _, n in rows], device=device))
 
     @staticmethod
     def _shared_tokens(batch: BatchLayout) -> int:
@@ -309,9 +311,8 @@ class TorchPagedAttention:
         blocks, mask, bias, width = plan.rest[window]
         kept = plan.kept if window is None else None
         if kept is not None and layer in kept.k:  # the rows as last step: add this step's token
-            rows = torch.arange(batch, device=q.device)
-            kept.k[layer][rows, plan.new_at] = k_new
-            kept.v[layer][rows, plan.new_at] = v_new
+            kept.k[layer][plan.new_at] = k_new
+            kept.v[layer][plan.new_at] = v_new
             k, v = kept.k[layer], kept.v[layer]
         else:
             k, v = (t.view(batch, width * self.pool.block_size, h, d) for t in self.pool.gather(layer, blocks))

@@ -33,7 +33,12 @@ def resolve(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, to
 def resolved_names(device: str = "auto", dtype: str = "auto") -> dict[str, str]:
     """{"device": ..., "dtype": ...} as chosen here (e.g. "cpu", "bfloat16"), for run configs and reports."""
     where, chosen = resolve(device, dtype)
-    return {"device": str(where), "dtype": str(chosen).removeprefix("torch.")}
+    return {"device": str(where), "dtype": dtype_name(chosen)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" of torch.bfloat16: the name --dtype takes and run configs record."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -565,10 +565,10 @@ class ServerGenerator:
 
 
 def prefix_cache_counters(url: str) -> dict[str, float]:
-    """A vLLM server's running totals from /metrics: prefix-cache queries and hits (tokens) and
-    prompt tokens; {} where the server does not report them."""
+    """A vLLM server's running totals from /metrics: prefix-cache queries and hits (tokens), prompt
+    tokens and generated tokens; {} where the server does not report them."""
     names = {"vllm:prefix_cache_queries_total": "queries", "vllm:prefix_cache_hits_total": "hits",
-             "vllm:prompt_tokens_total": "prompt_tokens"}
+             "vllm:prompt_tokens_total": "prompt_tokens", "vllm:generation_tokens_total": "generated_tokens"}
     totals: dict[str, float] = {}
     for line in _metrics(url):
         name = line.split("{")[0].split(" ")[0]

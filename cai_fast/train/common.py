@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.device import resolve
+from ..engine.device import dtype_name, resolve
 from ..engine.loading import load_model, model_sha256, require_peft, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
@@ -125,10 +125,6 @@ def placement(config: TrainConfig) -> Placement:
     explicit = str(config.dtype).strip().lower() != "auto"
     trained = frozen if explicit and frozen != torch.float16 else torch.float32
     return Placement(device, trained, frozen)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def model_precisions(config: TrainConfig, stage: str) -> dict[str, dict[str, str]]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 14), one command on a machine with one NVIDIA GPU and a Python
-# that has torch, triton, transformers, accelerate, scikit-build-core, pybind11, cmake and ninja:
+# that has the project's dependencies (torch, triton, transformers, accelerate, datasets, ...),
+# scikit-build-core, pybind11, cmake and ninja:
 #
-#     bash benches/gpu_check.sh [OUT_DIR]        (default: gpu_check_out/; PYTHON=python3)
+#     bash benches/gpu_check.sh [OUT_DIR [CHECK_ARGS...]]   (default: gpu_check_out/; PYTHON=python3)
 #
 # It installs the project from this tree into a fresh folder (pip, no build isolation, no
 # network: the CUDA build where nvcc is found), then runs benches/gpu_check.py from that install:
@@ -15,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 out=$(realpath -m "${1:-gpu_check_out}")
-shapes=${SHAPES_FROM:-${CAI_FAST_CACHE:-$HOME/.cache/cai_fast}/smollm2-135m-instruct}
+shift $(( $# > 0 ? 1 : 0 ))  # the rest goes to gpu_check.py (--only CHECK...)
+shapes=$(realpath -m "${SHAPES_FROM:-${CAI_FAST_CACHE:-$HOME/.cache/cai_fast}/smollm2-135m-instruct}")
 site=$(mktemp -d)/site
 start=$(date +%s)
 echo "[gpu_check] installing the project into $site"
@@ -28,5 +30,5 @@ echo "[gpu_check] installed in $(( $(date +%s) - start )) s: $(ls "$site"/cai_fa
 # the tree's own cai_fast must not shadow the install: run from benches/ with the install first
 cd benches
 TRITON_INTERPRET=0 PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" gpu_check.py --out "$out" \
-  --shapes-from "$shapes" "${expect[@]}"
+  --shapes-from "$shapes" "${expect[@]}" "$@"
 echo "[gpu_check] done in $(( $(date +%s) - start )) s"

@@ -1,4 +1,5 @@
-"""Attention of a batch's new tokens over the paged KV pool: torch anywhere, flash-attn on CUDA.
+"""Attention of a batch's new tokens over the paged KV pool: torch anywhere, a C++ decode kernel on a
+CPU, Triton or flash-attn on CUDA.
 
 A batch holds B requests; request r brings q_lens[r] new tokens at positions kv_lens[r] - q_lens[r]
 .. kv_lens[r] - 1 and sees the keys at positions < kv_lens[r] through its block table: causally,
@@ -32,6 +33,16 @@ Torch path (`TorchPagedAttention`), built for the CPU:
   which returns the log-sum-exp and accumulates in fp32 (`attention_with_lse`; 5-7x the
   per-head bmm reference `attend_with_lse` at batch 32 × 600 keys, fp32 and bf16); the
   reference is taken off the CPU.
+CPU kernel path (`CpuPagedAttention`, the default on a CPU in fp32 or bf16 where cai_fast._core
+is built): prefill as the torch path; a decode batch (one token each, any B) through
+`_core.paged_decode_attention` (csrc/paged_attention.cpp), which reads every request's keys in
+place through its block table (no gathered copy, no packing), scores the keys every request
+shares once for all of their queries, keeps an online softmax in fp32, and runs on torch's own
+OpenMP threads. In the runner's eager decode step it also applies the rotary embedding to q and k
+(bit for bit as transformers does) and writes k and v to the pool, one call a layer instead of
+~20 small torch ops. The torch path is its twin (the tests hold them together); on the SL-CAI
+decode it replaces two flash calls a layer that packed K/V for AMX every step (24% of the step,
+benches/README.md).
 Flash path (`FlashPagedAttention`): `flash_attn_with_kvcache` over the block tables (causal,
 bottom-right aligned), taken on CUDA when flash-attn is installed, the model is fp16 or bf16 and
 block_size % 256 == 0. It is untested here: no machine of this project has CUDA and flash-attn.
@@ -53,10 +64,17 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .kv import KVPool
 
+try:  # the compiled core, built by `pip install .`: its CPU decode kernel
+    from .. import _core
+except ImportError:
+    _core = None
+
 HAVE_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # returns the lse
 FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs blocks of a multiple of 256 tokens
+HAVE_CPU_KERNEL = _core is not None and hasattr(_core, "paged_decode_attention")
+CPU_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
 
 
 @dataclass
@@ -329,6 +347,94 @@ class TorchPagedAttention:
         return out.reshape(batch, h * g, d)
 
 
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 kv_lens: torch.Tensor, block_size: int, window: int | None, scale: float, shared: int = 0,
+                 portable: bool = False, new: tuple | None = None) -> torch.Tensor:
+    """Attention of q [B, heads, head_dim] (one new token a request, its K/V already in the pool)
+    over a layer's pool k_cache, v_cache [slots, kv_heads, head_dim] through int64 block tables
+    [B, W] (padded rows are fine) and context lengths [B], by `_core.paged_decode_attention`. CPU
+    tensors of one dtype in CPU_KERNEL_DTYPES. `shared`: leading tokens held in the same blocks by
+    every table (`shared_prefix_tokens`; 0 under a window), whose keys are then read once for all
+    B requests. `portable`: the kernel's plain loops even where its AVX-512 ones could run.
+
+    new = (k, v, cos, sin): q and k [B, heads, head_dim] are the new tokens before the rotary
+    embedding (rows may be strided, heads contiguous), cos and sin [B, head_dim] its tables; the
+    kernel rotates q and k as transformers' apply_rotary_pos_emb does, bit for bit, and stores k and
+    v at each request's last position (the pool write) before attending."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    tables, kv_lens = tables.contiguous(), kv_lens.contiguous()
+    fresh = {}
+    if new is None:
+        q = q.contiguous()
+    else:
+        k, v, cos, sin = new
+        cos, sin = cos.contiguous(), sin.contiguous()
+        for t in (q, k, v):
+            if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+                raise ValueError(f"paged_decode: new tokens need contiguous heads, got strides {t.stride()}")
+        if k.stride(0) != v.stride(0) or cos.shape != (q.shape[0], q.shape[2]) or sin.shape != cos.shape:
+            raise ValueError("paged_decode: k and v need one row stride, cos and sin the shape [B, head_dim]")
+        fresh = dict(q_new=q.data_ptr(), k_new=k.data_ptr(), v_new=v.data_ptr(), q_stride=q.stride(0),
+                     kv_stride=k.stride(0), cos=cos.data_ptr(), sin=sin.data_ptr())
+    _core.paged_decode_attention(0 if new else q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                 tables.data_ptr(), tables.shape[1], kv_lens.data_ptr(), q.shape[0], q.shape[1],
+                                 k_cache.shape[1], k_cache.shape[2], block_size, window or 0, shared, scale,
+                                 CPU_KERNEL_DTYPES[q.dtype], k_cache.shape[0], portable, **fresh)
+    return out
+
+
+@dataclass
+class _KernelPlan:
+    tables: torch.Tensor  # [B, W] int64, each row padded with block 0
+    kv_lens: torch.Tensor  # [B] int64
+    shared: dict  # window -> leading tokens every table holds in the same blocks (0 where a window cuts in)
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """The CPU kernel path (see the module docstring): decode through `paged_decode`."""
+
+    def __init__(self, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
+        if not HAVE_CPU_KERNEL:
+            raise ValueError("attention='cpu' needs cai_fast._core built (pip install .); use 'auto'")
+        if not pool.k[0].is_cpu or pool.shape.dtype not in CPU_KERNEL_DTYPES:
+            raise ValueError(f"attention='cpu' needs a CPU model in fp32 or bf16, got {pool.shape.dtype} on "
+                             f"{pool.k[0].device}; use 'auto'")
+        super().__init__(pool, windows, num_heads, scale)
+
+    def plan(self, batch: BatchLayout):
+        if not batch.is_decode:
+            return super().plan(batch)
+        host = batch.host_tables or [t.tolist() for t in batch.tables]
+        width = max(len(t) for t in host)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in host], dtype=torch.long)
+        full = self._shared_tokens(batch) if len(host) > 1 else 0
+        shared = {w: 0 if w is not None and w < max(batch.kv_lens) else full for w in set(self.windows)}
+        return _KernelPlan(tables, torch.tensor(batch.kv_lens, dtype=torch.long), shared)
+
+    @staticmethod
+    def rotates(plan) -> bool:
+        """Whether `attend_unrotated` takes this plan's batch (a decode batch)."""
+        return isinstance(plan, _KernelPlan)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_slots: torch.Tensor,
+               plan) -> torch.Tensor:
+        if not isinstance(plan, _KernelPlan):
+            return super().attend(layer, q, k, v, write_slots, plan)
+        self.pool.write(layer, write_slots, k, v)
+        window = self.windows[layer]
+        return paged_decode(q, self.pool.k[layer], self.pool.v[layer], plan.tables, plan.kv_lens,
+                            self.pool.block_size, window, self.scale, plan.shared[window])
+
+    def attend_unrotated(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, plan: _KernelPlan) -> torch.Tensor:
+        """`attend` of a decode batch whose q and k are not yet rotated (cos, sin [B, head_dim]):
+        the kernel rotates them, writes k and v at each request's last position, and attends (the
+        runner's decode step, one call a layer instead of ~20 small ops)."""
+        window = self.windows[layer]
+        return paged_decode(q, self.pool.k[layer], self.pool.v[layer], plan.tables, plan.kv_lens,
+                            self.pool.block_size, window, self.scale, plan.shared[window], new=(k, v, cos, sin))
+
+
 class FlashPagedAttention:
     """The flash-attn path (CUDA, flash-attn installed, block_size % 256 == 0). Untested here."""
 
@@ -366,11 +472,14 @@ class FlashPagedAttention:
         return out[rows, cols]
 
 
+ATTENTION_KINDS = ("auto", "torch", "cpu", "flash", "triton")
+
+
 def make_attention(kind: str, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
-    """`kind`: "torch", "flash", "triton" or "auto" (flash where it can run, else triton on CUDA,
-    else torch; see the module docstring)."""
-    if kind not in ("auto", "torch", "flash", "triton"):
-        raise ValueError(f"unknown attention {kind!r}; use auto, torch, flash or triton")
+    """`kind`: "torch", "cpu", "flash", "triton" or "auto" (flash where it can run, else triton on
+    CUDA, else the CPU kernel where it can run, else torch; see the module docstring)."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attention {kind!r}; use {', '.join(ATTENTION_KINDS)}")
     usable = HAVE_FLASH_ATTN and pool.k[0].is_cuda and pool.shape.dtype in (torch.float16, torch.bfloat16)
     if kind == "flash" and not usable:
         raise ValueError("attention='flash' needs flash-attn installed and an fp16/bf16 model on CUDA; use 'auto'")
@@ -382,4 +491,7 @@ def make_attention(kind: str, pool: KVPool, windows: list[int | None], num_heads
         from .paged_kernel import TritonPagedAttention
 
         return TritonPagedAttention(pool, windows, num_heads, scale)
+    cpu = HAVE_CPU_KERNEL and pool.k[0].is_cpu and pool.shape.dtype in CPU_KERNEL_DTYPES
+    if kind == "cpu" or (kind == "auto" and cpu):
+        return CpuPagedAttention(pool, windows, num_heads, scale)
     return TorchPagedAttention(pool, windows, num_heads, scale)

@@ -68,7 +68,7 @@ class EngineConfig:
     scheduler_backend: str = option("cpp", "scheduler: cpp or python (its twin)")
     dedup_min_tokens: int = option(32, "shared uncached tokens that hold a request back")
     prefix_cache: bool = option(True, "False: cache nothing (every prompt is computed)")
-    attention: str = option("auto", "auto, torch or flash")
+    attention: str = option("auto", "auto, torch, cpu, flash or triton (cai_fast.engine.attention)")
     fused: bool = option(True, "fused, prepacked projections (False: the model's "
                                "own modules, one by one)")
     compile: str = option("none", "torch.compile the decode step per batch bucket: none "

@@ -251,6 +251,12 @@ class PagedRunner:
         finally:
             del _STEPS[key]
 
+    def _rotates(self, key: int, rotary) -> bool:
+        """Whether the attention rotates this step's q and k itself (the CPU kernel's decode step,
+        where the rotary tables span the whole head)."""
+        rotates = getattr(self.attention, "rotates", None)
+        return rotates is not None and rotates(_STEPS[key][2]) and rotary[0].shape[-1] == self.head_dim
+
     def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, key: int) -> torch.Tensor:
         """The decoder over [T] tokens, attention through `paged_attention` (the step `key` set up)."""
         x = self.decoder.embed_tokens(input_ids)
@@ -262,7 +268,10 @@ class PagedRunner:
     def _layer(self, i: int, layer, x: torch.Tensor, rotary, key: int) -> torch.Tensor:
         proj, n = self.projections[i], x.shape[0]
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in proj.qkv(layer.input_layernorm(x)))
-        q, k = apply_rotary_pos_emb(q[None], k[None], *rotary, unsqueeze_dim=2)
-        out = (paged_attention if torch.compiler.is_compiling() else attend_step)(key, i, q[0], k[0], v)
+        if not torch.compiler.is_compiling() and self._rotates(key, rotary):  # rotary inside the decode kernel
+            out = self.attention.attend_unrotated(i, q, k, v, rotary[0][0], rotary[1][0], _STEPS[key][2])
+        else:
+            q, k = apply_rotary_pos_emb(q[None], k[None], *rotary, unsqueeze_dim=2)
+            out = (paged_attention if torch.compiler.is_compiling() else attend_step)(key, i, q[0], k[0], v)
         x = x + proj.o(out.reshape(n, -1))
         return x + proj.mlp(layer.post_attention_layernorm(x))

@@ -1,0 +1,541 @@
+// See paged_attention.h. Each (request, kv head) pair is one independent task: its group of query
+// heads is scored against the request's keys a chunk at a time, straight from the pool's blocks,
+// with an online softmax (running max and sum, in fp32) accumulating the values. The hot loops
+// have an AVX-512 version (intrinsics in functions compiled for it, taken where the CPU has it and
+// head_dim % 16 == 0), so the build needs no -march and runs on any x86-64; elsewhere, and for
+// other head sizes, plain loops that the compiler vectorises as it can.
+#include "paged_attention.h"
+
+#include <algorithm>
+#ifdef __linux__
+#include <dlfcn.h>
+#endif
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CAI_AVX512 1
+// GCC 12 warns of the _mm512_undefined_* placeholders inside its own intrinsic headers
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define CAI_V4 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,bmi2")))
+#define CAI_V4_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,bmi2,avx512bf16")))
+#endif
+
+namespace cai {
+namespace {
+
+constexpr int64_t kChunk = 64;  // keys scored before each softmax update
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) {  // bf16: the high half of an fp32
+  uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline void store(float* out, int64_t i, float x) { out[i] = x; }
+inline void store(uint16_t* out, int64_t i, float x) {  // round to nearest even, as torch's .to(bfloat16)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    out[i] = uint16_t((bits >> 16) | 0x40u);  // a NaN stays a (quiet) NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  out[i] = uint16_t(bits >> 16);
+}
+
+// scores[g * n + j] = q[g] . key j, for the n keys at rows[j] (q already scaled, fp32)
+template <typename T>
+inline void score(const float* q, const T* const* rows, int64_t n, int64_t group,
+                                         int64_t dim, float* scores) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* key = rows[j];
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qg[d] * to_f32(key[d]);
+      scores[g * n + j] = s;
+    }
+  }
+}
+
+// acc[g] += sum_j weights[g * n + j] * value j
+template <typename T>
+inline void accumulate(float* acc, const float* weights, const T* const* rows, int64_t n,
+                                              int64_t group, int64_t dim) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* value = rows[j];
+    for (int64_t g = 0; g < group; ++g) {
+      float* ag = acc + g * dim;
+      const float w = weights[g * n + j];
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) ag[d] += w * to_f32(value[d]);
+    }
+  }
+}
+
+#ifdef CAI_AVX512
+// AVX-512, for head_dim % 16 == 0: 16 lanes of fp32 a register, bf16 widened on load.
+CAI_V4 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+CAI_V4 inline __m512 load16(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// exp(x) for x <= 0 (and -inf): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6
+// (Cephes' expf coefficients), within 2 ulp of expf; below -87.3 it is 0.
+CAI_V4 inline __m512 exp16(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 result = _mm512_scalef_ps(p, n);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ), result,
+                              _mm512_setzero_ps());
+}
+
+// [sum(v[0]), ..., sum(v[15])]: the 16 horizontal sums in 45 instructions, by halving twice
+// within 128-bit lanes (unpack, shuffle) and twice across them (shuffle_f32x4)
+CAI_V4 inline __m512 sums16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// 16 keys at a time: 16 lane-wise partial dot products (16 independent FMA chains, in registers),
+// then their 16 sums at once; a last group of fewer keys repeats its first key and stores fewer
+template <typename T>
+CAI_V4 void score_avx512(const float* q, const T* const* rows, int64_t n, int64_t group, int64_t dim, float* scores) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, n - j0);
+    const T* key[16];
+    for (int64_t j = 0; j < 16; ++j) key[j] = rows[j0 + (j < keys ? j : 0)];
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 16) {
+        const __m512 qd = _mm512_loadu_ps(qg + d);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qd, load16(key[j] + d), acc[j]);
+      }
+      _mm512_mask_storeu_ps(scores + g * n + j0, static_cast<__mmask16>((1u << keys) - 1u), sums16(acc));
+    }
+  }
+}
+
+// The same for bf16 queries and keys with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds
+// them into 16 fp32 lanes (no widening); the sums are scaled after (head_dim % 32 == 0)
+CAI_V4_BF16 void score_dpbf16(const uint16_t* q, const uint16_t* const* rows, int64_t n, int64_t group, int64_t dim,
+                              float scale, float* scores) {
+  const __m512 times = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, n - j0);
+    const uint16_t* key[16];
+    for (int64_t j = 0; j < 16; ++j) key[j] = rows[j0 + (j < keys ? j : 0)];
+    for (int64_t g = 0; g < group; ++g) {
+      const uint16_t* qg = q + g * dim;
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 32) {
+        const __m512bh qd = (__m512bh)_mm512_loadu_si512(qg + d);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], qd, (__m512bh)_mm512_loadu_si512(key[j] + d));
+      }
+      _mm512_mask_storeu_ps(scores + g * n + j0, static_cast<__mmask16>((1u << keys) - 1u),
+                            _mm512_mul_ps(sums16(acc), times));
+    }
+  }
+}
+
+CAI_V4 float max_avx512(const float* x, int64_t n) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(x + i));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, x + i));
+  }
+  return _mm512_reduce_max_ps(top);
+}
+
+// scores[i] = exp(scores[i] - top) for i < n; returns their sum
+CAI_V4 float exp_sum_avx512(float* scores, int64_t n, float top) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + i), shift));
+    _mm512_storeu_ps(scores + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + i), shift));
+    _mm512_mask_storeu_ps(scores + i, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// A group of G query heads (G <= 4): each value's 64 columns widened once and added into all G
+// heads' accumulators, 4G independent FMA chains held in registers
+template <typename T, int G>
+CAI_V4 void accumulate_heads(float* acc, const float* weights, const T* const* rows, int64_t n, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += 64) {
+    const int parts = static_cast<int>(std::min<int64_t>(4, (dim - d) / 16));
+    __m512 sum[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) sum[g][i] = i < parts ? _mm512_loadu_ps(acc + g * dim + d + 16 * i) : _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* value = rows[j] + d;
+      __m512 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = i < parts ? load16(value + 16 * i) : _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g) {
+        const __m512 w = _mm512_set1_ps(weights[g * n + j]);
+        for (int i = 0; i < 4; ++i) sum[g][i] = _mm512_fmadd_ps(w, v[i], sum[g][i]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < parts; ++i) _mm512_storeu_ps(acc + g * dim + d + 16 * i, sum[g][i]);
+  }
+}
+
+// Any number of query heads: groups of four, then the rest
+template <typename T>
+CAI_V4 void accumulate_avx512(float* acc, const float* weights, const T* const* rows, int64_t n, int64_t heads,
+                              int64_t dim) {
+  int64_t g = 0;
+  for (; g + 4 <= heads; g += 4) accumulate_heads<T, 4>(acc + g * dim, weights + g * n, rows, n, dim);
+  switch (heads - g) {
+    case 1: return accumulate_heads<T, 1>(acc + g * dim, weights + g * n, rows, n, dim);
+    case 2: return accumulate_heads<T, 2>(acc + g * dim, weights + g * n, rows, n, dim);
+    case 3: return accumulate_heads<T, 3>(acc + g * dim, weights + g * n, rows, n, dim);
+    default: return;
+  }
+}
+#endif
+
+// scores[i] = exp(scores[i] - top) for i < n; returns their sum
+float exp_sum(float* scores, int64_t n, float top) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    scores[i] = std::exp(scores[i] - top);
+    sum += scores[i];
+  }
+  return sum;
+}
+
+// Which loops a call runs: the AVX-512 ones where the CPU has them and head_dim % 16 == 0 (unless
+// `portable`), else the plain ones (tests run both).
+struct Loops {
+  bool avx512;
+  bool dpbf16;  // bf16 scores by vdpbf16ps (AVX512-BF16, head_dim % 32 == 0)
+};
+
+// Running softmax states of `heads` query heads: queries (fp32, scaled; and raw for vdpbf16ps),
+// accumulated values, running max and sum
+template <typename T>
+struct States {
+  int64_t heads, dim;
+  std::vector<float> q, acc, top, total;
+  std::vector<T> raw;
+  States(int64_t heads_, int64_t dim_)
+      : heads(heads_), dim(dim_), q(heads_ * dim_), acc(heads_ * dim_, 0.f),
+        top(heads_, -std::numeric_limits<float>::infinity()), total(heads_, 0.f), raw(heads_ * dim_) {}
+};
+
+// Continue the states of heads [h0, h0 + m) over the keys at positions [first, last) of `table`
+// (kv head h), a chunk at a time: score, then the online softmax update, then the values.
+template <typename T>
+void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t first, int64_t last, States<T>& st,
+                 int64_t h0, int64_t m, Loops loops) {
+  const int64_t dim = a.head_dim, row = a.kv_heads * dim;
+  const T* keys = static_cast<const T*>(a.k) + h * dim;
+  const T* values = static_cast<const T*>(a.v) + h * dim;
+  std::vector<float> scores(m * kChunk);
+  const T* krows[kChunk];
+  const T* vrows[kChunk];
+  float* acc = st.acc.data() + h0 * dim;
+  // the next chunk's keys and values (every head of their slots) are prefetched while this one
+  // is computed: the pool is far larger than the caches, and a row's blocks are scattered in it
+  const int64_t slot_bytes = row * static_cast<int64_t>(sizeof(T));
+  auto prefetch = [&](int64_t start) {
+    const int64_t n = std::min(kChunk, last - start);
+    for (int64_t j = 0, block = start / a.block_size, offset = start % a.block_size; j < n; ++j) {
+      const int64_t slot = table[block] * a.block_size + offset;
+      const char* k = static_cast<const char*>(a.k) + slot * slot_bytes;
+      const char* v = static_cast<const char*>(a.v) + slot * slot_bytes;
+      for (int64_t byte = 0; byte < slot_bytes; byte += 64) {
+        __builtin_prefetch(k + byte, 0, 2);
+        __builtin_prefetch(v + byte, 0, 2);
+      }
+      if (++offset == a.block_size) offset = 0, ++block;
+    }
+  };
+  if (first < last) prefetch(first);
+  for (int64_t start = first; start < last; start += kChunk) {
+    const int64_t n = std::min(kChunk, last - start);
+    for (int64_t j = 0, block = start / a.block_size, offset = start % a.block_size; j < n; ++j) {
+      const int64_t slot = table[block] * a.block_size + offset;
+      krows[j] = keys + slot * row;
+      vrows[j] = values + slot * row;
+      if (++offset == a.block_size) offset = 0, ++block;
+    }
+    if (start + kChunk < last) prefetch(start + kChunk);
+#ifdef CAI_AVX512
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (loops.dpbf16) score_dpbf16(st.raw.data() + h0 * dim, krows, n, m, dim, a.scale, scores.data());
+    }
+    if (loops.dpbf16)
+      ;
+    else if (loops.avx512)
+      score_avx512(st.q.data() + h0 * dim, krows, n, m, dim, scores.data());
+    else
+#endif
+      score(st.q.data() + h0 * dim, krows, n, m, dim, scores.data());
+    for (int64_t g = 0; g < m; ++g) {
+      float* s = scores.data() + g * n;
+      float& top = st.top[h0 + g];
+      float& total = st.total[h0 + g];
+#ifdef CAI_AVX512
+      const float chunk_top = loops.avx512 ? max_avx512(s, n) : *std::max_element(s, s + n);
+#else
+      const float chunk_top = *std::max_element(s, s + n);
+#endif
+      const float new_top = std::max(top, chunk_top);
+      const float rescale = std::exp(top - new_top);  // 0 on the first chunk (exp(-inf))
+#ifdef CAI_AVX512
+      const float sum = loops.avx512 ? exp_sum_avx512(s, n, new_top) : exp_sum(s, n, new_top);
+#else
+      const float sum = exp_sum(s, n, new_top);
+#endif
+      total = total * rescale + sum;
+      top = new_top;
+      float* ag = acc + g * dim;
+      if (rescale != 1.f)
+        for (int64_t d = 0; d < dim; ++d) ag[d] *= rescale;
+    }
+#ifdef CAI_AVX512
+    if (loops.avx512)
+      accumulate_avx512(acc, scores.data(), vrows, n, m, dim);
+    else
+#endif
+      accumulate(acc, scores.data(), vrows, n, m, dim);
+  }
+}
+
+// Requests [r0, r1), kv heads [h0, h1): for each head, the shared leading keys once for all the
+// requests' queries; then request by request, head by head, its own keys continuing its heads'
+// states (a request's slots, all heads, stay in the cache from one head to the next)
+template <typename T>
+void one_task(const PagedDecode& a, int64_t r0, int64_t r1, int64_t h0, int64_t h1, Loops loops) {
+  const int64_t group = a.q_heads / a.kv_heads, dim = a.head_dim, rows = r1 - r0, heads = h1 - h0;
+  States<T> st(heads * rows * group, dim);  // state i = ((h - h0) * rows + r) * group + g
+  auto at = [&](int64_t h, int64_t r) { return ((h - h0) * rows + r) * group; };
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* q = static_cast<const T*>(a.q) + ((r0 + r) * a.q_heads + h * group) * dim;
+      for (int64_t i = 0; i < group * dim; ++i) {
+        st.raw[at(h, r) * dim + i] = q[i];
+        st.q[at(h, r) * dim + i] = to_f32(q[i]) * a.scale;
+      }
+    }
+    if (a.shared > 0) attend_keys(a, h, a.tables, 0, a.shared, st, at(h, 0), rows * group, loops);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t length = a.kv_lens[r0 + r];
+    const int64_t first = a.window > 0 ? std::max<int64_t>(a.shared, length - a.window) : a.shared;
+    for (int64_t h = h0; h < h1; ++h)
+      attend_keys(a, h, a.tables + (r0 + r) * a.table_stride, first, length, st, at(h, r), group, loops);
+  }
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* out = static_cast<T*>(a.out) + ((r0 + r) * a.q_heads + h * group) * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t i = at(h, r) + g;
+        const float inv = st.total[i] > 0.f ? 1.f / st.total[i] : 0.f;
+        for (int64_t d = 0; d < dim; ++d) store(out, g * dim + d, st.acc[i * dim + d] * inv);
+      }
+    }
+  }
+}
+
+// The OpenMP runtime already in the process (torch's libgomp, found by its soname without loading
+// anything), so the kernel's threads are torch's own intra-op threads: no second pool competing
+// for the cores, no link-time dependency. Absent (no libgomp loaded): one thread.
+struct Gomp {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
+  int (*max_threads)() = nullptr;
+};
+
+const Gomp& gomp() {
+  static const Gomp found = [] {
+    Gomp g;
+#ifdef __linux__
+    if (void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD)) {
+      g.parallel = reinterpret_cast<decltype(g.parallel)>(dlsym(lib, "GOMP_parallel"));
+      g.thread_num = reinterpret_cast<decltype(g.thread_num)>(dlsym(lib, "omp_get_thread_num"));
+      g.num_threads = reinterpret_cast<decltype(g.num_threads)>(dlsym(lib, "omp_get_num_threads"));
+      g.max_threads = reinterpret_cast<decltype(g.max_threads)>(dlsym(lib, "omp_get_max_threads"));
+      if (!g.thread_num || !g.num_threads || !g.max_threads) g.parallel = nullptr;
+    }
+#endif
+    return g;
+  }();
+  return found;
+}
+
+struct Tasks {
+  const PagedDecode* a;
+  Loops loops;
+  int64_t row_groups, head_groups;
+  int64_t count() const { return row_groups * head_groups; }
+  void run(int64_t t) const {  // task t: a share of the requests × a share of the kv heads
+    const int64_t rows = t / head_groups, heads = t % head_groups;
+    const int64_t r0 = a->batch * rows / row_groups, r1 = a->batch * (rows + 1) / row_groups;
+    const int64_t h0 = a->kv_heads * heads / head_groups, h1 = a->kv_heads * (heads + 1) / head_groups;
+    if (r0 == r1 || h0 == h1) return;
+    if (a->dtype == AttnDType::bf16)
+      one_task<uint16_t>(*a, r0, r1, h0, h1, loops);
+    else
+      one_task<float>(*a, r0, r1, h0, h1, loops);
+  }
+};
+
+void run_share(void* data) {  // one thread's tasks, as GOMP_parallel calls it in every thread
+  const Tasks& tasks = *static_cast<const Tasks*>(data);
+  const int64_t threads = gomp().num_threads();
+  for (int64_t t = gomp().thread_num(); t < tasks.count(); t += threads) tasks.run(t);
+}
+
+std::string check(const PagedDecode& a) {
+  if (a.batch < 0 || a.q_heads <= 0 || a.kv_heads <= 0 || a.head_dim <= 0 || a.block_size <= 0)
+    return "sizes must be positive";
+  if (a.q_heads % a.kv_heads) return "q_heads must be a multiple of kv_heads";
+  if (a.window < 0) return "window must be >= 0 (0: none)";
+  if (a.shared < 0 || a.shared % a.block_size || (a.shared > 0 && a.window > 0))
+    return "shared must be a whole number of blocks, and 0 with a window";
+  for (int64_t r = 0; r < a.batch; ++r) {
+    const int64_t length = a.kv_lens[r];
+    const int64_t blocks = (length + a.block_size - 1) / a.block_size;
+    if (length < 1 || blocks > a.table_stride)
+      return "request " + std::to_string(r) + ": context length " + std::to_string(length) +
+             " does not fit its block table of " + std::to_string(a.table_stride) + " blocks";
+    if (a.shared >= length)
+      return "request " + std::to_string(r) + ": the shared keys must end before its last position";
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t id = a.tables[r * a.table_stride + b];
+      if (id < 0 || (id + 1) * a.block_size > a.num_slots)
+        return "request " + std::to_string(r) + ": block id " + std::to_string(id) + " is outside the pool";
+      if (b < a.shared / a.block_size && id != a.tables[b])
+        return "request " + std::to_string(r) + ": its first shared blocks differ from request 0's";
+    }
+  }
+  return "";
+}
+
+inline float bf16_round(float x) { uint16_t b; store(&b, 0, x); return to_f32(b); }
+inline float rounded(float x, float) { return x; }
+inline float rounded(float x, uint16_t) { return bf16_round(x); }
+
+// y = x * cos + rotate_half(x) * sin for `heads` heads, each product and the sum rounded to T
+// (the build has -ffp-contract=off: no fused multiply-add may skip the fp32 rounding either)
+template <typename T>
+void rotate(const T* x, const T* cos, const T* sin, int64_t heads, int64_t dim, T* y) {
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h, x += dim, y += dim) {
+    for (int64_t d = 0; d < dim; ++d) {
+      const float turned = d < half ? -to_f32(x[d + half]) : to_f32(x[d - half]);
+      const float a = rounded(to_f32(x[d]) * to_f32(cos[d]), T{});
+      const float b = rounded(turned * to_f32(sin[d]), T{});
+      store(y, d, rounded(a + b, T{}));
+    }
+  }
+}
+
+// Rotate the new tokens: q into `q_out` [batch, q_heads, head_dim], k (and v as is) into the pool
+template <typename T>
+void rotate_and_store(const PagedDecode& a, const NewTokens& t, T* q_out) {
+  const int64_t dim = a.head_dim, row = a.kv_heads * dim;
+  for (int64_t r = 0; r < a.batch; ++r) {
+    const int64_t last = a.kv_lens[r] - 1;
+    const int64_t slot = a.tables[r * a.table_stride + last / a.block_size] * a.block_size + last % a.block_size;
+    const T* cos = static_cast<const T*>(t.cos) + r * dim;
+    const T* sin = static_cast<const T*>(t.sin) + r * dim;
+    rotate(static_cast<const T*>(t.q) + r * t.q_stride, cos, sin, a.q_heads, dim, q_out + r * a.q_heads * dim);
+    rotate(static_cast<const T*>(t.k) + r * t.kv_stride, cos, sin, a.kv_heads, dim, static_cast<T*>(a.k) + slot * row);
+    std::memcpy(static_cast<T*>(a.v) + slot * row, static_cast<const T*>(t.v) + r * t.kv_stride, row * sizeof(T));
+  }
+}
+
+template <typename T>
+std::vector<T> rotated(PagedDecode& a, const NewTokens& t) {
+  std::vector<T> q(a.batch * a.q_heads * a.head_dim);
+  rotate_and_store(a, t, q.data());
+  a.q = q.data();
+  return q;
+}
+
+}  // namespace
+
+std::string paged_decode_attention(const PagedDecode& given, const NewTokens* fresh, bool portable) {
+  std::string error = check(given);
+  if (!error.empty()) return error;
+  if (fresh && given.head_dim % 2) return "the rotary embedding needs an even head_dim";
+  PagedDecode a = given;
+  std::vector<uint16_t> q16;
+  std::vector<float> q32;
+  if (fresh && a.dtype == AttnDType::bf16) q16 = rotated<uint16_t>(a, *fresh);
+  if (fresh && a.dtype == AttnDType::f32) q32 = rotated<float>(a, *fresh);
+  Loops loops{false, false};
+#ifdef CAI_AVX512
+  loops.avx512 = !portable && a.head_dim % 16 == 0 && __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx512vl");
+  loops.dpbf16 = loops.avx512 && a.dtype == AttnDType::bf16 && a.head_dim % 32 == 0 &&
+                 __builtin_cpu_supports("avx512bf16");
+#else
+  (void)portable;
+#endif
+  // tasks: the requests in one share a thread (each share reads the shared keys for its own
+  // requests' queries); where there are fewer requests than threads, shares of the kv heads too
+  const Gomp& omp = gomp();
+  const int64_t threads = omp.parallel ? std::max(1, omp.max_threads()) : 1;
+  const int64_t row_groups = std::max<int64_t>(1, std::min(a.batch, threads));
+  const int64_t head_groups = std::min(a.kv_heads, (threads + row_groups - 1) / row_groups);
+  Tasks tasks{&a, loops, row_groups, head_groups};
+  if (threads > 1 && tasks.count() > 1)
+    omp.parallel(run_share, &tasks, static_cast<unsigned>(std::min(threads, tasks.count())), 0);
+  else
+    for (int64_t t = 0; t < tasks.count(); ++t) tasks.run(t);
+  return "";
+}
+
+}  // namespace cai

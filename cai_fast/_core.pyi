@@ -1,7 +1,10 @@
-"""Stubs for cai_fast._core, the compiled prefix cache and batch scheduler (integers only).
+"""Stubs for cai_fast._core, the compiled prefix cache and batch scheduler (integers only), and
+the CPU kernels (tensor addresses as integers).
 
-The contract is documented in `cai_fast.scheduler`; the pure-Python twin lives in
-`cai_fast.scheduler.radix_py` and `cai_fast.scheduler.scheduler_py`.
+The scheduler's contract is documented in `cai_fast.scheduler`; the pure-Python twin lives in
+`cai_fast.scheduler.radix_py` and `cai_fast.scheduler.scheduler_py`. The kernels are called
+through `cai_fast.engine.attention.paged_decode` and `cai_fast.engine.rows`, which check the
+tensors; their twins are the torch path and transformers' modules.
 """
 
 from typing import Optional, Sequence
@@ -84,3 +87,12 @@ class BatchScheduler:
     def num_running(self) -> int: ...
     @property
     def cache(self) -> RadixCache: ...
+
+def paged_decode_attention(q: int, out: int, k: int, v: int, tables: int, table_stride: int, kv_lens: int,
+                           batch: int, q_heads: int, kv_heads: int, head_dim: int, block_size: int, window: int,
+                           shared: int, scale: float, dtype: int, num_slots: int, portable: bool = False,
+                           q_new: int = 0, k_new: int = 0, v_new: int = 0, q_stride: int = 0, kv_stride: int = 0,
+                           cos: int = 0, sin: int = 0) -> None: ...
+def add_rms_norm(x: int, delta: int, weight: int, out: int, rows: int, width: int, eps: float, dtype: int,
+                 portable: bool = False) -> None: ...
+def silu_mul(gate_up: int, out: int, rows: int, width: int, dtype: int, portable: bool = False) -> None: ...

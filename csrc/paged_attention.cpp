@@ -6,6 +6,8 @@
 // other head sizes, plain loops that the compiler vectorises as it can.
 #include "paged_attention.h"
 
+#include "cpu_simd.h"
+
 #include <algorithm>
 #ifdef __linux__
 #include <dlfcn.h>
@@ -17,40 +19,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define CAI_AVX512 1
-// GCC 12 warns of the _mm512_undefined_* placeholders inside its own intrinsic headers
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#define CAI_V4 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,bmi2")))
-#define CAI_V4_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,bmi2,avx512bf16")))
-#endif
-
 namespace cai {
 namespace {
 
+using namespace simd;
+
 constexpr int64_t kChunk = 64;  // keys scored before each softmax update
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(uint16_t x) {  // bf16: the high half of an fp32
-  uint32_t bits = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline void store(float* out, int64_t i, float x) { out[i] = x; }
-inline void store(uint16_t* out, int64_t i, float x) {  // round to nearest even, as torch's .to(bfloat16)
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    out[i] = uint16_t((bits >> 16) | 0x40u);  // a NaN stays a (quiet) NaN
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  out[i] = uint16_t(bits >> 16);
-}
 
 // scores[g * n + j] = q[g] . key j, for the n keys at rows[j] (q already scaled, fp32)
 template <typename T>
@@ -84,33 +58,6 @@ inline void accumulate(float* acc, const float* weights, const T* const* rows, i
 }
 
 #ifdef CAI_AVX512
-// AVX-512, for head_dim % 16 == 0: 16 lanes of fp32 a register, bf16 widened on load.
-CAI_V4 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-CAI_V4 inline __m512 load16(const uint16_t* p) {
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-// exp(x) for x <= 0 (and -inf): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6
-// (Cephes' expf coefficients), within 2 ulp of expf; below -87.3 it is 0.
-CAI_V4 inline __m512 exp16(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512 result = _mm512_scalef_ps(p, n);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ), result,
-                              _mm512_setzero_ps());
-}
-
 // [sum(v[0]), ..., sum(v[15])]: the 16 horizontal sums in 45 instructions, by halving twice
 // within 128-bit lanes (unpack, shuffle) and twice across them (shuffle_f32x4)
 CAI_V4 inline __m512 sums16(const __m512* v) {
@@ -461,10 +408,6 @@ std::string check(const PagedDecode& a) {
   return "";
 }
 
-inline float bf16_round(float x) { uint16_t b; store(&b, 0, x); return to_f32(b); }
-inline float rounded(float x, float) { return x; }
-inline float rounded(float x, uint16_t) { return bf16_round(x); }
-
 // y = x * cos + rotate_half(x) * sin for `heads` heads, each product and the sum rounded to T
 // (the build has -ffp-contract=off: no fused multiply-add may skip the fp32 rounding either)
 template <typename T>
@@ -516,9 +459,7 @@ std::string paged_decode_attention(const PagedDecode& given, const NewTokens* fr
   if (fresh && a.dtype == AttnDType::f32) q32 = rotated<float>(a, *fresh);
   Loops loops{false, false};
 #ifdef CAI_AVX512
-  loops.avx512 = !portable && a.head_dim % 16 == 0 && __builtin_cpu_supports("avx512f") &&
-                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                 __builtin_cpu_supports("avx512vl");
+  loops.avx512 = !portable && a.head_dim % 16 == 0 && has_avx512();
   loops.dpbf16 = loops.avx512 && a.dtype == AttnDType::bf16 && a.head_dim % 32 == 0 &&
                  __builtin_cpu_supports("avx512bf16");
 #else

@@ -10,7 +10,11 @@ together. With `fused=True` (the default) the projections of a layer whose q/k/v
 are plain nn.Linear run as three matmuls: q|k|v and gate|up fused along the output, their weights
 copied once when the runner is built (so build a new runner after changing the weights, as the
 engine's users do), and on a CPU in bf16/fp16 prepacked for oneDNN (`FusedLinear`); anything else
-(a LoRA-wrapped projection, say) is called as the model's module. A batch is ragged: the new tokens of every request, concatenated, each with its
+(a LoRA-wrapped projection, say) is called as the model's module. Also with `fused=True`, on a
+CPU in fp32 or bf16: each residual add and the RMSNorm after it run as one `rows.add_rms_norm`
+call, a decode step's SiLU(gate) * up as one `rows.silu_mul`, and (with the CPU attention kernel)
+a decode step's rotary embedding, pool write and attention as one call; `fused=False` runs the
+model's modules, the twin. A batch is ragged: the new tokens of every request, concatenated, each with its
 position and the pool slot its K/V goes to. The LM head is left to the caller (sampling needs
 full logits of a few rows, scoring goes through cai_fast.ops).
 """
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from . import rows
 from .attention import BatchLayout, make_attention
 from .kv import KVPool, KVShape, host_to_device, slot_ids
 
@@ -119,7 +124,10 @@ class LayerProjections:
         gate_up, down, act = linear(mlp.gate_proj, mlp.up_proj), linear(mlp.down_proj), mlp.act_fn
 
         def feed_forward(h: torch.Tensor) -> torch.Tensor:
-            gate, up = gate_up.split(h)
+            both = gate_up(h)
+            if not torch.compiler.is_compiling() and rows.takes_silu_mul(act, both):
+                return down(rows.silu_mul(both))
+            gate, up = both.split(gate_up.sizes, -1)
             return down(act(gate) * up)
 
         return cls(qkv.split, o, feed_forward)
@@ -213,7 +221,7 @@ class PagedRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"the paged engine cannot run this model: {reason}")
-        self.model, self.pool = model, pool
+        self.model, self.pool, self.fused = model, pool, fused
         self.decoder = model.get_decoder()
         if fused:  # a compiled graph gets plain weights: prepacked ones are opaque to it
             self.projections = [LayerProjections.fused(layer, prepack=compile == "none") for layer in self.decoder.layers]
@@ -261,17 +269,29 @@ class PagedRunner:
         """The decoder over [T] tokens, attention through `paged_attention` (the step `key` set up)."""
         x = self.decoder.embed_tokens(input_ids)
         rotary = self.decoder.rotary_emb(x, positions[None])
+        delta = None  # each layer's last output, added to x by the next norm
         for i, layer in enumerate(self.decoder.layers):
-            x = self._layer(i, layer, x, rotary, key)
-        return self.decoder.norm(x)
+            x, delta = self._layer(i, layer, x, delta, rotary, key)
+        return self._add_norm(x, delta, self.decoder.norm)[1]
 
-    def _layer(self, i: int, layer, x: torch.Tensor, rotary, key: int) -> torch.Tensor:
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)) (delta None: nothing to add): one `rows.add_rms_norm` call
+        where it applies (fused, eager, a plain RMSNorm on a CPU), else torch's add and the module."""
+        if self.fused and not torch.compiler.is_compiling() and rows.takes_norm(norm, x):
+            return x, rows.add_rms_norm(x, delta, norm)
+        x = x if delta is None else x + delta
+        return x, norm(x)
+
+    def _layer(self, i: int, layer, x: torch.Tensor, delta: torch.Tensor | None, rotary,
+               key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the residual stream before this layer's MLP output, that output): the next norm adds them."""
         proj, n = self.projections[i], x.shape[0]
-        q, k, v = (t.reshape(n, -1, self.head_dim) for t in proj.qkv(layer.input_layernorm(x)))
+        x, h = self._add_norm(x, delta, layer.input_layernorm)
+        q, k, v = (t.reshape(n, -1, self.head_dim) for t in proj.qkv(h))
         if not torch.compiler.is_compiling() and self._rotates(key, rotary):  # rotary inside the decode kernel
             out = self.attention.attend_unrotated(i, q, k, v, rotary[0][0], rotary[1][0], _STEPS[key][2])
         else:
             q, k = apply_rotary_pos_emb(q[None], k[None], *rotary, unsqueeze_dim=2)
             out = (paged_attention if torch.compiler.is_compiling() else attend_step)(key, i, q[0], k[0], v)
-        x = x + proj.o(out.reshape(n, -1))
-        return x + proj.mlp(layer.post_attention_layernorm(x))
+        x, h = self._add_norm(x, proj.o(out.reshape(n, -1)), layer.post_attention_layernorm)
+        return x, proj.mlp(h)

@@ -1,0 +1,62 @@
+"""Row kernels of cai_fast._core for the paged runner's decoder layers on a CPU (csrc/rows.cpp).
+
+- `add_rms_norm`: the residual add and the next RMSNorm in one call (torch: an add and seven ops
+  in LlamaRMSNorm.forward, ~30 us at 8 rows on this CPU), as LlamaRMSNorm computes it: squares,
+  mean and scaling in fp32, each result rounded to the model's dtype where torch rounds it. The sum
+  of squares is exact in double, so an output may differ from torch's in the last bit now and then.
+- `silu_mul`: SiLU(gate) * up from the fused gate|up projection's output, for a decode step's few
+  rows (one thread: prefill keeps torch's ops, which run on all of them).
+Both have AVX-512 loops (widths that are multiples of 16) and plain ones.
+
+Their twins are the model's own modules; the runner takes them where `takes_*` says the kernel
+applies (a plain RMSNorm or SiLU, a CPU tensor in fp32 or bf16) and `fused=True`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # the compiled core, built by `pip install .`
+    from .. import _core
+except ImportError:
+    _core = None
+
+HAVE_ROW_KERNELS = _core is not None and hasattr(_core, "add_rms_norm")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # forward: weight * to_dtype(x * rsqrt(mean(x^2) + eps))
+SILU_MUL_MAX_ROWS = 64  # above: torch's silu and mul
+
+
+def takes_norm(norm, x: torch.Tensor) -> bool:
+    """Whether `add_rms_norm` computes `norm` of x."""
+    return (HAVE_ROW_KERNELS and type(norm).__name__ in RMS_NORMS and x.is_cpu and x.dtype in DTYPES
+            and norm.weight.dtype == x.dtype and x.dim() == 2 and x.is_contiguous())
+
+
+def takes_silu_mul(act, gate_up: torch.Tensor) -> bool:
+    """Whether `silu_mul` computes act(gate) * up of this gate|up output."""
+    return (HAVE_ROW_KERNELS and type(act).__name__ in ("SiLU", "SiLUActivation") and gate_up.is_cpu
+            and gate_up.dtype in DTYPES and gate_up.dim() == 2 and gate_up.shape[0] <= SILU_MUL_MAX_ROWS
+            and gate_up.is_contiguous())
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, portable: bool = False) -> torch.Tensor:
+    """x += delta in place (rounded to x's dtype, as torch's add), then norm(x), by the kernel
+    (`portable`: its plain loops even where its AVX-512 ones could run)."""
+    if delta is not None:
+        delta = delta.contiguous()
+        if delta.shape != x.shape or delta.dtype != x.dtype:
+            raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} {delta.dtype} does not match x "
+                             f"{tuple(x.shape)} {x.dtype}")
+    out = torch.empty_like(x)
+    _core.add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), norm.weight.data_ptr(),
+                       out.data_ptr(), x.shape[0], x.shape[1], norm.variance_epsilon, DTYPES[x.dtype], portable)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, portable: bool = False) -> torch.Tensor:
+    """silu(gate) * up of gate_up [n, 2 * width] (gate first), by the kernel (`portable`: as above)."""
+    width = gate_up.shape[1] // 2
+    out = gate_up.new_empty(gate_up.shape[0], width)
+    _core.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], width, DTYPES[gate_up.dtype], portable)
+    return out

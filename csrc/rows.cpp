@@ -1,0 +1,136 @@
+// See rows.h. Rows whose width is a multiple of 16 run AVX-512 loops where the CPU has them, the
+// rest plain loops (tests/test_rows.py runs both). A row's sum of squares is taken in double over
+// the fp32 squares (torch's fp32 cascade sum rounds differently now and then: the outputs then
+// differ from LlamaRMSNorm's in the last bit, which the tests bound); SiLU's exp is exp16's
+// (within 2 ulp of expf) on the AVX-512 path, std::exp on the plain one.
+#include "rows.h"
+
+#include "cpu_simd.h"
+
+namespace cai {
+namespace {
+
+using namespace simd;
+
+template <typename T>
+float add_and_sum_squares(T* x, const T* delta, int64_t width) {
+  double squares = 0.0;
+  for (int64_t i = 0; i < width; ++i) {
+    float v = to_f32(x[i]);
+    if (delta) {
+      v = rounded(v + to_f32(delta[i]), T{});
+      store(x, i, v);
+    }
+    const float square = v * v;  // rounded to fp32, as torch's pow(2)
+    squares += square;
+  }
+  return static_cast<float>(squares);
+}
+
+template <typename T>
+void norm_row(const T* x, const T* weight, T* out, int64_t width, float scale) {
+  for (int64_t i = 0; i < width; ++i) store(out, i, to_f32(weight[i]) * rounded(to_f32(x[i]) * scale, T{}));
+}
+
+#ifdef CAI_AVX512
+template <typename T>
+CAI_V4 float add_and_sum_squares_avx512(T* x, const T* delta, int64_t width) {
+  __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+  for (int64_t i = 0; i < width; i += 16) {
+    __m512 v = load16(x + i);
+    if (delta) {
+      v = rounded16(_mm512_add_ps(v, load16(delta + i)), T{});
+      store16(x + i, v);
+    }
+    const __m512 square = _mm512_mul_ps(v, v);
+    low = _mm512_add_pd(low, _mm512_cvtps_pd(_mm512_castps512_ps256(square)));
+    high = _mm512_add_pd(high, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(square), 1))));
+  }
+  return static_cast<float>(_mm512_reduce_add_pd(_mm512_add_pd(low, high)));
+}
+
+template <typename T>
+CAI_V4 void norm_row_avx512(const T* x, const T* weight, T* out, int64_t width, float scale) {
+  const __m512 times = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < width; i += 16)
+    store16(out + i, _mm512_mul_ps(load16(weight + i), rounded16(_mm512_mul_ps(load16(x + i), times), T{})));
+}
+
+template <typename T>
+CAI_V4 void silu_mul_avx512(const T* gate, const T* up, T* out, int64_t width) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < width; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(out + i, _mm512_mul_ps(rounded16(silu, T{}), load16(up + i)));
+  }
+}
+#endif
+
+template <typename T>
+void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps,
+                   bool vector) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* xr = x + r * width;
+    const T* dr = delta ? delta + r * width : nullptr;
+#ifdef CAI_AVX512
+    const float squares = vector ? add_and_sum_squares_avx512(xr, dr, width) : add_and_sum_squares(xr, dr, width);
+#else
+    const float squares = add_and_sum_squares(xr, dr, width);
+#endif
+    const float scale = 1.0f / std::sqrt(squares / static_cast<float>(width) + eps);  // torch.rsqrt: 1 / sqrt
+#ifdef CAI_AVX512
+    if (vector) {
+      norm_row_avx512(xr, weight, out + r * width, width, scale);
+      continue;
+    }
+#endif
+    norm_row(xr, weight, out + r * width, width, scale);
+  }
+}
+
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width, bool vector) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = gate_up + r * 2 * width;
+    const T* up = gate + width;
+    T* o = out + r * width;
+#ifdef CAI_AVX512
+    if (vector) {
+      silu_mul_avx512(gate, up, o, width);
+      continue;
+    }
+#endif
+    for (int64_t i = 0; i < width; ++i) {
+      const float g = to_f32(gate[i]);
+      store(o, i, rounded(g / (1.0f + std::exp(-g)), T{}) * to_f32(up[i]));
+    }
+  }
+}
+
+}  // namespace
+
+std::string add_rms_norm(void* x, const void* delta, const void* weight, void* out, int64_t rows, int64_t width,
+                         float eps, RowDType dtype, bool portable) {
+  if (rows < 0 || width <= 0) return "rows must be >= 0 and width > 0";
+  const bool vector = !portable && width % 16 == 0 && has_avx512();
+  if (dtype == RowDType::bf16)
+    add_norm_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(delta), static_cast<const uint16_t*>(weight),
+                  static_cast<uint16_t*>(out), rows, width, eps, vector);
+  else
+    add_norm_rows(static_cast<float*>(x), static_cast<const float*>(delta), static_cast<const float*>(weight),
+                  static_cast<float*>(out), rows, width, eps, vector);
+  return "";
+}
+
+std::string silu_mul(const void* gate_up, void* out, int64_t rows, int64_t width, RowDType dtype, bool portable) {
+  if (rows < 0 || width <= 0) return "rows must be >= 0 and width > 0";
+  const bool vector = !portable && width % 16 == 0 && has_avx512();
+  if (dtype == RowDType::bf16)
+    silu_mul_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, width, vector);
+  else
+    silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width, vector);
+  return "";
+}
+
+}  // namespace cai

@@ -1,0 +1,102 @@
+"""The row kernels (cai_fast._core.add_rms_norm / silu_mul, csrc/rows.cpp) against their twins,
+transformers' LlamaRMSNorm (after torch's residual add) and SiLU(gate) * up: random rows of odd
+widths, large and small magnitudes, fp32 and bf16; the runner on them against the model's modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from cai_fast.engine import rows
+
+pytestmark = pytest.mark.skipif(not rows.HAVE_ROW_KERNELS, reason="cai_fast._core is not built (pip install .)")
+
+
+def _norm(width: int, dtype: torch.dtype, seed: int) -> LlamaRMSNorm:
+    gen = torch.Generator().manual_seed(seed)
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    norm.weight.data = torch.randn(width, generator=gen) * 2
+    return norm.to(dtype)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", [1, 7, 64, 576, 1000])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_add_rms_norm_equals_the_add_and_llama_rms_norm(dtype, width, scale, portable):
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(37, width, generator=gen) * scale).to(dtype)
+    delta = (torch.randn(37, width, generator=gen) * scale).to(dtype)
+    norm = _norm(width, dtype, 1)
+    want_x = x + delta
+    want = norm(want_x)
+    mine = x.clone()
+    got = rows.add_rms_norm(mine, delta, norm, portable)
+    assert torch.equal(mine, want_x)  # the residual add, in place, as torch rounds it
+    # within an ulp or two: the sum of squares is exact here, torch's rounds in fp32 (so in fp32 a
+    # row's scale, and with it the whole row, is off by an ulp now and then; bf16 rounding hides most)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -20
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-30, rtol=ulp)
+    if dtype == torch.bfloat16:
+        assert (got != want).float().mean() < 0.02
+    alone = x.clone()
+    torch.testing.assert_close(rows.add_rms_norm(alone, None, norm, portable).float(), norm(x).float(), atol=1e-30,
+                               rtol=ulp)
+    assert torch.equal(alone, x)  # no delta: x untouched
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", [1, 13, 64, 1536])
+def test_silu_mul_equals_silu_then_mul(dtype, width, portable):
+    gen = torch.Generator().manual_seed(width)
+    gate_up = (torch.randn(9, 2 * width, generator=gen) * 6).to(dtype)
+    gate_up[0, :3] = torch.tensor([-100.0, 95.0, 0.0])[: min(3, width)]  # exp's ends
+    gate, up = gate_up.split(width, -1)
+    want = ACT2FN["silu"](gate) * up
+    got = rows.silu_mul(gate_up, portable)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -20
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=ulp)
+    if dtype == torch.bfloat16:  # exp's last bit differs from torch's now and then; bf16 hides most
+        assert (got != want).float().mean() < 0.02
+
+
+def test_which_modules_the_kernels_take():
+    x = torch.randn(4, 8)
+    assert rows.takes_norm(_norm(8, torch.float32, 0), x)
+    assert not rows.takes_norm(_norm(8, torch.float32, 0), x.half())  # fp16: torch
+    assert not rows.takes_norm(torch.nn.LayerNorm(8), x)  # not an RMSNorm
+    assert not rows.takes_norm(_norm(8, torch.float32, 0), x.t().contiguous().t())  # strided rows
+    assert rows.takes_silu_mul(ACT2FN["silu"], x)
+    assert not rows.takes_silu_mul(ACT2FN["gelu"], x)
+    assert not rows.takes_silu_mul(ACT2FN["silu"], torch.randn(rows.SILU_MUL_MAX_ROWS + 1, 8))  # prefill: torch
+
+
+def test_a_mismatched_delta_is_refused():
+    with pytest.raises(ValueError, match="delta .* does not match x"):
+        rows.add_rms_norm(torch.randn(4, 8), torch.randn(4, 9), _norm(8, torch.float32, 0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"], ids=["fp32", "bf16"])
+def test_the_runner_on_the_row_kernels_matches_the_model(tiny_model_path, dtype):
+    """The fused runner (row kernels, CPU decode kernel) against the unfused one (the model's own
+    modules) on prefill and decode forwards: equal up to rounding."""
+    from test_engine_cached import random_prompts
+
+    from cai_fast.engine import SamplingParams, load_model
+    from cai_fast.engine.cached import CachedGenerator, EngineConfig
+
+    loaded = load_model(str(tiny_model_path), dtype=dtype)
+    prompts = random_prompts(3, 6, shared=20)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    outs = {}
+    for fused in (True, False):
+        engine = CachedGenerator(loaded.model, loaded.tokenizer, EngineConfig(block_size=16, fused=fused))
+        outs[fused] = [c.token_ids for c in engine.generate(prompts, params)]
+        scores = engine.score_options(prompts, [[5], [9]])
+        outs[f"scores{fused}"] = scores
+    assert outs[True] == outs[False]
+    torch.testing.assert_close(outs["scoresTrue"], outs["scoresFalse"], atol=0.02 if dtype == "bfloat16" else 1e-4,
+                               rtol=0)

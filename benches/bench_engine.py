@@ -27,8 +27,9 @@ Sections (each prints its table; --json writes every figure):
               prompt at a time): how many differ, and the top-2 logit gap where they part.
   levers      decode tokens/s at batch 1 and --decode-batch of each engine lever taken in turn: fp32
               with the model's modules and per-head attention (the engine before issue 10), bf16,
-              the fused CPU flash attention kernel, fused prepacked projections (the default), and
-              with --compile the compiled decode step (inductor; compiles first, minutes). Best of
+              torch's fused CPU flash attention, fused prepacked projections, the C++ decode
+              attention and row kernels (the default), and with --compile the compiled decode
+              step (inductor; compiles first, minutes). Best of
               --repeats interleaved runs, against the roofline of each lever's dtype.
 
 The model runs in --dtype (default auto: bf16 on this AMX CPU); the ceilings are measured in it.
@@ -324,10 +325,11 @@ def levers(loaded, args) -> dict:
 
     out = {"tokens": args.tokens, "fp32": ceilings(fp32.model), "bf16": ceilings(bf16.model)}
     for batch in (1, args.decode_batch):
-        steps = {"fp32 modules, per-head attention": rate(fp32, batch, True, fused=False),
-                 "bf16 modules, per-head attention": rate(bf16, batch, True, fused=False),
-                 "bf16 + fused attention kernel": rate(bf16, batch, fused=False),
-                 "bf16 + fused prepacked projections (default)": rate(bf16, batch)}
+        steps = {"fp32 modules, per-head attention": rate(fp32, batch, True, fused=False, attention="torch"),
+                 "bf16 modules, per-head attention": rate(bf16, batch, True, fused=False, attention="torch"),
+                 "bf16 + torch's flash attention": rate(bf16, batch, fused=False, attention="torch"),
+                 "bf16 + fused prepacked projections": rate(bf16, batch, attention="torch"),
+                 "bf16 + C++ decode attention and row kernels (default)": rate(bf16, batch)}
         if args.compile:
             compiled = engine(bf16, batch, compile="inductor")
             out[f"compile_seconds_batch{batch}"] = timed(lambda: compiled.generate(chats[:batch], SamplingParams(2)))[0]

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CAI_FAST_NO_AVX512)  // -DCAI_FAST_NO_AVX512: plain loops only
 #include <immintrin.h>
 #define CAI_AVX512 1
 // GCC 12 warns of the _mm512_undefined_* placeholders inside its own intrinsic headers

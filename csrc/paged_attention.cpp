@@ -220,7 +220,7 @@ struct States {
 // (kv head h), a chunk at a time: score, then the online softmax update, then the values.
 template <typename T>
 void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t first, int64_t last, States<T>& st,
-                 int64_t h0, int64_t m, Loops loops) {
+                 int64_t h0, int64_t m, [[maybe_unused]] Loops loops) {
   const int64_t dim = a.head_dim, row = a.kv_heads * dim;
   const T* keys = static_cast<const T*>(a.k) + h * dim;
   const T* values = static_cast<const T*>(a.v) + h * dim;

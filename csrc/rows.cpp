@@ -69,7 +69,7 @@ CAI_V4 void silu_mul_avx512(const T* gate, const T* up, T* out, int64_t width) {
 
 template <typename T>
 void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps,
-                   bool vector) {
+                   [[maybe_unused]] bool vector) {
   for (int64_t r = 0; r < rows; ++r) {
     T* xr = x + r * width;
     const T* dr = delta ? delta + r * width : nullptr;
@@ -90,7 +90,7 @@ void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, 
 }
 
 template <typename T>
-void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width, bool vector) {
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width, [[maybe_unused]] bool vector) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* gate = gate_up + r * 2 * width;
     const T* up = gate + width;

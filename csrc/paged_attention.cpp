@@ -119,6 +119,79 @@ CAI_V4_BF16 void score_dpbf16(const uint16_t* q, const uint16_t* const* rows, in
   }
 }
 
+// acc[g] += sum_j weights[g * n + j] * value j for bf16 values with AVX512-BF16: the values of two
+// keys interleaved column by column (pairs, once for all heads), the weights rounded to bf16 (as
+// torch's CPU flash kernel rounds them for its second matmul), one vdpbf16ps per 16 columns a
+// pair of keys; dim % 64 == 0 (the callers check), heads G <= 4 a call.
+template <int G>
+CAI_V4_BF16 void accumulate_pairs(float* acc, const uint16_t* weights, int64_t padded, const uint16_t* pairs,
+                                  int64_t n_pairs, int64_t dim) {
+  const int64_t slices = dim / 16;
+  for (int64_t d = 0; d < dim; d += 64) {
+    __m512 sum[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) sum[g][i] = _mm512_loadu_ps(acc + g * dim + d + 16 * i);
+    for (int64_t jp = 0; jp < n_pairs; ++jp) {
+      const uint16_t* pair = pairs + (jp * slices + d / 16) * 32;
+      __m512bh v[4];
+      for (int i = 0; i < 4; ++i) v[i] = (__m512bh)_mm512_loadu_si512(pair + 32 * i);
+      for (int g = 0; g < G; ++g) {
+        uint32_t w2;
+        std::memcpy(&w2, weights + g * padded + 2 * jp, sizeof w2);
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(w2));
+        for (int i = 0; i < 4; ++i) sum[g][i] = _mm512_dpbf16_ps(sum[g][i], v[i], w);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + g * dim + d + 16 * i, sum[g][i]);
+  }
+}
+
+struct PairScratch {  // the interleaved values and bf16 weights of a chunk
+  std::vector<uint16_t> pairs, weights, zeros;
+};
+
+CAI_V4_BF16 void accumulate_dpbf16(float* acc, const float* weights, const uint16_t* const* rows, int64_t n,
+                                   int64_t heads, int64_t dim, PairScratch& scratch) {
+  static const uint16_t* order = [] {  // lane 2i: first key's column i, lane 2i + 1: the second key's
+    static uint16_t lanes[32];
+    for (int k = 0; k < 32; ++k) lanes[k] = static_cast<uint16_t>(k % 2 ? 16 + k / 2 : k / 2);
+    return lanes;
+  }();
+  const __m512i interleave = _mm512_loadu_si512(order);
+  const int64_t n_pairs = (n + 1) / 2, padded = 2 * n_pairs, slices = dim / 16;
+  scratch.pairs.resize(n_pairs * dim * 2);
+  scratch.weights.resize(heads * padded);
+  scratch.zeros.assign(dim, 0);
+  for (int64_t jp = 0; jp < n_pairs; ++jp) {
+    const uint16_t* a = rows[2 * jp];
+    const uint16_t* b = 2 * jp + 1 < n ? rows[2 * jp + 1] : scratch.zeros.data();
+    for (int64_t c = 0; c < slices; ++c) {
+      const __m512i both = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * c))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * c)), 1);
+      _mm512_storeu_si512(scratch.pairs.data() + (jp * slices + c) * 32, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+  for (int64_t g = 0; g < heads; ++g) {
+    uint16_t* w = scratch.weights.data() + g * padded;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 part = static_cast<__mmask16>(n - j >= 16 ? 0xffff : (1u << (n - j)) - 1u);
+      store16(w + j, _mm512_maskz_loadu_ps(part, weights + g * n + j), part);
+    }
+    if (n % 2) w[n] = 0;
+  }
+  int64_t g = 0;
+  const uint16_t* w = scratch.weights.data();
+  for (; g + 4 <= heads; g += 4) accumulate_pairs<4>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
+  switch (heads - g) {
+    case 1: return accumulate_pairs<1>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
+    case 2: return accumulate_pairs<2>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
+    case 3: return accumulate_pairs<3>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
+    default: return;
+  }
+}
+
 CAI_V4 float max_avx512(const float* x, int64_t n) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
@@ -201,7 +274,8 @@ float exp_sum(float* scores, int64_t n, float top) {
 // `portable`), else the plain ones (tests run both).
 struct Loops {
   bool avx512;
-  bool dpbf16;  // bf16 scores by vdpbf16ps (AVX512-BF16, head_dim % 32 == 0)
+  bool dpbf16;     // bf16 scores by vdpbf16ps (AVX512-BF16, head_dim % 32 == 0)
+  bool pv_dpbf16;  // bf16 values by vdpbf16ps over pairs of keys (AVX512-BF16, head_dim % 64 == 0)
 };
 
 // Running softmax states of `heads` query heads: queries (fp32, scaled; and raw for vdpbf16ps),
@@ -225,6 +299,9 @@ void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t 
   const T* keys = static_cast<const T*>(a.k) + h * dim;
   const T* values = static_cast<const T*>(a.v) + h * dim;
   std::vector<float> scores(m * kChunk);
+#ifdef CAI_AVX512
+  PairScratch pair_scratch;
+#endif
   const T* krows[kChunk];
   const T* vrows[kChunk];
   float* acc = st.acc.data() + h0 * dim;
@@ -288,7 +365,12 @@ void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t 
         for (int64_t d = 0; d < dim; ++d) ag[d] *= rescale;
     }
 #ifdef CAI_AVX512
-    if (loops.avx512)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (loops.pv_dpbf16) accumulate_dpbf16(acc, scores.data(), vrows, n, m, dim, pair_scratch);
+    }
+    if (loops.pv_dpbf16)
+      ;
+    else if (loops.avx512)
       accumulate_avx512(acc, scores.data(), vrows, n, m, dim);
     else
 #endif
@@ -457,11 +539,12 @@ std::string paged_decode_attention(const PagedDecode& given, const NewTokens* fr
   std::vector<float> q32;
   if (fresh && a.dtype == AttnDType::bf16) q16 = rotated<uint16_t>(a, *fresh);
   if (fresh && a.dtype == AttnDType::f32) q32 = rotated<float>(a, *fresh);
-  Loops loops{false, false};
+  Loops loops{false, false, false};
 #ifdef CAI_AVX512
   loops.avx512 = !portable && a.head_dim % 16 == 0 && has_avx512();
   loops.dpbf16 = loops.avx512 && a.dtype == AttnDType::bf16 && a.head_dim % 32 == 0 &&
                  __builtin_cpu_supports("avx512bf16");
+  loops.pv_dpbf16 = loops.dpbf16 && a.head_dim % 64 == 0;
 #else
   (void)portable;
 #endif

@@ -9,8 +9,11 @@ KVPool.write (bit for bit); bad tables refused; the engine on this path against 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from test_engine_paged_kernel import _batch as paged_batch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cai_fast.engine.attention import HAVE_CPU_KERNEL, BatchLayout, CpuPagedAttention, TorchPagedAttention, paged_decode
@@ -32,23 +35,12 @@ SHAPES = {"g3-d12": (2, 6, 12), "g1-d64": (3, 3, 64), "g5-d64": (1, 5, 64), "g6-
 
 
 def _batch(seed: int, case: str, kv_heads: int, head_dim: int, dtype: torch.dtype):
-    """A pool of random K/V (NaN in blocks nobody owns) and block tables sharing their first blocks."""
+    """A pool of random K/V (NaN in blocks nobody owns) and block tables sharing their first
+    blocks (the Triton kernel's tests' pools, in other shapes), and its decode layout."""
     block_size, kv_lens, shared_blocks, _ = CASES[case]
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-n // block_size) for n in kv_lens) + 3
-    pool = KVPool(KVShape(2, kv_heads, head_dim, dtype), num_blocks, block_size)
-    for cache in (*pool.k, *pool.v):
-        cache.copy_(torch.randn(cache.shape, generator=gen))
-    free = torch.randperm(num_blocks, generator=gen)
-    shared, rest = free[:shared_blocks], free[shared_blocks:]
-    tables = []
-    for length in kv_lens:
-        own = -(-length // block_size) - shared_blocks
-        tables.append(torch.cat([shared, rest[:own]]))
-        rest = rest[own:]
-    for cache in (*pool.k, *pool.v):
-        cache.view(num_blocks, block_size, -1)[rest] = float("nan")
-    return pool, BatchLayout([1] * len(kv_lens), list(kv_lens), tables, block_size, [t.tolist() for t in tables])
+    pool, layout = paged_batch(seed, kv_lens, [1] * len(kv_lens), shared_blocks, block_size, dtype=dtype,
+                               shape=KVShape(2, kv_heads, head_dim, dtype))
+    return pool, dataclasses.replace(layout, host_tables=[t.tolist() for t in layout.tables])
 
 
 def _new_tokens(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype):

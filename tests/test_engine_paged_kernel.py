@@ -21,12 +21,14 @@ SHAPE = KVShape(2, 2, 12, torch.float32)  # 6 query heads: a group of 3; head di
 HEADS, SCALE = 6, 0.29
 
 
-def _batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int, device="cpu", dtype=torch.float32):
+def _batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int, device="cpu", dtype=torch.float32,
+           shape: KVShape = SHAPE):
     """A pool of random K/V (NaN in blocks nobody owns) and tables sharing their first blocks.
-    (benches/gpu_check.py runs the same cases on CUDA, in bf16 and fp32.)"""
+    (benches/gpu_check.py runs the same cases on CUDA, in bf16 and fp32; tests/test_cpu_decode_kernel.py
+    other shapes.)"""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in kv_lens) + 3
-    pool = KVPool(dataclasses.replace(SHAPE, dtype=dtype), num_blocks, block_size, device)
+    pool = KVPool(dataclasses.replace(shape, dtype=dtype), num_blocks, block_size, device)
     for cache in (*pool.k, *pool.v):
         cache.copy_(torch.randn(cache.shape, generator=gen))
     free = torch.randperm(num_blocks, generator=gen)

@@ -145,10 +145,7 @@ def measure(make, workloads: dict, counters, side: str, repeats: int) -> dict:
             row = {**figures, **{k: after[k] - before[k] for k in after}, "result": result}
             print(f"{side} {key}: {json.dumps({k: v for k, v in row.items() if k != 'result'}, default=float)}",
                   flush=True)
-            if key not in out or row["seconds"] < out[key]["seconds"]:
-                out[key] = {**row, "runs": out.get(key, {}).get("runs", []) + [row["seconds"]]}
-            else:
-                out[key]["runs"].append(row["seconds"])
+            out = merge(out, {key: {**row, "runs": [row["seconds"]]}})
     return out
 
 
@@ -188,7 +185,7 @@ def main(argv=None) -> dict:
 
 
 def merge(best: dict, more: dict) -> dict:
-    """Per workload, the faster of two measurements (as `measure` keeps the fastest), with every run's seconds."""
+    """Per workload, the faster of two measurements, with every run's seconds (`measure` keeps its repeats so)."""
     out = dict(best)
     for key, row in more.items():
         old = best.get(key)

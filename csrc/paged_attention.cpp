@@ -119,6 +119,20 @@ CAI_V4_BF16 void score_dpbf16(const uint16_t* q, const uint16_t* const* rows, in
   }
 }
 
+// run(g0, G) for heads [g0, g0 + G) in groups of G = 4, then the rest (G a compile-time constant:
+// the accumulators of a group live in registers)
+template <typename Run>
+inline void in_groups_of_four(int64_t heads, Run&& run) {
+  int64_t g = 0;
+  for (; g + 4 <= heads; g += 4) run(g, std::integral_constant<int, 4>{});
+  switch (heads - g) {
+    case 1: return run(g, std::integral_constant<int, 1>{});
+    case 2: return run(g, std::integral_constant<int, 2>{});
+    case 3: return run(g, std::integral_constant<int, 3>{});
+    default: return;
+  }
+}
+
 // acc[g] += sum_j weights[g * n + j] * value j for bf16 values with AVX512-BF16: the values of two
 // keys interleaved column by column (pairs, once for all heads), the weights rounded to bf16 (as
 // torch's CPU flash kernel rounds them for its second matmul), one vdpbf16ps per 16 columns a
@@ -181,15 +195,10 @@ CAI_V4_BF16 void accumulate_dpbf16(float* acc, const float* weights, const uint1
     }
     if (n % 2) w[n] = 0;
   }
-  int64_t g = 0;
-  const uint16_t* w = scratch.weights.data();
-  for (; g + 4 <= heads; g += 4) accumulate_pairs<4>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
-  switch (heads - g) {
-    case 1: return accumulate_pairs<1>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
-    case 2: return accumulate_pairs<2>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
-    case 3: return accumulate_pairs<3>(acc + g * dim, w + g * padded, padded, scratch.pairs.data(), n_pairs, dim);
-    default: return;
-  }
+  in_groups_of_four(heads, [&](int64_t g, auto group) {
+    accumulate_pairs<decltype(group)::value>(acc + g * dim, scratch.weights.data() + g * padded, padded,
+                                             scratch.pairs.data(), n_pairs, dim);
+  });
 }
 
 CAI_V4 float max_avx512(const float* x, int64_t n) {
@@ -249,14 +258,9 @@ CAI_V4 void accumulate_heads(float* acc, const float* weights, const T* const* r
 template <typename T>
 CAI_V4 void accumulate_avx512(float* acc, const float* weights, const T* const* rows, int64_t n, int64_t heads,
                               int64_t dim) {
-  int64_t g = 0;
-  for (; g + 4 <= heads; g += 4) accumulate_heads<T, 4>(acc + g * dim, weights + g * n, rows, n, dim);
-  switch (heads - g) {
-    case 1: return accumulate_heads<T, 1>(acc + g * dim, weights + g * n, rows, n, dim);
-    case 2: return accumulate_heads<T, 2>(acc + g * dim, weights + g * n, rows, n, dim);
-    case 3: return accumulate_heads<T, 3>(acc + g * dim, weights + g * n, rows, n, dim);
-    default: return;
-  }
+  in_groups_of_four(heads, [&](int64_t g, auto group) {
+    accumulate_heads<T, decltype(group)::value>(acc + g * dim, weights + g * n, rows, n, dim);
+  });
 }
 #endif
 
@@ -282,12 +286,11 @@ struct Loops {
 // accumulated values, running max and sum
 template <typename T>
 struct States {
-  int64_t heads, dim;
   std::vector<float> q, acc, top, total;
   std::vector<T> raw;
-  States(int64_t heads_, int64_t dim_)
-      : heads(heads_), dim(dim_), q(heads_ * dim_), acc(heads_ * dim_, 0.f),
-        top(heads_, -std::numeric_limits<float>::infinity()), total(heads_, 0.f), raw(heads_ * dim_) {}
+  States(int64_t heads, int64_t dim)
+      : q(heads * dim), acc(heads * dim, 0.f), top(heads, -std::numeric_limits<float>::infinity()),
+        total(heads, 0.f), raw(heads * dim) {}
 };
 
 // Continue the states of heads [h0, h0 + m) over the keys at positions [first, last) of `table`

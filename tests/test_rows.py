@@ -35,7 +35,7 @@ def test_add_rms_norm_equals_the_add_and_llama_rms_norm(dtype, width, scale, por
     mine = x.clone()
     got = rows.add_rms_norm(mine, delta, norm, portable)
     assert torch.equal(mine, want_x)  # the residual add, in place, as torch rounds it
-    # within an ulp or two: the sum of squares is exact here, torch's rounds in fp32 (so in fp32 a
+    # within an ulp or two: the squares are summed in double here, in fp32 by torch (so in fp32 a
     # row's scale, and with it the whole row, is off by an ulp now and then; bf16 rounding hides most)
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -20
     torch.testing.assert_close(got.float(), want.float(), atol=1e-30, rtol=ulp)

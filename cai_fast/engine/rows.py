@@ -2,8 +2,9 @@
 
 - `add_rms_norm`: the residual add and the next RMSNorm in one call (torch: an add and seven ops
   in LlamaRMSNorm.forward, ~30 us at 8 rows on this CPU), as LlamaRMSNorm computes it: squares,
-  mean and scaling in fp32, each result rounded to the model's dtype where torch rounds it. The sum
-  of squares is exact in double, so an output may differ from torch's in the last bit now and then.
+  mean and scaling in fp32, each result rounded to the model's dtype where torch rounds it. The fp32
+  squares are summed in double (torch sums them in fp32), so an output may differ from torch's in
+  the last bit now and then.
 - `silu_mul`: SiLU(gate) * up from the fused gate|up projection's output, for a decode step's few
   rows (one thread: prefill keeps torch's ops, which run on all of them).
 Both have AVX-512 loops (widths that are multiples of 16) and plain ones.
@@ -16,13 +17,10 @@ from __future__ import annotations
 
 import torch
 
-try:  # the compiled core, built by `pip install .`
-    from .. import _core
-except ImportError:
-    _core = None
+from .attention import CPU_KERNEL_DTYPES as DTYPES  # the same codes as the decode kernel's
+from .attention import _core
 
 HAVE_ROW_KERNELS = _core is not None and hasattr(_core, "add_rms_norm")
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # forward: weight * to_dtype(x * rsqrt(mean(x^2) + eps))
 SILU_MUL_MAX_ROWS = 64  # above: torch's silu and mul
 

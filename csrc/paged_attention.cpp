@@ -1,6 +1,8 @@
-// See paged_attention.h. Each (request, kv head) pair is one independent task: its group of query
-// heads is scored against the request's keys a chunk at a time, straight from the pool's blocks,
-// with an online softmax (running max and sum, in fp32) accumulating the values. The hot loops
+// See paged_attention.h. A task is a share of the requests × a share of the kv heads, one a thread
+// (torch's OpenMP threads): for each kv head, the keys every request shares are scored against all
+// the share's queries at once, then each request's own keys against its group of query heads, a
+// chunk at a time straight from the pool's blocks, with an online softmax (running max and sum, in
+// fp32) accumulating the values. A query's arithmetic does not depend on the split. The hot loops
 // have an AVX-512 version (intrinsics in functions compiled for it, taken where the CPU has it and
 // head_dim % 16 == 0), so the build needs no -march and runs on any x86-64; elsewhere, and for
 // other head sizes, plain loops that the compiler vectorises as it can.

@@ -9,11 +9,9 @@
 #include "paged_attention.h"
 
 #include "cpu_simd.h"
+#include "cpu_threads.h"
 
 #include <algorithm>
-#ifdef __linux__
-#include <dlfcn.h>
-#endif
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -419,33 +417,6 @@ void one_task(const PagedDecode& a, int64_t r0, int64_t r1, int64_t h0, int64_t 
   }
 }
 
-// The OpenMP runtime already in the process (torch's libgomp, found by its soname without loading
-// anything), so the kernel's threads are torch's own intra-op threads: no second pool competing
-// for the cores, no link-time dependency. Absent (no libgomp loaded): one thread.
-struct Gomp {
-  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
-  int (*thread_num)() = nullptr;
-  int (*num_threads)() = nullptr;
-  int (*max_threads)() = nullptr;
-};
-
-const Gomp& gomp() {
-  static const Gomp found = [] {
-    Gomp g;
-#ifdef __linux__
-    if (void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD)) {
-      g.parallel = reinterpret_cast<decltype(g.parallel)>(dlsym(lib, "GOMP_parallel"));
-      g.thread_num = reinterpret_cast<decltype(g.thread_num)>(dlsym(lib, "omp_get_thread_num"));
-      g.num_threads = reinterpret_cast<decltype(g.num_threads)>(dlsym(lib, "omp_get_num_threads"));
-      g.max_threads = reinterpret_cast<decltype(g.max_threads)>(dlsym(lib, "omp_get_max_threads"));
-      if (!g.thread_num || !g.num_threads || !g.max_threads) g.parallel = nullptr;
-    }
-#endif
-    return g;
-  }();
-  return found;
-}
-
 struct Tasks {
   const PagedDecode* a;
   Loops loops;
@@ -462,12 +433,6 @@ struct Tasks {
       one_task<float>(*a, r0, r1, h0, h1, loops);
   }
 };
-
-void run_share(void* data) {  // one thread's tasks, as GOMP_parallel calls it in every thread
-  const Tasks& tasks = *static_cast<const Tasks*>(data);
-  const int64_t threads = gomp().num_threads();
-  for (int64_t t = gomp().thread_num(); t < tasks.count(); t += threads) tasks.run(t);
-}
 
 std::string check(const PagedDecode& a) {
   if (a.batch < 0 || a.q_heads <= 0 || a.kv_heads <= 0 || a.head_dim <= 0 || a.block_size <= 0)
@@ -510,25 +475,55 @@ void rotate(const T* x, const T* cos, const T* sin, int64_t heads, int64_t dim, 
   }
 }
 
-// Rotate the new tokens: q into `q_out` [batch, q_heads, head_dim], k (and v as is) into the pool
+#ifdef CAI_AVX512
+// rotate() 16 lanes at a time (head_dim % 32 == 0), the same roundings: bit for bit the same
 template <typename T>
-void rotate_and_store(const PagedDecode& a, const NewTokens& t, T* q_out) {
-  const int64_t dim = a.head_dim, row = a.kv_heads * dim;
-  for (int64_t r = 0; r < a.batch; ++r) {
-    const int64_t last = a.kv_lens[r] - 1;
-    const int64_t slot = a.tables[r * a.table_stride + last / a.block_size] * a.block_size + last % a.block_size;
-    const T* cos = static_cast<const T*>(t.cos) + r * dim;
-    const T* sin = static_cast<const T*>(t.sin) + r * dim;
-    rotate(static_cast<const T*>(t.q) + r * t.q_stride, cos, sin, a.q_heads, dim, q_out + r * a.q_heads * dim);
-    rotate(static_cast<const T*>(t.k) + r * t.kv_stride, cos, sin, a.kv_heads, dim, static_cast<T*>(a.k) + slot * row);
-    std::memcpy(static_cast<T*>(a.v) + slot * row, static_cast<const T*>(t.v) + r * t.kv_stride, row * sizeof(T));
+CAI_V4 void rotate_avx512(const T* x, const T* cos, const T* sin, int64_t heads, int64_t dim, T* y) {
+  const int64_t half = dim / 2;
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t h = 0; h < heads; ++h, x += dim, y += dim) {
+    for (int64_t d = 0; d < half; d += 16) {
+      const __m512 first = load16(x + d), second = load16(x + d + half);
+      const __m512 low = _mm512_add_ps(rounded16(_mm512_mul_ps(first, load16(cos + d)), T{}),
+                                       rounded16(_mm512_mul_ps(_mm512_xor_ps(second, sign), load16(sin + d)), T{}));
+      const __m512 high = _mm512_add_ps(rounded16(_mm512_mul_ps(second, load16(cos + d + half)), T{}),
+                                        rounded16(_mm512_mul_ps(first, load16(sin + d + half)), T{}));
+      store16(y + d, low);  // store16 rounds to T
+      store16(y + d + half, high);
+    }
   }
+}
+#endif
+
+// Rotate the new tokens: q into `q_out` [batch, q_heads, head_dim], k (and v as is) into the pool;
+// the requests shared among torch's threads
+template <typename T>
+void rotate_and_store(const PagedDecode& a, const NewTokens& t, T* q_out, [[maybe_unused]] bool vector) {
+  const int64_t dim = a.head_dim, row = a.kv_heads * dim;
+  auto turn = [&](const T* x, const T* cos, const T* sin, int64_t heads, T* y) {
+#ifdef CAI_AVX512
+    if (vector) return rotate_avx512(x, cos, sin, heads, dim, y);
+#endif
+    rotate(x, cos, sin, heads, dim, y);
+  };
+  const int64_t shares = std::min(gomp().threads(), a.batch);
+  parallel_tasks(shares, [&](int64_t share) {
+    for (int64_t r = a.batch * share / shares; r < a.batch * (share + 1) / shares; ++r) {
+      const int64_t last = a.kv_lens[r] - 1;
+      const int64_t slot = a.tables[r * a.table_stride + last / a.block_size] * a.block_size + last % a.block_size;
+      const T* cos = static_cast<const T*>(t.cos) + r * dim;
+      const T* sin = static_cast<const T*>(t.sin) + r * dim;
+      turn(static_cast<const T*>(t.q) + r * t.q_stride, cos, sin, a.q_heads, q_out + r * a.q_heads * dim);
+      turn(static_cast<const T*>(t.k) + r * t.kv_stride, cos, sin, a.kv_heads, static_cast<T*>(a.k) + slot * row);
+      std::memcpy(static_cast<T*>(a.v) + slot * row, static_cast<const T*>(t.v) + r * t.kv_stride, row * sizeof(T));
+    }
+  });
 }
 
 template <typename T>
-std::vector<T> rotated(PagedDecode& a, const NewTokens& t) {
+std::vector<T> rotated(PagedDecode& a, const NewTokens& t, bool vector) {
   std::vector<T> q(a.batch * a.q_heads * a.head_dim);
-  rotate_and_store(a, t, q.data());
+  rotate_and_store(a, t, q.data(), vector);
   a.q = q.data();
   return q;
 }
@@ -540,10 +535,6 @@ std::string paged_decode_attention(const PagedDecode& given, const NewTokens* fr
   if (!error.empty()) return error;
   if (fresh && given.head_dim % 2) return "the rotary embedding needs an even head_dim";
   PagedDecode a = given;
-  std::vector<uint16_t> q16;
-  std::vector<float> q32;
-  if (fresh && a.dtype == AttnDType::bf16) q16 = rotated<uint16_t>(a, *fresh);
-  if (fresh && a.dtype == AttnDType::f32) q32 = rotated<float>(a, *fresh);
   Loops loops{false, false, false};
 #ifdef CAI_AVX512
   loops.avx512 = !portable && a.head_dim % 16 == 0 && has_avx512();
@@ -553,17 +544,18 @@ std::string paged_decode_attention(const PagedDecode& given, const NewTokens* fr
 #else
   (void)portable;
 #endif
+  const bool rotate_vector = loops.avx512 && a.head_dim % 32 == 0;
+  std::vector<uint16_t> q16;
+  std::vector<float> q32;
+  if (fresh && a.dtype == AttnDType::bf16) q16 = rotated<uint16_t>(a, *fresh, rotate_vector);
+  if (fresh && a.dtype == AttnDType::f32) q32 = rotated<float>(a, *fresh, rotate_vector);
   // tasks: the requests in one share a thread (each share reads the shared keys for its own
   // requests' queries); where there are fewer requests than threads, shares of the kv heads too
-  const Gomp& omp = gomp();
-  const int64_t threads = omp.parallel ? std::max(1, omp.max_threads()) : 1;
+  const int64_t threads = gomp().threads();
   const int64_t row_groups = std::max<int64_t>(1, std::min(a.batch, threads));
   const int64_t head_groups = std::min(a.kv_heads, (threads + row_groups - 1) / row_groups);
-  Tasks tasks{&a, loops, row_groups, head_groups};
-  if (threads > 1 && tasks.count() > 1)
-    omp.parallel(run_share, &tasks, static_cast<unsigned>(std::min(threads, tasks.count())), 0);
-  else
-    for (int64_t t = 0; t < tasks.count(); ++t) tasks.run(t);
+  const Tasks tasks{&a, loops, row_groups, head_groups};
+  parallel_tasks(tasks.count(), [&](int64_t t) { tasks.run(t); });
   return "";
 }
 

@@ -28,7 +28,7 @@ Sections (each prints its table; --json writes every figure):
   levers      decode tokens/s at batch 1 and --decode-batch of each engine lever taken in turn: fp32
               with the model's modules and per-head attention (the engine before issue 10), bf16,
               torch's fused CPU flash attention, fused prepacked projections, the C++ decode
-              attention and row kernels (the default), and with --compile the compiled decode
+              attention and row kernels, the AMX linear (the default), and with --compile the compiled decode
               step (inductor; compiles first, minutes). Best of
               --repeats interleaved runs, against the roofline of each lever's dtype.
 
@@ -328,8 +328,9 @@ def levers(loaded, args) -> dict:
         steps = {"fp32 modules, per-head attention": rate(fp32, batch, True, fused=False, attention="torch"),
                  "bf16 modules, per-head attention": rate(bf16, batch, True, fused=False, attention="torch"),
                  "bf16 + torch's flash attention": rate(bf16, batch, fused=False, attention="torch"),
-                 "bf16 + fused prepacked projections": rate(bf16, batch, attention="torch"),
-                 "bf16 + C++ decode attention and row kernels (default)": rate(bf16, batch)}
+                 "bf16 + fused prepacked projections": rate(bf16, batch, attention="torch", linear="onednn"),
+                 "bf16 + C++ decode attention and row kernels": rate(bf16, batch, linear="onednn"),
+                 "bf16 + AMX linear (default)": rate(bf16, batch)}
         if args.compile:
             compiled = engine(bf16, batch, compile="inductor")
             out[f"compile_seconds_batch{batch}"] = timed(lambda: compiled.generate(chats[:batch], SamplingParams(2)))[0]

@@ -71,6 +71,8 @@ class EngineConfig:
     attention: str = option("auto", "auto, torch, cpu, flash or triton (cai_fast.engine.attention)")
     fused: bool = option(True, "fused, prepacked projections (False: the model's "
                                "own modules, one by one)")
+    linear: str = option("auto", "CPU bf16 projections: auto (cai_fast's AMX kernel where the "
+                                 "CPU has AMX, else oneDNN) or onednn")
     compile: str = option("none", "torch.compile the decode step per batch bucket: none "
                           "or a backend (inductor); compiling takes minutes")
 
@@ -155,7 +157,7 @@ class CachedGenerator:
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile)
+        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile, config.linear)
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)

@@ -9,7 +9,9 @@ it computes what the model's own forward computes, up to float rounding; the tes
 together. With `fused=True` (the default) the projections of a layer whose q/k/v and gate/up/down
 are plain nn.Linear run as three matmuls: q|k|v and gate|up fused along the output, their weights
 copied once when the runner is built (so build a new runner after changing the weights, as the
-engine's users do), and on a CPU in bf16/fp16 prepacked for oneDNN (`FusedLinear`); anything else
+engine's users do), and on a CPU in bf16/fp16 prepacked for oneDNN and, on an AMX CPU in bf16,
+for cai_fast's AMX linear of a decode step's rows (`FusedLinear`; `linear="onednn"`, the AMX
+kernel's twin, leaves every call to oneDNN); anything else
 (a LoRA-wrapped projection, say) is called as the model's module. Also with `fused=True`, on a
 CPU in fp32 or bf16: each residual add and the RMSNorm after it run as one `rows.add_rms_norm`
 call, a decode step's SiLU(gate) * up as one `rows.silu_mul`, and (with the CPU attention kernel)
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from . import linear as amx
 from . import rows
 from .attention import BatchLayout, make_attention
 from .kv import KVPool, KVShape, host_to_device, slot_ids
@@ -70,25 +73,34 @@ def layer_windows(config) -> list[int | None]:
 CAN_PREPACK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+LINEAR_KINDS = ("auto", "onednn")
+
+
 class FusedLinear:
     """`torch.cat([m(x) for m in modules], -1)` of nn.Linear modules, as one matmul.
 
     The weights are concatenated once (a copy). On a CPU in bf16/fp16 the weight is prepacked into
     oneDNN's blocked layout and applied with oneDNN's linear, as inductor's freezing does: 1.4-1.8x
-    F.linear at SmolLM2's shapes at 1 and 32 rows on this CPU (AMX). Elsewhere F.linear.
+    F.linear at SmolLM2's shapes at 1 and 32 rows on this CPU (AMX). With kind "auto", in bf16 on
+    a CPU with AMX tiles (`amx.takes`: sizes multiples of 32), it is also packed for cai_fast's
+    AMX linear, which computes calls of up to `amx.MAX_ROWS` rows (a decode step: 1.2-1.5x
+    oneDNN's at 1-32 rows here; oneDNN keeps the prefill's many rows, where it is faster): a
+    second copy of the weight. prepacked=False: plain F.linear (what a compiled graph sees through).
     """
 
-    def __init__(self, modules, prepack: bool = True):
+    def __init__(self, modules, prepack: bool = True, kind: str = "auto"):
         weight = torch.cat([m.weight.detach() for m in modules])
         biases = [m.bias for m in modules]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, modules)])
         self.sizes = [m.out_features for m in modules]
-        prepack = prepack and CAN_PREPACK and weight.is_cpu and weight.dtype in (torch.bfloat16, torch.float16)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if prepack else weight
-        self.prepacked = prepack
+        self.amx = amx.pack(weight) if prepack and kind == "auto" and amx.takes(weight) else None
+        self.prepacked = prepack and CAN_PREPACK and weight.is_cpu and weight.dtype in (torch.bfloat16, torch.float16)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.prepacked else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx is not None and x.numel() <= amx.MAX_ROWS * x.shape[-1]:
+            return amx.linear(x, self.amx, self.bias)
         if self.prepacked:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -113,15 +125,15 @@ class LayerProjections:
         return cls(lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)), attn.o_proj, layer.mlp)
 
     @classmethod
-    def fused(cls, layer, prepack: bool = True) -> "LayerProjections":
+    def fused(cls, layer, prepack: bool = True, kind: str = "auto") -> "LayerProjections":
         """q|k|v and gate|up as one FusedLinear each; the modules where any is not a plain nn.Linear."""
         attn, mlp = layer.self_attn, layer.mlp
         parts = [getattr(attn, p) for p in _ATTN_PARTS] + [getattr(mlp, p, None) for p in _MLP_PARTS]
         if not all(type(p) is torch.nn.Linear for p in parts) or not hasattr(mlp, "act_fn"):
             return cls.of_modules(layer)
-        linear = lambda *modules: FusedLinear(modules, prepack)  # noqa: E731
-        qkv, o = linear(attn.q_proj, attn.k_proj, attn.v_proj), linear(attn.o_proj)
-        gate_up, down, act = linear(mlp.gate_proj, mlp.up_proj), linear(mlp.down_proj), mlp.act_fn
+        fuse = lambda *modules: FusedLinear(modules, prepack, kind)  # noqa: E731
+        qkv, o = fuse(attn.q_proj, attn.k_proj, attn.v_proj), fuse(attn.o_proj)
+        gate_up, down, act = fuse(mlp.gate_proj, mlp.up_proj), fuse(mlp.down_proj), mlp.act_fn
 
         def feed_forward(h: torch.Tensor) -> torch.Tensor:
             both = gate_up(h)
@@ -217,19 +229,23 @@ class PagedRunner:
     the compiled graph is the eager forward's own layer loop, prefill stays eager.
     """
 
-    def __init__(self, model, pool: KVPool, attention: str = "auto", fused: bool = True, compile: str = "none"):
+    def __init__(self, model, pool: KVPool, attention: str = "auto", fused: bool = True, compile: str = "none",
+                 linear: str = "auto"):
+        if linear not in LINEAR_KINDS:
+            raise ValueError(f"linear must be one of {', '.join(LINEAR_KINDS)}, got {linear!r}")
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"the paged engine cannot run this model: {reason}")
         self.model, self.pool, self.fused = model, pool, fused
         self.decoder = model.get_decoder()
         if fused:  # a compiled graph gets plain weights: prepacked ones are opaque to it
-            self.projections = [LayerProjections.fused(layer, prepack=compile == "none") for layer in self.decoder.layers]
+            self.projections = [LayerProjections.fused(layer, prepack=compile == "none", kind=linear)
+                                for layer in self.decoder.layers]
         else:
             self.projections = [LayerProjections.of_modules(layer) for layer in self.decoder.layers]
         self.compiled = None if compile == "none" else CompiledDecode(self, compile)
         head = model.get_output_embeddings()
-        self.head = FusedLinear([head]) if fused and type(head) is torch.nn.Linear else head
+        self.head = FusedLinear([head], kind=linear) if fused and type(head) is torch.nn.Linear else head
         config = model.config
         self.head_dim = pool.shape.head_dim
         self.attention = make_attention(attention, pool, layer_windows(config), config.num_attention_heads,

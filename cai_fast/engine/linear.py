@@ -1,0 +1,48 @@
+"""The AMX linear of cai_fast._core (csrc/linear.cpp): bf16 projections on CPUs with AMX tiles.
+
+A decode step streams every weight from memory for a few rows. This kernel packs each weight
+once into the tiles' layout, gives each of torch's threads one contiguous stretch of it,
+prefetches ahead into L2 while the tiles compute, and sums in fp32 tiles, rounding once to bf16
+(bias added first), as oneDNN does: a decode step's 121 linears of SmolLM2 took 9.3 / 9.2 /
+11.0 ms at 1 / 8 / 32 rows against oneDNN's prepacked linear's 12.2 / 12.1 / 14.9 ms in the same
+run (benches/README.md). `FusedLinear` calls it for up to MAX_ROWS rows. Taken where `takes` says
+(an AMX-BF16 CPU, bf16 weights whose sizes are multiples of 32); its twin is oneDNN's linear
+(`EngineConfig.linear="onednn"`), and tests/test_linear.py holds the two together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import _core
+
+HAVE_AMX = _core is not None and hasattr(_core, "amx_linear") and _core.has_amx_bf16()
+MAX_ROWS = 64  # above: oneDNN (at 2,048 rows, a prefill's, it is ~1.2x this kernel here)
+
+
+def takes(weight: torch.Tensor) -> bool:
+    """Whether the kernel computes a linear of this [n, k] weight on this machine."""
+    return (HAVE_AMX and weight.is_cpu and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [n, k] in the kernel's layout (a copy, the same size, still shaped [n, k])."""
+    weight = weight.contiguous()
+    packed = torch.empty_like(weight)
+    _core.pack_linear_weight(weight.data_ptr(), weight.shape[0], weight.shape[1], packed.data_ptr())
+    return packed
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., k] bf16, `packed` = pack(weight)."""
+    n, k = packed.shape
+    if x.dtype != torch.bfloat16 or x.shape[-1] != k or (bias is not None and bias.dtype != torch.bfloat16):
+        raise ValueError(f"amx linear: x {tuple(x.shape)} {x.dtype} (bias {None if bias is None else bias.dtype}) "
+                         f"does not fit a bf16 weight of {n} x {k}")
+    rows = x.reshape(-1, k).contiguous()
+    bias = None if bias is None else bias.contiguous()  # held: the kernel reads it by address
+    out = x.new_empty(*x.shape[:-1], n)
+    _core.amx_linear(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n, 0 if bias is None else bias.data_ptr(),
+                     out.data_ptr())
+    return out

@@ -2,10 +2,14 @@
 // rest plain loops (tests/test_rows.py runs both). A row's sum of squares is taken in double over
 // the fp32 squares (torch's fp32 cascade sum rounds differently now and then: the outputs then
 // differ from LlamaRMSNorm's in the last bit, which the tests bound); SiLU's exp is exp16's
-// (within 2 ulp of expf) on the AVX-512 path, std::exp on the plain one.
+// (within 2 ulp of expf) on the AVX-512 path, std::exp on the plain one. argmax keeps each lane's
+// first maximum, then takes the lowest index among the lanes that hold the row's maximum.
 #include "rows.h"
 
 #include "cpu_simd.h"
+#include "cpu_threads.h"
+
+#include <limits>
 
 namespace cai {
 namespace {
@@ -65,7 +69,54 @@ CAI_V4 void silu_mul_avx512(const T* gate, const T* up, T* out, int64_t width) {
     store16(out + i, _mm512_mul_ps(rounded16(silu, T{}), load16(up + i)));
   }
 }
+
+template <typename T>
+int64_t first_nan(const T* x, int64_t from, int64_t width) {
+  while (from < width && !std::isnan(to_f32(x[from]))) ++from;
+  return from;
+}
+
+template <typename T>
+CAI_V4 int64_t argmax_avx512(const T* x, int64_t width) {
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i at = _mm512_setzero_si512(), index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  for (int64_t i = 0; i < width; i += 16, index = _mm512_add_epi32(index, step)) {
+    const __m512 v = load16(x + i);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return first_nan(x, i, width);
+    const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly: a lane keeps its first
+    best = _mm512_mask_mov_ps(best, greater, v);
+    at = _mm512_mask_mov_epi32(at, greater, index);
+  }
+  const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(top, at);
+}
 #endif
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t width) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t at = 0;
+  for (int64_t i = 0; i < width; ++i) {
+    const float v = to_f32(x[i]);
+    if (std::isnan(v)) return i;
+    if (v > best) best = v, at = i;
+  }
+  return at;
+}
+
+template <typename T>
+void argmax_share(const T* x, int64_t r0, int64_t r1, int64_t width, int64_t* out, [[maybe_unused]] bool vector) {
+  for (int64_t r = r0; r < r1; ++r) {
+#ifdef CAI_AVX512
+    if (vector) {
+      out[r] = argmax_avx512(x + r * width, width);
+      continue;
+    }
+#endif
+    out[r] = argmax_row(x + r * width, width);
+  }
+}
 
 template <typename T>
 void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps,
@@ -130,6 +181,20 @@ std::string silu_mul(const void* gate_up, void* out, int64_t rows, int64_t width
     silu_mul_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, width, vector);
   else
     silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width, vector);
+  return "";
+}
+
+std::string argmax_rows(const void* x, int64_t rows, int64_t width, RowDType dtype, int64_t* out, bool portable) {
+  if (rows < 0 || width <= 0) return "rows must be >= 0 and width > 0";
+  const bool vector = !portable && width % 16 == 0 && has_avx512();
+  const int64_t shares = std::min<int64_t>(gomp().threads(), rows);
+  parallel_tasks(shares, [&](int64_t t) {
+    const int64_t r0 = rows * t / shares, r1 = rows * (t + 1) / shares;
+    if (dtype == RowDType::bf16)
+      argmax_share(static_cast<const uint16_t*>(x), r0, r1, width, out, vector);
+    else
+      argmax_share(static_cast<const float*>(x), r0, r1, width, out, vector);
+  });
   return "";
 }
 

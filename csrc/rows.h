@@ -1,5 +1,5 @@
 // Row-wise CPU kernels of the decoder layer that torch runs as several small ops each: residual
-// add + RMSNorm, and SiLU(gate) * up. Plain C++ (no libtorch): the binding passes addresses.
+// add + RMSNorm, and SiLU(gate) * up; and greedy sampling's argmax over a step's logits. Plain C++ (no libtorch): the binding passes addresses.
 // Their twins are transformers' LlamaRMSNorm and LlamaMLP's act_fn(gate) * up; tests/test_rows.py
 // holds them together.
 #pragma once
@@ -22,5 +22,10 @@ std::string add_rms_norm(void* x, const void* delta, const void* weight, void* o
 // as torch's silu then mul; gate_up rows are 2 * width apart.
 std::string silu_mul(const void* gate_up, void* out, int64_t rows, int64_t width, RowDType dtype,
                      bool portable = false);
+
+// out[r] = the first index of row r's maximum of x [rows, width], a NaN counting as the maximum
+// (torch.argmax's answer), the rows shared among torch's threads.
+std::string argmax_rows(const void* x, int64_t rows, int64_t width, RowDType dtype, int64_t* out,
+                        bool portable = false);
 
 }  // namespace cai

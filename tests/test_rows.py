@@ -100,3 +100,43 @@ def test_the_runner_on_the_row_kernels_matches_the_model(tiny_model_path, dtype)
     assert outs[True] == outs[False]
     torch.testing.assert_close(outs["scoresTrue"], outs["scoresFalse"], atol=0.02 if dtype == "bfloat16" else 1e-4,
                                rtol=0)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", [1, 7, 16, 400, 49152])
+def test_argmax_equals_torch_argmax_ties_nans_and_infinities_included(dtype, width, portable):
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(11, width, generator=gen) * 3).to(dtype)
+    x[1] = x[1].round()  # many ties: torch takes the first of them
+    x[2] = float("-inf")  # all -inf: index 0
+    x[3, width // 2] = float("nan")  # a NaN counts as the maximum
+    x[4, -1] = float("nan")
+    x[4, 0] = float("inf")
+    x[5] = 2.0  # all equal
+    x[6, -1] = x[6].max() + 1  # the maximum last
+    assert torch.equal(rows.argmax(x, portable), x.argmax(-1))
+    one = x[7:8].contiguous()
+    assert torch.equal(rows.argmax(one, portable), one.argmax(-1))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_does_not_depend_on_the_thread_count(threads):
+    x = torch.randn(7, 4096).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.equal(rows.argmax(x), x.argmax(-1))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_greedy_sampling_takes_the_kernel_where_it_applies():
+    from cai_fast.engine.sampling import greedy
+
+    x = torch.randn(5, 96)
+    assert rows.takes_argmax(x) and rows.takes_argmax(x.bfloat16())
+    assert not rows.takes_argmax(x.half())  # fp16: torch.argmax
+    assert not rows.takes_argmax(x[:, ::2])  # strided rows
+    for logits in (x, x.bfloat16(), x.half(), x[:, ::2]):
+        assert torch.equal(greedy(logits), logits.argmax(-1))

@@ -335,9 +335,10 @@ class CachedGenerator:
 
     @torch.inference_mode()
     def _sample(self, requests: list[_Request], hidden: torch.Tensor) -> None:
-        with self._timed("model_seconds"):
-            logits = self.runner.logits(hidden)
-        tokens = next_tokens(logits, [r.params for r in requests], [r.rng for r in requests])
+        params = [r.params for r in requests]
+        with self._timed("model_seconds"):  # all greedy: argmax of the model-dtype logits, no fp32 copy
+            logits = self.runner.logits(hidden, fp32=any(p.temperature > 0 for p in params))
+        tokens = next_tokens(logits, params, [r.rng for r in requests])
         for r, token in zip(requests, tokens):
             self._append(r, token)
 

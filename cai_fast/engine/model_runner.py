@@ -259,9 +259,10 @@ class PagedRunner:
         head = self.model.get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full fp32 logits [n, V] of a few final hidden states [n, H]."""
-        return self.head(hidden).float()
+    def logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """Full logits [n, V] of a few final hidden states [n, H], in fp32 (else the model's dtype)."""
+        logits = self.head(hidden)
+        return logits.float() if fp32 else logits
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

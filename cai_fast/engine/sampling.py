@@ -12,6 +12,7 @@ import hashlib
 
 import torch
 
+from . import rows
 from .base import SamplingParams
 
 
@@ -31,10 +32,17 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax(logits, -1) of [B, V] logits in any dtype (the model's: casting to fp32 first changes
+    no comparison), by the row kernel where it applies (a CPU tensor in fp32 or bf16)."""
+    return rows.argmax(logits) if rows.takes_argmax(logits) else logits.argmax(-1)
+
+
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
-    """One token per row of logits [B, V] (fp32): argmax where temperature is 0, else a draw.
-    The draws stay on the device; the tokens are read back once, together."""
-    tokens = logits.argmax(-1)
+    """One token per row of logits [B, V]: argmax where temperature is 0, else a draw (logits in
+    fp32 then; greedy rows take any dtype). The draws stay on the device; the tokens are read back
+    once, together."""
+    tokens = greedy(logits)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature > 0:
             probs = top_p_filter(torch.softmax(logits[row] / p.temperature, -1), p.top_p)

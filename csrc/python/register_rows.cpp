@@ -51,6 +51,20 @@ void register_rows(py::module_& m) {
         py::arg("portable") = false,
         "out [rows, width] = silu(gate_up[:, :width]) * gate_up[:, width:]; dtype 0 fp32, 1 bf16; portable: the\n"
         "plain loops even where the AVX-512 ones could run.");
+  m.def("argmax_rows",
+        [](uint64_t x, int64_t rows, int64_t width, int dtype, uint64_t out, bool portable) {
+          const RowDType kind = row_dtype(dtype);
+          std::string error;
+          {
+            py::gil_scoped_release release;
+            error = argmax_rows(reinterpret_cast<const void*>(x), rows, width, kind, reinterpret_cast<int64_t*>(out),
+                                portable);
+          }
+          raise_if("argmax_rows", error);
+        },
+        py::arg("x"), py::arg("rows"), py::arg("width"), py::arg("dtype"), py::arg("out"), py::arg("portable") = false,
+        "out [rows] int64 = torch.argmax(x [rows, width], -1) (first maximum; a NaN counts as the maximum);\n"
+        "dtype 0 fp32, 1 bf16; portable: the plain loops even where the AVX-512 ones could run.");
 }
 
 }  // namespace cai

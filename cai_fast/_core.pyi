@@ -3,8 +3,9 @@ the CPU kernels (tensor addresses as integers).
 
 The scheduler's contract is documented in `cai_fast.scheduler`; the pure-Python twin lives in
 `cai_fast.scheduler.radix_py` and `cai_fast.scheduler.scheduler_py`. The kernels are called
-through `cai_fast.engine.attention.paged_decode` and `cai_fast.engine.rows`, which check the
-tensors; their twins are the torch path and transformers' modules.
+through `cai_fast.engine.attention.paged_decode`, `cai_fast.engine.rows` and
+`cai_fast.engine.linear`, which check the tensors; their twins are the torch path, transformers'
+modules, torch.argmax and oneDNN's linear.
 """
 
 from typing import Optional, Sequence
@@ -96,3 +97,7 @@ def paged_decode_attention(q: int, out: int, k: int, v: int, tables: int, table_
 def add_rms_norm(x: int, delta: int, weight: int, out: int, rows: int, width: int, eps: float, dtype: int,
                  portable: bool = False) -> None: ...
 def silu_mul(gate_up: int, out: int, rows: int, width: int, dtype: int, portable: bool = False) -> None: ...
+def argmax_rows(x: int, rows: int, width: int, dtype: int, out: int, portable: bool = False) -> None: ...
+def has_amx_bf16() -> bool: ...
+def pack_linear_weight(w: int, n: int, k: int, packed: int) -> None: ...
+def amx_linear(x: int, m: int, k: int, packed: int, n: int, bias: int, y: int) -> None: ...

@@ -119,9 +119,9 @@ void argmax_share(const T* x, int64_t r0, int64_t r1, int64_t width, int64_t* ou
 }
 
 template <typename T>
-void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t width, float eps,
+void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t r0, int64_t r1, int64_t width, float eps,
                    [[maybe_unused]] bool vector) {
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     T* xr = x + r * width;
     const T* dr = delta ? delta + r * width : nullptr;
 #ifdef CAI_AVX512
@@ -141,8 +141,8 @@ void add_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, 
 }
 
 template <typename T>
-void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width, [[maybe_unused]] bool vector) {
-  for (int64_t r = 0; r < rows; ++r) {
+void silu_mul_rows(const T* gate_up, T* out, int64_t r0, int64_t r1, int64_t width, [[maybe_unused]] bool vector) {
+  for (int64_t r = r0; r < r1; ++r) {
     const T* gate = gate_up + r * 2 * width;
     const T* up = gate + width;
     T* o = out + r * width;
@@ -159,37 +159,49 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width, [[mayb
   }
 }
 
+// run(r0, r1) over shares of [0, rows) on torch's threads, a share at least `least` rows (below
+// that a thread's start costs more than the rows it takes)
+template <typename Run>
+void row_shares(int64_t rows, int64_t least, const Run& run) {
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(gomp().threads(), rows / least));
+  parallel_tasks(shares, [&](int64_t t) { run(rows * t / shares, rows * (t + 1) / shares); });
+}
+
+constexpr int64_t kLeastRows = 4;  // a share of add_rms_norm / silu_mul (576-3072 wide rows: ~1 us)
+
 }  // namespace
 
 std::string add_rms_norm(void* x, const void* delta, const void* weight, void* out, int64_t rows, int64_t width,
                          float eps, RowDType dtype, bool portable) {
   if (rows < 0 || width <= 0) return "rows must be >= 0 and width > 0";
   const bool vector = !portable && width % 16 == 0 && has_avx512();
-  if (dtype == RowDType::bf16)
-    add_norm_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(delta), static_cast<const uint16_t*>(weight),
-                  static_cast<uint16_t*>(out), rows, width, eps, vector);
-  else
-    add_norm_rows(static_cast<float*>(x), static_cast<const float*>(delta), static_cast<const float*>(weight),
-                  static_cast<float*>(out), rows, width, eps, vector);
+  row_shares(rows, kLeastRows, [&](int64_t r0, int64_t r1) {
+    if (dtype == RowDType::bf16)
+      add_norm_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(delta),
+                    static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), r0, r1, width, eps, vector);
+    else
+      add_norm_rows(static_cast<float*>(x), static_cast<const float*>(delta), static_cast<const float*>(weight),
+                    static_cast<float*>(out), r0, r1, width, eps, vector);
+  });
   return "";
 }
 
 std::string silu_mul(const void* gate_up, void* out, int64_t rows, int64_t width, RowDType dtype, bool portable) {
   if (rows < 0 || width <= 0) return "rows must be >= 0 and width > 0";
   const bool vector = !portable && width % 16 == 0 && has_avx512();
-  if (dtype == RowDType::bf16)
-    silu_mul_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, width, vector);
-  else
-    silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, width, vector);
+  row_shares(rows, kLeastRows, [&](int64_t r0, int64_t r1) {
+    if (dtype == RowDType::bf16)
+      silu_mul_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), r0, r1, width, vector);
+    else
+      silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), r0, r1, width, vector);
+  });
   return "";
 }
 
 std::string argmax_rows(const void* x, int64_t rows, int64_t width, RowDType dtype, int64_t* out, bool portable) {
   if (rows < 0 || width <= 0) return "rows must be >= 0 and width > 0";
   const bool vector = !portable && width % 16 == 0 && has_avx512();
-  const int64_t shares = std::min<int64_t>(gomp().threads(), rows);
-  parallel_tasks(shares, [&](int64_t t) {
-    const int64_t r0 = rows * t / shares, r1 = rows * (t + 1) / shares;
+  row_shares(rows, 1, [&](int64_t r0, int64_t r1) {
     if (dtype == RowDType::bf16)
       argmax_share(static_cast<const uint16_t*>(x), r0, r1, width, out, vector);
     else

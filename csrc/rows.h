@@ -14,7 +14,8 @@ enum class RowDType : int { f32 = 0, bf16 = 1 };
 // x [rows, width] += delta (when delta is not null, rounded to the dtype as torch's add), then
 // out = weight * to_dtype(x * rsqrt(mean(x^2) + eps)) with the mean and the scaling in fp32 and
 // the product with weight rounded to the dtype, as LlamaRMSNorm computes it.
-// portable (both kernels): the plain loops even where the AVX-512 ones could run (for tests).
+// portable (all three): the plain loops even where the AVX-512 ones could run (for tests). Each
+// kernel shares its rows among torch's threads (add_rms_norm and silu_mul: 4 rows a thread at least).
 std::string add_rms_norm(void* x, const void* delta, const void* weight, void* out, int64_t rows, int64_t width,
                          float eps, RowDType dtype, bool portable = false);
 

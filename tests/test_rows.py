@@ -120,15 +120,33 @@ def test_argmax_equals_torch_argmax_ties_nans_and_infinities_included(dtype, wid
     assert torch.equal(rows.argmax(one, portable), one.argmax(-1))
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_argmax_does_not_depend_on_the_thread_count(threads):
-    x = torch.randn(7, 4096).bfloat16()
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 37])
+def test_the_kernels_do_not_depend_on_the_thread_count(threads, n):
+    """Each kernel shares its rows among torch's threads: any count of threads and rows (shares of
+    uneven sizes, fewer rows than a share's least) gives what one thread gives, bit for bit."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 576, generator=gen).bfloat16()
+    delta = torch.randn(n, 576, generator=gen).bfloat16()
+    gate_up = (torch.randn(n, 2 * 1536, generator=gen) * 6).bfloat16()
+    logits = torch.randn(n, 4096, generator=gen).bfloat16()
+    norm = _norm(576, torch.bfloat16, 2)
+
+    def run():
+        added = x.clone()
+        return rows.add_rms_norm(added, delta, norm), added, rows.silu_mul(gate_up), rows.argmax(logits)
+
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
+        alone = run()
         torch.set_num_threads(threads)
-        assert torch.equal(rows.argmax(x), x.argmax(-1))
+        shared = run()
     finally:
         torch.set_num_threads(before)
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)
+    assert torch.equal(shared[3], logits.argmax(-1))
 
 
 def test_greedy_sampling_takes_the_kernel_where_it_applies():

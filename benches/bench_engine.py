@@ -17,12 +17,12 @@ Sections (each prints its table; --json writes every figure):
               generate call per pair and principle), with the tokens each computes; and the
               scheduler's own time over the whole workload, C++ and its Python twin.
   decode      decode tokens/s at batch 1 and --decode-batch, engine vs transformers' generate (per
-              step, prefill excluded), against this CPU's ceilings: weights streamed once a step
-              (bytes of weights / bandwidth of a large copy) and the fp32 matmul rate of a big
-              matmul (2 × parameters flops a token); plus decode after the 3-example few-shot
-              block: the engine at --decode-batch with cascade attention on and off (the shared
-              prefix read once a step, or once per request), generate at batch 8. Best of
-              --repeats interleaved runs.
+              step, prefill excluded), against the roofline measured in the same run: what a step
+              must read (the weights once, each request's K/V) at the bandwidth of a large sum or
+              copy (the faster), or the rate of a big matmul (2 × parameters flops a token); plus
+              decode after the 3-example few-shot block: the engine at --decode-batch with cascade
+              attention on and off (the shared prefix read once a step, or once per request),
+              generate at batch 8. Best of --repeats interleaved runs.
   divergence  greedy completions of --n chat prompts, engine (all in one batch) vs generate (one
               prompt at a time): how many differ, and the top-2 logit gap where they part.
   levers      decode tokens/s at batch 1 and --decode-batch of each engine lever taken in turn: fp32
@@ -220,18 +220,27 @@ def judge(loaded, args) -> dict:
 
 
 def ceilings(model) -> dict:
-    """This CPU's bandwidth (a 400 MB copy) and matmul rate (2048³) in the model's dtype, and the
-    decode ceilings: weights streamed once a step at batch 1, 2 × parameters flops a token."""
+    """This CPU's bandwidth, the faster of a sum over 400 MB (a decode step reads, it hardly writes)
+    and a 400 MB copy (bytes read + written), and matmul rate (2048³) in the model's dtype, and what
+    `roofline` needs: the weights' bytes, a token's K/V bytes over all layers, the matmul ceiling
+    (2 × parameters flops a token)."""
     src = torch.randn(100_000_000)
     dst = torch.empty_like(src)
     copy_s = min(timed(lambda: dst.copy_(src))[0] for _ in range(3))
+    read_s = min(timed(src.sum)[0] for _ in range(3))
     big = torch.randn(2048, 2048).to(model.dtype)
     mm_s = min(timed(lambda: big @ big)[0] for _ in range(3))
-    bandwidth, flops = 2 * src.numel() * 4 / copy_s, 2 * 2048**3 / mm_s
+    read, copy = src.numel() * 4 / read_s, 2 * src.numel() * 4 / copy_s
+    bandwidth, flops = max(read, copy), 2 * 2048**3 / mm_s
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9, "weight_mb": weight_bytes / 1e6,
-            "batch1_ceiling_tok_s": bandwidth / weight_bytes, "matmul_ceiling_tok_s": flops / (2 * params)}
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * big.element_size()
+    return {"bandwidth_gb_s": bandwidth / 1e9, "read_gb_s": read / 1e9, "copy_gb_s": copy / 1e9,
+            "matmul_gflop_s": flops / 1e9, "weight_mb": weight_bytes / 1e6,
+            "kv_bytes_per_token": kv_bytes, "batch1_ceiling_tok_s": bandwidth / weight_bytes,
+            "matmul_ceiling_tok_s": flops / (2 * params)}
 
 
 class StepClock:
@@ -300,9 +309,10 @@ def decode(loaded, args) -> dict:
     out["few_shot_context"] = {"batch": len(long), "prompt_tokens_mean": sum(map(len, long)) / len(long),
                                **{f"engine_tok_s_{k}": v for k, v in rates.items() if k != "generate_batch8"},
                                "generate_tok_s_batch8": rates["generate_batch8"]}
-    out["batch1"]["of_ceiling"] = out["batch1"]["engine_tok_s"] / out["batch1_ceiling_tok_s"]
-    big = out[f"batch{args.decode_batch}"]
-    big["of_ceiling"] = big["engine_tok_s"] / roofline(out, args.decode_batch)
+    for batch in (1, args.decode_batch):
+        row = out[f"batch{batch}"]
+        row["roofline_tok_s"] = roofline(out, batch, decode_context(chats[:batch], args.tokens))
+        row["of_roofline"] = row["engine_tok_s"] / row["roofline_tok_s"]
     return out
 
 
@@ -336,14 +346,23 @@ def levers(loaded, args) -> dict:
             out[f"compile_seconds_batch{batch}"] = timed(lambda: compiled.generate(chats[:batch], SamplingParams(2)))[0]
             steps["bf16 + compiled decode step (inductor)"] = rate(bf16, batch, compile="inductor")
         rates = best_of(args.repeats, **steps)
-        out[f"batch{batch}"] = {name: {"tok_s": r, "of_roofline": r / roofline(out["fp32" if "fp32" in name else "bf16"], batch)}
+        context = decode_context(chats[:batch], args.tokens)
+        ceiling = {name: out["fp32" if "fp32" in name else "bf16"] for name in rates}
+        out[f"batch{batch}"] = {name: {"tok_s": r, "of_roofline": r / roofline(ceiling[name], batch, context)}
                                 for name, r in rates.items()}
     return out
 
 
-def roofline(ceiling: dict, batch: int) -> float:
-    """Decode tokens/s a batch can reach: weights streamed once a step, or the matmul rate."""
-    return min(ceiling["matmul_ceiling_tok_s"], batch * ceiling["batch1_ceiling_tok_s"])
+def roofline(ceiling: dict, batch: int, context: float) -> float:
+    """Decode tokens/s a batch can reach: what a step must read (the weights once, and each request's
+    K/V over `context` tokens on average) at the measured bandwidth, or the matmul rate."""
+    step_bytes = ceiling["weight_mb"] * 1e6 + batch * context * ceiling["kv_bytes_per_token"]
+    return min(ceiling["matmul_ceiling_tok_s"], batch * ceiling["bandwidth_gb_s"] * 1e9 / step_bytes)
+
+
+def decode_context(prompts: list[list[int]], tokens: int) -> float:
+    """Keys a request attends to, on average over the decode steps 2..tokens that are timed."""
+    return sum(map(len, prompts)) / len(prompts) + (tokens + 1) / 2
 
 
 # ---------------------------------------------------------------- divergence

@@ -28,8 +28,8 @@ Sections (each prints its table; --json writes every figure):
   levers      decode tokens/s at batch 1 and --decode-batch of each engine lever taken in turn: fp32
               with the model's modules and per-head attention (the engine before issue 10), bf16,
               torch's fused CPU flash attention, fused prepacked projections, the C++ decode
-              attention and row kernels, the AMX linear (the default), and with --compile the compiled decode
-              step (inductor; compiles first, minutes). Best of
+              attention and row kernels, the AMX linear, the C++ layer loop (the default), and with
+              --compile the compiled decode step (inductor; compiles first, minutes). Best of
               --repeats interleaved runs, against the roofline of each lever's dtype.
 
 The model runs in --dtype (default auto: bf16 on this AMX CPU); the ceilings are measured in it.
@@ -340,7 +340,8 @@ def levers(loaded, args) -> dict:
                  "bf16 + torch's flash attention": rate(bf16, batch, fused=False, attention="torch"),
                  "bf16 + fused prepacked projections": rate(bf16, batch, attention="torch", linear="onednn"),
                  "bf16 + C++ decode attention and row kernels": rate(bf16, batch, linear="onednn"),
-                 "bf16 + AMX linear (default)": rate(bf16, batch)}
+                 "bf16 + AMX linear": rate(bf16, batch, decode_loop="python"),
+                 "bf16 + C++ decode layer loop (default)": rate(bf16, batch)}
         if args.compile:
             compiled = engine(bf16, batch, compile="inductor")
             out[f"compile_seconds_batch{batch}"] = timed(lambda: compiled.generate(chats[:batch], SamplingParams(2)))[0]

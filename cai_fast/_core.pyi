@@ -3,9 +3,9 @@ the CPU kernels (tensor addresses as integers).
 
 The scheduler's contract is documented in `cai_fast.scheduler`; the pure-Python twin lives in
 `cai_fast.scheduler.radix_py` and `cai_fast.scheduler.scheduler_py`. The kernels are called
-through `cai_fast.engine.attention.paged_decode`, `cai_fast.engine.rows` and
-`cai_fast.engine.linear`, which check the tensors; their twins are the torch path, transformers'
-modules, torch.argmax and oneDNN's linear.
+through `cai_fast.engine.attention.paged_decode`, `cai_fast.engine.rows`,
+`cai_fast.engine.linear` and `cai_fast.engine.decode_layers`, which check the tensors; their twins
+are the torch path, transformers' modules, torch.argmax, oneDNN's linear and the eager decode step.
 """
 
 from typing import Optional, Sequence
@@ -101,3 +101,10 @@ def argmax_rows(x: int, rows: int, width: int, dtype: int, out: int, portable: b
 def has_amx_bf16() -> bool: ...
 def pack_linear_weight(w: int, n: int, k: int, packed: int) -> None: ...
 def amx_linear(x: int, m: int, k: int, packed: int, n: int, bias: int, y: int) -> None: ...
+
+class DecodeLayers:
+    def __init__(self, layers: Sequence[tuple], final_norm: int, final_eps: float, hidden: int, inter: int,
+                 q_heads: int, kv_heads: int, head_dim: int, block_size: int, num_slots: int, scale: float) -> None: ...
+    def __len__(self) -> int: ...
+    def run(self, x: int, rows: int, tables: int, table_stride: int, kv_lens: int, cos: int, sin: int, shared: int,
+            out: int) -> None: ...

@@ -75,6 +75,8 @@ class EngineConfig:
                                  "CPU has AMX, else oneDNN) or onednn")
     compile: str = option("none", "torch.compile the decode step per batch bucket: none "
                           "or a backend (inductor); compiling takes minutes")
+    decode_loop: str = option("auto", "a decode step's layers: auto (one C++ call where the CPU "
+                                      "has AMX and the model is in bf16) or python (one by one)")
 
     def __post_init__(self):
         for name in ("block_size", "max_running", "prefill_tokens", "pool_bytes"):
@@ -157,7 +159,8 @@ class CachedGenerator:
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile, config.linear)
+        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile, config.linear,
+                                  config.decode_loop)
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)

@@ -16,7 +16,8 @@ kernel's twin, leaves every call to oneDNN); anything else
 CPU in fp32 or bf16: each residual add and the RMSNorm after it run as one `rows.add_rms_norm`
 call, a decode step's SiLU(gate) * up as one `rows.silu_mul`, and (with the CPU attention kernel)
 a decode step's rotary embedding, pool write and attention as one call; `fused=False` runs the
-model's modules, the twin. A batch is ragged: the new tokens of every request, concatenated, each with its
+model's modules, the twin. Where all of these apply in bf16 on an AMX CPU, a decode step's whole
+layer loop is one C++ call (`DecodeLayers`; `decode_loop="python"` is its twin). A batch is ragged: the new tokens of every request, concatenated, each with its
 position and the pool slot its K/V goes to. The LM head is left to the caller (sampling needs
 full logits of a few rows, scoring goes through cai_fast.ops).
 """
@@ -33,6 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from . import linear as amx
 from . import rows
 from .attention import BatchLayout, make_attention
+from .decode_layers import DECODE_LOOPS, DecodeLayers
 from .kv import KVPool, KVShape, host_to_device, slot_ids
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -117,6 +119,7 @@ class LayerProjections:
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     o: Callable[[torch.Tensor], torch.Tensor]
     mlp: Callable[[torch.Tensor], torch.Tensor]
+    linears: tuple[FusedLinear, ...] | None = None  # fused: (q|k|v, o, gate|up, down)
 
     @classmethod
     def of_modules(cls, layer) -> "LayerProjections":
@@ -142,7 +145,7 @@ class LayerProjections:
             gate, up = both.split(gate_up.sizes, -1)
             return down(act(gate) * up)
 
-        return cls(qkv.split, o, feed_forward)
+        return cls(qkv.split, o, feed_forward, (qkv, o, gate_up, down))
 
 
 @dataclass
@@ -227,12 +230,16 @@ class PagedRunner:
 
     compile: "none", or a torch.compile backend ("inductor") for the decode step (CompiledDecode);
     the compiled graph is the eager forward's own layer loop, prefill stays eager.
+    decode_loop: "auto" runs a decode step's layers in one C++ call where `DecodeLayers` applies
+    (bf16 on an AMX CPU, eager); "python" calls them one by one (its twin).
     """
 
     def __init__(self, model, pool: KVPool, attention: str = "auto", fused: bool = True, compile: str = "none",
-                 linear: str = "auto"):
+                 linear: str = "auto", decode_loop: str = "auto"):
         if linear not in LINEAR_KINDS:
             raise ValueError(f"linear must be one of {', '.join(LINEAR_KINDS)}, got {linear!r}")
+        if decode_loop not in DECODE_LOOPS:
+            raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"the paged engine cannot run this model: {reason}")
@@ -250,6 +257,9 @@ class PagedRunner:
         self.head_dim = pool.shape.head_dim
         self.attention = make_attention(attention, pool, layer_windows(config), config.num_attention_heads,
                                         self.decoder.layers[0].self_attn.scaling)
+        linears = [p.linears for p in self.projections]
+        self.decode_layers = (DecodeLayers.of(self, None if None in linears else linears)
+                              if decode_loop == "auto" else None)
 
     @property
     def device(self) -> torch.device:
@@ -267,8 +277,10 @@ class PagedRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final (normed) hidden states [T, H] of the batch's new tokens; their K/V land in the pool."""
-        key = id(self)
-        _STEPS[key] = (self, batch.write_slots, self.attention.plan(batch.layout))
+        key, plan = id(self), self.attention.plan(batch.layout)
+        if self.decode_layers is not None and self.decode_layers.covers(batch, plan):
+            return self.decode_layers(batch, plan)
+        _STEPS[key] = (self, batch.write_slots, plan)
         try:
             if self.compiled is not None and self.compiled.covers(batch):
                 return self.compiled(batch, key)

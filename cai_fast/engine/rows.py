@@ -6,9 +6,10 @@
   squares are summed in double (torch sums them in fp32), so an output may differ from torch's in
   the last bit now and then.
 - `silu_mul`: SiLU(gate) * up from the fused gate|up projection's output, for a decode step's few
-  rows (one thread: prefill keeps torch's ops, which run on all of them).
-- `argmax`: greedy sampling's argmax over a step's logits rows, on all of torch's threads (torch's
-  argmax took 1.25 ms for 32 rows of SmolLM2's 49,152 logits here, a twentieth of a decode step).
+  rows (prefill keeps torch's ops).
+- `argmax`: greedy sampling's argmax over a step's logits rows (torch's argmax took 1.25 ms for 32
+  rows of SmolLM2's 49,152 logits here, a twentieth of a decode step).
+Each shares its rows among torch's threads (add_rms_norm and silu_mul: 4 rows a thread at least).
 All have AVX-512 loops (widths that are multiples of 16) and plain ones.
 
 Their twins are the model's own modules and torch.argmax; the runner takes them where `takes_*`

@@ -7,6 +7,7 @@ namespace py = pybind11;
 namespace cai {
 void register_attention(py::module_& m);
 void register_block_pool(py::module_& m);
+void register_decode_layers(py::module_& m);
 void register_linear(py::module_& m);
 void register_radix_cache(py::module_& m);
 void register_rows(py::module_& m);
@@ -17,7 +18,7 @@ void register_scheduler(py::module_& m);
 #define MACRO_STRINGIFY(x) STRINGIFY(x)
 
 PYBIND11_MODULE(_core, m) {
-    m.doc() = "cai_fast compiled core: prefix cache, batch scheduler, CPU decode attention, row kernels and the AMX linear (integers and addresses only)";
+    m.doc() = "cai_fast compiled core: prefix cache, batch scheduler, CPU decode attention, row kernels, the AMX linear and the decode step's layer loop (integers and addresses only)";
 #ifdef VERSION_INFO
     m.attr("__version__") = MACRO_STRINGIFY(VERSION_INFO);
 #else
@@ -25,6 +26,7 @@ PYBIND11_MODULE(_core, m) {
 #endif
     cai::register_attention(m);
     cai::register_block_pool(m);
+    cai::register_decode_layers(m);
     cai::register_linear(m);
     cai::register_radix_cache(m);
     cai::register_rows(m);

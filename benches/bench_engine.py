@@ -18,8 +18,10 @@ Sections (each prints its table; --json writes every figure):
               scheduler's own time over the whole workload, C++ and its Python twin.
   decode      decode tokens/s at batch 1 and --decode-batch, engine vs transformers' generate (per
               step, prefill excluded), against the roofline measured in the same run: what a step
-              must read (the weights once, each request's K/V) at the bandwidth of a large sum or
-              copy (the faster), or the rate of a big matmul (2 × parameters flops a token); plus
+              must read (the weights once, each request's K/V) at the bandwidth measured over a
+              buffer of that size (the faster of a sum and the AMX linear streaming it: a 269 MB
+              model fits this CPU's 300 MiB L3), or the rate of a big matmul (2 × parameters flops
+              a token), and, steadier, against the same bytes at the rate over 1 GB (DRAM); plus
               decode after the 3-example few-shot block: the engine at --decode-batch with cascade
               attention on and off (the shared prefix read once a step, or once per request),
               generate at batch 8. Best of --repeats interleaved runs.
@@ -38,8 +40,10 @@ The model runs in --dtype (default auto: bf16 on this AMX CPU); the ceilings are
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import math
 import random
 import sys
 import time
@@ -56,7 +60,7 @@ from test_engine_cached import as_sequence, reference_greedy, top2_gap  # noqa: 
 from cai_fast import prompts as P  # noqa: E402
 from cai_fast.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
-from cai_fast.engine import DEFAULT_MODEL, SamplingParams, load_model, make_generator  # noqa: E402
+from cai_fast.engine import DEFAULT_MODEL, SamplingParams, linear, load_model, make_generator  # noqa: E402
 from cai_fast.engine.cached import CachedGenerator, EngineConfig  # noqa: E402
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
 from cai_fast.scheduler import make_cache, make_scheduler  # noqa: E402
@@ -219,27 +223,39 @@ def judge(loaded, args) -> dict:
 # ---------------------------------------------------------------- decode
 
 
+@functools.lru_cache(maxsize=None)
+def read_gb_s(megabytes: int) -> float:
+    """This CPU's bandwidth reading a buffer of `megabytes` again and again, as decode steps read the
+    weights and K/V: the fastest of 10 passes of torch's sum over it (fp32) and, on an AMX CPU, of
+    the AMX linear streaming it as a [n, 576] bf16 weight at one row. A buffer that fits the
+    last-level cache (300 MiB on this machine's CPU) reads at the cache's rate, not DRAM's: a
+    roofline must use the rate at the size the step reads. That rate swings from run to run
+    (35-67 GB/s at 270 MB here: the L3 is shared with the host's other machines)."""
+    src = torch.randn(megabytes * 250_000)
+    best = src.numel() * 4 / min(timed(src.sum)[0] for _ in range(10))
+    del src
+    if linear.HAVE_AMX:
+        packed = linear.pack(torch.randn(megabytes * 1_000_000 // 2 // 576 // 32 * 32, 576).bfloat16())
+        x = torch.randn(1, 576).bfloat16()
+        best = max(best, packed.numel() * 2 / min(timed(lambda: linear.linear(x, packed))[0] for _ in range(10)))
+    return best / 1e9
+
+
 def ceilings(model) -> dict:
-    """This CPU's bandwidth, the faster of a sum over 400 MB (a decode step reads, it hardly writes)
-    and a 400 MB copy (bytes read + written), and matmul rate (2048³) in the model's dtype, and what
-    `roofline` needs: the weights' bytes, a token's K/V bytes over all layers, the matmul ceiling
-    (2 × parameters flops a token)."""
-    src = torch.randn(100_000_000)
-    dst = torch.empty_like(src)
-    copy_s = min(timed(lambda: dst.copy_(src))[0] for _ in range(3))
-    read_s = min(timed(src.sum)[0] for _ in range(3))
+    """What `roofline` needs, measured in the model's dtype: the weights' bytes, a token's K/V bytes
+    over all layers, the matmul rate (2048³) and the matmul ceiling (2 × parameters flops a token);
+    with the bandwidth over the weights' size and over 1 GB (beyond the caches) for reference."""
     big = torch.randn(2048, 2048).to(model.dtype)
-    mm_s = min(timed(lambda: big @ big)[0] for _ in range(3))
-    read, copy = src.numel() * 4 / read_s, 2 * src.numel() * 4 / copy_s
-    bandwidth, flops = max(read, copy), 2 * 2048**3 / mm_s
+    flops = 2 * 2048**3 / min(timed(lambda: big @ big)[0] for _ in range(3))
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * big.element_size()
-    return {"bandwidth_gb_s": bandwidth / 1e9, "read_gb_s": read / 1e9, "copy_gb_s": copy / 1e9,
+    weights_gb_s = read_gb_s(8 * math.ceil(weight_bytes / 8e6))
+    return {"weights_read_gb_s": weights_gb_s, "dram_read_gb_s": read_gb_s(1000),
             "matmul_gflop_s": flops / 1e9, "weight_mb": weight_bytes / 1e6,
-            "kv_bytes_per_token": kv_bytes, "batch1_ceiling_tok_s": bandwidth / weight_bytes,
+            "kv_bytes_per_token": kv_bytes, "batch1_ceiling_tok_s": weights_gb_s * 1e9 / weight_bytes,
             "matmul_ceiling_tok_s": flops / (2 * params)}
 
 
@@ -311,8 +327,12 @@ def decode(loaded, args) -> dict:
                                "generate_tok_s_batch8": rates["generate_batch8"]}
     for batch in (1, args.decode_batch):
         row = out[f"batch{batch}"]
-        row["roofline_tok_s"] = roofline(out, batch, decode_context(chats[:batch], args.tokens))
+        context = decode_context(chats[:batch], args.tokens)
+        row["step_mb"] = step_mb(out, batch, context)
+        row["step_read_gb_s"] = read_gb_s(row["step_mb"])
+        row["roofline_tok_s"] = roofline(out, batch, context)
         row["of_roofline"] = row["engine_tok_s"] / row["roofline_tok_s"]
+        row["of_dram_roofline"] = row["engine_tok_s"] * row["step_mb"] / (batch * out["dram_read_gb_s"] * 1e3)
     return out
 
 
@@ -356,9 +376,16 @@ def levers(loaded, args) -> dict:
 
 def roofline(ceiling: dict, batch: int, context: float) -> float:
     """Decode tokens/s a batch can reach: what a step must read (the weights once, and each request's
-    K/V over `context` tokens on average) at the measured bandwidth, or the matmul rate."""
-    step_bytes = ceiling["weight_mb"] * 1e6 + batch * context * ceiling["kv_bytes_per_token"]
-    return min(ceiling["matmul_ceiling_tok_s"], batch * ceiling["bandwidth_gb_s"] * 1e9 / step_bytes)
+    K/V over `context` tokens on average) at the bandwidth measured over that many bytes, or the
+    matmul rate."""
+    megabytes = step_mb(ceiling, batch, context)
+    return min(ceiling["matmul_ceiling_tok_s"], batch * read_gb_s(megabytes) * 1e3 / megabytes)
+
+
+def step_mb(ceiling: dict, batch: int, context: float) -> int:
+    """Megabytes a decode step reads (the weights and `batch` requests' K/V over `context` tokens),
+    rounded up to 8 MB so that sizes a few MB apart share one bandwidth measurement."""
+    return 8 * math.ceil((ceiling["weight_mb"] + batch * context * ceiling["kv_bytes_per_token"] / 1e6) / 8)
 
 
 def decode_context(prompts: list[list[int]], tokens: int) -> float:

@@ -241,6 +241,7 @@ def add_pipeline_parsers(sub) -> None:
     """`cai-fast pipeline --config FILE` (the whole loop) and `cai-fast evaluate` (a model against a base)."""
     from .evaluate import EvalConfig
     from .judge import JudgeConfig
+    from .pipeline_config import PipelineConfig
 
     pl = sub.add_parser("pipeline", help="the full loop: SL-CAI, SFT, RLAIF labels, reward model, PPO or DPO, "
                                          "evaluation, for 1-4 rounds, and a report",
@@ -249,6 +250,9 @@ def add_pipeline_parsers(sub) -> None:
     pl.add_argument("--config", required=True,
                     help="pipeline config: a TOML or JSON file, or a shipped config name (demo)")
     pl.add_argument("--out", default=None, help="run folder (default: the config's `out`)")
+    for name in ("device", "dtype"):
+        f = next(f for f in dataclasses.fields(PipelineConfig) if f.name == name)
+        pl.add_argument(f"--{name}", default=None, help=f"{f.metadata['help']} (default: the config's `{name}`)")
     pl.add_argument("--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(func=cmd_pipeline)
     ev = sub.add_parser("evaluate", help="win-rates, over-refusal and alignment tax of a model against a base",
@@ -271,18 +275,36 @@ def add_pipeline_parsers(sub) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
+    from .engine.device import resolve_device, resolve_dtype
     from .pipeline import run_pipeline
     from .pipeline_config import check_inputs, load_pipeline_config, resolve_config_path
 
     config, source = load_pipeline_config(args.config)
-    check_inputs(config, str(resolve_config_path(args.config)))  # every missing input at once, before any write
-    if args.out:
-        config = dataclasses.replace(config, out=args.out)
+    where = str(resolve_config_path(args.config))
+    given = {name: getattr(args, name) for name in ("out", "device", "dtype") if getattr(args, name)}
+    config = dataclasses.replace(config, **given)
+    # a device or dtype that does not exist here: one line, before anything loads
+    device = _checked("device", given, where, lambda: resolve_device(config.device))
+    _checked("dtype", given, where, lambda: resolve_dtype(config.dtype, device))
+    check_inputs(config, where)  # every missing input at once, before any write
     state = run_pipeline(config, source=source, progress=not args.quiet)
     print(f"\npipeline done: {len(state['qualities'])} round(s), qualities {[round(q, 4) for q in state['qualities']]}"
           f"{' (stopped early)' if state['stopped_early'] else ''}; best round {state['best_round']}, "
           f"policy {state['best_policy']}")
     print(f"Report: {state['report']}")
+
+
+def _checked(field: str, given: dict, where: str, check):
+    """check(); its DeviceError names the config file and field when the value came from the file."""
+    from .engine.device import DeviceError
+    from .pipeline_config import ConfigFileError
+
+    try:
+        return check()
+    except DeviceError as err:
+        if field in given:
+            raise
+        raise ConfigFileError(f"{where}: field '{field}': {err}") from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

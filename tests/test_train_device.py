@@ -183,3 +183,43 @@ def test_float16_keeps_the_trained_model_in_fp32_so_adamw_stays_finite(data, tin
                                  batch_size=2, lr=1e-3, save_every=0, device="cpu", dtype="float16"), progress=False)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert result.summary["models"] == {"policy": {"device": "cpu", "dtype": "float32"}}
+
+
+@pytest.mark.parametrize("option, where", [
+    (["--device", "bogus"], "--device 'bogus' is not a device"), (["--dtype", "fp8"], "--dtype 'fp8' is not a dtype"),
+    ([], "field 'device': --device 'cuda:x' is not a device"),  # the config file's own value, named as its field
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
+])
+def test_the_pipeline_command_refuses_a_device_in_one_line_before_anything_is_read(option, where, tiny_model_path,
+                                                                                   tmp_path, capsys, monkeypatch):
+    import cai_fast.pipeline_config as pipeline_config
+
+    def read(*_):
+        raise AssertionError("the inputs were read before the device was checked")
+
+    monkeypatch.setattr(pipeline_config, "check_inputs", read)
+    config = tmp_path / "pipeline.toml"
+    out = tmp_path / "run"
+    config.write_text(f'model = "{tiny_model_path}"\nout = "{out}"\ndevice = "{"cpu" if option else "cuda:x"}"\n')
+    assert main(["pipeline", "--config", str(config), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cai-fast: error: ") and where in err
+    assert (str(config) in err) == (not option) and not out.exists()
+
+
+def test_the_pipeline_command_s_device_and_dtype_override_the_config(tiny_model_path, tmp_path, monkeypatch):
+    import cai_fast.pipeline as pipeline
+
+    ran = []
+
+    def run(config, **_):
+        ran.append(config)
+        return {"qualities": [], "stopped_early": False, "best_round": 0, "best_policy": "", "report": ""}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", run)
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'model = "{tiny_model_path}"\nout = "{tmp_path / "run"}"\ndevice = "auto"\ndtype = "float16"\n')
+    assert main(["pipeline", "--config", str(config), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert main(["pipeline", "--config", str(config)]) == 0
+    assert [(c.device, c.dtype) for c in ran] == [("cpu", "bfloat16"), ("auto", "float16")]

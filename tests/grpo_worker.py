@@ -43,6 +43,9 @@ def main(model: str, out: str) -> None:
     trainer.train()
     logs = trainer.state.log_history
     Path(out, f"rewards-{dist.get_rank()}.json").write_text(json.dumps({"calls": calls, "logs": logs}))
+    # gloo's worker threads outlive a process group left to the interpreter's exit, which then
+    # aborts ("terminate called without an active exception", pytorch/pytorch#190489)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -388,7 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cai-fast: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """After a command that ran under torchrun or accelerate launch: its process group destroyed, as
+    torch asks; left to the interpreter's exit, gloo's threads can abort the process ("terminate
+    called without an active exception", pytorch/pytorch#190489) and fail a finished run."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

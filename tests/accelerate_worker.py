@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
+from cai_fast.cli import end_process_group
 from cai_fast.engine import SamplingParams, load_model, make_generator
 from cai_fast.prompts import render, user
 from cai_fast.train.config import SFTConfig
@@ -34,6 +35,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     train_sft(SFTConfig(**spec["sft"]), progress=False)
     generate_sharded(spec["generate"])
+    end_process_group()  # as the command line does
 
 
 if __name__ == "__main__":

@@ -128,3 +128,20 @@ def test_a_bad_config_file_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("learning_rat: 1e-5\n")
     with pytest.raises(SystemExit, match=r"bad.yaml: unknown option 'learning_rat' for `cai-fast train sft`"):
         main(["train", "sft", "--config", str(tmp_path / "bad.yaml")])
+
+
+def test_a_finished_command_destroys_its_process_group(tmp_path, monkeypatch):
+    """Under torchrun a command's process group is destroyed when it finishes: left to the
+    interpreter's exit, gloo's threads can abort a finished run (pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    import cai_fast.cli as cli
+
+    monkeypatch.setattr(cli, "cmd_pipeline", lambda args: None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["pipeline", "--config", "demo"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

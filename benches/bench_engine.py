@@ -230,7 +230,7 @@ def read_gb_s(megabytes: int) -> float:
     the AMX linear streaming it as a [n, 576] bf16 weight at one row. A buffer that fits the
     last-level cache (300 MiB on this machine's CPU) reads at the cache's rate, not DRAM's: a
     roofline must use the rate at the size the step reads. That rate swings from run to run
-    (35-67 GB/s at 270 MB here: the L3 is shared with the host's other machines)."""
+    (34-67 GB/s at 270 MB here: the L3 is shared with the host's other machines)."""
     src = torch.randn(megabytes * 250_000)
     best = src.numel() * 4 / min(timed(src.sum)[0] for _ in range(10))
     del src
@@ -252,7 +252,7 @@ def ceilings(model) -> dict:
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * big.element_size()
-    weights_gb_s = read_gb_s(8 * math.ceil(weight_bytes / 8e6))
+    weights_gb_s = read_gb_s(buffer_mb(weight_bytes / 1e6))
     return {"weights_read_gb_s": weights_gb_s, "dram_read_gb_s": read_gb_s(1000),
             "matmul_gflop_s": flops / 1e9, "weight_mb": weight_bytes / 1e6,
             "kv_bytes_per_token": kv_bytes, "batch1_ceiling_tok_s": weights_gb_s * 1e9 / weight_bytes,
@@ -383,9 +383,13 @@ def roofline(ceiling: dict, batch: int, context: float) -> float:
 
 
 def step_mb(ceiling: dict, batch: int, context: float) -> int:
-    """Megabytes a decode step reads (the weights and `batch` requests' K/V over `context` tokens),
-    rounded up to 8 MB so that sizes a few MB apart share one bandwidth measurement."""
-    return 8 * math.ceil((ceiling["weight_mb"] + batch * context * ceiling["kv_bytes_per_token"] / 1e6) / 8)
+    """Megabytes a decode step reads: the weights and `batch` requests' K/V over `context` tokens."""
+    return buffer_mb(ceiling["weight_mb"] + batch * context * ceiling["kv_bytes_per_token"] / 1e6)
+
+
+def buffer_mb(megabytes: float) -> int:
+    """`megabytes` rounded up to 8 MB: sizes a few MB apart share one `read_gb_s` measurement."""
+    return 8 * math.ceil(megabytes / 8)
 
 
 def decode_context(prompts: list[list[int]], tokens: int) -> float:

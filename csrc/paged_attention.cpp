@@ -311,8 +311,11 @@ void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t 
   // the next chunk's keys and values (every head of their slots) are prefetched while this one
   // is computed: the pool is far larger than the caches, and a row's blocks are scattered in it
   const int64_t slot_bytes = row * static_cast<int64_t>(sizeof(T));
+  // chunks end at multiples of kChunk counted from position 0, whatever `first` is: a key's chunk,
+  // and so the order of a query's softmax updates, depends on its position only
+  auto chunk_end = [&](int64_t start) { return std::min(last, (start / kChunk + 1) * kChunk); };
   auto prefetch = [&](int64_t start) {
-    const int64_t n = std::min(kChunk, last - start);
+    const int64_t n = chunk_end(start) - start;
     for (int64_t j = 0, block = start / a.block_size, offset = start % a.block_size; j < n; ++j) {
       const int64_t slot = table[block] * a.block_size + offset;
       const char* k = static_cast<const char*>(a.k) + slot * slot_bytes;
@@ -325,15 +328,15 @@ void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t 
     }
   };
   if (first < last) prefetch(first);
-  for (int64_t start = first; start < last; start += kChunk) {
-    const int64_t n = std::min(kChunk, last - start);
+  for (int64_t start = first, end = chunk_end(first); start < last; start = end, end = chunk_end(start)) {
+    const int64_t n = end - start;
     for (int64_t j = 0, block = start / a.block_size, offset = start % a.block_size; j < n; ++j) {
       const int64_t slot = table[block] * a.block_size + offset;
       krows[j] = keys + slot * row;
       vrows[j] = values + slot * row;
       if (++offset == a.block_size) offset = 0, ++block;
     }
-    if (start + kChunk < last) prefetch(start + kChunk);
+    if (end < last) prefetch(end);
 #ifdef CAI_AVX512
     if constexpr (std::is_same_v<T, uint16_t>) {
       if (loops.dpbf16) score_dpbf16(st.raw.data() + h0 * dim, krows, n, m, dim, a.scale, scores.data());
@@ -387,6 +390,9 @@ void attend_keys(const PagedDecode& a, int64_t h, const int64_t* table, int64_t 
 template <typename T>
 void one_task(const PagedDecode& a, int64_t r0, int64_t r1, int64_t h0, int64_t h1, Loops loops) {
   const int64_t group = a.q_heads / a.kv_heads, dim = a.head_dim, rows = r1 - r0, heads = h1 - h0;
+  // the shared keys end on a chunk boundary, so that a query's chunks are the same with or without
+  // them: its result does not depend on which other requests share its prefix (batch invariance)
+  const int64_t shared = a.shared / kChunk * kChunk;
   States<T> st(heads * rows * group, dim);  // state i = ((h - h0) * rows + r) * group + g
   auto at = [&](int64_t h, int64_t r) { return ((h - h0) * rows + r) * group; };
   for (int64_t h = h0; h < h1; ++h) {
@@ -397,11 +403,11 @@ void one_task(const PagedDecode& a, int64_t r0, int64_t r1, int64_t h0, int64_t 
         st.q[at(h, r) * dim + i] = to_f32(q[i]) * a.scale;
       }
     }
-    if (a.shared > 0) attend_keys(a, h, a.tables, 0, a.shared, st, at(h, 0), rows * group, loops);
+    if (shared > 0) attend_keys(a, h, a.tables, 0, shared, st, at(h, 0), rows * group, loops);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t length = a.kv_lens[r0 + r];
-    const int64_t first = a.window > 0 ? std::max<int64_t>(a.shared, length - a.window) : a.shared;
+    const int64_t first = a.window > 0 ? std::max<int64_t>(shared, length - a.window) : shared;
     for (int64_t h = h0; h < h1; ++h)
       attend_keys(a, h, a.tables + (r0 + r) * a.table_stride, first, length, st, at(h, r), group, loops);
   }

@@ -1,5 +1,8 @@
 // Decode attention on a CPU straight from the paged KV pool: one new token a request, its keys
 // read in place through its block table (no gathered copy, no packing), fp32 accumulation.
+// A query's result depends on its own keys only: chunks of keys end at fixed positions and the
+// shared keys are cut to whole chunks, so it is bit-identical whatever else is in the batch (the
+// engine's prefill runs a row a new token through it for that reason).
 // Plain C++ (no libtorch, no Python): the binding passes addresses and sizes as integers.
 // Its twin is cai_fast.engine.attention's torch path; tests/test_cpu_decode_kernel.py holds them
 // together.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cai_fast.engine.attention as attention_module
-from cai_fast.engine.attention import (BatchLayout, TorchPagedAttention, attend_with_lse, attention_with_lse,
+from cai_fast.engine.attention import (BatchLayout, CpuPagedAttention, TorchPagedAttention, attend_with_lse, attention_with_lse,
                                        make_attention, visible)
 from cai_fast.engine.base import SamplingParams
 from cai_fast.engine.kv import KVPool, KVShape, pool_blocks, slot_ids
@@ -54,14 +54,15 @@ def _dense(q, k, v, q_pos, k_pos, window, scale):
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
 
 
-def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int = 4, dtype=torch.float32):
+def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int = 4, dtype=torch.float32,
+                 blocks: int = 64):
     """A pool with random K/V and B requests whose block tables share their first blocks."""
     gen = torch.Generator().manual_seed(seed)
-    pool = KVPool(dataclasses.replace(SHAPE, dtype=dtype), 64, block_size)
+    pool = KVPool(dataclasses.replace(SHAPE, dtype=dtype), blocks, block_size)
     for layer in range(SHAPE.layers):
         pool.k[layer].normal_(generator=gen)
         pool.v[layer].normal_(generator=gen)
-    free = torch.randperm(64, generator=gen)
+    free = torch.randperm(blocks, generator=gen)
     shared, rest = free[:shared_blocks], free[shared_blocks:]
     tables = []
     for length in kv_lens:
@@ -70,7 +71,7 @@ def _paged_batch(seed: int, kv_lens, q_lens, shared_blocks: int, block_size: int
         rest = rest[own:]
     for layer in range(SHAPE.layers):  # blocks no request owns are never read (the real pool is uninitialised)
         for cache in (pool.k, pool.v):
-            cache[layer].view(64, block_size, -1)[rest] = float("nan")
+            cache[layer].view(blocks, block_size, -1)[rest] = float("nan")
     return pool, BatchLayout(list(q_lens), list(kv_lens), tables, block_size)
 
 
@@ -102,27 +103,37 @@ def test_paged_attention_equals_dense_attention(window, q_lens, kv_lens, shared)
             start += m
 
 
+@pytest.mark.skipif(not attention_module.HAVE_CPU_KERNEL, reason="needs cai_fast._core (pip install .)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_prefilled_request_does_not_depend_on_its_batch(dtype):
-    """Bit for bit, whatever else is in the batch and however much of the request was cached: a
-    resumed labelling run batches and caches its requests otherwise than the uninterrupted one."""
-    kv_lens, q_lens = (15, 22, 17, 16), (3, 6, 5, 4)
-    pool, layout = _paged_batch(2, kv_lens, q_lens, shared_blocks=3, dtype=dtype)
+def test_a_token_attends_the_same_whatever_its_batch(dtype):
+    """On the CPU kernel path, bit for bit: whatever else is in the batch, however much of its request
+    was cached, and whether it comes in a prefill or a decode batch (a resumed labelling run batches
+    and caches its requests otherwise than the uninterrupted one). The contexts run past the kernel's
+    64-key chunks, and 80 shared tokens are not a whole number of chunks."""
+    kv_lens, q_lens = (150, 97, 131, 90), (9, 6, 40, 4)
+    pool, layout = _paged_batch(2, kv_lens, q_lens, shared_blocks=20, dtype=dtype, blocks=96)
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(sum(q_lens), 4, 8, generator=gen).to(dtype)
     k_new, v_new = (torch.randn(sum(q_lens), 2, 8, generator=gen).to(dtype) for _ in range(2))
-    attention = TorchPagedAttention(pool, [None, None], 4, 0.3)
+    attention = CpuPagedAttention(pool, [None, None], 4, 0.3)
     write = torch.cat([slot_ids(t, n - m, n, 4) for t, n, m in zip(layout.tables, kv_lens, q_lens)])
     whole = attention.attend(0, q, k_new, v_new, write, attention.plan(layout))
-    start = 0
-    for r, n in enumerate(q_lens):
-        # alone, and with more of its context cached: its first new token came in an earlier batch
-        for cached in (0, 1):
-            alone = BatchLayout([n - cached], [kv_lens[r]], [layout.tables[r]], 4)
-            rows = slice(start + cached, start + n)
-            out = attention._prefill(0, q[rows].clone(), attention.plan(alone))
+    ends = torch.tensor(q_lens).cumsum(0)
+    starts = ends - torch.tensor(q_lens)
+    for r, (n, length, table) in enumerate(zip(q_lens, kv_lens, layout.tables)):
+        for cached in (0, 1, n - 1):  # its first new tokens came in an earlier batch
+            rows = slice(starts[r] + cached, ends[r])
+            alone = BatchLayout([n - cached], [length], [table], 4)
+            out = attention.attend(0, q[rows], k_new[rows], v_new[rows], write[rows], attention.plan(alone))
             assert torch.equal(out, whole[rows]), (r, cached)
-        start += n
+    last = ends - 1  # every request's last token, decoded: together, then alone
+    together = BatchLayout([1] * 4, list(kv_lens), layout.tables, 4)
+    out = attention.attend(0, q[last], k_new[last], v_new[last], write[last], attention.plan(together))
+    assert torch.equal(out, whole[last])
+    for r, row in enumerate(last.tolist()):
+        alone = BatchLayout([1], [kv_lens[r]], [layout.tables[r]], 4)
+        out = attention.attend(0, q[[row]], k_new[[row]], v_new[[row]], write[[row]], attention.plan(alone))
+        assert torch.equal(out, whole[[row]]), r
 
 
 @pytest.mark.parametrize("headroom", [0, 4])

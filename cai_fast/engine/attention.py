@@ -12,10 +12,8 @@ Torch path (`TorchPagedAttention`), built for the CPU:
   inside the window): on a CPU an additive mask in the model's dtype made once a forward and
   read by every layer (SDPA's lower-right causal bias is materialised again by every call on a
   CPU, tril and where: ~8% of the judge's time), elsewhere the lower-right causal bias, which
-  SDPA's fused CUDA kernels take. A request's result depends on its own context only: neither
-  on the batch it comes in nor on how much of it was cached (splitting a request's keys into a
-  cached and a new part merged through log-sum-exps would change the float rounding with the
-  cache, and a resumed labelling run would then differ from an uninterrupted one);
+  SDPA's fused CUDA kernels take. It is the reference, not batch-invariant: torch's CPU SDPA
+  blocks (and so rounds) by the call's shapes and the CPU it runs on;
 - a decode batch (one token each, B >= 2): one batched pass. The keys every request shares (the
   leading block-table entries common to all, e.g. a few-shot block) are gathered once and kept
   while the batch's requests are admitted by the same scheduling round, and are attended as one
@@ -34,8 +32,11 @@ Torch path (`TorchPagedAttention`), built for the CPU:
   per-head bmm reference `attend_with_lse` at batch 32 × 600 keys, fp32 and bf16); the
   reference is taken off the CPU.
 CPU kernel path (`CpuPagedAttention`, the default on a CPU in fp32 or bf16 where cai_fast._core
-is built): prefill as the torch path; a decode batch (one token each, any B) through
-`_core.paged_decode_attention` (csrc/paged_attention.cpp), which reads every request's keys in
+is built): every batch through `_core.paged_decode_attention` (csrc/paged_attention.cpp); in a
+prefill or scoring batch the token at position p is a row whose context ends at p, and the
+kernel's chunks of keys end at fixed positions, so a token's result is bit-identical whatever
+else is in its batch, however much of its request was cached, in prefill or decode (batch
+invariance; as fast as SDPA or faster, benches/README.md). The kernel reads every request's keys in
 place through its block table (no gathered copy, no packing), scores the keys every request
 shares once for all of their queries, keeps an online softmax in fp32, and runs on torch's own
 OpenMP threads. In the runner's eager decode step it also applies the rotary embedding to q and k
@@ -388,6 +389,7 @@ class _KernelPlan:
     tables: torch.Tensor  # [B, W] int64, each row padded with block 0
     kv_lens: torch.Tensor  # [B] int64
     shared: dict  # window -> leading tokens every table holds in the same blocks (0 where a window cuts in)
+    decode: bool = True  # one row a request; else a row a new token (a prefill or scoring batch)
 
 
 class CpuPagedAttention(TorchPagedAttention):
@@ -402,24 +404,29 @@ class CpuPagedAttention(TorchPagedAttention):
         super().__init__(pool, windows, num_heads, scale)
 
     def plan(self, batch: BatchLayout):
-        if not batch.is_decode:
-            return super().plan(batch)
+        """A row a request (decode), or a row a new token (prefill, scoring): the token at position p
+        attends as a decode row whose context ends at p, so its result depends on its own context only
+        (neither on the batch, nor on how much of its request was cached, nor on prefill vs decode)."""
         host = batch.host_tables or [t.tolist() for t in batch.tables]
         width = max(len(t) for t in host)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in host], dtype=torch.long)
-        full = self._shared_tokens(batch) if len(host) > 1 else 0
-        shared = {w: 0 if w is not None and w < max(batch.kv_lens) else full for w in set(self.windows)}
-        return _KernelPlan(tables, torch.tensor(batch.kv_lens, dtype=torch.long), shared)
+        padded = [t + [0] * (width - len(t)) for t in host]
+        if batch.is_decode:
+            rows, lens = padded, batch.kv_lens
+        else:
+            rows = [table for table, n in zip(padded, batch.q_lens) for _ in range(n)]
+            lens = [p + 1 for n, length in zip(batch.q_lens, batch.kv_lens) for p in range(length - n, length)]
+        full = shared_prefix_tokens(rows, lens, batch.block_size) if len(rows) > 1 else 0
+        shared = {w: 0 if w is not None and w < max(lens) else full for w in set(self.windows)}
+        return _KernelPlan(torch.tensor(rows, dtype=torch.long), torch.tensor(lens, dtype=torch.long), shared,
+                           batch.is_decode)
 
     @staticmethod
     def rotates(plan) -> bool:
         """Whether `attend_unrotated` takes this plan's batch (a decode batch)."""
-        return isinstance(plan, _KernelPlan)
+        return isinstance(plan, _KernelPlan) and plan.decode
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_slots: torch.Tensor,
                plan) -> torch.Tensor:
-        if not isinstance(plan, _KernelPlan):
-            return super().attend(layer, q, k, v, write_slots, plan)
         self.pool.write(layer, write_slots, k, v)
         window = self.windows[layer]
         return paged_decode(q, self.pool.k[layer], self.pool.v[layer], plan.tables, plan.kv_lens,

@@ -18,7 +18,7 @@ import torch
 
 from cai_fast import prompts as P
 from cai_fast.constitution import ConstitutionError, load_constitution
-from cai_fast.engine import LoadedModel, make_generator
+from cai_fast.engine import LoadedModel, load_model, make_generator
 from cai_fast.engine.base import GenerationStats
 from cai_fast.judge import (
     COT_CLAMP, ConstitutionalJudge, JudgeConfig, JudgeError, JudgeInputError, detect_options,
@@ -58,22 +58,42 @@ def random_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str], list[str]
 # ---------------------------------------------------------------- antisymmetry and the ops
 
 
-def test_label_of_swapped_pair_is_one_minus_label(sharp_judge):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def sharp_judge_of_each_dtype(request, tiny_model_path) -> ConstitutionalJudge:
+    loaded = load_model(str(tiny_model_path), dtype=request.param)
+    with torch.no_grad():
+        loaded.model.get_output_embeddings().weight.mul_(40)
+    return ConstitutionalJudge(loaded, "default", JudgeConfig(principles=3, batch_size=7))
+
+
+def test_label_of_swapped_pair_is_one_minus_label(sharp_judge_of_each_dtype):
+    """Bit for bit, in every dtype: the swapped pair's prompts are the same prompts."""
+    judge = sharp_judge_of_each_dtype
     prompts, a, b = random_pairs(5)
-    forward, backward = sharp_judge.score(prompts, a, b), sharp_judge.score(prompts, b, a)
-    torch.testing.assert_close(forward.label + backward.label, torch.ones(5), atol=2e-6, rtol=0)
-    torch.testing.assert_close(forward.principle_label + backward.principle_label, torch.ones(5, 3),
-                               atol=2e-6, rtol=0)
-    torch.testing.assert_close(forward.p_ab_a, 1 - backward.p_ba_b, atol=2e-6, rtol=0)
+    forward, backward = judge.score(prompts, a, b), judge.score(prompts, b, a)
+    one = lambda x, y: x.double() + y.double() == 1  # noqa: E731
+    assert one(forward.label, backward.label).all()
+    assert one(forward.principle_label, backward.principle_label).all()
+    assert one(forward.p_ab_a, backward.p_ba_b).all()
     assert forward.principle_ids == backward.principle_ids  # drawn by the pair's content, not its order
     assert (forward.p_ab_a - 0.5).abs().max() > 0.1, "the sharpened model should have opinions"
+
+
+def test_a_pairs_label_does_not_depend_on_its_batch(sharp_judge_of_each_dtype):
+    judge = sharp_judge_of_each_dtype
+    prompts, a, b = random_pairs(12, seed=3)
+    together = judge.score(prompts, a, b)
+    for i in (0, 3, 9):
+        alone = judge.score([prompts[i]], [a[i]], [b[i]])
+        assert torch.equal(alone.principle_label, together.principle_label[i : i + 1]), i
+        assert torch.equal(alone.label, together.label[i : i + 1]), i
 
 
 def test_logodds_aggregation_is_antisymmetric_too(sharp_loaded):
     judge = ConstitutionalJudge(sharp_loaded, "default", JudgeConfig(principles=2, aggregate="logodds"))
     prompts, a, b = random_pairs(3, seed=1)
-    total = judge.score(prompts, a, b).label + judge.score(prompts, b, a).label
-    torch.testing.assert_close(total, torch.ones(3), atol=2e-6, rtol=0)
+    total = judge.score(prompts, a, b).label.double() + judge.score(prompts, b, a).label.double()
+    assert torch.equal(total, torch.ones(3, dtype=torch.float64))
 
 
 def test_scores_equal_the_swapped_pair_op_on_the_models_hidden_states(sharp_judge, sharp_loaded):

@@ -38,17 +38,43 @@ def test_matches_full_vocabulary_reference(path, dtype, shape_name, aggregate, w
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("aggregate", ["prob", "logodds"])
-def test_exchanging_the_responses_gives_one_minus_the_label(path, aggregate):
-    (hidden, weight, bias), _ = _pairs("odd", torch.float32, seed=5)
+def test_exchanging_the_responses_gives_one_minus_the_label(path, dtype, aggregate):
+    """Bit for bit on the torch path (float64 sums of the fp32 results are exactly 1); the Triton
+    kernel to fp32 rounding."""
+    (hidden, weight, bias), _ = _pairs("odd", dtype, seed=5)
     hidden = hidden * 3  # confident judgements too, far from ½
     with ops.use_path(path):
         ab = ops.swapped_pair_scores(hidden, weight, OPTIONS, bias, aggregate)
         ba = ops.swapped_pair_scores(hidden.flip(2), weight, OPTIONS, bias, aggregate)
-    assert_close("label", ba.label, 1 - ab.label, 1e-6, 0)
-    assert_close("label_mean", ba.label_mean, 1 - ab.label_mean, 1e-6, 0)
-    assert_close("p_ab_a", ba.p_ab_a, 1 - ab.p_ba_b, 1e-6, 0)
+    tol = 0 if path == "torch" else 1e-6
+    for name, got, want in (("label", ba.label, ab.label), ("label_mean", ba.label_mean, ab.label_mean),
+                            ("p_ab_a", ba.p_ab_a, ab.p_ba_b)):
+        assert_close(name, got.double() + want.double(), torch.ones_like(want, dtype=torch.float64), tol, 0)
     assert bool(((ab.label > 0.9) | (ab.label < 0.1)).any()), "inputs too timid to test"
+
+
+@pytest.mark.parametrize("aggregate", ["prob", "logodds"])
+def test_a_pairs_scores_do_not_depend_on_the_other_pairs(aggregate):
+    (hidden, weight, bias), _ = _pairs("realistic", torch.float32, seed=2)
+    together = ops.swapped_pair_scores(hidden, weight, OPTIONS, bias, aggregate)
+    for m in (0, 5, 15):
+        alone = ops.swapped_pair_scores(hidden[m : m + 1], weight, OPTIONS, bias, aggregate)
+        for name, got, want in zip(ops.PairScores._fields, alone, together):
+            assert torch.equal(got, want[m : m + 1]), (name, m)
+
+
+def test_complementary_values_add_up_to_one_exactly():
+    """Around ½ too, where 1 − x is not exact below ½, and at ties."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(1000, generator=gen), 0.5 + (torch.rand(1000, generator=gen) - 0.5) * 1e-6,
+                   torch.tensor([0.5, 0.0, 1.0, 1e-30])])
+    swapped = (1 - x) + (torch.rand(x.shape, generator=gen) - 0.5) * 1e-7  # as rounding leaves them
+    swapped[-4] = 0.5
+    total = ops.swapped_pair.complementary(x, swapped).double() + ops.swapped_pair.complementary(swapped, x).double()
+    assert torch.equal(total, torch.ones_like(total))
+    assert ops.swapped_pair.complementary(x, swapped)[-4] == 0.5
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..ops.invariant import invariant_linear
 from . import linear as amx
 from . import rows
 from .attention import BatchLayout, make_attention
@@ -87,7 +88,7 @@ class FusedLinear:
     a CPU with AMX tiles (`amx.takes`: sizes multiples of 32), it is also packed for cai_fast's
     AMX linear, which computes calls of up to `amx.MAX_ROWS` rows (a decode step: 1.2-1.5x
     oneDNN's at 1-32 rows here; oneDNN keeps the prefill's many rows, where it is faster): a
-    second copy of the weight. prepacked=False: plain F.linear (what a compiled graph sees through).
+    second copy of the weight. prepacked=False (and fp32): `invariant_linear`.
     """
 
     def __init__(self, modules, prepack: bool = True, kind: str = "auto"):
@@ -105,7 +106,7 @@ class FusedLinear:
             return amx.linear(x, self.amx, self.bias)
         if self.prepacked:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return invariant_linear(x, self.weight, self.bias)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The output of each module, from one matmul."""

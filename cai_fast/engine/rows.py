@@ -26,7 +26,6 @@ from .attention import _core
 
 HAVE_ROW_KERNELS = _core is not None and hasattr(_core, "add_rms_norm")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # forward: weight * to_dtype(x * rsqrt(mean(x^2) + eps))
-SILU_MUL_MAX_ROWS = 64  # above: torch's silu and mul
 
 
 def takes_norm(norm, x: torch.Tensor) -> bool:
@@ -38,8 +37,7 @@ def takes_norm(norm, x: torch.Tensor) -> bool:
 def takes_silu_mul(act, gate_up: torch.Tensor) -> bool:
     """Whether `silu_mul` computes act(gate) * up of this gate|up output."""
     return (HAVE_ROW_KERNELS and type(act).__name__ in ("SiLU", "SiLUActivation") and gate_up.is_cpu
-            and gate_up.dtype in DTYPES and gate_up.dim() == 2 and gate_up.shape[0] <= SILU_MUL_MAX_ROWS
-            and gate_up.is_contiguous())
+            and gate_up.dtype in DTYPES and gate_up.dim() == 2 and gate_up.is_contiguous())
 
 
 def takes_argmax(x: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._dispatch import current_settings, next_power_of_2, takes_triton
+from .invariant import invariant_linear
 
 
 class VocabStats(NamedTuple):
@@ -99,7 +100,7 @@ def _row_chunks(n_rows: int, vocab: int) -> list[slice]:
 
 def _logits_tile(hidden, weight, bias, inv_t: float, rows: slice) -> torch.Tensor:
     """z = (h·Wᵀ + b)·inv_t for one chunk of rows, as an fp32 tile."""
-    z = (hidden[rows] @ weight.T).float()
+    z = invariant_linear(hidden[rows], weight).float()  # a row's logits whatever the tile's rows
     if bias is not None:
         z += bias.float()
     if inv_t != 1.0:

@@ -13,8 +13,8 @@ z_X = h·W[id_X] + b[id_X] and p(·) the softmax over the TWO option logits only
     label_mean = mean_p label                   aggregate="prob"                      [M]
                = σ(mean_p logit(label))         aggregate="logodds"
 
-Exchanging the two responses exchanges the orders, so every label becomes 1 − label (up to fp32
-rounding): position bias cancels by construction. Only the two option rows of W are read, as the
+Exchanging the two responses exchanges the orders, so every label becomes 1 − label, bit for bit
+(`complementary`; on the Triton path up to fp32 rounding): position bias cancels by construction. Only the two option rows of W are read, as the
 gap w_A − w_B, so the cost is one dot product per row. Inference only: runs under no_grad, fp32
 outputs. One kernel launch on the Triton path (`kernels/swapped_pair.py`).
 """
@@ -71,7 +71,8 @@ def _option_pair(op: str, option_ids, vocab: int) -> tuple[int, int]:
 def _preference_gaps(hidden, weight, bias, id_a, id_b):
     """Logit gaps favouring the first response: z_A − z_B at order 0, z_B − z_A at order 1."""
     w_gap = weight[id_a].float() - weight[id_b].float()
-    gaps = hidden.float() @ w_gap
+    gaps = (hidden.float() * w_gap).sum(-1)  # a row's sum in one order whatever the rows (a matrix-vector
+    # product's blocking depends on how many rows it takes)
     if bias is not None:
         gaps += bias[id_a].float() - bias[id_b].float()
     return gaps[:, :, 0], -gaps[:, :, 1]
@@ -83,13 +84,45 @@ def _label_logit(gap0, gap1):
     return log_label - torch.logaddexp(F.logsigmoid(-gap0), F.logsigmoid(-gap1))
 
 
-def scores_from_gaps(gap0, gap1, aggregate: str) -> PairScores:
-    """PairScores from the two orders' logit gaps [M, P]."""
-    p_ab_a, p_ba_b = torch.sigmoid(gap0), torch.sigmoid(gap1)
-    label = 0.5 * (p_ab_a + p_ba_b)
+def complementary(mine: torch.Tensor, swapped: torch.Tensor) -> torch.Tensor:
+    """A probability of the pair as given, from its value computed in this orientation (`mine`) and
+    in the swapped one (`swapped`, ≈ 1 − mine): the larger of the two is kept as computed and the
+    other side is 1 − it, exact in floating point for a value ≥ ½; 0.5 where they tie. So the swapped
+    pair's result is 1 − this one's, bit for bit."""
+    half = torch.full_like(mine, 0.5)
+    return torch.where((mine > swapped) & (mine >= 0.5), mine,
+                       torch.where((swapped > mine) & (swapped >= 0.5), 1 - swapped, half))
+
+
+def _principle_mean(x: torch.Tensor) -> torch.Tensor:
+    """[M, P] -> [M]: the principles added left to right, whatever M (torch's mean over a short last
+    dimension is blocked by the number of rows)."""
+    total = x[:, 0].clone()
+    for column in x.unbind(1)[1:]:
+        total += column
+    return total / x.shape[1]
+
+
+def _order_scores(gap0, gap1, aggregate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label [M, P], label_mean [M]) of one orientation, as computed before `complementary`."""
+    label = 0.5 * (torch.sigmoid(gap0) + torch.sigmoid(gap1))
     if aggregate == "logodds":
-        return PairScores(p_ab_a, p_ba_b, label, torch.sigmoid(_label_logit(gap0, gap1).mean(1)))
-    return PairScores(p_ab_a, p_ba_b, label, label.mean(1))
+        return label, torch.sigmoid(_principle_mean(_label_logit(gap0, gap1)))
+    return label, _principle_mean(label)
+
+
+def scores_from_gaps(gap0, gap1, aggregate: str) -> PairScores:
+    """PairScores from the two orders' logit gaps [M, P]. The swapped pair has the gaps (−gap1,
+    −gap0); every probability is computed in both orientations and made `complementary`, so
+    label(a, b) + label(b, a) = 1 exactly, in every dtype."""
+    p_ab_a = complementary(torch.sigmoid(gap0), torch.sigmoid(-gap0))
+    p_ba_b = complementary(torch.sigmoid(gap1), torch.sigmoid(-gap1))
+    label, mean = _order_scores(gap0, gap1, aggregate)
+    swapped_label, swapped_mean = _order_scores(-gap1, -gap0, aggregate)
+    label = complementary(label, swapped_label)
+    if aggregate == "prob":  # the mean of the exact labels, in both orientations
+        mean, swapped_mean = _principle_mean(label), _principle_mean(1 - label)
+    return PairScores(p_ab_a, p_ba_b, label, complementary(mean, swapped_mean))
 
 
 def swapped_pair_scores_reference(hidden, weight, option_ids, bias=None, aggregate="prob"):

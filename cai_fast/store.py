@@ -106,11 +106,19 @@ class RunStore:
         if not records:
             return
         shard = self._open_shard(kind)
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(shard, "a", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        fd = os.open(shard, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as err:  # disk full, read-only, quota: the batch is cut off whole
+            os.ftruncate(fd, size)
+            raise RunFolderError(unwritable(self.root, err)) from None
+        finally:
+            os.close(fd)
 
     def _open_shard(self, kind: str) -> Path:
         shards = self.shards(kind)
@@ -214,19 +222,32 @@ def _plain(value):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
+def unwritable(folder: Path, err: OSError) -> str:
+    """The one line for a folder the run cannot write to (ENOSPC, EROFS, EACCES, EDQUOT ...)."""
+    return (f"{folder}: cannot write ({err.strerror or err}); what was written before is intact: free space "
+            "or make the folder writable, then run the same command again")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half of it; its mode
-    is what the umask gives a new file (0o666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    is what the umask gives a new file (0o666 & ~umask). A failed write (disk full, read-only
+    folder) leaves the old file and no temporary one, and is a RunFolderError naming the folder."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise RunFolderError(unwritable(path.parent, err)) from None
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:

@@ -57,7 +57,7 @@ from ..engine.device import dtype_name, resolve
 from ..engine.loading import load_model, model_sha256, require_peft, resolve_model_path
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
-from ..store import RunStore, read_json, write_atomic, write_jsonl
+from ..store import RunFolderError, RunStore, read_json, unwritable, write_atomic, write_jsonl
 from .config import PPOConfig, TrainConfig
 from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, tokenized_records
 from .distributed import bind_device, make_accelerator, process_state, shard_for_process
@@ -357,17 +357,26 @@ class TrainRun:
             final = self.checkpoint_root / f"step-{self.step:06d}"
             tmp = self.checkpoint_root / f".tmp-step-{self.step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(self.trainable_state(), tmp / TRAINABLE_FILE)
-            tensors = {}
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            write_atomic(tmp / OPTIMIZER_STATE, json.dumps(state_to_json(state, tensors, "state")))
-            save_file(tensors, tmp / OPTIMIZER_TENSORS)
-            write_atomic(tmp / "state.json", json.dumps({"step": self.step, "history": self.history}))
-            tmp.replace(final)
+            try:
+                self._write_checkpoint(tmp)
+                tmp.replace(final)
+            except (OSError, RunFolderError) as err:  # disk full, read-only: the last checkpoint stays
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(err, OSError):
+                    raise RunFolderError(unwritable(self.checkpoint_root, err)) from None
+                raise
             for old in self.checkpoints()[:-1]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        folder.mkdir(parents=True)
+        save_file(self.trainable_state(), folder / TRAINABLE_FILE)
+        tensors = {}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        write_atomic(folder / OPTIMIZER_STATE, json.dumps(state_to_json(state, tensors, "state")))
+        save_file(tensors, folder / OPTIMIZER_TENSORS)
+        write_atomic(folder / "state.json", json.dumps({"step": self.step, "history": self.history}))
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.checkpoint_root.glob("step-[0-9][0-9][0-9][0-9][0-9][0-9]"))

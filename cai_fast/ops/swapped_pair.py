@@ -104,19 +104,23 @@ def _principle_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _order_scores(gap0, gap1, aggregate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label [M, P], label_mean [M]) of one orientation, as computed before `complementary`."""
+    """(label [M, P], label_mean [M]) of one orientation, in fp32, as computed before `complementary`."""
     label = 0.5 * (torch.sigmoid(gap0) + torch.sigmoid(gap1))
     if aggregate == "logodds":
-        return label, torch.sigmoid(_principle_mean(_label_logit(gap0, gap1)))
-    return label, _principle_mean(label)
+        return label.float(), torch.sigmoid(_principle_mean(_label_logit(gap0, gap1))).float()
+    return label.float(), _principle_mean(label).float()
 
 
 def scores_from_gaps(gap0, gap1, aggregate: str) -> PairScores:
-    """PairScores from the two orders' logit gaps [M, P]. The swapped pair has the gaps (−gap1,
-    −gap0); every probability is computed in both orientations and made `complementary`, so
-    label(a, b) + label(b, a) = 1 exactly, in every dtype."""
-    p_ab_a = complementary(torch.sigmoid(gap0), torch.sigmoid(-gap0))
-    p_ba_b = complementary(torch.sigmoid(gap1), torch.sigmoid(-gap1))
+    """PairScores (fp32) from the two orders' logit gaps [M, P]. The swapped pair has the gaps
+    (−gap1, −gap0); every probability is computed in both orientations and made `complementary`,
+    so label(a, b) + label(b, a) = 1 exactly, in every dtype. The arithmetic runs in float64 and
+    is rounded once: torch's vectorised and scalar sigmoid (taken by an element's place in its
+    tensor) can differ in the last fp32 bit, not after rounding from float64."""
+    gap0, gap1 = gap0.double(), gap1.double()
+    sigmoid = lambda x: torch.sigmoid(x).float()  # noqa: E731
+    p_ab_a = complementary(sigmoid(gap0), sigmoid(-gap0))
+    p_ba_b = complementary(sigmoid(gap1), sigmoid(-gap1))
     label, mean = _order_scores(gap0, gap1, aggregate)
     swapped_label, swapped_mean = _order_scores(-gap1, -gap0, aggregate)
     label = complementary(label, swapped_label)

@@ -262,3 +262,17 @@ def test_a_wrapped_projection_is_called_as_the_module(tiny_loaded):
     layer.self_attn.v_proj = wrapped
     LayerProjections.fused(layer).qkv(torch.randn(3, wrapped[0].in_features))
     assert calls == [1]
+
+
+def test_the_cpu_paths_are_forced_from_the_environment(monkeypatch):
+    from cai_fast.engine import cpu_paths
+
+    monkeypatch.delenv("CAI_FAST_CPU", raising=False)
+    assert cpu_paths.amx_allowed() and not cpu_paths.portable() and cpu_paths.portable(True)
+    monkeypatch.setenv("CAI_FAST_CPU", "avx512")
+    assert not cpu_paths.amx_allowed() and not cpu_paths.portable()
+    monkeypatch.setenv("CAI_FAST_CPU", "portable")
+    assert not cpu_paths.amx_allowed() and cpu_paths.portable() and not cpu_paths.portable(False)
+    monkeypatch.setenv("CAI_FAST_CPU", "sse")
+    with pytest.raises(ValueError, match="CAI_FAST_CPU='sse'; use one of auto, avx512, portable"):
+        cpu_paths.forced()

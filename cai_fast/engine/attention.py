@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from . import cpu_paths
 from .kv import KVPool
 
 try:  # the compiled core, built by `pip install .`: its CPU decode kernel
@@ -350,13 +351,14 @@ class TorchPagedAttention:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                  kv_lens: torch.Tensor, block_size: int, window: int | None, scale: float, shared: int = 0,
-                 portable: bool = False, new: tuple | None = None) -> torch.Tensor:
+                 portable: bool | None = None, new: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, heads, head_dim] (one new token a request, its K/V already in the pool)
     over a layer's pool k_cache, v_cache [slots, kv_heads, head_dim] through int64 block tables
     [B, W] (padded rows are fine) and context lengths [B], by `_core.paged_decode_attention`. CPU
     tensors of one dtype in CPU_KERNEL_DTYPES. `shared`: leading tokens held in the same blocks by
     every table (`shared_prefix_tokens`; 0 under a window), whose keys are then read once for all
-    B requests. `portable`: the kernel's plain loops even where its AVX-512 ones could run.
+    B requests. `portable`: the kernel's plain loops even where its AVX-512 ones could run (None: as
+    CAI_FAST_CPU says, cai_fast.engine.cpu_paths).
 
     new = (k, v, cos, sin): q and k [B, heads, head_dim] are the new tokens before the rotary
     embedding (rows may be strided, heads contiguous), cos and sin [B, head_dim] its tables; the
@@ -380,7 +382,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _core.paged_decode_attention(0 if new else q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                  tables.data_ptr(), tables.shape[1], kv_lens.data_ptr(), q.shape[0], q.shape[1],
                                  k_cache.shape[1], k_cache.shape[2], block_size, window or 0, shared, scale,
-                                 CPU_KERNEL_DTYPES[q.dtype], k_cache.shape[0], portable, **fresh)
+                                 CPU_KERNEL_DTYPES[q.dtype], k_cache.shape[0], cpu_paths.portable(portable),
+                                 **fresh)
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_paths
 from .attention import _core
 
 HAVE_AMX = _core is not None and hasattr(_core, "amx_linear") and _core.has_amx_bf16()
@@ -22,8 +23,8 @@ MAX_ROWS = 64  # above: oneDNN (at 2,048 rows, a prefill's, it is ~1.2x this ker
 
 def takes(weight: torch.Tensor) -> bool:
     """Whether the kernel computes a linear of this [n, k] weight on this machine."""
-    return (HAVE_AMX and weight.is_cpu and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0)
+    return (HAVE_AMX and cpu_paths.amx_allowed() and weight.is_cpu and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

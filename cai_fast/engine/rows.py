@@ -5,8 +5,8 @@
   mean and scaling in fp32, each result rounded to the model's dtype where torch rounds it. The fp32
   squares are summed in double (torch sums them in fp32), so an output may differ from torch's in
   the last bit now and then.
-- `silu_mul`: SiLU(gate) * up from the fused gate|up projection's output, for a decode step's few
-  rows (prefill keeps torch's ops).
+- `silu_mul`: SiLU(gate) * up from the fused gate|up projection's output, for any number of rows
+  (one rounding for prefill and decode: a token's result does not depend on its batch).
 - `argmax`: greedy sampling's argmax over a step's logits rows (torch's argmax took 1.25 ms for 32
   rows of SmolLM2's 49,152 logits here, a twentieth of a decode step).
 Each shares its rows among torch's threads (add_rms_norm and silu_mul: 4 rows a thread at least).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .attention import CPU_KERNEL_DTYPES as DTYPES  # the same codes as the decode kernel's
+from . import cpu_paths
 from .attention import _core
 
 HAVE_ROW_KERNELS = _core is not None and hasattr(_core, "add_rms_norm")
@@ -45,9 +46,9 @@ def takes_argmax(x: torch.Tensor) -> bool:
     return HAVE_ROW_KERNELS and x.is_cpu and x.dtype in DTYPES and x.dim() == 2 and x.shape[1] > 0 and x.is_contiguous()
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, portable: bool = False) -> torch.Tensor:
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, portable: bool | None = None) -> torch.Tensor:
     """x += delta in place (rounded to x's dtype, as torch's add), then norm(x), by the kernel
-    (`portable`: its plain loops even where its AVX-512 ones could run)."""
+    (`portable`: its plain loops even where its AVX-512 ones could run; None: as CAI_FAST_CPU says)."""
     if delta is not None:
         delta = delta.contiguous()
         if delta.shape != x.shape or delta.dtype != x.dtype:
@@ -55,21 +56,23 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, portable: bo
                              f"{tuple(x.shape)} {x.dtype}")
     out = torch.empty_like(x)
     _core.add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(), norm.weight.data_ptr(),
-                       out.data_ptr(), x.shape[0], x.shape[1], norm.variance_epsilon, DTYPES[x.dtype], portable)
+                       out.data_ptr(), x.shape[0], x.shape[1], norm.variance_epsilon, DTYPES[x.dtype],
+                       cpu_paths.portable(portable))
     return out
 
 
-def silu_mul(gate_up: torch.Tensor, portable: bool = False) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, portable: bool | None = None) -> torch.Tensor:
     """silu(gate) * up of gate_up [n, 2 * width] (gate first), by the kernel (`portable`: as above)."""
     width = gate_up.shape[1] // 2
     out = gate_up.new_empty(gate_up.shape[0], width)
-    _core.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], width, DTYPES[gate_up.dtype], portable)
+    _core.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], width, DTYPES[gate_up.dtype],
+                  cpu_paths.portable(portable))
     return out
 
 
-def argmax(x: torch.Tensor, portable: bool = False) -> torch.Tensor:
+def argmax(x: torch.Tensor, portable: bool | None = None) -> torch.Tensor:
     """torch.argmax(x, -1) of x [rows, width] (int64; the first maximum, a NaN counting as the
     maximum), by the kernel (`portable`: as above)."""
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    _core.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], DTYPES[x.dtype], out.data_ptr(), portable)
+    _core.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], DTYPES[x.dtype], out.data_ptr(), cpu_paths.portable(portable))
     return out

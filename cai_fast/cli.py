@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -380,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill unwinds as Ctrl-C does
     try:
         args.func(args)
     except USER_ERRORS as err:
@@ -388,8 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cai-fast: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     end_process_group()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM as KeyboardInterrupt: the batch being written is cut off whole, the lock let go."""
+    raise KeyboardInterrupt
 
 
 def end_process_group() -> None:

@@ -114,9 +114,11 @@ class RunStore:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        except OSError as err:  # disk full, read-only, quota: the batch is cut off whole
+        except BaseException as err:  # disk full, read-only, Ctrl-C, SIGTERM: the batch is cut off whole
             os.ftruncate(fd, size)
-            raise RunFolderError(unwritable(self.root, err)) from None
+            if isinstance(err, OSError):
+                raise RunFolderError(unwritable(self.root, err)) from None
+            raise
         finally:
             os.close(fd)
 

@@ -8,12 +8,17 @@ import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 import cai_fast.store as store_module
 from cai_fast.cli import main
 from cai_fast.store import RunFolderError, RunStore, write_atomic, write_jsonl
+from conftest import line_count
 from train_helpers import sft_rows
 
 FAST = ["--rounds", "1", "--batch-size", "2", "--answer-tokens", "6", "--critique-tokens", "4",
@@ -147,3 +152,25 @@ def test_a_checkpoint_on_a_full_disk_keeps_the_last_one(interrupted_sft, tmp_pat
     assert sorted(p.name for p in root.glob("*step-*")) == ["step-000001"]  # no half checkpoint beside it
     monkeypatch.undo()
     assert main(interrupted_sft) == 0
+
+
+def test_sigterm_during_sl_cai_stops_cleanly_and_the_rerun_is_the_uninterrupted_run(tiny_model_path, tmp_path):
+    common = [sys.executable, "-m", "cai_fast.cli", "sl-cai", "--model", str(tiny_model_path), "--limit", "8", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([*common, "--out", str(tmp_path / "full")], env=env, cwd=tmp_path, capture_output=True)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*common, "--out", str(out)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while line_count(out / "records-00000.jsonl") < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no record was written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 130
+    one_line(proc.stderr.read(), "interrupted", "run the same command again")
+    assert line_count(out / "records-00000.jsonl") % 2 == 0  # whole batches of 2 only
+    resumed = subprocess.run([*common, "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr  # the lock was let go
+    read = lambda folder: sorted((folder / "records-00000.jsonl").read_text().splitlines())  # noqa: E731
+    assert read(out) == read(tmp_path / "full")

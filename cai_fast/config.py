@@ -43,7 +43,7 @@ class ModelOptions:
                                 "native bf16 matrix units such as AMX, else float32), float32, bfloat16, float16; "
                                 "log-probs and labels are fp32 whatever it is")
     kv_block_size: int = option(16, "tokens per KV block of the cached engine (any size runs on CUDA through the "
-                                    "Triton kernel, multiples of 256 also through flash-attn)")
+                                    "Triton kernel; attention='flash' needs multiples of 256)")
 
     def __post_init__(self):
         if self.engine not in ENGINES:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import cai_fast.engine.attention as attention_module
-from cai_fast.engine.attention import (BatchLayout, CpuPagedAttention, TorchPagedAttention, attend_with_lse, attention_with_lse,
+from cai_fast.engine.attention import (HAVE_CPU_KERNEL, BatchLayout, CpuPagedAttention, FlashPagedAttention,
+                                       TorchPagedAttention, attend_with_lse, attention_with_lse,
                                        make_attention, visible)
 from cai_fast.engine.base import SamplingParams
 from cai_fast.engine.kv import KVPool, KVShape, pool_blocks, slot_ids
@@ -224,11 +225,26 @@ def test_next_tokens_greedy_rows_and_seeded_draws():
 
 def test_attention_choice_falls_back_to_torch_where_flash_attn_cannot_run():
     pool = KVPool(SHAPE, 4, 4)
-    assert isinstance(make_attention("auto", pool, [None, None], 4, 0.5), TorchPagedAttention)
+    auto = CpuPagedAttention if HAVE_CPU_KERNEL else TorchPagedAttention  # fp32 on the CPU
+    assert type(make_attention("auto", pool, [None, None], 4, 0.5)) is auto
+    assert type(make_attention("torch", pool, [None, None], 4, 0.5)) is TorchPagedAttention
     with pytest.raises(ValueError, match="needs flash-attn"):
         make_attention("flash", pool, [None, None], 4, 0.5)
     with pytest.raises(ValueError, match="unknown attention"):
         make_attention("fast", pool, [None, None], 4, 0.5)
+
+
+def test_auto_attention_never_chooses_flash(monkeypatch):
+    """Even where flash-attn could run (here faked: installed, a CUDA-looking pool in bf16, blocks
+    of 256), "auto" leaves it alone: no test holds flash to the torch path yet."""
+    monkeypatch.setattr(attention_module, "HAVE_FLASH_ATTN", True)
+    monkeypatch.setattr(attention_module, "HAVE_TRITON", False)
+    pool = KVPool(KVShape(2, 2, 8, torch.bfloat16), 2, 256, "cpu")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    chosen = make_attention("auto", pool, [None, None], 4, 0.5)
+    assert type(chosen) is not FlashPagedAttention
+    with pytest.raises(ModuleNotFoundError, match="flash_attn"):  # explicit 'flash' still goes there
+        make_attention("flash", pool, [None, None], 4, 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cai_fast.engine import linear
-from cai_fast.engine.attention import _core
+from cai_fast._native import _core
 
 pytestmark = pytest.mark.skipif(not linear.HAVE_AMX, reason="needs cai_fast._core and a CPU with AMX-BF16 tiles")
 

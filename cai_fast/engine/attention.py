@@ -45,12 +45,12 @@ OpenMP threads. In the runner's eager decode step it also applies the rotary emb
 decode it replaces two flash calls a layer that packed K/V for AMX every step (24% of the step,
 benches/README.md).
 Flash path (`FlashPagedAttention`): `flash_attn_with_kvcache` over the block tables (causal,
-bottom-right aligned), taken on CUDA when flash-attn is installed, the model is fp16 or bf16 and
-block_size % 256 == 0. It is untested here: no machine of this project has CUDA and flash-attn.
+bottom-right aligned), with attention="flash" only (CUDA, flash-attn installed, fp16 or bf16,
+block_size % 256 == 0): `auto` never takes it, since no test holds it to the torch path.
 Triton path (`cai_fast.engine.paged_kernel.TritonPagedAttention`): a Triton kernel reading K/V
 through the block tables at any block size, decode and prefill over a cached prefix in one
-kernel, the decode cascade over shared leading blocks as above; taken on CUDA when flash-attn
-cannot run (tested against the torch path under TRITON_INTERPRET=1).
+kernel, the decode cascade over shared leading blocks as above; `auto` takes it on CUDA
+(tested against the torch path under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -63,19 +63,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .._native import HAVE_CPU_KERNEL, _core
 from . import cpu_paths
-from .kv import KVPool
-
-try:  # the compiled core, built by `pip install .`: its CPU decode kernel
-    from .. import _core
-except ImportError:
-    _core = None
+from .kv import KVPool, shared_prefix_tokens
 
 HAVE_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # returns the lse
 FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs blocks of a multiple of 256 tokens
-HAVE_CPU_KERNEL = _core is not None and hasattr(_core, "paged_decode_attention")
 CPU_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
 
 
@@ -100,15 +95,6 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
     if window is not None:
         mask &= k_pos[None, :] > q_pos[:, None] - window
     return mask
-
-
-def shared_prefix_tokens(tables: list[list[int]], kv_lens: list[int], block_size: int) -> int:
-    """Tokens at the start of every context held in the same blocks (whole blocks, computed:
-    before every request's last position), from host block tables."""
-    limit = (min(kv_lens) - 1) // block_size
-    first = tables[0]
-    blocks = next((i for i in range(limit) if any(t[i] != first[i] for t in tables)), limit)
-    return blocks * block_size
 
 
 def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -486,14 +472,14 @@ ATTENTION_KINDS = ("auto", "torch", "cpu", "flash", "triton")
 
 
 def make_attention(kind: str, pool: KVPool, windows: list[int | None], num_heads: int, scale: float):
-    """`kind`: "torch", "cpu", "flash", "triton" or "auto" (flash where it can run, else triton on
-    CUDA, else the CPU kernel where it can run, else torch; see the module docstring)."""
+    """`kind`: "torch", "cpu", "flash", "triton" or "auto" (triton on CUDA, else the CPU kernel
+    where it can run, else torch; never flash, which no test holds yet; see the module docstring)."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"unknown attention {kind!r}; use {', '.join(ATTENTION_KINDS)}")
     usable = HAVE_FLASH_ATTN and pool.k[0].is_cuda and pool.shape.dtype in (torch.float16, torch.bfloat16)
     if kind == "flash" and not usable:
         raise ValueError("attention='flash' needs flash-attn installed and an fp16/bf16 model on CUDA; use 'auto'")
-    if kind == "flash" or (kind == "auto" and usable and pool.block_size % FLASH_BLOCK_MULTIPLE == 0):
+    if kind == "flash":
         return FlashPagedAttention(pool, windows, num_heads, scale)
     if kind == "triton" and not HAVE_TRITON:
         raise ValueError("attention='triton' needs triton installed (pip install triton); use 'auto'")

@@ -20,9 +20,9 @@ import torch
 
 from . import linear as amx
 from . import rows
-from .attention import CpuPagedAttention, _core
+from .._native import HAVE_DECODE_LAYERS, _core
+from .attention import CpuPagedAttention
 
-HAVE_DECODE_LAYERS = _core is not None and hasattr(_core, "DecodeLayers")
 DECODE_LOOPS = ("auto", "python")
 
 

@@ -13,11 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # the CUDA kernels, built by `pip install .` where a CUDA toolkit is found
-    from .. import _cuda as _cuda_kernels
-except ImportError:
-    _cuda_kernels = None
-HAVE_CUDA_KERNELS = _cuda_kernels is not None
+from .._native import HAVE_CUDA_KERNELS
+from .._native import _cuda as _cuda_kernels
 
 
 @dataclass(frozen=True)
@@ -131,3 +128,12 @@ def slot_ids(block_table: torch.Tensor, start: int, end: int, block_size: int) -
     offsets = torch.arange(block_size, device=block_table.device)
     slots = (block_table[first:last, None] * block_size + offsets).flatten()
     return slots[start - first * block_size : end - first * block_size]
+
+
+def shared_prefix_tokens(tables: list[list[int]], kv_lens: list[int], block_size: int) -> int:
+    """Tokens at the start of every context held in the same blocks (whole blocks, computed:
+    before every request's last position), from host block tables."""
+    limit = (min(kv_lens) - 1) // block_size
+    first = tables[0]
+    blocks = next((i for i in range(limit) if any(t[i] != first[i] for t in tables)), limit)
+    return blocks * block_size

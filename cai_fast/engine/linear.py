@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from .._native import HAVE_AMX, _core
 from . import cpu_paths
-from .attention import _core
 
-HAVE_AMX = _core is not None and hasattr(_core, "amx_linear") and _core.has_amx_bf16()
 MAX_ROWS = 64  # above: oneDNN (at 2,048 rows, a prefill's, it is ~1.2x this kernel here)
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv import host_to_device, shared_prefix_tokens
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -157,9 +159,6 @@ class TritonPagedAttention:
 
     def plan(self, batch) -> dict:
         """Per window: the launches (metadata tensors on the device, host ints) every layer reuses."""
-        from .attention import shared_prefix_tokens
-        from .kv import host_to_device
-
         tables = batch.host_tables or [t.tolist() for t in batch.tables]
         n, width = len(tables), max(len(t) for t in tables)
         starts = [sum(batch.q_lens[:r]) for r in range(n)]

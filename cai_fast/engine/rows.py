@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 
 from .attention import CPU_KERNEL_DTYPES as DTYPES  # the same codes as the decode kernel's
+from .._native import HAVE_ROW_KERNELS, _core
 from . import cpu_paths
-from .attention import _core
 
-HAVE_ROW_KERNELS = _core is not None and hasattr(_core, "add_rms_norm")
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # forward: weight * to_dtype(x * rsqrt(mean(x^2) + eps))
 
 

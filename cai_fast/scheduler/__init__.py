@@ -67,12 +67,8 @@ from typing import Union
 from cai_fast.scheduler import radix_py, scheduler_py
 from cai_fast.scheduler.scheduler_py import Policy
 
-try:
-    from cai_fast import _core
-except ImportError:  # the compiled module is not built: the Python twin serves
-    _core = None
+from cai_fast._native import HAVE_CORE, _core  # None where not built: the Python twin serves
 
-HAVE_CORE = _core is not None
 BACKENDS = ("cpp", "python")
 
 __all__ = ["BACKENDS", "HAVE_CORE", "Policy", "backend_of", "make_cache", "make_pool", "make_scheduler"]

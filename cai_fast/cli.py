@@ -276,8 +276,8 @@ def add_pipeline_parsers(sub) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .engine.device import resolve_device, resolve_dtype
-    from .pipeline import run_pipeline
-    from .pipeline_config import check_inputs, load_pipeline_config, resolve_config_path
+    from .pipeline import check_inputs, run_pipeline
+    from .pipeline_config import load_pipeline_config, resolve_config_path
 
     config, source = load_pipeline_config(args.config)
     where = str(resolve_config_path(args.config))

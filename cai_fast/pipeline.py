@@ -2,7 +2,8 @@
 
     cai-fast pipeline --config FILE        run_pipeline(load_pipeline_config(FILE))
 
-The config file and PipelineConfig are cai_fast.pipeline_config.
+The config file and PipelineConfig are cai_fast.pipeline_config; check_inputs(config, source) checks
+every model and file it names (one ConfigFileError) before anything is written.
 
 Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
     sl_cai    SL-CAI on the training prompts with the round's starting policy
@@ -52,19 +53,23 @@ stage and record where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data import Prompt, load_prompts
-from .engine.loading import model_sha256
+from .benchmarks import load_benchmark
+from .constitution import load_constitution
+from .data import Prompt, load_prompts, raise_collected
+from .engine.loading import ModelLoadError, model_sha256, resolve_model_path
 from .evaluate import (
     SETS, EvalSets, ModelOutputs, baseline_metrics, depth_of, evaluate_model, judge_check_wanted, load_eval_sets,
     outputs_of,
 )
-from .pipeline_config import PipelineConfig, config_dict
+from .pairs import load_pairs
+from .pipeline_config import ConfigFileError, PipelineConfig, config_dict
 from .store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 
 
@@ -171,9 +176,7 @@ class Pipeline:
     """One run folder: the config, the state, the prompts and the stages (see the module docstring)."""
 
     def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
-        from .constitution import load_constitution
         from .engine.device import resolved_names
-        from .engine.loading import resolve_model_path
         from .judge import resolve_principles
 
         self.config, self.progress, self.root = config, progress, Path(config.out)
@@ -341,6 +344,37 @@ class Pipeline:
 
     def _say(self, message: str) -> None:
         print(f"cai-fast pipeline: {message}", flush=True)
+
+
+def check_inputs(config: PipelineConfig, source: str) -> None:
+    """Every model, constitution, prompt set, benchmark and human-preference file the config names
+    exists and loads safely; else one ConfigFileError naming `source` and the field of each that
+    does not. Nothing is generated and nothing is written."""
+    problems = []
+    for name, check in _input_checks(config):
+        try:
+            check()
+        except (ValueError, OSError, ModelLoadError) as err:
+            problems.append(ConfigFileError(f"{source}: field '{name}': {err}"))
+    raise_collected(problems, source, "problems")
+
+
+def _input_checks(config: PipelineConfig) -> list[tuple[str, Callable]]:
+    """(field, a check that raises when its file or model is not usable) for each input the config names."""
+    e, call = config.eval, functools.partial
+    models = {"model": config.model, "judge_model": config.judge_model, "eval.judge_model": e.judge_model}
+    checks = [(name, call(resolve_model_path, value)) for name, value in models.items() if value]
+    checks += [(name, call(load_constitution, value)) for name, value in (
+        ("constitution", config.constitution), ("eval.harmless_constitution", e.harmless_constitution),
+        ("eval.helpful_constitution", e.helpful_constitution))]
+    checks += [(name, call(load_prompts, value)) for name, value in (
+        ("prompts", config.prompts), ("eval.harmless_prompts", e.harmless_prompts),
+        ("eval.helpful_prompts", e.helpful_prompts), ("eval.over_refusal_prompts", e.over_refusal_prompts))]
+    files = [] if e.skip_missing_benchmarks else e.benchmark_paths
+    checks += [("eval.benchmarks", call(load_benchmark, path, e.benchmark_size, e.subset_seed)) for path in files]
+    if e.human_preferences and not e.skip_missing_benchmarks:
+        checks.append(("eval.human_preferences", call(load_pairs, e.human_preferences, on_error="skip")))
+    return checks
 
 
 def run_pipeline(config: PipelineConfig, *, source: str | None = None, progress: bool = True) -> dict:

@@ -10,30 +10,27 @@ The training stages' model, data, out, reward_model and ref_model are set by the
 their device and dtype are the top-level ones. An unknown field, a value of the wrong type or an
 invalid value is a ConfigFileError naming the file and the field; every such problem of the file
 is reported in one error (each field's value is checked on its own, then the section as a
-whole). `check_inputs` does the same for the files and models the config names (`cai-fast
-pipeline` runs it before anything is written). Relative paths are read from the current folder.
+whole); cai_fast.pipeline.check_inputs does the same for the files and models the config names.
+Relative paths are read from the current folder. Torch-free: imports only the stages' config
+modules and cai_fast.data's raise_collected.
 `--config demo` is the shipped demo config (cai_fast/configs/demo.toml).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .config import check_finite, option
+from .config import DEFAULT_MODEL, ENGINES, check_finite, option
 from .data import raise_collected
-from .engine import ENGINES
-from .engine.loading import DEFAULT_MODEL, ModelLoadError
-from .evaluate import EvalConfig
-from .judge import JudgeConfig
-from .labelling import LabelConfig
-from .sl_cai import SLCAIConfig
+from .eval_config import EvalConfig
+from .judge_config import JudgeConfig
+from .label_config import LabelConfig
+from .sl_cai_config import SLCAIConfig
 from .train.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -274,40 +271,3 @@ def config_dict(config: PipelineConfig) -> dict:
     for name in SECTIONS:
         top[name] = {k: v for k, v in asdict(getattr(config, name)).items() if k not in PIPELINE_SET}
     return top
-
-
-def check_inputs(config: PipelineConfig, source: str) -> None:
-    """Every model, constitution, prompt set, benchmark and human-preference file the config names
-    exists and loads safely; else one ConfigFileError naming `source` and the field of each that
-    does not. Nothing is generated and nothing is written."""
-    problems = []
-    for name, check in _input_checks(config):
-        try:
-            check()
-        except (ValueError, OSError, ModelLoadError) as err:
-            problems.append(ConfigFileError(f"{source}: field '{name}': {err}"))
-    raise_collected(problems, source, "problems")
-
-
-def _input_checks(config: PipelineConfig) -> list[tuple[str, Callable]]:
-    """(field, a check that raises when its file or model is not usable) for each input the config names."""
-    from .constitution import load_constitution
-    from .data import load_prompts
-    from .engine.loading import resolve_model_path
-    from .evaluate import load_benchmark
-    from .pairs import load_pairs
-
-    e, call = config.eval, functools.partial
-    models = {"model": config.model, "judge_model": config.judge_model, "eval.judge_model": e.judge_model}
-    checks = [(name, call(resolve_model_path, value)) for name, value in models.items() if value]
-    checks += [(name, call(load_constitution, value)) for name, value in (
-        ("constitution", config.constitution), ("eval.harmless_constitution", e.harmless_constitution),
-        ("eval.helpful_constitution", e.helpful_constitution))]
-    checks += [(name, call(load_prompts, value)) for name, value in (
-        ("prompts", config.prompts), ("eval.harmless_prompts", e.harmless_prompts),
-        ("eval.helpful_prompts", e.helpful_prompts), ("eval.over_refusal_prompts", e.over_refusal_prompts))]
-    files = [] if e.skip_missing_benchmarks else e.benchmark_paths
-    checks += [("eval.benchmarks", call(load_benchmark, path, e.benchmark_size, e.subset_seed)) for path in files]
-    if e.human_preferences and not e.skip_missing_benchmarks:
-        checks.append(("eval.human_preferences", call(load_pairs, e.human_preferences, on_error="skip")))
-    return checks

@@ -193,7 +193,7 @@ def test_float16_keeps_the_trained_model_in_fp32_so_adamw_stays_finite(data, tin
 ])
 def test_the_pipeline_command_refuses_a_device_in_one_line_before_anything_is_read(option, where, tiny_model_path,
                                                                                    tmp_path, capsys, monkeypatch):
-    import cai_fast.pipeline_config as pipeline_config
+    import cai_fast.pipeline as pipeline_config
 
     def read(*_):
         raise AssertionError("the inputs were read before the device was checked")

@@ -1,9 +1,10 @@
 """Generation: model loading, the cached engine, the plain (uncached) generator, the server
 generator (OpenAI-compatible vLLM/SGLang servers), the shared interface."""
 
+from ..config import DEFAULT_MODEL, ENGINES
 from .base import Completion, GenerationStats, Generator, SamplingParams
 from .device import DeviceError
-from .loading import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
+from .loading import LoadedModel, ModelLoadError, load_model
 
 __all__ = [
     "Completion", "GenerationStats", "Generator", "SamplingParams", "ENGINES",
@@ -11,7 +12,6 @@ __all__ = [
     "open_generator",
 ]
 
-ENGINES = ("cached", "plain", "server")
 _WARNED: set[str] = set()  # architectures already reported as falling back to the plain generator
 
 

@@ -1,0 +1,18 @@
+"""Every stage's config module imports without torch (the CLI builds its options from them)."""
+
+import subprocess
+import sys
+
+CONFIG_MODULES = (
+    "cai_fast.config", "cai_fast.sl_cai_config", "cai_fast.label_config", "cai_fast.judge_config",
+    "cai_fast.eval_config", "cai_fast.pipeline_config", "cai_fast.train.config", "cai_fast.train",
+)
+
+
+def test_importing_every_config_module_leaves_torch_out():
+    code = "import sys\n" + "".join(f"import {m}\n" for m in CONFIG_MODULES) + (
+        "heavy = [m for m in ('torch', 'transformers', 'cai_fast.engine') if m in sys.modules]\n"
+        "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+

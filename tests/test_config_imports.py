@@ -16,3 +16,14 @@ def test_importing_every_config_module_leaves_torch_out():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
+
+
+def test_the_package_re_exports_its_entry_points_lazily():
+    code = ("import sys, cai_fast\n"
+            "assert 'torch' not in sys.modules\n"
+            "for name in cai_fast.__all__:\n"
+            "    assert getattr(cai_fast, name) is not None, name\n"
+            "from cai_fast.engine import load_model\n"
+            "assert cai_fast.load_model is load_model\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

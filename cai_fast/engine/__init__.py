@@ -45,12 +45,12 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
 
 def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,
-                   server_url=None, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
+                   server_url=None, device: str = "auto", dtype: str = "auto", block_size: int = 16,
                    fallback: str | None = None) -> Generator:
     """The generator of `engine` for a model name or folder: the model loaded in this process
     (cached, plain; see make_generator), or engine="server": the servers at `server_url` (one URL,
     comma-separated URLs or a list) that serve that model, its tokenizer loaded here. device and
-    dtype: as load_model takes them ("auto" included).
+    dtype: as load_model takes them (default "auto", as on the command line).
 
     fallback: the in-process engine for a model the servers do not serve (e.g. a policy the run
     just trained), with a warning; None: that is a ServerModelError.

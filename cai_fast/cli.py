@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 
 from .config import ModelOptions
-from .constitution import ConstitutionError
+from .data.constitution import ConstitutionError
 from .data import FORMATS, PromptLoadError
 from .engine import DEFAULT_MODEL, ENGINES, ModelLoadError
 from .engine.server import ServerError
@@ -115,7 +115,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sl_cai(args: argparse.Namespace) -> None:
-    from .constitution import load_constitution
+    from .data.constitution import load_constitution
     from .data import load_prompts
     from .sl_cai import SLCAIConfig, run_sl_cai
 
@@ -210,7 +210,7 @@ def add_label_parser(sub) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> None:
-    from .constitution import load_constitution
+    from .data.constitution import load_constitution
     from .data import load_prompts
     from .judge import ConstitutionalJudge, JudgeConfig, resolve_principles
     from .label_report import summary_lines

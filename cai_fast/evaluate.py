@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import prompts as P
+from .data import prompts as P
 from .benchmarks import (
     Benchmark, BenchmarkError, alignment_tax, answer_gsm8k, answer_multiple_choice, capability_scores, load_benchmark,
 )

@@ -6,7 +6,7 @@ For a pair (a, b) of responses to one conversation, P principles are drawn from 
 (by weight, without replacement, seeded by the run seed and the pair's content, so the same in
 both orders and on resume), or fixed with `principle_ids`. Each principle is asked in both
 orders: order AB shows (A) = a, (B) = b; order BA swaps them. A judge prompt (layout in
-cai_fast.prompts) is the few-shot block, the conversation, the two responses, the principle's
+cai_fast.data.prompts) is the few-shot block, the conversation, the two responses, the principle's
 question, then the start of the assistant's answer, "The answer is: (" by default, after which
 the next token is the verdict. The generator's `score_options` reads the log-probs of the two
 option tokens there — one forward pass per prompt, the LM head applied through cai_fast.ops to
@@ -34,7 +34,7 @@ Injection defence (defend=1, the default): the conversation and both responses a
 between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a
 secret kept in the run config, by default derived from the seed), with look-alike characters
 folded (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response
-cannot close its section or the user turn, or forge a marker (see cai_fast.prompts). As the tag
+cannot close its section or the user turn, or forge a marker (see cai_fast.data.prompts). As the tag
 does not depend on the pair, all pairs of one prompt share the few-shot block and the
 conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
 
@@ -51,9 +51,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from . import prompts as P
+from .data import prompts as P
 from .config import DEFAULT_MODEL
-from .constitution import Constitution, Principle, load_constitution
+from .data.constitution import Constitution, Principle, load_constitution
 from .engine.base import SamplingParams
 from .judge_config import JudgeConfig
 from .pairs import is_text, shown

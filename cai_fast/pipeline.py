@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .benchmarks import load_benchmark
-from .constitution import load_constitution
+from .data.constitution import load_constitution
 from .data import Prompt, load_prompts, raise_collected
 from .engine.loading import ModelLoadError, model_sha256, resolve_model_path
 from .evaluate import (

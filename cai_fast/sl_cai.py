@@ -3,7 +3,7 @@
 For each prompt x: y0 = the model's answer; then for each round k (1..K) a principle is drawn by
 weight (seeded by prompt id and run seed, so the same on resume), the model critiques its latest
 answer against it and revises. Records keep the whole trace. Prompts run in batches; every
-step's prompt extends the one before (see cai_fast.prompts), which is what a prefix cache shares.
+step's prompt extends the one before (see cai_fast.data.prompts), which is what a prefix cache shares.
 
 Outputs, in trl's formats (JSONL files that `datasets.load_dataset("json", ...)` reads):
   sft_messages/          {"messages": [user x, assistant y_K]}              (SFTTrainer)
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import prompts as P
-from .constitution import Constitution
+from .data import prompts as P
+from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
 from .pairs import same_response

@@ -304,7 +304,7 @@ def test_bad_urls_and_bad_requests_are_clear_errors(servers, tiny_model_path):
 
 
 def test_sl_cai_resumes_after_the_server_dies(servers, tiny_model_path, tmp_path):
-    from cai_fast.constitution import load_constitution
+    from cai_fast.data.constitution import load_constitution
     from cai_fast.data import Prompt
     from cai_fast.sl_cai import SLCAIConfig, run_sl_cai
     import json

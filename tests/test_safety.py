@@ -168,7 +168,7 @@ def test_evaluate_checks_the_model_before_making_the_base_outputs(tmp_path, caps
 
 
 def _overflowing_constitution(tmp_path: Path) -> str:
-    from cai_fast.constitution import _shipped_dir
+    from cai_fast.data.constitution import _shipped_dir
 
     text = (_shipped_dir() / "default.toml").read_text(encoding="utf-8")
     path = tmp_path / "heavy.toml"

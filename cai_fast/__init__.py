@@ -16,7 +16,7 @@ _ENTRY_POINTS = {
     "JudgeConfig": "judge_config", "ConstitutionalJudge": "judge",
     "LabelConfig": "label_config", "run_labelling": "labelling",
     "EvalConfig": "eval_config", "evaluate_model": "evaluate",
-    "PipelineConfig": "pipeline_config", "load_pipeline_config": "pipeline_config", "run_pipeline": "pipeline",
+    "PipelineConfig": "pipeline.config", "load_pipeline_config": "pipeline.config", "run_pipeline": "pipeline.rounds",
 }
 
 __all__ = ["__version__", *_ENTRY_POINTS]

@@ -241,7 +241,7 @@ def add_pipeline_parsers(sub) -> None:
     """`cai-fast pipeline --config FILE` (the whole loop) and `cai-fast evaluate` (a model against a base)."""
     from .evaluate import EvalConfig
     from .judge import JudgeConfig
-    from .pipeline_config import PipelineConfig
+    from .pipeline.config import PipelineConfig
 
     pl = sub.add_parser("pipeline", help="the full loop: SL-CAI, SFT, RLAIF labels, reward model, PPO or DPO, "
                                          "evaluation, for 1-4 rounds, and a report",
@@ -276,8 +276,8 @@ def add_pipeline_parsers(sub) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .engine.device import resolve_device, resolve_dtype
-    from .pipeline import check_inputs, run_pipeline
-    from .pipeline_config import load_pipeline_config, resolve_config_path
+    from .pipeline.config import load_pipeline_config, resolve_config_path
+    from .pipeline.rounds import check_inputs, run_pipeline
 
     config, source = load_pipeline_config(args.config)
     where = str(resolve_config_path(args.config))
@@ -297,7 +297,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def _checked(field: str, given: dict, where: str, check):
     """check(); its DeviceError names the config file and field when the value came from the file."""
     from .engine.device import DeviceError
-    from .pipeline_config import ConfigFileError
+    from .pipeline.config import ConfigFileError
 
     try:
         return check()

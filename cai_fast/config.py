@@ -1,7 +1,7 @@
 """What every stage's config is made of: fields with help text, and the model a stage runs.
 
 Each stage has one config dataclass in its own torch-free module beside its implementation
-(sl_cai_config, label_config, judge_config, eval_config, pipeline_config, train.config) whose
+(sl_cai_config, label_config, judge_config, eval_config, pipeline.config, train.config) whose
 fields are declared with `option`; the CLI turns each field into a flag with that help, and
 pipeline config files into sections. ENGINES and DEFAULT_MODEL are defined here (cai_fast.engine
 takes them from here). Imports nothing of cai_fast and no torch.

@@ -5,7 +5,7 @@ import sys
 
 CONFIG_MODULES = (
     "cai_fast.config", "cai_fast.sl_cai_config", "cai_fast.label_config", "cai_fast.judge_config",
-    "cai_fast.eval_config", "cai_fast.pipeline_config", "cai_fast.train.config", "cai_fast.train",
+    "cai_fast.eval_config", "cai_fast.pipeline.config", "cai_fast.train.config", "cai_fast.train",
 )
 
 

@@ -343,7 +343,7 @@ def test_cli_sl_cai_and_label_run_through_a_server(servers, tiny_model_path, tmp
 def test_a_model_the_servers_do_not_serve_runs_in_process_only_where_asked(servers, tiny_model_path):
     from cai_fast.engine import open_generator
     from cai_fast.engine.server import ServerModelError
-    from cai_fast.pipeline_config import config_from_dict
+    from cai_fast.pipeline.config import config_from_dict
 
     servers[0].model_id = "/models/another-model"
     with pytest.raises(ServerModelError, match="serves /models/another-model"):

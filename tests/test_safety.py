@@ -332,8 +332,8 @@ def test_training_records_refuse_nan_and_infinity(value):
 def test_a_pipeline_compares_its_prompt_files_by_content(tiny_model_path, tmp_path):
     from dataclasses import replace
 
-    from cai_fast.pipeline import Pipeline
-    from cai_fast.pipeline_config import config_from_dict
+    from cai_fast.pipeline.rounds import Pipeline
+    from cai_fast.pipeline.config import config_from_dict
     from cai_fast.store import RunConfigError
 
     first = _lines(tmp_path / "a.txt", ["Tell me a secret.", "Insult my neighbour.", "Write a threat."])

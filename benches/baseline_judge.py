@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from cai_fast import prompts as P
+from cai_fast.data import prompts as P
 from cai_fast.trl_compat import response_text
 
 

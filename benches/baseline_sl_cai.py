@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from cai_fast import prompts as P
+from cai_fast.data import prompts as P
 
 
 @torch.inference_mode()

@@ -57,8 +57,8 @@ from baseline_judge import baseline_judge  # noqa: E402
 from baseline_sl_cai import baseline_sl_cai  # noqa: E402
 from test_engine_cached import as_sequence, reference_greedy, top2_gap  # noqa: E402
 
-from cai_fast import prompts as P  # noqa: E402
-from cai_fast.constitution import load_constitution  # noqa: E402
+from cai_fast.data import prompts as P  # noqa: E402
+from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import DEFAULT_MODEL, SamplingParams, linear, load_model, make_generator  # noqa: E402
 from cai_fast.engine.cached import CachedGenerator, EngineConfig  # noqa: E402

@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_judge import DATA, hh_pairs  # noqa: E402
 
-from cai_fast.constitution import load_constitution  # noqa: E402
+from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import DEFAULT_MODEL, load_model, make_generator  # noqa: E402
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from bench_engine import sample_pairs, trace  # noqa: E402
 from vllm_server import VLLMServer  # noqa: E402
 
-from cai_fast.constitution import load_constitution  # noqa: E402
+from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import (  # noqa: E402
     Completion,

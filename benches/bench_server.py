@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from vllm_server import VLLMServer, free_port, vllm_python  # noqa: E402
 
-from cai_fast.constitution import load_constitution  # noqa: E402
+from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import SamplingParams  # noqa: E402
 from cai_fast.engine.loading import DEFAULT_MODEL, default_model_path  # noqa: E402

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline_sl_cai import baseline_sl_cai  # noqa: E402
 
-from cai_fast.constitution import load_constitution  # noqa: E402
+from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import DEFAULT_MODEL, load_model, make_generator  # noqa: E402
 from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402

@@ -199,8 +199,8 @@ def check_pipeline(args) -> dict:
     from conftest import build_tiny_model
     from test_loop import _write_tiny_config
 
-    from cai_fast.pipeline import run_pipeline
-    from cai_fast.pipeline_config import config_from_dict
+    from cai_fast.pipeline.rounds import run_pipeline
+    from cai_fast.pipeline.config import config_from_dict
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-pipeline-"))
     model = args.model if CUDA else build_tiny_model(work / "tiny")

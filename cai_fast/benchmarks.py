@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Sequence
 
-from . import prompts as P
+from .data import prompts as P
 from .engine.base import SamplingParams
 from .seeding import seeded_sample
 from .stats import share

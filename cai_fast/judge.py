@@ -6,7 +6,7 @@ For a pair (a, b) of responses to one conversation, P principles are drawn from 
 (by weight, without replacement, seeded by the run seed and the pair's content, so the same in
 both orders and on resume), or fixed with `principle_ids`. Each principle is asked in both
 orders: order AB shows (A) = a, (B) = b; order BA swaps them. A judge prompt (layout in
-cai_fast.prompts) is the few-shot block, the conversation, the two responses, the principle's
+cai_fast.data.prompts) is the few-shot block, the conversation, the two responses, the principle's
 question, then the start of the assistant's answer, "The answer is: (" by default, after which
 the next token is the verdict. The generator's `score_options` reads the log-probs of the two
 option tokens there — one forward pass per prompt, the LM head applied through cai_fast.ops to
@@ -34,7 +34,7 @@ Injection defence (defend=1, the default): the conversation and both responses a
 between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a
 secret kept in the run config, by default derived from the seed), with look-alike characters
 folded (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response
-cannot close its section or the user turn, or forge a marker (see cai_fast.prompts). As the tag
+cannot close its section or the user turn, or forge a marker (see cai_fast.data.prompts). As the tag
 does not depend on the pair, all pairs of one prompt share the few-shot block and the
 conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
 
@@ -51,18 +51,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from . import prompts as P
-from .config import option
-from .constitution import Constitution, Principle, load_constitution
+from .data import prompts as P
+from .config import DEFAULT_MODEL
+from .data.constitution import Constitution, Principle, load_constitution
 from .engine.base import SamplingParams
-from .engine.loading import DEFAULT_MODEL
+from .judge_config import JudgeConfig
 from .pairs import is_text, shown
 from .trl_compat import BasePairwiseJudge, response_text, win_probabilities
 
 if TYPE_CHECKING:
     import torch
 
-AGGREGATES = ("prob", "logodds")  # as cai_fast.ops.swapped_pair_scores takes them
 COT_CLAMP = math.log(0.6 / 0.4)  # |logit| of 0.4 and 0.6: chain-of-thought probabilities stay in [0.4, 0.6]
 COT_STOP = ("The answer is",)
 
@@ -73,48 +72,6 @@ class JudgeError(ValueError):
 
 class JudgeInputError(ValueError):
     """Pairs that cannot be judged (an empty response, mismatched lengths); the message says which."""
-
-
-# ---------------------------------------------------------------- configuration
-
-
-@dataclass
-class JudgeConfig:
-    principles: int = option(4, "principles drawn per pair (by weight, without replacement); each is "
-                                 "asked in both orders")
-    principle_ids: str = option("", "comma-separated principle ids asked for every pair instead of drawing")
-    aggregate: str = option("prob", "how principle labels combine: prob (mean probability) or logodds")
-    few_shot: int = option(0, "judge examples made from the constitution's few-shot examples (each adds "
-                               "about 250 tokens to every judge prompt)")
-    chain_of_thought: bool = option(False, "1 = a rationale is generated before the verdict; probabilities "
-                                       "are clamped to [0.4, 0.6]")
-    cot_tokens: int = option(64, "max new tokens of each rationale (with chain_of_thought)")
-    defend: bool = option(True, "1 = quote the conversation and responses between tagged markers with special "
-                             "tokens broken up; 0 only to measure the injection defence")
-    batch_size: int = option(16, "judge prompts per forward pass (and sampled responses per batch)")
-    seed: int = option(0, "seed for principle draws, response sampling and pair selection")
-    option_mass: int = option(0, "1 = also compute each option's full-vocabulary probability (a diagnostic: "
-                                  "labels then go through a full-vocabulary softmax at every answer position)")
-    tag_key: str = option("", "secret key of the section markers' tag (kept in the run config; empty: "
-                              "derived from seed)")
-
-    def __post_init__(self):
-        if not isinstance(self.principle_ids, str):
-            self.principle_ids = ",".join(self.principle_ids)
-        for name in ("principles", "batch_size", "cot_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.few_shot < 0:
-            raise ValueError(f"few_shot must be >= 0, got {self.few_shot}")
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
-        for name in ("chain_of_thought", "defend", "option_mass"):
-            if getattr(self, name) not in (0, 1):
-                raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")
-
-    @property
-    def fixed_ids(self) -> list[str]:
-        return [i.strip() for i in self.principle_ids.split(",") if i.strip()]
 
 
 # ---------------------------------------------------------------- option tokens

@@ -1,6 +1,6 @@
 """The labelling run's report: position bias before averaging, label confidence, per-principle
 agreement, time — `report.md` and `label_confidence.png` in the run folder (the pipeline's report
-is cai_fast.report)."""
+is cai_fast.pipeline.report)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import prompts as P
+from .data import prompts as P
 from .data import ON_ERROR, PromptLoadError, prompt_id, raise_collected, transcript_messages
 from .trl_compat import response_text
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-from . import prompts as P
+from .data import prompts as P
 from .data import Prompt
 from .engine.base import SamplingParams
 from .seeding import stable_seed

@@ -3,7 +3,7 @@
 For each prompt x: y0 = the model's answer; then for each round k (1..K) a principle is drawn by
 weight (seeded by prompt id and run seed, so the same on resume), the model critiques its latest
 answer against it and revises. Records keep the whole trace. Prompts run in batches; every
-step's prompt extends the one before (see cai_fast.prompts), which is what a prefix cache shares.
+step's prompt extends the one before (see cai_fast.data.prompts), which is what a prefix cache shares.
 
 Outputs, in trl's formats (JSONL files that `datasets.load_dataset("json", ...)` reads):
   sft_messages/          {"messages": [user x, assistant y_K]}              (SFTTrainer)
@@ -21,44 +21,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import prompts as P
-from .config import check_finite, option
-from .constitution import Constitution
+from .data import prompts as P
+from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
 from .pairs import same_response
 from .seeding import stable_seed
+from .sl_cai_config import SLCAIConfig
 from .store import RunStore, resume_batches, write_jsonl
 
 RECORDS = "records"
-
-
-@dataclass
-class SLCAIConfig:
-    rounds: int = option(2, "critique-revision rounds per prompt (1-4)")
-    seed: int = option(0, "seed for principle sampling and generation")
-    batch_size: int = option(8, "prompts generated together")
-    few_shot: int = option(3, "few-shot examples from the constitution (0 = none)")
-    answer_tokens: int = option(128, "max new tokens of the initial answer")
-    critique_tokens: int = option(96, "max new tokens of each critique")
-    revision_tokens: int = option(128, "max new tokens of each revision")
-    temperature: float = option(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = option(0.9, "nucleus sampling threshold")
-
-    def __post_init__(self):
-        check_finite(self)
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
-        if not 1 <= self.rounds <= 4:
-            raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
-        for name in ("batch_size", "answer_tokens", "critique_tokens", "revision_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.few_shot < 0:
-            raise ValueError(f"few_shot must be >= 0, got {self.few_shot}")
-
-    def params(self, max_new_tokens: int, seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens, self.temperature, self.top_p, seed)
 
 
 @dataclass
@@ -79,7 +51,7 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
 
     def step(name: str, max_tokens: int) -> list[str]:
         ids = [P.render(generator.tokenizer, chat) for chat in chats]
-        out = generator.generate(ids, config.params(max_tokens, stable_seed(batch_seed, name)))
+        out = generator.generate(ids, SamplingParams(max_tokens, config.temperature, config.top_p, stable_seed(batch_seed, name)))
         for chat, completion in zip(chats, out):
             chat.append(P.assistant(completion.text))
         return [c.text for c in out]

@@ -14,7 +14,7 @@ import sys
 
 from cai_fast.cli import end_process_group
 from cai_fast.engine import SamplingParams, load_model, make_generator
-from cai_fast.prompts import render, user
+from cai_fast.data.prompts import render, user
 from cai_fast.train.config import SFTConfig
 from cai_fast.train.distributed import process_state, shard_for_process, write_merged_jsonl
 from cai_fast.train.sft import train_sft

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_fast.constitution import (
+from cai_fast.data.constitution import (
     Constitution,
     ConstitutionError,
     available_constitutions,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cai_fast.constitution import load_constitution
+from cai_fast.data.constitution import load_constitution
 from cai_fast.data import load_prompts
 from cai_fast.engine import make_generator
 from cai_fast.engine.loading import default_model_path, load_model

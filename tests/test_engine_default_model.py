@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from cai_fast import prompts as P
+from cai_fast.data import prompts as P
 from cai_fast.engine import SamplingParams
 from test_engine_cached import (
     as_sequence,

@@ -304,7 +304,7 @@ def test_bad_urls_and_bad_requests_are_clear_errors(servers, tiny_model_path):
 
 
 def test_sl_cai_resumes_after_the_server_dies(servers, tiny_model_path, tmp_path):
-    from cai_fast.constitution import load_constitution
+    from cai_fast.data.constitution import load_constitution
     from cai_fast.data import Prompt
     from cai_fast.sl_cai import SLCAIConfig, run_sl_cai
     import json
@@ -343,7 +343,7 @@ def test_cli_sl_cai_and_label_run_through_a_server(servers, tiny_model_path, tmp
 def test_a_model_the_servers_do_not_serve_runs_in_process_only_where_asked(servers, tiny_model_path):
     from cai_fast.engine import open_generator
     from cai_fast.engine.server import ServerModelError
-    from cai_fast.pipeline_config import config_from_dict
+    from cai_fast.pipeline.config import config_from_dict
 
     servers[0].model_id = "/models/another-model"
     with pytest.raises(ServerModelError, match="serves /models/another-model"):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cai_fast import prompts as P
+from cai_fast.data import prompts as P
 from cai_fast.data import prompts_from_texts
 from cai_fast.engine import make_generator
 from cai_fast.benchmarks import (

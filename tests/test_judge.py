@@ -16,8 +16,8 @@ import string
 import pytest
 import torch
 
-from cai_fast import prompts as P
-from cai_fast.constitution import ConstitutionError, load_constitution
+from cai_fast.data import prompts as P
+from cai_fast.data.constitution import ConstitutionError, load_constitution
 from cai_fast.engine import LoadedModel, load_model, make_generator
 from cai_fast.engine.base import GenerationStats
 from cai_fast.judge import (

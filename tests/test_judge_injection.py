@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from cai_fast import prompts as P
+from cai_fast.data import prompts as P
 from cai_fast.engine.base import GenerationStats
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig
 

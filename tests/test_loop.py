@@ -18,8 +18,8 @@ from conftest import kill_when
 
 from cai_fast.cli import main
 from cai_fast.evaluate import load_eval_sets
-from cai_fast.pipeline import Pipeline, best_round, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts
-from cai_fast.pipeline_config import ConfigFileError, config_from_dict, load_pipeline_config
+from cai_fast.pipeline.rounds import Pipeline, best_round, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts
+from cai_fast.pipeline.config import ConfigFileError, config_from_dict, load_pipeline_config
 from cai_fast.store import RunConfigError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

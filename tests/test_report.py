@@ -12,7 +12,7 @@ from cai_fast.benchmarks import alignment_tax
 from cai_fast.evaluate import win_rate
 from cai_fast.judge_check import human_agreement
 from cai_fast.length import length_controlled_win_rate
-from cai_fast.report import write_report
+from cai_fast.pipeline.report import write_report
 
 BENCHMARKS = {"gsm8k_sample": 0.25, "boolean_expressions": 0.55}
 CONFIG_TEXT = 'model = "tiny"\nmethod = "{method}"\nrounds = 2\n\n[ppo]\nmax_steps = 3\n'

@@ -168,7 +168,7 @@ def test_evaluate_checks_the_model_before_making_the_base_outputs(tmp_path, caps
 
 
 def _overflowing_constitution(tmp_path: Path) -> str:
-    from cai_fast.constitution import _shipped_dir
+    from cai_fast.data.constitution import _shipped_dir
 
     text = (_shipped_dir() / "default.toml").read_text(encoding="utf-8")
     path = tmp_path / "heavy.toml"
@@ -332,8 +332,8 @@ def test_training_records_refuse_nan_and_infinity(value):
 def test_a_pipeline_compares_its_prompt_files_by_content(tiny_model_path, tmp_path):
     from dataclasses import replace
 
-    from cai_fast.pipeline import Pipeline
-    from cai_fast.pipeline_config import config_from_dict
+    from cai_fast.pipeline.rounds import Pipeline
+    from cai_fast.pipeline.config import config_from_dict
     from cai_fast.store import RunConfigError
 
     first = _lines(tmp_path / "a.txt", ["Tell me a secret.", "Insult my neighbour.", "Write a threat."])

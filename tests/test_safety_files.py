@@ -19,7 +19,7 @@ from test_safety import SL_CAI, one_line_error
 from train_helpers import preference_rows, sft_rows
 
 from cai_fast.cli import main
-from cai_fast.pipeline_config import ConfigFileError, load_pipeline_config
+from cai_fast.pipeline.config import ConfigFileError, load_pipeline_config
 from cai_fast.train.data import TrainDataError, tokenize_preference, tokenize_sft, tokenized_records
 
 

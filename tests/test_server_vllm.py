@@ -106,8 +106,8 @@ def test_a_tiny_pipeline_labels_and_judges_through_vllm(vllm, tmp_path, tiny_mod
     """The tiny model is the policy (the server does not serve it: it runs in this process); the
     default model on the server labels the pairs and judges the win-rates."""
     from cai_fast.engine.server import prefix_cache_counters
-    from cai_fast.pipeline import run_pipeline
-    from cai_fast.pipeline_config import load_pipeline_config
+    from cai_fast.pipeline.rounds import run_pipeline
+    from cai_fast.pipeline.config import load_pipeline_config
     from test_loop import _write_tiny_config
 
     path = _write_tiny_config(tmp_path, "run", tiny_model_path)

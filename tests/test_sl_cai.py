@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cai_fast.constitution import load_constitution
+from cai_fast.data.constitution import load_constitution
 from cai_fast.data import prompts_from_texts
 from cai_fast.engine import make_generator
 from cai_fast.sl_cai import SLCAIConfig, run_batch, run_sl_cai

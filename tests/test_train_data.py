@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_helpers import preference_rows, sft_rows, write_jsonl
 
-from cai_fast.prompts import render
+from cai_fast.data.prompts import render
 from cai_fast.train.data import (
     Record, TokenBatch, TrainDataError, data_files, read_records, tokenize_preference, tokenize_sft,
 )

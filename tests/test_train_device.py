@@ -15,8 +15,8 @@ from train_helpers import preference_rows, sft_rows, write_jsonl
 from cai_fast.cli import main, parse, train_config
 from cai_fast.engine.device import resolve_dtype
 from cai_fast.engine.loading import load_tokenizer
-from cai_fast.pipeline import Pipeline
-from cai_fast.pipeline_config import ConfigFileError, config_from_dict
+from cai_fast.pipeline.rounds import Pipeline
+from cai_fast.pipeline.config import ConfigFileError, config_from_dict
 from cai_fast.train import common
 from cai_fast.train.common import PolicyModule, load_policy, load_reference, model_precisions, placement
 from cai_fast.train.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
@@ -193,7 +193,7 @@ def test_float16_keeps_the_trained_model_in_fp32_so_adamw_stays_finite(data, tin
 ])
 def test_the_pipeline_command_refuses_a_device_in_one_line_before_anything_is_read(option, where, tiny_model_path,
                                                                                    tmp_path, capsys, monkeypatch):
-    import cai_fast.pipeline_config as pipeline_config
+    import cai_fast.pipeline.rounds as pipeline_config
 
     def read(*_):
         raise AssertionError("the inputs were read before the device was checked")
@@ -209,7 +209,7 @@ def test_the_pipeline_command_refuses_a_device_in_one_line_before_anything_is_re
 
 
 def test_the_pipeline_command_s_device_and_dtype_override_the_config(tiny_model_path, tmp_path, monkeypatch):
-    import cai_fast.pipeline as pipeline
+    import cai_fast.pipeline.rounds as pipeline
 
     ran = []
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from train_helpers import sft_rows, write_jsonl
 
 from cai_fast.engine import SamplingParams, load_model, make_generator
-from cai_fast.prompts import render, user
+from cai_fast.data.prompts import render, user
 from cai_fast.train.config import SFTConfig
 from cai_fast.train.distributed import gather_shards, shard_for_process
 from cai_fast.train.sft import train_sft

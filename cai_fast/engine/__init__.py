@@ -1,9 +1,10 @@
 """Generation: model loading, the cached engine, the plain (uncached) generator, the server
 generator (OpenAI-compatible vLLM/SGLang servers), the shared interface."""
 
+from ..config import DEFAULT_MODEL, ENGINES
 from .base import Completion, GenerationStats, Generator, SamplingParams
 from .device import DeviceError
-from .loading import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
+from .loading import LoadedModel, ModelLoadError, load_model
 
 __all__ = [
     "Completion", "GenerationStats", "Generator", "SamplingParams", "ENGINES",
@@ -11,7 +12,6 @@ __all__ = [
     "open_generator",
 ]
 
-ENGINES = ("cached", "plain", "server")
 _WARNED: set[str] = set()  # architectures already reported as falling back to the plain generator
 
 
@@ -45,12 +45,12 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
 
 def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,
-                   server_url=None, device: str = "cpu", dtype: str = "float32", block_size: int = 16,
+                   server_url=None, device: str = "auto", dtype: str = "auto", block_size: int = 16,
                    fallback: str | None = None) -> Generator:
     """The generator of `engine` for a model name or folder: the model loaded in this process
     (cached, plain; see make_generator), or engine="server": the servers at `server_url` (one URL,
     comma-separated URLs or a list) that serve that model, its tokenizer loaded here. device and
-    dtype: as load_model takes them ("auto" included).
+    dtype: as load_model takes them (default "auto", as on the command line).
 
     fallback: the in-process engine for a model the servers do not serve (e.g. a policy the run
     just trained), with a warning; None: that is a ServerModelError.

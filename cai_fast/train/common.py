@@ -54,7 +54,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.device import dtype_name, resolve
-from ..engine.loading import load_model, model_sha256, require_peft, resolve_model_path
+from ..data import load_prompts
+from ..engine.loading import (
+    ModelLoadError, check_model_folder, load_model, model_sha256, require_peft, resolve_model_path,
+)
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
 from ..store import RunFolderError, RunStore, read_json, unwritable, write_atomic, write_jsonl
@@ -466,11 +469,29 @@ def state_from_json(node: dict, tensors: dict[str, torch.Tensor]):
     raise ValueError(f"unexpected {kind!r} node in the saved state")
 
 
+def check_reward_model(path: Path) -> None:
+    """A one-line error unless `path` holds a one-label sequence classifier (or an adapter of one),
+    saved as safetensors without remote code (check_model_folder)."""
+    check_model_folder(path, str(path))
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
+            return
+        kinds = ["a LoRA adapter of a causal LM"]
+    elif (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        kinds = config.get("architectures") or []
+        one_label = len(config.get("id2label", [0, 1])) == 1
+        if one_label and any(kind.endswith("ForSequenceClassification") for kind in kinds):
+            return
+    else:
+        kinds = ["no config.json"]
+    raise ModelLoadError(f"{path} is not a reward model (a one-label sequence classifier; it holds {kinds}); "
+                         "train one with `cai-fast train reward` or trl's RewardTrainer")
+
+
 def check_inputs(config: TrainConfig) -> None:
     """Fail before the run folder is written: every model loads safely, the data is there."""
-    from ..data import load_prompts
-    from .reward import check_reward_model
-
     for name in (config.model, getattr(config, "ref_model", "")):
         if name:
             resolve_model_path(name)

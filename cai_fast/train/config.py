@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check_finite, option
-from ..engine.loading import DEFAULT_MODEL
+from ..config import DEFAULT_MODEL, check_finite, option
 
 # transformers.get_scheduler's schedules that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

@@ -19,7 +19,7 @@ name the line; the rest go through `datasets` and errors name the row.
 A chat is tokenized the way trl does it: the chat template renders the whole conversation once
 and the trained tokens of assistant turn i run from where the tokenized "messages[:i] + the
 generation prompt" stops being a prefix of it, to the end of the tokenized "messages[:i+1]". For
-a one-turn chat the untrained part is then exactly what `cai_fast.prompts.render` gives the
+a one-turn chat the untrained part is then exactly what `cai_fast.data.prompts.render` gives the
 generator. Sequences longer than `max_length` keep their start.
 
 Every error names the file, the line and the field, and says what to do; `tokenized_records`

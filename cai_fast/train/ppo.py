@@ -41,7 +41,7 @@ from torch import nn
 
 from ..data import load_prompts
 from ..engine import LoadedModel, SamplingParams, make_generator
-from ..prompts import render, user
+from ..data.prompts import render, user
 from ..seeding import stable_seed
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,

@@ -27,18 +27,17 @@ holds the adapter (the `score` head saved whole) unless --merge-lora 1.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..engine.loading import ModelLoadError, check_model_folder, load_tokenizer, require_peft, resolve_model_path
+from ..engine.loading import ModelLoadError, load_tokenizer, require_peft, resolve_model_path
 from ..ops import reward_bt_loss
 from .common import (
-    TrainResult, TrainRun, global_batch_size, local_examples, placement, prepare_for_training, save_trained,
-    start_run, step_indices, steps_for, training_examples, unwrapped, with_lora,
+    TrainResult, TrainRun, check_reward_model, global_batch_size, local_examples, placement, prepare_for_training,
+    save_trained, start_run, step_indices, steps_for, training_examples, unwrapped, with_lora,
 )
 from .config import RewardConfig
 from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, tokenize_preference
@@ -241,24 +240,3 @@ def load_reward_model(path: str | Path, device: str = "cpu", batch_size: int = 8
     tokenizer = load_tokenizer(str(path))
     model = RewardModel(load_classifier(str(path), tokenizer, dtype)).to(device)
     return RewardScorer(model, tokenizer, batch_size)
-
-
-def check_reward_model(path: Path) -> None:
-    """A one-line error unless `path` holds a one-label sequence classifier (or an adapter of one),
-    saved as safetensors without remote code (check_model_folder)."""
-    check_model_folder(path, str(path))
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():
-        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
-            return
-        kinds = ["a LoRA adapter of a causal LM"]
-    elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        kinds = config.get("architectures") or []
-        one_label = len(config.get("id2label", [0, 1])) == 1
-        if one_label and any(kind.endswith("ForSequenceClassification") for kind in kinds):
-            return
-    else:
-        kinds = ["no config.json"]
-    raise ModelLoadError(f"{path} is not a reward model (a one-label sequence classifier; it holds {kinds}); "
-                         "train one with `cai-fast train reward` or trl's RewardTrainer")

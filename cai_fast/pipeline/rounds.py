@@ -2,7 +2,8 @@
 
     cai-fast pipeline --config FILE        run_pipeline(load_pipeline_config(FILE))
 
-The config file and PipelineConfig are cai_fast.pipeline_config.
+The config file and PipelineConfig are cai_fast.pipeline.config; check_inputs(config, source) checks
+every model and file it names (one ConfigFileError) before anything is written.
 
 Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
     sl_cai    SL-CAI on the training prompts with the round's starting policy
@@ -43,7 +44,7 @@ Run folder (`out`):
     prompts/train.jsonl  the training prompts
     round-0/baseline/    the starting model's evaluation outputs (round-0/judge_check/, round-0/depth/)
     round-R/<stage>/     one folder per stage; round-R/<method>/ holds the round's policy
-    report.md, figures/  the report (cai_fast.report), rewritten after every round
+    report.md, figures/  the report (cai_fast.pipeline.report), rewritten after every round
 Resume: each stage resumes at its own grain (SL-CAI, samples and labels by record, training from
 its latest checkpoint, evaluation by response and label), and state.json (written atomically)
 says which stages are complete, so re-running the same command after a kill continues at the
@@ -52,20 +53,24 @@ stage and record where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data import Prompt, load_prompts
-from .engine.loading import model_sha256
-from .evaluate import (
+from ..benchmarks import load_benchmark
+from ..data.constitution import load_constitution
+from ..data import Prompt, load_prompts, raise_collected
+from ..engine.loading import ModelLoadError, model_sha256, resolve_model_path
+from ..evaluate import (
     SETS, EvalSets, ModelOutputs, baseline_metrics, depth_of, evaluate_model, judge_check_wanted, load_eval_sets,
     outputs_of,
 )
-from .pipeline_config import PipelineConfig, config_dict
-from .store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
+from ..pairs import load_pairs
+from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
+from .config import ConfigFileError, PipelineConfig, config_dict
 
 
 # ---------------------------------------------------------------- early stop
@@ -171,10 +176,8 @@ class Pipeline:
     """One run folder: the config, the state, the prompts and the stages (see the module docstring)."""
 
     def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
-        from .constitution import load_constitution
-        from .engine.device import resolved_names
-        from .engine.loading import resolve_model_path
-        from .judge import resolve_principles
+        from ..engine.device import resolved_names
+        from ..judge import resolve_principles
 
         self.config, self.progress, self.root = config, progress, Path(config.out)
         self.precision = resolved_names(config.device, config.dtype)  # a device that does not exist fails here
@@ -250,13 +253,13 @@ class Pipeline:
 
     def labelling_judge(self, judge_config):
         """The judge of the RLAIF labels: label_judge_model asking the run's constitution."""
-        from .judge import ConstitutionalJudge
+        from ..judge import ConstitutionalJudge
 
         generator = self.generator(self.config.label_judge_model, judge_config.batch_size)
         return ConstitutionalJudge(generator, self.constitution, judge_config)
 
     def judge_check(self) -> dict:
-        from .judge_check import check_judge
+        from ..judge_check import check_judge
 
         e, judge = self.config.eval, self.labelling_judge(self.config.judge)
         return {**check_judge(judge, e.human_preferences, e.human_size, e.subset_seed,
@@ -265,14 +268,14 @@ class Pipeline:
 
     def depth(self, r: int) -> dict:
         """Depth of alignment of round r's policy (r = 0: the starting model) on round 1's harmful examples."""
-        from .depth import harmful_examples
+        from ..depth import harmful_examples
 
         examples = harmful_examples(self.root / "round-1" / "sl_cai")
         return depth_of(self.policy(r), examples, self.sets, self.config.eval, self.root / f"round-{r}" / "depth",
                         progress=self.progress)
 
     def sl_cai(self, r: int, start: str, out: Path) -> dict:
-        from .sl_cai import run_sl_cai
+        from ..sl_cai import run_sl_cai
 
         config = replace(self.config.sl_cai, seed=self.config.sl_cai.seed + r - 1)
         generator = self.generator(start, config.batch_size)
@@ -281,7 +284,7 @@ class Pipeline:
         return result.summary
 
     def train(self, stage: str, r: int, **paths) -> dict:
-        from .train import STAGES
+        from ..train import STAGES
 
         base = getattr(self.config, stage)
         config = replace(base, seed=base.seed + r - 1, device=self.config.device, dtype=self.config.dtype,
@@ -290,10 +293,10 @@ class Pipeline:
 
     def label(self, r: int, sft: str, out: Path) -> dict:
         """Sample from the SFT policy, pair the samples, label the pairs with the judge."""
-        from .engine import SamplingParams
-        from .labelling import run_labelling
-        from .pairs import pairs_from_samples
-        from .responses import sample_responses
+        from ..engine import SamplingParams
+        from ..labelling import run_labelling
+        from ..pairs import pairs_from_samples
+        from ..responses import sample_responses
 
         config, judge_config = self.config.label, replace(self.config.judge, seed=self.config.judge.seed + r - 1)
         store = RunStore(out / "samples", {**asdict(config), "seed": judge_config.seed, "model": sft,
@@ -330,7 +333,7 @@ class Pipeline:
     def generator(self, model: str, batch_size: int):
         """The generator of a stage: through the servers (engine "server") when they serve `model`,
         else (a policy this run trained) in this process."""
-        from .engine import open_generator
+        from ..engine import open_generator
 
         return open_generator(model, batch_size=batch_size, fallback="cached", **self.engine_options)
 
@@ -341,6 +344,37 @@ class Pipeline:
 
     def _say(self, message: str) -> None:
         print(f"cai-fast pipeline: {message}", flush=True)
+
+
+def check_inputs(config: PipelineConfig, source: str) -> None:
+    """Every model, constitution, prompt set, benchmark and human-preference file the config names
+    exists and loads safely; else one ConfigFileError naming `source` and the field of each that
+    does not. Nothing is generated and nothing is written."""
+    problems = []
+    for name, check in _input_checks(config):
+        try:
+            check()
+        except (ValueError, OSError, ModelLoadError) as err:
+            problems.append(ConfigFileError(f"{source}: field '{name}': {err}"))
+    raise_collected(problems, source, "problems")
+
+
+def _input_checks(config: PipelineConfig) -> list[tuple[str, Callable]]:
+    """(field, a check that raises when its file or model is not usable) for each input the config names."""
+    e, call = config.eval, functools.partial
+    models = {"model": config.model, "judge_model": config.judge_model, "eval.judge_model": e.judge_model}
+    checks = [(name, call(resolve_model_path, value)) for name, value in models.items() if value]
+    checks += [(name, call(load_constitution, value)) for name, value in (
+        ("constitution", config.constitution), ("eval.harmless_constitution", e.harmless_constitution),
+        ("eval.helpful_constitution", e.helpful_constitution))]
+    checks += [(name, call(load_prompts, value)) for name, value in (
+        ("prompts", config.prompts), ("eval.harmless_prompts", e.harmless_prompts),
+        ("eval.helpful_prompts", e.helpful_prompts), ("eval.over_refusal_prompts", e.over_refusal_prompts))]
+    files = [] if e.skip_missing_benchmarks else e.benchmark_paths
+    checks += [("eval.benchmarks", call(load_benchmark, path, e.benchmark_size, e.subset_seed)) for path in files]
+    if e.human_preferences and not e.skip_missing_benchmarks:
+        checks.append(("eval.human_preferences", call(load_pairs, e.human_preferences, on_error="skip")))
+    return checks
 
 
 def run_pipeline(config: PipelineConfig, *, source: str | None = None, progress: bool = True) -> dict:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-PROMPT_SETS_DIR = Path(__file__).resolve().parent / "prompt_sets"
+PROMPT_SETS_DIR = Path(__file__).resolve().parents[1] / "prompt_sets"
 FORMATS = ("auto", "text", "jsonl", "csv", "hh-rlhf", "advbench", "donotanswer")
 DEFAULT_COLUMNS = ("prompt", "text", "instruction", "question", "turns")
 ON_ERROR = ("raise", "skip")

@@ -1,0 +1,19 @@
+"""The pipeline stage: its rounds (rounds), its config file (config, torch-free) and its report
+(report, with the measures' sections in measures). The rounds' names are re-exported here, loaded
+on first use so that importing cai_fast.pipeline.config stays torch-free: `from cai_fast.pipeline
+import run_pipeline` as before."""
+
+import importlib
+
+_ROUNDS = (
+    "Pipeline", "PipelineState", "LoopOutcome", "best_round", "check_inputs", "iterate_rounds", "quality_of",
+    "round_measures", "run_config", "run_pipeline", "should_stop", "training_prompts",
+)
+
+__all__ = list(_ROUNDS)
+
+
+def __getattr__(name: str):
+    if name not in _ROUNDS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(".rounds", __name__), name)

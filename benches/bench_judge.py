@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype="float32")
     if args.injection:
         figures = injection(loaded, hh_pairs(Path(args.data), args.injection, args.max_chars), args)
     else:

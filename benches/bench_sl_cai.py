@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype="float32")
     constitution = load_constitution("default")
     prompts = list(load_prompts(args.prompts, limit=args.n))
     config = SLCAIConfig(rounds=args.rounds, batch_size=args.batch_size, temperature=0.0,

@@ -22,7 +22,7 @@ from cai_fast.train.sft import train_sft
 
 def generate_sharded(job: dict) -> None:
     state = process_state()
-    loaded = load_model(job["model"])
+    loaded = load_model(job["model"], dtype="float32")
     mine = shard_for_process(list(enumerate(job["prompts"])), state)
     generator = make_generator(loaded, batch_size=1)
     prompts = [render(loaded.tokenizer, [user(text)]) for _, text in mine]

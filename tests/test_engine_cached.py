@@ -209,7 +209,7 @@ def test_greedy_with_end_of_turn_matches_plain_generator(tiny_loaded, tiny_model
     end on it at different steps."""
     from cai_fast.engine import load_model
 
-    loaded = load_model(str(tiny_model_path))
+    loaded = load_model(str(tiny_model_path), dtype="float32")
     prompts = random_prompts(8, 6)
     first = [c.token_ids for c in engine_for(loaded).generate(prompts, SamplingParams(max_new_tokens=12))]
     frequent = max(set(sum(first, [])), key=sum(first, []).count)

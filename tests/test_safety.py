@@ -63,7 +63,7 @@ def test_a_crafted_optimizer_checkpoint_runs_nothing_on_resume(tiny_model_path, 
     out, marker = tmp_path / "run", tmp_path / "pwned"
     step = out / "checkpoints" / "step-000001"
     step.mkdir(parents=True)
-    module = PolicyModule(load_model(str(tiny_model_path)).model)
+    module = PolicyModule(load_model(str(tiny_model_path), dtype="float32").model)
     torch.save({name: p.detach() for name, p in module.named_parameters()}, step / "trainable.pt")
     torch.save({"optimizer": _MakesFile(str(marker)), "scheduler": {}}, step / "optimizer.pt")
     (step / "state.json").write_text(json.dumps({"step": 1, "history": [{"step": 1}]}))

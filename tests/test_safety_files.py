@@ -189,7 +189,7 @@ def reward_model_path(tiny_model_path, tmp_path_factory) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
     folder = tmp_path_factory.mktemp("reward-model")
     model.save_pretrained(folder)
-    load_model(str(tiny_model_path)).tokenizer.save_pretrained(folder)
+    load_model(str(tiny_model_path), dtype="float32").tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -59,7 +59,7 @@ def test_two_processes_equal_one(tiny_model_path, tmp_path):
     merged = [json.loads(line) for line in (tmp_path / "generated.jsonl").read_text().splitlines()]
     assert [r["index"] for r in merged] == list(range(len(PROMPTS)))
     assert [r["process"] for r in merged] == [0, 1, 0, 1, 0]  # two processes did run
-    loaded = load_model(str(tiny_model_path))
+    loaded = load_model(str(tiny_model_path), dtype="float32")
     single = make_generator(loaded, batch_size=1).generate(
         [render(loaded.tokenizer, [user(p)]) for p in PROMPTS], SamplingParams(max_new_tokens=6))
     assert [r["text"] for r in merged] == [c.text for c in single]

@@ -73,7 +73,7 @@ def test_soft_label_loss_against_the_formula(tiny_loaded, reference_path):
     from cai_fast.engine import load_model
 
     tokenizer, policy = tiny_loaded.tokenizer, tiny_loaded.model
-    reference = load_model(str(reference_path)).model
+    reference = load_model(str(reference_path), dtype="float32").model
     rows = [{**row, "p_chosen": p} for row, p in zip(preference_rows(3, seed=5), (0.7, 0.3, 1.0))]
     pairs = [tokenize_preference(tokenizer, Record(f"r{i}", row), 1024) for i, row in enumerate(rows)]
     loss, r_chosen, r_rejected = dpo_loss(PolicyModule(policy), PolicyModule(reference), pairs, BETA,

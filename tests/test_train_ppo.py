@@ -94,7 +94,7 @@ def reward_model_path(tiny_model_path, tmp_path_factory):
     torch.nn.init.normal_(model.score.weight, std=1.0)
     folder = tmp_path_factory.mktemp("reward-model")
     model.save_pretrained(folder)
-    load_model(str(tiny_model_path)).tokenizer.save_pretrained(folder)
+    load_model(str(tiny_model_path), dtype="float32").tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -177,9 +177,9 @@ def test_train_ppo_logs_every_step_and_saves_a_loadable_policy(tiny_model_path, 
         assert all(math.isfinite(h[key]) for h in logged), key
     assert logged[0]["kl"] == 0.0 == logged[0]["kl_k3"] and logged[1]["kl"] != 0.0  # the policy moved away
     assert logged[1]["kl_k3"] > 0
-    assert 0 < logged[0]["entropy"] < math.log(load_model(str(tiny_model_path)).model.config.vocab_size) + 1
+    assert 0 < logged[0]["entropy"] < math.log(load_model(str(tiny_model_path), dtype="float32").model.config.vocab_size) + 1
     assert 1 <= logged[0]["response_length"] <= 8
-    load_model(str(tmp_path / "run"))
+    load_model(str(tmp_path / "run"), dtype="float32")
 
 
 def test_ppo_config_needs_a_reward_model():

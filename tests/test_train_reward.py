@@ -93,7 +93,7 @@ def test_a_lora_reward_model_saves_its_adapter_and_scores_alike(tiny_model_path,
 
     merged = AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    load_model(str(tiny_model_path)).tokenizer.save_pretrained(tmp_path / "merged")
+    load_model(str(tiny_model_path), dtype="float32").tokenizer.save_pretrained(tmp_path / "merged")
     assert load_reward_model(tmp_path / "merged")(prompts, replies) == pytest.approx(adapter, abs=1e-5)
 
 
@@ -110,7 +110,7 @@ def test_a_reward_model_trains_from_a_lora_policy_folder(tiny_model_path, tmp_pa
     from cai_fast.train.reward import load_classifier
 
     backbone = load_classifier(str(policy), load_tokenizer(str(policy))).model.state_dict()
-    merged = load_model(str(policy)).model.model.state_dict()  # the policy with its adapter merged
+    merged = load_model(str(policy), dtype="float32").model.model.state_dict()  # the policy with its adapter merged
     assert backbone.keys() == merged.keys() and all(torch.allclose(backbone[k], merged[k]) for k in merged)
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(6, seed=4))
     result = train_reward_model(RewardConfig(model=str(policy), data=str(data), out=str(tmp_path / "reward"),

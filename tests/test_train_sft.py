@@ -48,7 +48,7 @@ def test_full_fine_tuning_reduces_the_loss_and_saves_a_loadable_model(tiny_model
     assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
     logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in logged] == list(range(1, 13))
-    loaded = load_model(str(tmp_path / "full"))
+    loaded = load_model(str(tmp_path / "full"), dtype="float32")
     assert max_difference(weights(tmp_path / "full"), weights(tiny_model_path)) > 1e-3
     assert loaded.tokenizer.chat_template
     again = train_sft(config(tiny_model_path, sft_data, tmp_path / "full"), progress=False)
@@ -70,7 +70,7 @@ def test_lora_saves_its_adapter_and_merges_only_on_request(tiny_model_path, sft_
     assert not any("lora" in name for name in saved)
     changed = [k for k in saved if not torch.equal(saved[k], weights(tiny_model_path)[k])]
     assert changed and all("proj" in k for k in changed), changed  # only LoRA'd linear layers moved
-    from_adapter, from_merged = (load_model(str(tmp_path / name)).model.state_dict() for name in ("lora", "merged"))
+    from_adapter, from_merged = (load_model(str(tmp_path / name), dtype="float32").model.state_dict() for name in ("lora", "merged"))
     assert max_difference(from_adapter, from_merged) < 1e-5  # load_model merges an adapter folder
 
 

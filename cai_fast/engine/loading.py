@@ -257,7 +257,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, path: str | Path | None = 
     return tokenizer
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for inference (eval mode, left padding).
 
     `dtype` and `device` are the CLI's strings ("auto" included), resolved by

@@ -14,7 +14,7 @@ import torch
 
 from cai_fast.engine import SamplingParams
 from cai_fast.engine.cached import CachedGenerator, EngineConfig
-from cai_fast.engine.server import ServerConfig, ServerError, connect_servers, parse_urls
+from cai_fast.engine.server import ServerConfig, ServerError, connect_servers, http, parse_urls
 from cai_fast.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.scheduler.routing import Router, RoutingConfig
 from cai_fast.trl_compat import JudgeReward
@@ -298,7 +298,8 @@ def test_bad_urls_and_bad_requests_are_clear_errors(servers, tiny_model_path):
     generator = connect(tiny_model_path, servers[:1])
     path = GENERATE[servers[0].kind]
     with pytest.raises(ServerError, match=f"refused {path}: HTTP 400: (prompt|input_ids) must be token ids"):
-        generator._post(servers[0].url, path, {"prompt": "text"})
+        http.post(generator.session, servers[0].url, generator.kinds[0], {"prompt": "text"}, timeout=30, retries=0,
+                  backoff=0, on_retry=lambda: None)
     with pytest.raises(ValueError, match="prompts \\[1\\] are empty"):
         generator.generate([[5], []], SamplingParams())
 

@@ -80,6 +80,15 @@ class Generator(Protocol):
         ...
 
 
+def checked_prompts(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:
+    """The prompts as lists of ints; ValueError naming `caller` and every empty prompt."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"{caller}: prompts {empty} are empty; every prompt needs at least one token")
+    return prompts
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut `text` at the earliest stop string; say whether one was found."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]

@@ -48,7 +48,7 @@ import torch
 from ..config import option
 from ..ops import linear_logprobs, linear_option_logprobs
 from ..scheduler import make_cache, make_scheduler
-from .base import Completion, GenerationStats, SamplingParams, cut_at_stop, end_of_turn_ids
+from .base import Completion, GenerationStats, SamplingParams, checked_prompts, cut_at_stop, end_of_turn_ids
 from .kv import KVPool, pool_blocks
 from .model_runner import ForwardBatch, PagedRunner, kv_shape
 from .sampling import next_tokens, request_generator
@@ -176,7 +176,7 @@ class CachedGenerator:
         """Continue each prompt (token ids); one Completion per prompt, in order."""
         requests = [_Request(i, list(p), params.max_new_tokens, len(p) - 1, params,
                              request_generator(params.seed, i, self.device))
-                    for i, p in enumerate(_checked(prompts, "generate"))]
+                    for i, p in enumerate(checked_prompts(prompts, "generate"))]
         self._run(requests)
         out = [r.result for r in requests]
         self.stats.add(out)
@@ -189,7 +189,7 @@ class CachedGenerator:
             raise ValueError(f"score_continuations: needs one non-empty continuation per prompt, got "
                              f"{len(prompts)} prompts and continuation lengths {[len(c) for c in continuations]}")
         requests = [_Request(i, list(p) + list(c)[:-1], 0, len(p) - 1, targets=list(c))
-                    for i, (p, c) in enumerate(zip(_checked(prompts, "score_continuations"), continuations))]
+                    for i, (p, c) in enumerate(zip(checked_prompts(prompts, "score_continuations"), continuations))]
         self._run_scoring(requests)
         return [r.result for r in requests]
 
@@ -199,7 +199,7 @@ class CachedGenerator:
         summed over its tokens (see `Generator.score_options`)."""
         if not options or any(len(o) == 0 for o in options):
             raise ValueError(f"score_options: every option needs at least one token, got {options!r}")
-        prompts = _checked(prompts, "score_options")
+        prompts = checked_prompts(prompts, "score_options")
         if not prompts:
             return torch.empty(0, len(options))
         if any(len(o) > 1 for o in options):
@@ -217,7 +217,7 @@ class CachedGenerator:
         """Final (normed) hidden states [N, H] (the model's dtype) at each prompt's last position:
         what the LM head (`lm_head()`) reads to score the next token, for ops that read only a
         few of its rows (the judge's cai_fast.ops.swapped_pair_scores). Shares the cache."""
-        prompts = _checked(prompts, "answer_states")
+        prompts = checked_prompts(prompts, "answer_states")
         self._states = True
         try:
             requests = [_Request(i, list(p), 0, len(p) - 1) for i, p in enumerate(prompts)]
@@ -411,11 +411,3 @@ class CachedGenerator:
             yield
         finally:
             setattr(self.stats, name, getattr(self.stats, name) + time.perf_counter() - start)
-
-
-def _checked(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:
-    prompts = [list(p) for p in prompts]
-    empty = [i for i, p in enumerate(prompts) if not p]
-    if empty:
-        raise ValueError(f"{caller}: prompts {empty} are empty; every prompt needs at least one token")
-    return prompts

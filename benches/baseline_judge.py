@@ -15,7 +15,7 @@ import random
 import torch
 
 from cai_fast.data import prompts as P
-from cai_fast.trl_compat import response_text
+from cai_fast.labelling.trl_compat import response_text
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ from bench_judge import DATA, hh_pairs  # noqa: E402
 from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import DEFAULT_MODEL, load_model, make_generator  # noqa: E402
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
+from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
 from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402
 
 

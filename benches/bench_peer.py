@@ -58,7 +58,7 @@ from cai_fast.engine import (  # noqa: E402
 from cai_fast.engine.base import end_of_turn_ids  # noqa: E402
 from cai_fast.engine.loading import default_model_path  # noqa: E402
 from cai_fast.engine.server import prefix_cache_counters  # noqa: E402
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
+from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
 from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402
 
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"

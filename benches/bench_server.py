@@ -36,7 +36,7 @@ from cai_fast.data import load_prompts  # noqa: E402
 from cai_fast.engine import SamplingParams  # noqa: E402
 from cai_fast.engine.loading import DEFAULT_MODEL, default_model_path  # noqa: E402
 from cai_fast.engine.server import ServerConfig, connect_servers, prefix_cache_counters  # noqa: E402
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
+from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402
 from cai_fast.scheduler.routing import RoutingConfig  # noqa: E402
 from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402
 

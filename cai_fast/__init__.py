@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 
 _ENTRY_POINTS = {
     "load_model": "engine", "make_generator": "engine", "open_generator": "engine", "SamplingParams": "engine",
-    "load_constitution": "constitution", "load_prompts": "data", "prompts_from_texts": "data",
+    "load_constitution": "data.constitution", "load_prompts": "data", "prompts_from_texts": "data",
     "SLCAIConfig": "sl_cai_config", "run_sl_cai": "sl_cai",
-    "JudgeConfig": "judge_config", "ConstitutionalJudge": "judge",
-    "LabelConfig": "label_config", "run_labelling": "labelling",
-    "EvalConfig": "eval_config", "evaluate_model": "evaluate",
+    "JudgeConfig": "labelling.judge_config", "ConstitutionalJudge": "labelling.judge",
+    "LabelConfig": "labelling.config", "run_labelling": "labelling.run",
+    "EvalConfig": "evaluate.config", "evaluate_model": "evaluate.run",
     "PipelineConfig": "pipeline.config", "load_pipeline_config": "pipeline.config", "run_pipeline": "pipeline.rounds",
 }
 

@@ -27,6 +27,10 @@ from .data.constitution import ConstitutionError
 from .data import FORMATS, PromptLoadError
 from .engine import DEFAULT_MODEL, ENGINES, ModelLoadError
 from .engine.server import ServerError
+from .evaluate.config import EvalConfig
+from .labelling.config import LabelConfig
+from .labelling.judge_config import JudgeConfig
+from .sl_cai_config import SLCAIConfig
 from .store import RunConfigError
 
 USER_ERRORS = (ConstitutionError, PromptLoadError, ModelLoadError, RunConfigError, ServerError, ValueError, OSError)
@@ -97,8 +101,6 @@ def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .sl_cai import SLCAIConfig
-
     parser = argparse.ArgumentParser(prog="cai-fast", description="Constitutional AI, end to end, fast.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sl = sub.add_parser("sl-cai", help="critique-and-revise answers to red-team prompts (SL-CAI data)",
@@ -118,7 +120,7 @@ def make_parser() -> argparse.ArgumentParser:
 def cmd_sl_cai(args: argparse.Namespace) -> None:
     from .data.constitution import load_constitution
     from .data import load_prompts
-    from .sl_cai import SLCAIConfig, run_sl_cai
+    from .sl_cai import run_sl_cai
 
     config = dataclass_from_args(SLCAIConfig, args)
     constitution = load_constitution(args.constitution)
@@ -192,9 +194,6 @@ def train_config(args: argparse.Namespace):
 
 def add_label_parser(sub) -> None:
     """`cai-fast label`: sample and judge pairs (--prompts) or judge given pairs (--pairs)."""
-    from .judge import JudgeConfig
-    from .labelling import LabelConfig
-
     lb = sub.add_parser("label", help="RLAIF preference labels from a constitutional judge",
                         description="Sample N responses per prompt and judge pairs of them (or judge the "
                                     "pairs of --pairs) under P principles in both orders; writes a trl "
@@ -213,10 +212,10 @@ def add_label_parser(sub) -> None:
 def cmd_label(args: argparse.Namespace) -> None:
     from .data.constitution import load_constitution
     from .data import load_prompts
-    from .judge import ConstitutionalJudge, JudgeConfig, resolve_principles
-    from .label_report import summary_lines
-    from .labelling import LabelConfig, run_labelling
-    from .pairs import load_pairs
+    from .labelling.judge import ConstitutionalJudge, resolve_principles
+    from .labelling.report import summary_lines
+    from .labelling.run import run_labelling
+    from .labelling.pairs import load_pairs
 
     label_config, judge_config = dataclass_from_args(LabelConfig, args), dataclass_from_args(JudgeConfig, args)
     constitution = load_constitution(args.constitution)
@@ -240,8 +239,6 @@ def cmd_label(args: argparse.Namespace) -> None:
 
 def add_pipeline_parsers(sub) -> None:
     """`cai-fast pipeline --config FILE` (the whole loop) and `cai-fast evaluate` (a model against a base)."""
-    from .evaluate import EvalConfig
-    from .judge import JudgeConfig
     from .pipeline.config import PipelineConfig
 
     pl = sub.add_parser("pipeline", help="the full loop: SL-CAI, SFT, RLAIF labels, reward model, PPO or DPO, "
@@ -312,8 +309,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .engine.loading import resolve_model_path
-    from .evaluate import EvalConfig, evaluate_model, load_eval_sets, outputs_of, summary_lines
-    from .judge import JudgeConfig
+    from .evaluate.run import evaluate_model, load_eval_sets, outputs_of, summary_lines
 
     config, judge_config = dataclass_from_args(EvalConfig, args), dataclass_from_args(JudgeConfig, args)
     for name in (args.model, args.base, config.judge_model):

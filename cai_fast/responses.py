@@ -3,7 +3,7 @@
     sample_responses(generator, prompts, params, samples, store=..., kind=...) -> (records, resumed)
 
 A record is {prompt_id, prompt, source, sample_ids, samples} — `samples` responses to one
-prompt, the format `cai_fast.pairs.pairs_from_samples` pairs up. Prompts go `batch_size //
+prompt, the format `cai_fast.labelling.pairs.pairs_from_samples` pairs up. Prompts go `batch_size //
 samples` at a time (at least one); each batch's sampling seed is stable_seed(params.seed, its
 first prompt's id, kind), so a resumed run samples exactly what an uninterrupted one would.
 With a store, records are appended batch by batch and read back on resume.

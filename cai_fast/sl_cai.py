@@ -25,7 +25,7 @@ from .data import prompts as P
 from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
-from .pairs import same_response
+from .labelling.pairs import same_response
 from .seeding import stable_seed
 from .sl_cai_config import SLCAIConfig
 from .store import RunStore, resume_batches, write_jsonl

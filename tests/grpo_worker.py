@@ -21,8 +21,8 @@ def main(model: str, out: str) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from cai_fast.engine import load_model
-    from cai_fast.judge import ConstitutionalJudge, JudgeConfig
-    from cai_fast.trl_compat import JudgeReward
+    from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
+    from cai_fast.labelling.trl_compat import JudgeReward
 
     loaded = load_model(model, dtype="float32")
     calls = []

@@ -115,7 +115,7 @@ def test_trl_names_and_config_files_give_the_same_run_config(tmp_path):
 
 def test_switches_are_real_booleans_and_keep_their_0_1_form():
     from cai_fast.cli import dataclass_from_args, parse
-    from cai_fast.judge import JudgeConfig
+    from cai_fast.labelling.judge import JudgeConfig
 
     def defend(*flags):
         return dataclass_from_args(JudgeConfig, parse(["label", *flags])).defend

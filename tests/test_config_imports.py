@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 CONFIG_MODULES = (
-    "cai_fast.config", "cai_fast.sl_cai_config", "cai_fast.label_config", "cai_fast.judge_config",
-    "cai_fast.eval_config", "cai_fast.pipeline.config", "cai_fast.train.config", "cai_fast.train",
+    "cai_fast.config", "cai_fast.sl_cai_config", "cai_fast.labelling.config", "cai_fast.labelling.judge_config",
+    "cai_fast.evaluate.config", "cai_fast.pipeline.config", "cai_fast.train.config", "cai_fast.train",
 )
 
 
@@ -37,3 +37,22 @@ def test_the_python_loaders_take_the_command_lines_defaults():
     for fn in (load_model, open_generator):
         params = inspect.signature(fn).parameters
         assert (params["device"].default, params["dtype"].default) == ("auto", "auto"), fn.__name__
+
+
+def test_the_old_flat_import_paths_are_the_stage_packages_modules():
+    """One release of shims: `cai_fast.judge` is `cai_fast.labelling.judge`, and so on."""
+    import importlib
+
+    moved = {"judge": "labelling.judge", "judge_config": "labelling.judge_config", "label_config": "labelling.config",
+             "pairs": "labelling.pairs", "label_report": "labelling.report", "trl_compat": "labelling.trl_compat",
+             "eval_config": "evaluate.config", "refusal": "evaluate.refusal", "benchmarks": "evaluate.capability",
+             "depth": "evaluate.depth", "length": "evaluate.length", "judge_check": "evaluate.judge_check",
+             "constitution": "data.constitution", "prompts": "data.prompts", "pipeline_config": "pipeline.config",
+             "report": "pipeline.report", "report_measures": "pipeline.measures"}
+    for old, new in moved.items():
+        assert importlib.import_module(f"cai_fast.{old}") is importlib.import_module(f"cai_fast.{new}"), old
+    from cai_fast.evaluate import EvalConfig, evaluate_model
+    from cai_fast.labelling import LabelConfig, run_labelling
+
+    assert (EvalConfig.__module__, evaluate_model.__module__) == ("cai_fast.evaluate.config", "cai_fast.evaluate.run")
+    assert (LabelConfig.__module__, run_labelling.__module__) == ("cai_fast.labelling.config", "cai_fast.labelling.run")

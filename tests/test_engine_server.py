@@ -15,9 +15,9 @@ import torch
 from cai_fast.engine import SamplingParams
 from cai_fast.engine.cached import CachedGenerator, EngineConfig
 from cai_fast.engine.server import ServerConfig, ServerError, connect_servers, http, parse_urls
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig
+from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.scheduler.routing import Router, RoutingConfig
-from cai_fast.trl_compat import JudgeReward
+from cai_fast.labelling.trl_compat import JudgeReward
 
 from fake_server import GENERATE, FakeServer
 from test_engine_cached import GREEDY_TIE_EPS, SCORE_ATOL, as_sequence, divergence, random_prompts, \

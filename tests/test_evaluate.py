@@ -14,12 +14,12 @@ import torch
 from cai_fast.data import prompts as P
 from cai_fast.data import prompts_from_texts
 from cai_fast.engine import make_generator
-from cai_fast.benchmarks import (
+from cai_fast.evaluate.capability import (
     BenchmarkError, BenchmarkItem, alignment_tax, answer_gsm8k, answer_multiple_choice, final_number, load_benchmark,
     multiple_choice_prompt, options_of, same_number,
 )
 from cai_fast.evaluate import EvalConfig, judged_win_rate, load_eval_sets, win_rate
-from cai_fast.refusal import detector_scores, is_refusal, load_refusal_examples, refusal_rate
+from cai_fast.evaluate.refusal import detector_scores, is_refusal, load_refusal_examples, refusal_rate
 from cai_fast.seeding import seeded_sample
 
 # ---------------------------------------------------------------- refusal detector

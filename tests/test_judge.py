@@ -20,7 +20,7 @@ from cai_fast.data import prompts as P
 from cai_fast.data.constitution import ConstitutionError, load_constitution
 from cai_fast.engine import LoadedModel, load_model, make_generator
 from cai_fast.engine.base import GenerationStats
-from cai_fast.judge import (
+from cai_fast.labelling.judge import (
     COT_CLAMP, ConstitutionalJudge, JudgeConfig, JudgeError, JudgeInputError, detect_options,
 )
 from cai_fast.ops import swapped_pair_scores
@@ -335,7 +335,7 @@ def test_trl_judge_takes_conversational_completions_and_empty_ones(sharp_judge):
 
 
 def test_trl_base_class_is_the_old_interface():
-    from cai_fast.trl_compat import BasePairwiseJudge
+    from cai_fast.labelling.trl_compat import BasePairwiseJudge
 
     assert issubclass(ConstitutionalJudge, BasePairwiseJudge)
     with pytest.raises(TypeError):

@@ -14,9 +14,9 @@ from conftest import kill_when, line_count
 
 from cai_fast.cli import main, make_parser
 from cai_fast.data import prompts_from_texts
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig
+from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.labelling import LabelConfig, run_labelling
-from cai_fast.pairs import PairLoadError, load_pairs, split_transcripts
+from cai_fast.labelling.pairs import PairLoadError, load_pairs, split_transcripts
 from cai_fast.store import RunConfigError
 
 PROMPTS = ["How do I get rid of ants?", "Tell me a joke about cats.", "What is the capital of France?",

@@ -9,14 +9,14 @@ import math
 
 import pytest
 
-from cai_fast.benchmarks import BenchmarkError, answer_multiple_choice, capability_scores, load_benchmark
+from cai_fast.evaluate.capability import BenchmarkError, answer_multiple_choice, capability_scores, load_benchmark
 from cai_fast.data import prompts_from_texts
-from cai_fast.depth import depth_curve, harmful_examples, rungs_for
+from cai_fast.evaluate.depth import depth_curve, harmful_examples, rungs_for
 from cai_fast.engine import make_generator
 from cai_fast.evaluate import EvalConfig, load_eval_sets
-from cai_fast.judge_check import calibration, human_agreement
-from cai_fast.length import length_controlled_win_rate, length_stats
-from cai_fast.refusal import harmful_compliance
+from cai_fast.evaluate.judge_check import calibration, human_agreement
+from cai_fast.evaluate.length import length_controlled_win_rate, length_stats
+from cai_fast.evaluate.refusal import harmful_compliance
 from cai_fast.stats import mean_stderr, share
 
 REFUSAL, ANSWER = "I'm sorry, but I can't help with that.", "Mix the two powders slowly, then heat the flask gently."
@@ -91,8 +91,8 @@ def test_human_agreement_and_calibration_by_hand():
 
 
 def test_the_judge_check_runs_a_judge_on_human_labelled_pairs(tiny_loaded, tmp_path):
-    from cai_fast.judge import ConstitutionalJudge, JudgeConfig
-    from cai_fast.judge_check import check_judge
+    from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
+    from cai_fast.evaluate.judge_check import check_judge
 
     path = tmp_path / "people.jsonl"
     path.write_text("".join(json.dumps({"chosen": f"\n\nHuman: question {i}?\n\nAssistant: a kind answer {i}",
@@ -174,7 +174,7 @@ def test_depth_curve_fine_tunes_copies_measures_them_and_keeps_none(tiny_model_p
 
 
 def test_the_real_hh_rlhf_test_set_loads_as_human_labelled_pairs(shared_data):
-    from cai_fast.pairs import load_pairs
+    from cai_fast.labelling.pairs import load_pairs
 
     pairs = load_pairs(shared_data / "hh_rlhf_harmless_base_test_even.jsonl", on_error="skip")
     assert len(pairs) > 1000 and pairs.malformed < 20  # a few records end with an empty answer

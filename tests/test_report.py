@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from cai_fast.benchmarks import alignment_tax
+from cai_fast.evaluate.capability import alignment_tax
 from cai_fast.evaluate import win_rate
-from cai_fast.judge_check import human_agreement
-from cai_fast.length import length_controlled_win_rate
+from cai_fast.evaluate.judge_check import human_agreement
+from cai_fast.evaluate.length import length_controlled_win_rate
 from cai_fast.pipeline.report import write_report
 
 BENCHMARKS = {"gsm8k_sample": 0.25, "boolean_expressions": 0.55}

@@ -21,7 +21,7 @@ from train_helpers import sft_rows, write_jsonl
 
 from cai_fast.cli import main
 from cai_fast.data import PromptLoadError, load_prompts
-from cai_fast.pairs import PairLoadError, load_pairs
+from cai_fast.labelling.pairs import PairLoadError, load_pairs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SL_CAI = ["--rounds", "1", "--batch-size", "2", "--answer-tokens", "4", "--critique-tokens", "4",

@@ -75,7 +75,7 @@ def test_equal_sides_in_training_preferences_are_refused_by_the_command(tiny_mod
 
 def test_pair_making_and_sl_cai_preferences_leave_out_sides_equal_up_to_whitespace():
     """What the training data check refuses is never made: the same normaliser everywhere."""
-    from cai_fast.pairs import pairs_from_samples
+    from cai_fast.labelling.pairs import pairs_from_samples
     from cai_fast.sl_cai import preference_rows
 
     record = {"prompt": "q", "prompt_id": "p", "source": "s", "samples": ["a  b", "a b\n", "c"],

@@ -79,7 +79,7 @@ def test_sl_cai_through_vllm_resumes_after_the_server_is_killed(vllm, tmp_path):
 
 def test_label_through_vllm_is_antisymmetric_and_close_to_the_local_judge(vllm, tmp_path, default_loaded):
     from cai_fast.engine.server import connect_servers
-    from cai_fast.judge import ConstitutionalJudge, JudgeConfig
+    from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 
     prompts = ["How do I pick a lock?", "Write a rude joke about my neighbour.", "How can I make my code faster?"]
     helpful = ["Call a locksmith; picking locks you do not own is illegal.", "I'd rather not; how about a kind one?",

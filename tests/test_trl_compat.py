@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cai_fast.data import prompts_from_texts
-from cai_fast.judge import ConstitutionalJudge, JudgeConfig
+from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.labelling import LabelConfig, run_labelling
-from cai_fast.trl_compat import JudgeReward, response_text
+from cai_fast.labelling.trl_compat import JudgeReward, response_text
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 TRAIN = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], bf16=False, use_cpu=True,

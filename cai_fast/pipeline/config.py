@@ -27,9 +27,9 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL, ENGINES, check_finite, option
 from ..data import raise_collected
-from ..eval_config import EvalConfig
-from ..judge_config import JudgeConfig
-from ..label_config import LabelConfig
+from ..evaluate.config import EvalConfig
+from ..labelling.judge_config import JudgeConfig
+from ..labelling.config import LabelConfig
 from ..sl_cai_config import SLCAIConfig
 from ..train.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 

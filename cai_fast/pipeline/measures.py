@@ -6,8 +6,8 @@ people. Each is a table (sample size and standard error named) and a PNG.
 
 `models`: [(label, figures)] — "start" with the baseline's figures, then "round R" with each
 evaluated round's (cai_fast.evaluate: harmful_compliance, over_refusal, lengths and, for rounds,
-the win-rates' length_controlled). `depth`: {label: depth summary (cai_fast.depth)}.
-`judge_check`: cai_fast.judge_check's figures, or None.
+the win-rates' length_controlled). `depth`: {label: depth summary (cai_fast.evaluate.depth)}.
+`judge_check`: cai_fast.evaluate.judge_check's figures, or None.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from ..refusal import detector_scores, load_refusal_examples
+from ..evaluate.refusal import detector_scores, load_refusal_examples
 from ..plots import curves_png, grouped_bars_png
 from ..store import write_atomic
 
@@ -258,7 +258,7 @@ def _models(s: dict) -> str:
 def _detector() -> list[str]:
     examples = load_refusal_examples()
     lines = ["", "## Refusal detector", "",
-             "Rule-based (cai_fast.refusal.is_refusal), measured on the hand-labelled responses shipped in "
+             "Rule-based (cai_fast.evaluate.refusal.is_refusal), measured on the hand-labelled responses shipped in "
              "`cai_fast/eval_sets/refusals.jsonl` (refusal = positive). dev: written to develop the rules; test: "
              "written after them and not used to change them; model: real SmolLM2-135M-Instruct answers to the "
              "demo's evaluation prompts, used to adjust the rules.", "",

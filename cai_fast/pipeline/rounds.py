@@ -14,13 +14,13 @@ Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
     ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
               on the labels (reference: the SFT policy)
     evaluate  the round's policy against the starting model (cai_fast.evaluate)
-    depth     depth of alignment of the round's policy (cai_fast.depth; when eval.depth_ladder is
+    depth     depth of alignment of the round's policy (cai_fast.evaluate.depth; when eval.depth_ladder is
               set), the harmful examples being round 1's SL-CAI initial answers; in round 1 the
               starting model's too (recorded as round 0's `depth` stage)
 Every stage's seed is its configured seed + (r − 1), so rounds draw new principles and samples.
 Before round 1 the `baseline` stage computes the starting model's evaluation outputs, once, and,
 when eval.human_preferences is set, the `judge_check` stage checks the labelling judge (judge_model,
-the run's constitution) against people (cai_fast.judge_check).
+the run's constitution) against people (cai_fast.evaluate.judge_check).
 Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
 `train_size` of them (0 = all).
 
@@ -60,15 +60,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..benchmarks import load_benchmark
+from ..evaluate.capability import load_benchmark
 from ..data.constitution import load_constitution
 from ..data import Prompt, load_prompts, raise_collected
 from ..engine.loading import ModelLoadError, model_sha256, resolve_model_path
-from ..evaluate import (
+from ..evaluate.run import (
     SETS, EvalSets, ModelOutputs, baseline_metrics, depth_of, evaluate_model, judge_check_wanted, load_eval_sets,
     outputs_of,
 )
-from ..pairs import load_pairs
+from ..labelling.pairs import load_pairs
 from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 from .config import ConfigFileError, PipelineConfig, config_dict
 
@@ -177,7 +177,7 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
         from ..engine.device import resolved_names
-        from ..judge import resolve_principles
+        from ..labelling.judge import resolve_principles
 
         self.config, self.progress, self.root = config, progress, Path(config.out)
         self.precision = resolved_names(config.device, config.dtype)  # a device that does not exist fails here
@@ -253,13 +253,13 @@ class Pipeline:
 
     def labelling_judge(self, judge_config):
         """The judge of the RLAIF labels: label_judge_model asking the run's constitution."""
-        from ..judge import ConstitutionalJudge
+        from ..labelling.judge import ConstitutionalJudge
 
         generator = self.generator(self.config.label_judge_model, judge_config.batch_size)
         return ConstitutionalJudge(generator, self.constitution, judge_config)
 
     def judge_check(self) -> dict:
-        from ..judge_check import check_judge
+        from ..evaluate.judge_check import check_judge
 
         e, judge = self.config.eval, self.labelling_judge(self.config.judge)
         return {**check_judge(judge, e.human_preferences, e.human_size, e.subset_seed,
@@ -268,7 +268,7 @@ class Pipeline:
 
     def depth(self, r: int) -> dict:
         """Depth of alignment of round r's policy (r = 0: the starting model) on round 1's harmful examples."""
-        from ..depth import harmful_examples
+        from ..evaluate.depth import harmful_examples
 
         examples = harmful_examples(self.root / "round-1" / "sl_cai")
         return depth_of(self.policy(r), examples, self.sets, self.config.eval, self.root / f"round-{r}" / "depth",
@@ -294,8 +294,8 @@ class Pipeline:
     def label(self, r: int, sft: str, out: Path) -> dict:
         """Sample from the SFT policy, pair the samples, label the pairs with the judge."""
         from ..engine import SamplingParams
-        from ..labelling import run_labelling
-        from ..pairs import pairs_from_samples
+        from ..labelling.run import run_labelling
+        from ..labelling.pairs import pairs_from_samples
         from ..responses import sample_responses
 
         config, judge_config = self.config.label, replace(self.config.judge, seed=self.config.judge.seed + r - 1)

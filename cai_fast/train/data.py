@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from ..data import raise_collected
-from ..pairs import SAME_SIDES, same_response
+from ..labelling.pairs import SAME_SIDES, same_response
 
 ROLES = ("system", "user", "assistant")
 

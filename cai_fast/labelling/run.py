@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from .data import Prompt
-from .engine.base import SamplingParams
+from ..data import Prompt
+from ..engine.base import SamplingParams
 from .judge import ConstitutionalJudge, JudgeStats
-from .label_config import LabelConfig
-from .label_report import label_stats, write_report
+from .config import LabelConfig
+from .report import label_stats, write_report
 from .pairs import Pair, pairs_from_samples
-from .responses import sample_responses
-from .store import RunStore, resume_batches, write_jsonl
+from ..responses import sample_responses
+from ..store import RunStore, resume_batches, write_jsonl
 
 SAMPLES, LABELS = "samples", "labels"
 

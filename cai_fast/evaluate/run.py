@@ -8,7 +8,7 @@ Sets (EvalConfig; each a seeded sample, the same on every run with the same seed
   over-refusal   benign prompts that look dangerous (`over_refusal_prompts`): those with
                  `looks_dangerous` true, or every prompt of a set without that field
   benchmarks     capability sets by path (`benchmarks`, comma-separated or a TOML list), in the
-                 formats of cai_fast.benchmarks (GSM8K-style JSONL, BIG-Bench-Hard-style JSON,
+                 formats of cai_fast.evaluate.capability (GSM8K-style JSONL, BIG-Bench-Hard-style JSON,
                  TruthfulQA-style mc1 JSON)
   people         human-labelled pairs (`human_preferences`, e.g. hh-rlhf harmless-base test)
 Prompt sets are files in any format cai_fast.data reads (one per line, JSONL or CSV with a prompt
@@ -21,16 +21,16 @@ Figures
                  with the hard win share (label > ½), the tie share and the standard error.
                  Identical responses tie (½) and an empty response loses to a non-empty one,
                  without asking the judge.
-  length control mean response length in words per set (cai_fast.length) and the win-rate at equal
+  length control mean response length in words per set (cai_fast.evaluate.length) and the win-rate at equal
                  length (least-squares fit of the label on the length gap, read at gap 0)
   over-refusal   share of the over-refusal prompts whose greedy response `is_refusal`
-                 (cai_fast.refusal; its precision and recall are in the report)
+                 (cai_fast.evaluate.refusal; its precision and recall are in the report)
   harmful        share of the harmlessness (red-team) prompts whose greedy response is not a
   compliance     refusal: no judge involved
   depth          harmful compliance after fine-tuning a copy on k harmful examples, per k of
-                 `depth_ladder` (cai_fast.depth; needs `depth_data`, set by the pipeline)
+                 `depth_ladder` (cai_fast.evaluate.depth; needs `depth_data`, set by the pipeline)
   judge check    the harmlessness judge's agreement with people and its calibration
-                 (cai_fast.judge_check)
+                 (cai_fast.evaluate.judge_check)
   alignment tax  per benchmark (base − aligned) / base: > 0 a regression, < 0 an improvement;
                  on average, the same of the mean scores (see alignment_tax); each score with
                  its n and binomial standard error
@@ -49,20 +49,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .data import prompts as P
-from .benchmarks import (
+from ..data import prompts as P
+from .capability import (
     Benchmark, BenchmarkError, alignment_tax, answer_gsm8k, answer_multiple_choice, capability_scores, load_benchmark,
 )
-from .data import Prompt, load_prompts
-from .engine.base import SamplingParams
-from .eval_config import EvalConfig
+from ..data import Prompt, load_prompts
+from ..engine.base import SamplingParams
+from .config import EvalConfig
 from . import depth, judge_check
 from .length import length_controlled_win_rate, length_stats, words
 from .refusal import harmful_compliance, refusal_rate
-from .responses import sample_responses
-from .seeding import seeded_sample
-from .stats import mean_stderr
-from .store import RunStore, read_json, resume_batches, write_atomic
+from ..responses import sample_responses
+from ..seeding import seeded_sample
+from ..stats import mean_stderr
+from ..store import RunStore, read_json, resume_batches, write_atomic
 
 SETS = ("harmless", "helpful", "over_refusal")
 OUTPUTS_FILE = "outputs.json"
@@ -95,9 +95,9 @@ def judged_win_rate(judge, prompts: Sequence[Prompt], model: dict[str, str], bas
                     out_dir: str | Path | None = None, *, progress: bool = True) -> dict:
     """win_rate of the model's responses over the base's on `prompts` (dicts: prompt id -> text),
     judged by `judge` (a ConstitutionalJudge; any object with score() when out_dir is None), with
-    the win-rate at equal length (cai_fast.length) under "length_controlled"."""
-    from .labelling import run_labelling
-    from .pairs import Pair
+    the win-rate at equal length (cai_fast.evaluate.length) under "length_controlled"."""
+    from ..labelling.run import run_labelling
+    from ..labelling.pairs import Pair
 
     labels = {p.id: fixed_label(model[p.id], base[p.id]) for p in prompts}
     asked = [Pair(p.id, p.id, [P.user(p.text)], [P.assistant(model[p.id].strip())],
@@ -224,8 +224,8 @@ def outputs_of(model: str, sets: EvalSets, config: EvalConfig, out_dir: str | Pa
     """Load `model` (or, engine "server", reach the servers that serve it) and compute its outputs
     (model_outputs); the model is freed on return. generation: open_generator's engine,
     server_url, device and dtype."""
-    from .engine import open_generator
-    from .engine.loading import model_sha256
+    from ..engine import open_generator
+    from ..engine.loading import model_sha256
 
     generator = open_generator(model, batch_size=config.generation_batch, fallback="cached", **generation)
     return model_outputs(generator, sets, config, out_dir, progress=progress,
@@ -264,8 +264,8 @@ def compare_with_base(judges: dict[str, object], sets: EvalSets, outputs: ModelO
 
 def make_judges(judge_model: str, config: EvalConfig, judge_config, **generation) -> dict:
     """The harmlessness and helpfulness judges, sharing one judge generator (generation: as outputs_of)."""
-    from .engine import open_generator
-    from .judge import ConstitutionalJudge
+    from ..engine import open_generator
+    from ..labelling.judge import ConstitutionalJudge
 
     generator = open_generator(judge_model, batch_size=judge_config.batch_size, fallback="cached", **generation)
     return {"harmless": ConstitutionalJudge(generator, config.harmless_constitution, judge_config),

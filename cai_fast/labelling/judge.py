@@ -1,0 +1,377 @@
+"""The constitutional judge: order-averaged soft preference labels of pairs of responses.
+
+The judge
+---------
+For a pair (a, b) of responses to one conversation, P principles are drawn from the constitution
+(by weight, without replacement, seeded by the run seed and the pair's content, so the same in
+both orders and on resume), or fixed with `principle_ids`. Each principle is asked in both
+orders: order AB shows (A) = a, (B) = b; order BA swaps them. A judge prompt (layout in
+cai_fast.data.prompts) is the few-shot block, the conversation, the two responses, the principle's
+question, then the start of the assistant's answer, "The answer is: (" by default, after which
+the next token is the verdict. The generator's `score_options` reads the log-probs of the two
+option tokens there — one forward pass per prompt, the LM head applied through cai_fast.ops to
+the answer position only, no token generated. p(·) is the softmax over the two options; the soft
+label of one principle is
+
+    P(a ≻ b) = ½·[p_AB(A) + p_BA(B)]
+
+and a pair's label is the mean over its principles (aggregate="prob") or σ(mean log-odds)
+("logodds"). Exchanging a and b exchanges the orders, so label(a, b) + label(b, a) = 1 to fp32
+rounding: position bias cancels by construction. trl's old judges shuffled the order at random,
+which only turns the bias into noise; `judge(shuffle_order=...)` is accepted and ignored.
+
+Option tokens: the first layout whose two options are single tokens in context is used —
+"The answer is: (" + "A"/"B", then "The answer is:" + " (A"/" (B", then "The answer is:" +
+" A"/" B". If none is, the first layout whose options tokenize cleanly (as a continuation, with
+no unknown token) is scored by each option's sequence log-prob (`options.mode == "sequence"`);
+if none does, JudgeError. The choice goes into the run config and the report.
+
+Chain of thought (chain_of_thought=1): each judge prompt first gets a greedy rationale of at most
+`cot_tokens` tokens after "Let's think step by step.", then the options are scored after it, and
+each order's probability is clamped to [0.4, 0.6], as the CAI paper does with CoT labels.
+
+Injection defence (defend=1, the default): the conversation and both responses are quoted
+between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a
+secret kept in the run config, by default derived from the seed), with look-alike characters
+folded (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response
+cannot close its section or the user turn, or forge a marker (see cai_fast.data.prompts). As the tag
+does not depend on the pair, all pairs of one prompt share the few-shot block and the
+conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
+
+The labelling run that drives the judge over a data set is cai_fast.labelling; pairs files are
+read by cai_fast.labelling.pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from ..data import prompts as P
+from ..config import DEFAULT_MODEL
+from ..data.constitution import Constitution, Principle, load_constitution
+from ..engine.base import SamplingParams
+from .judge_config import JudgeConfig
+from .pairs import is_text, shown
+from .trl_compat import BasePairwiseJudge, response_text, win_probabilities
+
+if TYPE_CHECKING:
+    import torch
+
+COT_CLAMP = math.log(0.6 / 0.4)  # |logit| of 0.4 and 0.6: chain-of-thought probabilities stay in [0.4, 0.6]
+COT_STOP = ("The answer is",)
+
+
+class JudgeError(ValueError):
+    """The judge cannot be used as configured (e.g. a tokenizer without usable option tokens)."""
+
+
+class JudgeInputError(ValueError):
+    """Pairs that cannot be judged (an empty response, mismatched lengths); the message says which."""
+
+
+# ---------------------------------------------------------------- option tokens
+
+
+@dataclass(frozen=True)
+class OptionLayout:
+    """Where the verdict is read: the answer starts with `prefix`, then an option, then `closing`."""
+
+    prefix: str
+    options: tuple[str, str]
+    closing: str
+    token_ids: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    mode: str = "single-token"  # or "sequence": each option's summed token log-probs are compared
+
+    def answer(self, index: int) -> str:
+        """The full answer naming option `index` (0 = A), as few-shot examples give it."""
+        return self.prefix + self.options[index] + self.closing
+
+    def describe(self) -> str:
+        ids = " / ".join(str(list(t)) for t in self.token_ids)
+        return (f"answer prefix {self.prefix!r}, options {self.options[0]!r} / {self.options[1]!r} "
+                f"-> token ids {ids} ({self.mode})")
+
+
+CANDIDATE_LAYOUTS = (
+    OptionLayout("The answer is: (", ("A", "B"), ")"),
+    OptionLayout("The answer is:", (" (A", " (B"), ")"),
+    OptionLayout("The answer is:", (" A", " B"), ""),
+)
+_PROBE = [P.user("Which response is better? Answer (A) or (B).")]
+
+
+def detect_options(tokenizer) -> OptionLayout:
+    """The option layout for this tokenizer (see the module docstring); JudgeError if none works."""
+    usable = [(layout, ids) for layout in CANDIDATE_LAYOUTS
+              if (ids := _option_continuations(tokenizer, layout)) is not None]
+    for layout, ids in usable:
+        if all(len(i) == 1 for i in ids):
+            return replace(layout, token_ids=ids, mode="single-token")
+    if usable:
+        layout, ids = usable[0]
+        return replace(layout, token_ids=ids, mode="sequence")
+    tried = "; ".join(f"{c.prefix!r} + {c.options[0]!r}/{c.options[1]!r}" for c in CANDIDATE_LAYOUTS)
+    raise JudgeError(f"the tokenizer cannot express the judge's options (A)/(B): tried {tried}, and each "
+                     "option was merged with the text before it or became the unknown token; use a "
+                     "model whose tokenizer has the letters A and B")
+
+
+def _option_continuations(tokenizer, layout: OptionLayout) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The token ids each option adds after the answer prefix, or None if they are not clean."""
+    text = tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True) + layout.prefix
+    base = tokenizer(text, add_special_tokens=False)["input_ids"]
+    found = []
+    for choice in layout.options:
+        full = tokenizer(text + choice, add_special_tokens=False)["input_ids"]
+        added = tuple(full[len(base):])
+        if full[: len(base)] != base or not added or tokenizer.unk_token_id in added:
+            return None
+        found.append(added)
+    return tuple(found) if found[0] != found[1] else None
+
+
+def reserved_strings(tokenizer) -> list[str]:
+    """Strings quoted text must not contain: the tokenizer's special and added tokens."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    return sorted(t for t in added | set(tokenizer.all_special_tokens) if len(t) > 1)
+
+# ---------------------------------------------------------------- the judge
+
+
+@dataclass
+class JudgeResult:
+    """Labels of M pairs under P principles each; tensors are fp32 on the CPU."""
+
+    label: torch.Tensor  # [M] P(a ≻ b), aggregated over principles
+    principle_label: torch.Tensor  # [M, P] ½·(p_ab_a + p_ba_b) per principle
+    p_ab_a: torch.Tensor  # [M, P] P(a preferred) with a shown as (A)
+    p_ba_b: torch.Tensor  # [M, P] P(a preferred) with a shown as (B)
+    option_mass: torch.Tensor | None  # [M, P, 2] full-vocabulary probability of the two options, per order
+    # (None when the labels were read from the two option rows alone, see ConstitutionalJudge.score)
+    principle_ids: list[list[str]]
+    rationales: list[list[list[str]]] | None = None  # [M][P][order] with chain of thought
+
+    def record(self, i: int) -> dict:
+        """The label fields of pair i, as JSON-ready lists."""
+        out = {"label": self.label[i].item(), "principle_ids": self.principle_ids[i],
+               "principle_label": self.principle_label[i].tolist(), "p_ab_a": self.p_ab_a[i].tolist(),
+               "p_ba_b": self.p_ba_b[i].tolist()}
+        if self.option_mass is not None:
+            out["option_mass"] = self.option_mass[i].tolist()
+        if self.rationales is not None:
+            out["rationales"] = self.rationales[i]
+        return out
+
+
+@dataclass
+class JudgeStats:
+    """Running totals of a judge, for summaries and benches."""
+
+    pairs: int = 0
+    judge_prompts: int = 0
+    prompt_tokens: int = 0
+    rationale_tokens: int = 0
+    seconds: float = 0.0
+
+
+class ConstitutionalJudge(BasePairwiseJudge):
+    """Order-averaged soft preference labels from a chat model and a constitution.
+
+    model: a LoadedModel, a model name or folder (cai_fast.engine.load_model), a transformers
+    causal LM with `tokenizer=`, or a generator with `score_options` (cai_fast.engine).
+    constitution: a Constitution, or a shipped name or TOML path.
+    """
+
+    def __init__(self, model=DEFAULT_MODEL, constitution: Constitution | str = "default",
+                 config: JudgeConfig | None = None, *, tokenizer=None):
+        self.config = config or JudgeConfig()
+        self.generator = _as_generator(model, tokenizer, self.config.batch_size)
+        self.tokenizer = self.generator.tokenizer
+        self.constitution = (constitution if isinstance(constitution, Constitution)
+                             else load_constitution(constitution))
+        self.fixed_principles = resolve_principles(self.constitution, self.config)
+        self.options = detect_options(self.tokenizer)
+        self.reserved = reserved_strings(self.tokenizer) if self.config.defend else None
+        answers = (self.options.answer(0), self.options.answer(1))
+        self.tag_key = self.config.tag_key or hashlib.sha256(f"judge-tag:{self.config.seed}".encode()).hexdigest()
+        self.few_shot = P.judge_few_shot_messages(self.constitution, self.config.few_shot, answers,
+                                                  reserved=self.reserved, key=self.tag_key)
+        self.stats = JudgeStats()
+
+    @property
+    def principles_per_pair(self) -> int:
+        return len(self.fixed_principles) or self.config.principles
+
+    def score(self, prompts: Sequence, responses_a: Sequence, responses_b: Sequence) -> JudgeResult:
+        """P(a ≻ b) for each pair (prompt, a, b), with its per-principle and per-order probabilities.
+
+        prompts: text or chat messages; responses: text or trl's conversational message lists.
+        An empty response or lists of different lengths raise JudgeInputError.
+        """
+        conversations, firsts, seconds = _checked_inputs(prompts, responses_a, responses_b)
+        if not conversations:
+            return _empty_result()
+        start = time.perf_counter()
+        principles = [self.principles_for(*pair) for pair in zip(conversations, firsts, seconds)]
+        chats = [self.judge_chat(conversation, first, second, principle)
+                 for conversation, a, b, drawn in zip(conversations, firsts, seconds, principles)
+                 for first, second in ((a, b), (b, a)) for principle in drawn]
+        rationales = self._rationales(chats) if self.config.chain_of_thought else None
+        rows = [P.render_continuation(self.tokenizer, chat, self._answer_prefix(rationales, i))
+                for i, chat in enumerate(chats)]
+        if self._reads_states(rationales):
+            result = self._result_from_states(self.generator.answer_states(rows), principles)
+        else:
+            result = self._result(self.generator.score_options(rows, self.options.token_ids), principles, rationales)
+        self._count(len(firsts), rows, time.perf_counter() - start)
+        return result
+
+    def judge(self, prompts: list, completions: list[list], shuffle_order: bool = True,
+              return_scores: bool = False) -> list[int] | list[float]:
+        """trl ≤ 1.0's pairwise interface: per prompt, the index of the preferred completion of its pair.
+
+        return_scores=True gives P(first ≻ second) instead. shuffle_order is accepted for
+        compatibility and has no effect: both orders are always scored and averaged. Identical
+        completions tie (score 0.5, index 0), as does a label of exactly 0.5. An empty completion
+        loses to a non-empty one; a pair of two empty completions cannot be judged: -1 (score 0.5).
+        """
+        if len(prompts) != len(completions) or any(len(pair) != 2 for pair in completions):
+            raise JudgeInputError(f"judge(): needs one pair (two completions) per prompt, got {len(prompts)} "
+                                  f"prompts and completions of sizes {[len(c) for c in completions]}")
+        scores = win_probabilities(self, prompts, [c[0] for c in completions], [c[1] for c in completions])
+        if return_scores:
+            return scores
+        return [-1 if not any(response_text(c).strip() for c in pair) else int(p < 0.5)
+                for pair, p in zip(completions, scores)]
+
+    def principles_for(self, conversation: str, first: str, second: str) -> list[Principle]:
+        """The principles asked about a pair: fixed ones, or drawn by the pair's content (either order)."""
+        if self.fixed_principles:
+            return self.fixed_principles
+        key = P.pair_key(conversation, first, second)  # the same in both orders
+        return self.constitution.sample(key, self.config.principles, seed=self.config.seed, replace=False)
+
+    def judge_chat(self, conversation: str, first: str, second: str, principle: Principle) -> list[dict]:
+        """The judge's chat for one order and principle: few-shot block, then the judge request."""
+        request = P.judge_request(conversation, first, second, principle.judge, reserved=self.reserved,
+                                  key=self.tag_key)
+        return self.few_shot + [P.user(request)]
+
+    def _rationales(self, chats: list[list[dict]]) -> list[str]:
+        ids = [P.render_continuation(self.tokenizer, chat, P.COT_PREFIX) for chat in chats]
+        params = SamplingParams(self.config.cot_tokens, temperature=0.0, stop=COT_STOP)
+        out = self.generator.generate(ids, params)
+        self.stats.rationale_tokens += sum(len(c.token_ids) for c in out)
+        return [c.text for c in out]
+
+    def _answer_prefix(self, rationales: list[str] | None, row: int) -> str:
+        if rationales is None:
+            return self.options.prefix
+        return f"{P.COT_PREFIX} {rationales[row]}\n{self.options.prefix}"
+
+    def _count(self, pairs: int, rows: list[list[int]], seconds: float) -> None:
+        self.stats.pairs += pairs
+        self.stats.judge_prompts += len(rows)
+        self.stats.prompt_tokens += sum(len(r) for r in rows)
+        self.stats.seconds += seconds
+
+    def _reads_states(self, rationales) -> bool:
+        """Whether labels come straight from the answer-position hidden states through
+        cai_fast.ops.swapped_pair_scores (only the two option rows of the LM head are read): a
+        generator that gives states (the cached engine), single-token options, no chain of
+        thought (its clamp), no option-mass diagnostic. Else through `score_options`."""
+        return (hasattr(self.generator, "answer_states") and self.options.mode == "single-token"
+                and rationales is None and not self.config.option_mass)
+
+    def _result_from_states(self, hidden: torch.Tensor, principles: list[list[Principle]]) -> JudgeResult:
+        from ..ops import swapped_pair_scores
+
+        m, k = len(principles), len(principles[0])
+        hidden = hidden.reshape(m, 2, k, -1).transpose(1, 2)  # pair, principle, order (AB, BA), H
+        weight, bias = self.generator.lm_head()
+        ids = (self.options.token_ids[0][0], self.options.token_ids[1][0])
+        s = swapped_pair_scores(hidden, weight, ids, bias, self.config.aggregate)
+        return JudgeResult(*(t.float().cpu() for t in (s.label_mean, s.label, s.p_ab_a, s.p_ba_b)), None,
+                           [[p.id for p in ps] for ps in principles])
+
+    def _result(self, logp: torch.Tensor, principles: list[list[Principle]], rationales) -> JudgeResult:
+        from ..ops import scores_from_gaps
+
+        m, k = len(principles), len(principles[0])
+        lp = logp.float().reshape(m, 2, k, 2)  # pair, order (AB, BA), principle, option (A, B)
+        gap_ab = lp[:, 0, :, 0] - lp[:, 0, :, 1]  # the first response is (A)
+        gap_ba = lp[:, 1, :, 1] - lp[:, 1, :, 0]  # the first response is (B)
+        if rationales is not None:
+            gap_ab, gap_ba = gap_ab.clamp(-COT_CLAMP, COT_CLAMP), gap_ba.clamp(-COT_CLAMP, COT_CLAMP)
+        scores = scores_from_gaps(gap_ab, gap_ba, self.config.aggregate)
+        by_row = None if rationales is None else [
+            [[rationales[(i * 2 + o) * k + p] for o in (0, 1)] for p in range(k)] for i in range(m)]
+        return JudgeResult(scores.label_mean, scores.label, scores.p_ab_a, scores.p_ba_b,
+                           lp.exp().sum(-1).transpose(1, 2), [[p.id for p in ps] for ps in principles], by_row)
+
+
+def resolve_principles(constitution: Constitution, config: JudgeConfig) -> list[Principle]:
+    """The principles fixed by `config.principle_ids`, or [] when they are drawn per pair; an
+    unknown id (ConstitutionError) or more draws than principles (JudgeError) fail here."""
+    fixed = [constitution.principle(i) for i in config.fixed_ids]
+    available = len(constitution.principles)
+    if not fixed and config.principles > available:
+        raise JudgeError(f"principles={config.principles}, but constitution {constitution.name!r} has "
+                         f"only {available}; ask for at most {available}")
+    return fixed
+
+
+def _as_generator(model, tokenizer, batch_size: int):
+    if hasattr(model, "score_options"):
+        return model
+    from ..engine import LoadedModel, load_model, make_generator
+
+    if isinstance(model, (str, Path)):
+        model = load_model(str(model))
+    if isinstance(model, LoadedModel):
+        return make_generator(model, batch_size=batch_size)
+    if tokenizer is None or not hasattr(model, "get_decoder"):
+        raise TypeError(f"ConstitutionalJudge: cannot judge with a {type(model).__name__}; pass a model "
+                        "name or folder, a LoadedModel, a transformers causal LM with tokenizer=, or a "
+                        "generator with score_options")
+    from ..engine.plain import PlainGenerator
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return PlainGenerator(model.eval(), tokenizer, batch_size)
+
+
+def _checked_inputs(prompts, responses_a, responses_b) -> tuple[list[str], list[str], list[str]]:
+    """(conversation texts, first texts, second texts); JudgeInputError naming the bad pair."""
+    if not len(prompts) == len(responses_a) == len(responses_b):
+        raise JudgeInputError(f"score(): got {len(prompts)} prompts, {len(responses_a)} responses_a and "
+                              f"{len(responses_b)} responses_b; pass one of each per pair")
+    texts = ([], [], [])
+    for i, (prompt, a, b) in enumerate(zip(prompts, responses_a, responses_b)):
+        for name, value, out in (("prompts", prompt, texts[0]), ("responses_a", a, texts[1]),
+                                 ("responses_b", b, texts[2])):
+            out.append(_text_of(value, f"{name}[{i}]"))
+    conversations = [P.conversation_text(p) for p in prompts]
+    return conversations, texts[1], texts[2]
+
+def _text_of(value, where: str) -> str:
+    if not is_text(value):
+        raise JudgeInputError(f"{where}: expected text or a list of {{role, content}} messages, got "
+                              f"{shown(value)}")
+    text = response_text(value).strip()
+    if not text:
+        raise JudgeInputError(f"{where} is empty; the judge compares two non-empty responses to a "
+                              "non-empty prompt: drop the pair or give it text")
+    return text
+
+
+def _empty_result() -> JudgeResult:
+    import torch
+
+    empty = torch.empty(0, 0)
+    return JudgeResult(torch.empty(0), empty, empty, empty, torch.empty(0, 0, 2), [])

@@ -338,7 +338,7 @@ def decode(loaded, args) -> dict:
 
 def levers(loaded, args) -> dict:
     """Decode tokens/s with each lever of issue 10 taken in turn (see the module docstring)."""
-    from cai_fast.engine import attention
+    from cai_fast.engine.attention import reference as attention
 
     fp32 = load_model(args.model, dtype="float32")
     bf16 = loaded if loaded.model.dtype == torch.bfloat16 else load_model(args.model, dtype="bfloat16")

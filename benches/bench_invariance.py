@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
     figures["judge_seconds"] = fastest(lambda: judge.score(prompts, a, b), args.repeats)
     config = SLCAIConfig(rounds=1, temperature=0.0, answer_tokens=32, critique_tokens=32, revision_tokens=32)
     red_team, constitution = list(load_prompts("red_team", limit=args.prompts)), load_constitution("default")
+    figures["kernels"] = make_generator(loaded).stats.kernels  # the engine's kernel record (bf16)
     figures["sl_cai_seconds"] = fastest(lambda: run_sl_cai(make_generator(loaded), constitution, red_team, config,
                                                            progress=False), args.repeats)
     print(f"judge {figures['judge_seconds']:.2f} s, SL-CAI {figures['sl_cai_seconds']:.2f} s (bf16)", flush=True)

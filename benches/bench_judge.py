@@ -123,7 +123,8 @@ def throughput_and_agreement(loaded, pairs, args) -> dict:
     judge = next(iter(judges.values()))
     speed = {name: {"seconds": round(took, 1), "labels_per_s": len(pairs) / took} for name, took in seconds.items()}
     for engine, j in judges.items():
-        speed[engine].update(judge_prompts=j.stats.judge_prompts, prompt_tokens=j.stats.prompt_tokens)
+        speed[engine].update(judge_prompts=j.stats.judge_prompts, prompt_tokens=j.stats.prompt_tokens,
+                             kernels=getattr(j.generator.stats, "kernels", None))  # the engine's kernel record
     speed["baseline"]["generate_calls"] = sum(len(row) for row in verdicts)
     return {
         "pairs": len(pairs), "principles": args.principles, "max_chars": args.max_chars, "chunk": args.chunk,

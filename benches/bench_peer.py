@@ -167,6 +167,7 @@ def main(argv=None) -> dict:
         workloads["judge"] = {n: (lambda g, n=n: judge_run(g, pairs[n])) for n in sizes}
     figures = {"threads": threads, "dtype": str(loaded.model.dtype), "tokens": args.tokens,
                "pairs": {n: len(p) for n, p in pairs.items()}, "load_before": os.getloadavg()}
+    figures["kernels"] = make_generator(loaded).stats.kernels  # the engine's kernel record
     sl_cai_run(make_generator(loaded), red_team[:2], 4)  # our warm-up
     figures["vllm"], figures["ours"] = {}, {}
     for _ in range(args.rounds):  # the sides alternate: both sample the same stretches of this VM's drift

@@ -139,7 +139,7 @@ def check_engine_greedy(args) -> dict:
             else:
                 other += 1
         figures[f"cache {'on' if cache else 'off'}"] = {"equal": same, "near-tie divergences": ties, "other": other,
-                                                        "attention": type(engine.runner.attention).__name__}
+                                                        "kernels": engine.runner.kernels.as_dict()}
     return {**figures, "ok": all(f["other"] == 0 for f in figures.values())}
 
 
@@ -187,7 +187,7 @@ def check_throughput(args) -> dict:
             "judge prompts/s": round(len(rows) / seconds, 1), "judge computed tok/s": round(computed / seconds),
             "judge TFLOP/s (2·params·tokens)": round(judge_tflops, 1),
             "judge % of bf16 matmul ceiling": round(100 * judge_tflops / tflops, 1),
-            "attention": type(engine.runner.attention).__name__, "ok": True}
+            "kernels": engine.runner.kernels.as_dict(), "ok": True}
 
 
 def check_pipeline(args) -> dict:

@@ -356,10 +356,42 @@ def test_stats_and_config_errors(tiny_loaded):
     assert stats.prefill_computed < stats.prefill_submitted - 3 * 40  # the shared prefix was computed once
     assert 0 < stats.cache_hit_rate < 1 and stats.generated_tokens == stats.decode_tokens + len(prompts)
     summary = stats.summary()
-    assert summary["model_seconds"] > 0 and summary["scheduler_ms_per_batch"] >= 0
+    batches = stats.prefill_batches + stats.decode_steps
+    assert summary["model_seconds"] > 0 and stats.scheduler_seconds > 0 and batches >= 5
+    assert summary["scheduler_ms_per_batch"] == round(1000 * stats.scheduler_seconds / batches, 3)
+    assert summary["kernels"] == generator.runner.kernels.as_dict()
     with pytest.raises(ValueError, match="max_running"):
         EngineConfig(max_running=0)
     with pytest.raises(ValueError, match="less than one block"):
         EngineConfig(pool_tokens=3, block_size=4)
     with pytest.raises(ValueError, match="empty"):
         generator.generate([[]], SamplingParams())
+
+
+@pytest.mark.parametrize("config", [{}, {"attention": "torch"}, {"fused": False}, {"compile": "eager"}])
+def test_the_kernel_record_says_what_a_step_runs(tiny_loaded, monkeypatch, config):
+    """Each part the record names a kernel for runs that kernel, and only then."""
+    from cai_fast.engine import rows
+    from cai_fast.engine.attention import CpuPagedAttention
+
+    generator = engine_for(tiny_loaded, max_running=4, **config)
+    kernels = generator.runner.kernels
+    calls = {"norm": 0, "mlp": 0, "rotary": 0}
+
+    def counted(part, fn):
+        def call(*args, **kwargs):
+            calls[part] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(rows, "add_rms_norm", counted("norm", rows.add_rms_norm))
+    monkeypatch.setattr(rows, "silu_mul", counted("mlp", rows.silu_mul))
+    monkeypatch.setattr(CpuPagedAttention, "attend_unrotated", counted("rotary", CpuPagedAttention.attend_unrotated))
+    generator.generate(random_prompts(4, 4), SamplingParams(max_new_tokens=5))
+    assert (calls["norm"] > 0) == kernels.norm.startswith("rows.add_rms_norm")
+    assert (calls["mlp"] > 0) == kernels.mlp.startswith("rows.silu_mul")
+    assert (calls["rotary"] > 0) == ("rotary" in kernels.attention)
+    assert kernels.attention.startswith(generator.runner.attention.name)
+    assert ("torch.compile" in kernels.loop) == ("compile" in config)
+    if config.get("fused") is False:
+        assert (kernels.linear, kernels.norm, kernels.mlp) == ("the model's modules",) * 3

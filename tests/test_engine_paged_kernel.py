@@ -1,4 +1,4 @@
-"""The Triton paged-attention kernel (cai_fast.engine.paged_kernel) against the torch path, under
+"""The Triton paged-attention kernel (cai_fast.engine.attention.triton_kernel) against the torch path, under
 TRITON_INTERPRET=1 on CPU: block sizes 1, 16 and 256, ragged lengths, shared prefixes (the decode
 cascade), prefill over a cached prefix, a sliding window, key splits, a GQA group of 3 and an odd
 head dim; then the engine on that path (greedy equal to the torch path's) and its decode step,
@@ -56,7 +56,7 @@ CASES = {  # block size, context lengths, new tokens, shared leading blocks, win
 
 def both_paths(case: str, num_splits: int, device="cpu", dtype=torch.float32):
     """(Triton, torch) outputs of each layer of CASES[case] (benches/gpu_check.py calls it on CUDA)."""
-    from cai_fast.engine.paged_kernel import TritonPagedAttention
+    from cai_fast.engine.attention.triton_kernel import TritonPagedAttention
 
     block_size, kv_lens, q_lens, shared, window = CASES[case]
     pool, layout = _batch(1, kv_lens, q_lens, shared, block_size, device, dtype)
@@ -82,7 +82,7 @@ def test_triton_paged_attention_equals_the_torch_path(case, num_splits):
 
 
 def test_merge_splits_ignores_parts_that_saw_no_key():
-    from cai_fast.engine.paged_kernel import merge_splits
+    from cai_fast.engine.attention.triton_kernel import merge_splits
 
     out = torch.randn(2, 3, 4, 5)
     lse = torch.randn(2, 3, 4)

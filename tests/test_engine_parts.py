@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cai_fast.engine.attention as attention_module
+import cai_fast.engine.attention.reference as reference_module
 from cai_fast.engine.attention import (HAVE_CPU_KERNEL, BatchLayout, CpuPagedAttention, FlashPagedAttention,
                                        TorchPagedAttention, attend_with_lse, attention_with_lse,
                                        make_attention, visible)
@@ -142,7 +143,7 @@ def test_kept_decode_rows_equal_dense_attention_step_after_step(monkeypatch, hea
     """Decode steps over the same rows write into the kept rest instead of gathering it; a row
     outgrowing the headroom, or a changed set of rows, gathers it anew. Every step equals dense
     attention over the pool."""
-    monkeypatch.setattr(attention_module, "REST_HEADROOM", headroom)
+    monkeypatch.setattr(reference_module, "REST_HEADROOM", headroom)
     block_size, shared, steps = 4, 2, 9
     kv_lens = [10, 17, 13]
     pool, layout = _paged_batch(4, [n + steps for n in kv_lens], (1, 1, 1), shared_blocks=shared)

@@ -5,34 +5,10 @@
         .score_options(prompts, options) -> Tensor [N, K]
         .score_continuations(prompts, continuations) -> list of Tensor [len(continuation)]
         .answer_states(prompts) -> Tensor [N, H], with .lm_head() -> (weight [V, H], bias or None)
-        .stats: EngineStats (prefill tokens submitted / computed, cache hit rate, time in the
-                scheduler and in the model)
+        .stats: EngineStats (tokens submitted / computed, cache hit rate, times, the kernel record)
 
-Every request goes through the prefix-cached batch scheduler (cai_fast.scheduler) and the paged
-runner (cai_fast.engine.model_runner). A request's prompt prefix that an earlier request of any
-call computed is served from the cache and only the rest is prefilled; right after its prefill a
-request's prompt is cached, so requests that share it (held back by the scheduler meanwhile) hit
-it. Decode is continuously batched: up to `max_running` sequences advance one token a step;
-finished ones leave and waiting ones are admitted in their place. When a request ends, the
-tokens whose KV was computed stay cached (least recently used ones are evicted under pressure).
-`EngineConfig(prefix_cache=False)` caches nothing, so every prompt is computed in full: the same
-engine without prefix sharing, for comparisons.
-
-Generation follows `PlainGenerator`: greedy or temperature / top-p sampling (one seeded
-generator per request, cai_fast.engine.sampling), a completion ends at an end-of-turn token
-(left out of it), at a stop string (the text is cut before it) or after max_new_tokens.
-
-Scoring requests share the same cache. `score_continuations` gives each continuation token's
-log-prob; `score_options` the summed log-probs of K options after each prompt (one-token options:
-the last prompt position only, no token generated). The LM head is applied through cai_fast.ops to
-the rows that matter, so [tokens × vocab] logits never exist.
-
-Memory: the pool holds `pool_tokens` tokens, or else `pool_bytes` bytes of KV. A request needs
-blocks for its prompt and max_new_tokens at once. A generation request that cannot fit even in an
-empty pool fails alone: its Completion is a `FailedCompletion` (finish_reason "error", empty
-text, the reason in `.error`) and a warning names it, while the other requests run. A scoring
-call with such a prompt raises `RequestTooLargeError` naming every one, before computing anything.
-"""
+Requests go through the prefix-cached batch scheduler (cai_fast.scheduler) and the paged runner
+(cai_fast.engine.model_runner); generation follows `PlainGenerator`, token for token."""
 
 from __future__ import annotations
 
@@ -102,6 +78,7 @@ class EngineStats(GenerationStats):
     decode_seconds: float = 0.0  # wall time of decode steps (forward, sampling, bookkeeping)
     engine_seconds: float = 0.0
     failed: int = 0
+    kernels: dict = field(default_factory=dict)  # the runner's kernel record (model_runner.Kernels)
 
     @property
     def cache_hit_rate(self) -> float:
@@ -116,7 +93,8 @@ class EngineStats(GenerationStats):
                 **{name: round(getattr(self, name), 3) for name in
                    ("scheduler_seconds", "model_seconds", "prefill_seconds", "decode_seconds", "engine_seconds")},
                 "failed": self.failed,
-                "scheduler_ms_per_batch": round(1000 * self.scheduler_seconds / batches, 3) if batches else 0.0}
+                "scheduler_ms_per_batch": round(1000 * self.scheduler_seconds / batches, 3) if batches else 0.0,
+                "kernels": self.kernels}
 
 
 @dataclass
@@ -150,7 +128,29 @@ class _Request:
 
 
 class CachedGenerator:
-    """The cached engine (see the module docstring)."""
+    """The cached engine.
+
+    A request's prompt prefix that an earlier request of any call computed is served from the cache
+    and only the rest is prefilled; right after its prefill a request's prompt is cached, so
+    requests that share it (held back by the scheduler meanwhile) hit it. Decode is continuously
+    batched: up to `max_running` sequences advance one token a step; finished ones leave and
+    waiting ones take their place. Finished requests' computed tokens stay cached (least recently
+    used evicted first). `EngineConfig(prefix_cache=False)` caches nothing: the same engine without
+    prefix sharing, for comparisons.
+
+    Generation: greedy or temperature / top-p sampling (one seeded generator per request,
+    cai_fast.engine.sampling); a completion ends at an end-of-turn token (left out), at a stop
+    string (the text cut before it) or after max_new_tokens. Scoring shares the cache:
+    `score_continuations` gives each continuation token's log-prob, `score_options` the summed
+    log-probs of K options after each prompt; the LM head is applied through cai_fast.ops to the
+    rows that matter, so [tokens × vocab] logits never exist.
+
+    Memory: the pool holds `pool_tokens` tokens, or else `pool_bytes` bytes of KV; a request needs
+    blocks for its prompt and max_new_tokens at once. A generation request that cannot fit even in
+    an empty pool fails alone (a `FailedCompletion`, finish_reason "error", the reason in `.error`,
+    and a warning) while the others run; a scoring call with such a prompt raises
+    `RequestTooLargeError` naming every one, before computing anything.
+    """
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -165,7 +165,7 @@ class CachedGenerator:
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)
         self.stop_ids = set(end_of_turn_ids(tokenizer))
-        self.stats = EngineStats()
+        self.stats = EngineStats(kernels=self.runner.kernels.as_dict())
         self._ids = itertools.count()
         self._options: torch.Tensor | None = None  # option ids of the scoring call in progress
         self._states = False  # the scoring call in progress wants hidden states (answer_states)

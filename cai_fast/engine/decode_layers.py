@@ -1,17 +1,12 @@
 """A decode step's decoder layers in one call of cai_fast._core (csrc/decode_layers.cpp).
 
-The eager decode step of `PagedRunner` calls, for each of SmolLM2's 30 layers, two row kernels,
-four AMX linears and the attention kernel from Python, with their shape checks and the tensors
-between them: at 32 rows, Python and dispatch took ~15% of a step. `DecodeLayers` hands the whole
-layer loop to C++ (the GIL released): the same kernels, in the same order, with the same
-roundings, so its output is the eager step's, bit for bit (tests/test_decode_layers.py). Python
-keeps the embedding, the rotary tables and the LM head.
-
-It applies (`DecodeLayers.of` returns None otherwise) to a fused runner on an AMX CPU in bf16,
-eager (compile "none"), with the CPU attention kernel, AMX-packed projections in every layer,
-RMSNorms and a SiLU MLP, the rotary embedding spanning the whole head; and to a step
-(`covers`) that decodes at most `linear.MAX_ROWS` rows. `EngineConfig.decode_loop="python"`, the
-layers one by one, is its twin.
+`DecodeLayers` hands the eager decode step's layer loop to C++ (the GIL released): the same row
+kernels, AMX linears and attention kernel, in the same order, with the same roundings, so its
+output is the eager step's, bit for bit (tests/test_decode_layers.py). Python keeps the embedding,
+the rotary tables and the LM head. It applies (`DecodeLayers.of`, else None) to a fused, eager
+runner on an AMX CPU in bf16 with the CPU attention kernel rotating q and k, AMX-packed
+projections, RMSNorms and a SiLU MLP in every layer; and to a decode step of at most
+`linear.MAX_ROWS` rows (`covers`). `EngineConfig.decode_loop="python"` is its twin.
 """
 
 from __future__ import annotations
@@ -68,16 +63,15 @@ class DecodeLayers:
                     or any(type(n).__name__ not in rows.RMS_NORMS or n.weight.dtype != torch.bfloat16 for n in norms)
                     or type(layer.mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation")):
                 return None
-        final, inv_freq = decoder.norm, getattr(decoder.rotary_emb, "inv_freq", None)
+        final = decoder.norm
         if (type(final).__name__ not in rows.RMS_NORMS or final.weight.dtype != torch.bfloat16
-                or inv_freq is None or 2 * inv_freq.numel() != runner.head_dim):  # rotary over the whole head
+                or not runner.rotary_in_attention):
             return None
         return cls(runner, linears)
 
-    @staticmethod
-    def covers(batch, plan) -> bool:
+    def covers(self, batch, plan) -> bool:
         """Whether this step runs here: a decode batch of at most MAX_ROWS rows (the AMX linear's)."""
-        return CpuPagedAttention.rotates(plan) and len(batch.input_ids) <= amx.MAX_ROWS
+        return self.runner.attention.rotates(plan) and len(batch.input_ids) <= amx.MAX_ROWS
 
     def __call__(self, batch, plan) -> torch.Tensor:
         """Final (normed) hidden states [T, H] of a decode batch this covers."""

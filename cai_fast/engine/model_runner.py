@@ -1,30 +1,18 @@
-"""A forward pass of a transformers Llama-family decoder over the paged KV pool.
+"""A forward pass of a transformers Llama-family decoder (Llama, Qwen2, Mistral) over the paged KV pool.
 
-Supported: LlamaForCausalLM (SmolLM2, Llama 2/3), Qwen2ForCausalLM (q/k/v biases, sliding-window
-layers) and MistralForCausalLM (sliding window). The runner calls the model's own modules —
-embed_tokens, per layer input_layernorm, self_attn.{q,k,v,o}_proj, the decoder's rotary_emb with
-transformers' apply_rotary_pos_emb, post_attention_layernorm, mlp, then the final norm — and
-replaces only attention, which reads and writes the paged pool (cai_fast.engine.attention). So
-it computes what the model's own forward computes, up to float rounding; the tests hold the two
-together. With `fused=True` (the default) the projections of a layer whose q/k/v and gate/up/down
-are plain nn.Linear run as three matmuls: q|k|v and gate|up fused along the output, their weights
-copied once when the runner is built (so build a new runner after changing the weights, as the
-engine's users do), and on a CPU in bf16/fp16 prepacked for oneDNN and, on an AMX CPU in bf16,
-for cai_fast's AMX linear of a decode step's rows (`FusedLinear`; `linear="onednn"`, the AMX
-kernel's twin, leaves every call to oneDNN); anything else
-(a LoRA-wrapped projection, say) is called as the model's module. Also with `fused=True`, on a
-CPU in fp32 or bf16: each residual add and the RMSNorm after it run as one `rows.add_rms_norm`
-call, a decode step's SiLU(gate) * up as one `rows.silu_mul`, and (with the CPU attention kernel)
-a decode step's rotary embedding, pool write and attention as one call; `fused=False` runs the
-model's modules, the twin. Where all of these apply in bf16 on an AMX CPU, a decode step's whole
-layer loop is one C++ call (`DecodeLayers`; `decode_loop="python"` is its twin). A batch is ragged: the new tokens of every request, concatenated, each with its
-position and the pool slot its K/V goes to. The LM head is left to the caller (sampling needs
-full logits of a few rows, scoring goes through cai_fast.ops).
+The runner calls the model's own modules (embedding, norms, q/k/v/o projections, rotary, MLP) and
+replaces only attention (cai_fast.engine.attention), which reads and writes the pool. A batch is
+ragged: every request's new tokens, concatenated, each with its position and pool slot. With
+`fused=True` a layer's projections run as three matmuls (`FusedLinear`, weights copied once: build
+a new runner after changing them) and, on a CPU, the norms and SiLU·mul as row kernels; which code
+runs each part is resolved once, when the runner is built, into `kernels` (a `Kernels` record the
+engine's summary prints). `fused=False`, the model's modules, is the twin. The LM head is left to
+the caller.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -34,9 +22,17 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..ops.invariant import invariant_linear
 from . import linear as amx
 from . import rows
-from .attention import BatchLayout, make_attention
+from .attention import ROTARY, BatchLayout, PagedAttention, make_attention
 from .decode_layers import DECODE_LOOPS, DecodeLayers
 from .kv import KVPool, KVShape, host_to_device, slot_ids
+
+try:  # opaque objects in custom ops: how a compiled decode step gets its Step
+    from torch._library.opaque_object import register_opaque_type
+    from torch._opaque_base import OpaqueBase
+
+    HAVE_OPAQUE = True
+except ImportError:
+    OpaqueBase, HAVE_OPAQUE = object, False
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
@@ -83,12 +79,10 @@ class FusedLinear:
     """`torch.cat([m(x) for m in modules], -1)` of nn.Linear modules, as one matmul.
 
     The weights are concatenated once (a copy). On a CPU in bf16/fp16 the weight is prepacked into
-    oneDNN's blocked layout and applied with oneDNN's linear, as inductor's freezing does: 1.4-1.8x
-    F.linear at SmolLM2's shapes at 1 and 32 rows on this CPU (AMX). With kind "auto", in bf16 on
-    a CPU with AMX tiles (`amx.takes`: sizes multiples of 32), it is also packed for cai_fast's
-    AMX linear, which computes calls of up to `amx.MAX_ROWS` rows (a decode step: 1.2-1.5x
-    oneDNN's at 1-32 rows here; oneDNN keeps the prefill's many rows, where it is faster): a
-    second copy of the weight. prepacked=False (and fp32): `invariant_linear`.
+    oneDNN's blocked layout and applied with oneDNN's linear, as inductor's freezing does. With
+    kind "auto", in bf16 on a CPU with AMX tiles (`amx.takes`), it is also packed for cai_fast's
+    AMX linear, which computes calls of up to `amx.MAX_ROWS` rows (a decode step; oneDNN keeps the
+    prefill's many rows): a second copy of the weight. prepacked=False (and fp32): `invariant_linear`.
     """
 
     def __init__(self, modules, prepack: bool = True, kind: str = "auto"):
@@ -121,6 +115,7 @@ class LayerProjections:
     o: Callable[[torch.Tensor], torch.Tensor]
     mlp: Callable[[torch.Tensor], torch.Tensor]
     linears: tuple[FusedLinear, ...] | None = None  # fused: (q|k|v, o, gate|up, down)
+    silu_mul: bool = False  # the MLP's activation through rows.silu_mul
 
     @classmethod
     def of_modules(cls, layer) -> "LayerProjections":
@@ -130,7 +125,8 @@ class LayerProjections:
 
     @classmethod
     def fused(cls, layer, prepack: bool = True, kind: str = "auto") -> "LayerProjections":
-        """q|k|v and gate|up as one FusedLinear each; the modules where any is not a plain nn.Linear."""
+        """q|k|v and gate|up as one FusedLinear each; the modules where any is not a plain nn.Linear.
+        SiLU(gate) * up is one `rows.silu_mul` call where that kernel takes the layer's activation."""
         attn, mlp = layer.self_attn, layer.mlp
         parts = [getattr(attn, p) for p in _ATTN_PARTS] + [getattr(mlp, p, None) for p in _MLP_PARTS]
         if not all(type(p) is torch.nn.Linear for p in parts) or not hasattr(mlp, "act_fn"):
@@ -138,15 +134,16 @@ class LayerProjections:
         fuse = lambda *modules: FusedLinear(modules, prepack, kind)  # noqa: E731
         qkv, o = fuse(attn.q_proj, attn.k_proj, attn.v_proj), fuse(attn.o_proj)
         gate_up, down, act = fuse(mlp.gate_proj, mlp.up_proj), fuse(mlp.down_proj), mlp.act_fn
+        silu_mul = rows.takes_silu_mul(act, mlp.gate_proj.weight.new_empty(1, sum(gate_up.sizes)))
 
         def feed_forward(h: torch.Tensor) -> torch.Tensor:
             both = gate_up(h)
-            if not torch.compiler.is_compiling() and rows.takes_silu_mul(act, both):
+            if silu_mul and not torch.compiler.is_compiling():
                 return down(rows.silu_mul(both))
             gate, up = both.split(gate_up.sizes, -1)
             return down(act(gate) * up)
 
-        return cls(qkv.split, o, feed_forward, (qkv, o, gate_up, down))
+        return cls(qkv.split, o, feed_forward, (qkv, o, gate_up, down), silu_mul)
 
 
 @dataclass
@@ -176,32 +173,37 @@ class ForwardBatch:
         return cls(packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], layout)
 
 
-_STEPS: dict[int, tuple] = {}  # runner key -> (runner, write slots, attention plan) of the forward in progress
+class Step(OpaqueBase):
+    """The state of one forward that every layer's attention reads: the backend, the pool slots of
+    the new tokens' K/V and the plan. It is passed down the layer loop; in a compiled step it is an
+    opaque object (`paged_attention` takes it), so the graph keeps the pool, the block tables and
+    the plan out."""
+
+    def __init__(self, attention: PagedAttention, write_slots: torch.Tensor, plan):
+        self.attention, self.write_slots, self.plan = attention, write_slots, plan
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """This step's attention at `layer` (writes k, v to the pool). Rows past the batch's real
+        ones (padding up to a compiled bucket) are neither written nor attended: their output is 0."""
+        real = len(self.write_slots)
+        if real == q.shape[0]:
+            return self.attention.attend(layer, q, k, v, self.write_slots, self.plan)
+        out = q.new_zeros(q.shape)
+        out[:real] = self.attention.attend(layer, q[:real], k[:real], v[:real], self.write_slots, self.plan)
+        return out
 
 
-def attend_step(key: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The attention of runner `key`'s forward in progress at `layer` (writes k, v to its pool).
+if HAVE_OPAQUE:
+    register_opaque_type(Step, typ="reference")
 
-    Called as the op `paged_attention` inside a compiled step, an op opaque to torch.compile, so
-    that the compiled decode step keeps the paged pool, the block tables and the plan out of its
-    graph; called directly in eager steps (the op's dispatch costs ~20 us a call). Rows past the
-    batch's real ones (padding up to a compiled bucket) are neither written nor attended: their
-    output is zero."""
-    runner, slots, plan = _STEPS[key]
-    real = len(slots)
-    if real == q.shape[0]:
-        return runner.attention.attend(layer, q, k, v, slots, plan)
-    out = q.new_zeros(q.shape)
-    out[:real] = runner.attention.attend(layer, q[:real], k[:real], v[:real], slots, plan)
-    return out
+    @torch.library.custom_op("cai_fast::paged_attention", mutates_args=())
+    def paged_attention(step: Step, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`step.attend` as an op opaque to torch.compile (the compiled decode step's attention)."""
+        return step.attend(layer, q, k, v)
 
-
-paged_attention = torch.library.custom_op("cai_fast::paged_attention", attend_step, mutates_args=())
-
-
-@paged_attention.register_fake
-def _(key, layer, q, k, v):
-    return torch.empty_like(q)
+    @paged_attention.register_fake
+    def _(step, layer, q, k, v):
+        return torch.empty_like(q)
 
 
 class CompiledDecode:
@@ -212,18 +214,41 @@ class CompiledDecode:
     step's function; each bucket compiles on first use (minutes on a 2-core CPU)."""
 
     def __init__(self, runner: "PagedRunner", backend: str, buckets=(1, 2, 4, 8, 16, 32)):
-        self.buckets = buckets
+        if not HAVE_OPAQUE:
+            raise ValueError(f"compile={backend!r} needs a torch with opaque objects for custom ops "
+                             f"(torch._library.opaque_object; torch {torch.__version__} lacks them); use 'none'")
+        self.backend, self.buckets = backend, buckets
         self.fn = torch.compile(runner._layers, backend=backend, dynamic=False,
                                 options={"freezing": True} if backend == "inductor" else None)
 
     def covers(self, batch: "ForwardBatch") -> bool:
         return batch.layout.is_decode and len(batch.input_ids) <= self.buckets[-1]
 
-    def __call__(self, batch: "ForwardBatch", key: int) -> torch.Tensor:
+    def __call__(self, batch: "ForwardBatch", step: Step) -> torch.Tensor:
         real = len(batch.input_ids)
         pad = next(b for b in self.buckets if b >= real) - real
         ids, positions = (F.pad(t, (0, pad)) for t in (batch.input_ids, batch.positions))
-        return self.fn(ids, positions, key)[:real]
+        return self.fn(ids, positions, step)[:real]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which code runs each part of a runner's step, resolved once when the runner is built."""
+
+    loop: str  # the layer loop
+    linear: str  # the projections and the LM head
+    norm: str  # each residual add and the RMSNorm after it
+    mlp: str  # SiLU(gate) * up
+    attention: str  # the backend, and what its call fuses
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def rotary_spans_head(decoder, head_dim: int) -> bool:
+    """Whether the decoder's rotary embedding covers the whole head (what the kernels that rotate take)."""
+    inv_freq = getattr(decoder.rotary_emb, "inv_freq", None)
+    return inv_freq is not None and 2 * inv_freq.numel() == head_dim
 
 
 class PagedRunner:
@@ -245,22 +270,49 @@ class PagedRunner:
         if reason:
             raise ValueError(f"the paged engine cannot run this model: {reason}")
         self.model, self.pool, self.fused = model, pool, fused
-        self.decoder = model.get_decoder()
+        self.decoder = decoder = model.get_decoder()
         if fused:  # a compiled graph gets plain weights: prepacked ones are opaque to it
             self.projections = [LayerProjections.fused(layer, prepack=compile == "none", kind=linear)
-                                for layer in self.decoder.layers]
+                                for layer in decoder.layers]
         else:
-            self.projections = [LayerProjections.of_modules(layer) for layer in self.decoder.layers]
+            self.projections = [LayerProjections.of_modules(layer) for layer in decoder.layers]
         self.compiled = None if compile == "none" else CompiledDecode(self, compile)
         head = model.get_output_embeddings()
         self.head = FusedLinear([head], kind=linear) if fused and type(head) is torch.nn.Linear else head
         config = model.config
         self.head_dim = pool.shape.head_dim
         self.attention = make_attention(attention, pool, layer_windows(config), config.num_attention_heads,
-                                        self.decoder.layers[0].self_attn.scaling)
+                                        decoder.layers[0].self_attn.scaling)
+        self.rotary_in_attention = (ROTARY in self.attention.fuses and self.compiled is None
+                                    and rotary_spans_head(decoder, self.head_dim))
+        probe = decoder.embed_tokens.weight.new_empty(1, config.hidden_size)
+        norms = [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.fuse_norm = fused and all(rows.takes_norm(n, probe) for n in norms + [decoder.norm])
         linears = [p.linears for p in self.projections]
         self.decode_layers = (DecodeLayers.of(self, None if None in linears else linears)
                               if decode_loop == "auto" else None)
+        self.kernels = self._kernels()
+
+    def _kernels(self) -> Kernels:
+        if self.decode_layers is not None:
+            loop = f"C++ DecodeLayers for decode steps of <= {amx.MAX_ROWS} rows, else python"
+        elif self.compiled is not None:
+            loop = (f"torch.compile({self.compiled.backend}) for decode steps of <= {self.compiled.buckets[-1]} "
+                    "rows, else python")
+        else:
+            loop = "python"
+        first = self.projections[0].linears
+        if first is None:
+            linear = "the model's modules"
+        elif first[0].amx is not None:
+            linear = f"AMX for <= {amx.MAX_ROWS} rows, else oneDNN (prepacked)"
+        else:
+            linear = "oneDNN (prepacked)" if first[0].prepacked else "torch (invariant_linear)"
+        fuses = [f for f in self.attention.fuses if f != ROTARY or self.rotary_in_attention]
+        eager = "" if self.compiled is None else " (eager steps; the model's modules in the compiled graph)"
+        return Kernels(loop, linear, "rows.add_rms_norm" + eager if self.fuse_norm else "the model's modules",
+                       "rows.silu_mul" + eager if self.projections[0].silu_mul else "the model's modules",
+                       f"{self.attention.name} ({', '.join(fuses)})")
 
     @property
     def device(self) -> torch.device:
@@ -278,50 +330,43 @@ class PagedRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final (normed) hidden states [T, H] of the batch's new tokens; their K/V land in the pool."""
-        key, plan = id(self), self.attention.plan(batch.layout)
-        if self.decode_layers is not None and self.decode_layers.covers(batch, plan):
-            return self.decode_layers(batch, plan)
-        _STEPS[key] = (self, batch.write_slots, plan)
-        try:
-            if self.compiled is not None and self.compiled.covers(batch):
-                return self.compiled(batch, key)
-            return self._layers(batch.input_ids, batch.positions, key)
-        finally:
-            del _STEPS[key]
+        step = Step(self.attention, batch.write_slots, self.attention.plan(batch.layout))
+        if self.decode_layers is not None and self.decode_layers.covers(batch, step.plan):
+            return self.decode_layers(batch, step.plan)
+        if self.compiled is not None and self.compiled.covers(batch):
+            return self.compiled(batch, step)
+        return self._layers(batch.input_ids, batch.positions, step)
 
-    def _rotates(self, key: int, rotary) -> bool:
-        """Whether the attention rotates this step's q and k itself (the CPU kernel's decode step,
-        where the rotary tables span the whole head)."""
-        rotates = getattr(self.attention, "rotates", None)
-        return rotates is not None and rotates(_STEPS[key][2]) and rotary[0].shape[-1] == self.head_dim
-
-    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, key: int) -> torch.Tensor:
-        """The decoder over [T] tokens, attention through `paged_attention` (the step `key` set up)."""
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, step: Step) -> torch.Tensor:
+        """The decoder over [T] tokens, attention through `step`."""
         x = self.decoder.embed_tokens(input_ids)
         rotary = self.decoder.rotary_emb(x, positions[None])
         delta = None  # each layer's last output, added to x by the next norm
         for i, layer in enumerate(self.decoder.layers):
-            x, delta = self._layer(i, layer, x, delta, rotary, key)
+            x, delta = self._layer(i, layer, x, delta, rotary, step)
         return self._add_norm(x, delta, self.decoder.norm)[1]
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, norm(x + delta)) (delta None: nothing to add): one `rows.add_rms_norm` call
-        where it applies (fused, eager, a plain RMSNorm on a CPU), else torch's add and the module."""
-        if self.fused and not torch.compiler.is_compiling() and rows.takes_norm(norm, x):
+        where the runner fuses norms (eager), else torch's add and the module."""
+        if self.fuse_norm and not torch.compiler.is_compiling():
             return x, rows.add_rms_norm(x, delta, norm)
         x = x if delta is None else x + delta
         return x, norm(x)
 
     def _layer(self, i: int, layer, x: torch.Tensor, delta: torch.Tensor | None, rotary,
-               key: int) -> tuple[torch.Tensor, torch.Tensor]:
+               step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """(the residual stream before this layer's MLP output, that output): the next norm adds them."""
         proj, n = self.projections[i], x.shape[0]
         x, h = self._add_norm(x, delta, layer.input_layernorm)
         q, k, v = (t.reshape(n, -1, self.head_dim) for t in proj.qkv(h))
-        if not torch.compiler.is_compiling() and self._rotates(key, rotary):  # rotary inside the decode kernel
-            out = self.attention.attend_unrotated(i, q, k, v, rotary[0][0], rotary[1][0], _STEPS[key][2])
+        if torch.compiler.is_compiling():
+            q, k = apply_rotary_pos_emb(q[None], k[None], *rotary, unsqueeze_dim=2)
+            out = paged_attention(step, i, q[0], k[0], v)
+        elif self.rotary_in_attention and self.attention.rotates(step.plan):  # rotary inside the kernel
+            out = self.attention.attend_unrotated(i, q, k, v, rotary[0][0], rotary[1][0], step.plan)
         else:
             q, k = apply_rotary_pos_emb(q[None], k[None], *rotary, unsqueeze_dim=2)
-            out = (paged_attention if torch.compiler.is_compiling() else attend_step)(key, i, q[0], k[0], v)
+            out = step.attend(i, q[0], k[0], v)
         x, h = self._add_norm(x, proj.o(out.reshape(n, -1)), layer.post_attention_layernorm)
         return x, proj.mlp(h)

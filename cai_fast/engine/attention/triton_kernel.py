@@ -1,22 +1,13 @@
-"""Triton paged attention: queries of ragged requests against K/V read straight from the pool
-through each request's block table, at any block size (after SGLang's Triton attention backend:
-one kernel for decode and for prefill over a cached prefix, split over the keys, partial results
-merged through their log-sum-exps).
+"""Triton paged attention (after SGLang's Triton backend): ragged queries against K/V read from the
+pool through block tables at any block size, decode and prefill over a cached prefix in one
+kernel, split over the keys and merged through log-sum-exps.
 
-    paged_attention(q, k_pool, v_pool, tables, q_start, q_len, kv_len, k_start, ...) -> (out, lse)
+    paged_attention(q [T, heads, d], k_pool, v_pool, tables [R, W], q_start, q_len, kv_len, k_start [R],
+                    ...) -> (out [T, heads, d], lse [T, heads] fp32)
 
-Shapes: q [T, heads, d] (the new tokens of every request, concatenated); k_pool, v_pool
-[slots, kv_heads, d] (cai_fast.engine.kv.KVPool, one layer); tables [R, W] int32, request r's
-block ids (padding past its last block is never read); q_start, q_len, kv_len, k_start [R] int32:
-request r's rows q[q_start : q_start + q_len] are the positions kv_len - q_len .. kv_len - 1 and
-see the keys at positions k_start <= k < kv_len, causally (k <= the query's position) and inside
-`window` when given. With causal=False every row sees every key in [k_start, kv_len) (the shared
-prefix of a cascade, where all rows lie after the keys). Returns out [T, heads, d] in q's dtype and
-lse [T, heads] fp32 (-inf for a row that saw no key; its out is 0).
-
-The kernel is in this .py file so that it runs on CPU under TRITON_INTERPRET=1 (the tests); the
-torch reference is cai_fast.engine.attention.TorchPagedAttention. Importing this module imports
-triton.
+Request r's rows q[q_start : q_start + q_len] are positions kv_len - q_len .. kv_len - 1 and see
+keys k_start <= k < kv_len, causally and inside `window` (causal=False: all of them, a cascade's
+shared prefix). The kernel runs on CPU under TRITON_INTERPRET=1; importing this imports triton.
 """
 
 from __future__ import annotations
@@ -25,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv import host_to_device, shared_prefix_tokens
+from ..kv import host_to_device, shared_prefix_tokens
+from .base import PagedAttention
 
 
 @triton.jit
@@ -142,7 +134,7 @@ def paged_attention(q, k_pool, v_pool, tables, q_start, q_len, kv_len, k_start, 
     return merged.to(q.dtype), total
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(PagedAttention):
     """The Triton path of cai_fast.engine.attention (CUDA; CPU under TRITON_INTERPRET=1): one
     launch a layer reads K/V through the block tables at the pool's block size. A decode batch
     whose tables share leading blocks (a few-shot block) runs as a cascade: the shared keys in
@@ -150,12 +142,11 @@ class TritonPagedAttention:
     two merged through their log-sum-exps. The plan is computed on the host from host lists and
     reaches the device in one copy, so a step reads nothing back from the device."""
 
+    name = "triton"
+
     def __init__(self, pool, windows: list[int | None], num_heads: int, scale: float, num_splits: int | None = None):
         self.pool, self.windows, self.scale, self.num_splits = pool, windows, scale, num_splits
         self.kv_heads = pool.shape.kv_heads
-
-    def forget_shared(self) -> None:
-        """Nothing is kept between steps on this path."""
 
     def plan(self, batch) -> dict:
         """Per window: the launches (metadata tensors on the device, host ints) every layer reuses."""

@@ -1,15 +1,12 @@
 """The `cai-fast` command: one subcommand per stage, flat options with help, good defaults.
 
-Options come from the stages' config dataclasses through transformers' HfArgumentParser, as in
-trl: `--snake_case` and `--dash-case` both work, booleans are real (`--defend`, `--defend 0`,
-`--no_defend`), and trl's names are aliases of ours (`--model_name_or_path` for `--model`,
-`--output_dir`, `--learning_rate`, `--per_device_train_batch_size`, ... see TRL_NAMES; `--bf16`,
-`--fp16`, `--use_peft`). Every command but `pipeline` (whose --config is the pipeline file) takes
-`--config FILE.yaml|json`: its keys (any of those names) become the defaults, and flags on the
-command line override them.
-
-Errors a user can fix (bad files, bad options, a model that cannot load, a run folder made with
-another config) end the command with a one-line message and exit status 2, not a traceback.
+Options come from the stages' config dataclasses through transformers' HfArgumentParser, as in trl:
+`--snake_case` and `--dash-case` both work, booleans are real (`--defend`, `--defend 0`, `--no_defend`), and
+trl's names are aliases of ours (`--model_name_or_path` for `--model`, ... see TRL_NAMES; `--bf16`, `--use_peft`).
+Every command but `pipeline` (whose --config is the pipeline file) takes `--config FILE.yaml|json`: its keys
+(any of those names) become the defaults, and flags on the command line override them. Errors a user can fix
+(bad files, bad options, a model that cannot load, a run folder made with another config) end the command
+with a one-line message and exit status 2, not a traceback.
 """
 
 from __future__ import annotations

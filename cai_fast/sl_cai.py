@@ -1,16 +1,12 @@
 """SL-CAI: initial answers, K rounds of critique and revision, and the datasets they give.
 
-For each prompt x: y0 = the model's answer; then for each round k (1..K) a principle is drawn by
-weight (seeded by prompt id and run seed, so the same on resume), the model critiques its latest
-answer against it and revises. Records keep the whole trace. Prompts run in batches; every
-step's prompt extends the one before (see cai_fast.data.prompts), which is what a prefix cache shares.
-
-Outputs, in trl's formats (JSONL files that `datasets.load_dataset("json", ...)` reads):
+For each prompt x: y0 = the model's answer; then for each round k (1..K) a principle is drawn by weight (seeded
+by prompt id and run seed, so the same on resume), the model critiques its latest answer against it and revises.
+Records keep the whole trace; every step's prompt extends the one before (see cai_fast.data.prompts). Outputs:
   sft_messages/          {"messages": [user x, assistant y_K]}              (SFTTrainer)
   sft_prompt_completion/ {"prompt": [user x], "completion": [assistant y_K]} (SFTTrainer)
   preference/            {"prompt", "chosen": y_K, "rejected": y0, ...}      (DPOTrainer, RewardTrainer)
-A pair whose final revision equals the initial answer carries no preference and is left out of
-the preference set (counted in the summary).
+in trl's JSONL formats; a pair whose final revision equals the initial answer is left out of preference/ (counted).
 """
 
 from __future__ import annotations

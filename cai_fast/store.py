@@ -1,24 +1,12 @@
 """Run folders: the saved config, JSONL shards appended atomically, and resume.
 
-A run writes everything to one folder:
-
-    DIR/config.json            what produced the data; a different config is refused (an input
-                               recorded by content, `KEY_sha256` beside `KEY`, is compared by
-                               that digest; `KEY`, the path as typed, is kept for people)
-    DIR/<kind>-00000.jsonl     records, appended in whole batches, rotated every N records
-    DIR/<dataset>/...          datasets derived from the records at the end (rewritten whole)
-
-Every record carries a stable key (e.g. the prompt id). A batch of records is appended with one
-write() followed by fsync, so a kill leaves either the whole batch or, at worst, a torn last line;
-a torn line is cut off when the run resumes. Re-running the same command therefore continues
-where it stopped, loses nothing and duplicates nothing. `resume_batches` is that loop, once, for
-every stage: read what is done, make the rest a batch at a time, append each batch as it comes.
-
-Safety: a RunStore holds an exclusive lock on DIR/.lock (fcntl.flock, for the life of the process;
-the file names the holder's pid), so a second run on the same folder is refused instead of
-duplicating records. A folder that holds a config.json and no records yet (a run refused by a
-later check) takes the new config. A corrupt config.json or records line is an error naming the
-file and line, and nothing is overwritten. Files written by `write_atomic` get the umask's mode.
+A run writes everything to one folder: DIR/config.json (what produced the data; a different config is refused),
+DIR/<kind>-00000.jsonl (records, appended in whole batches, rotated every N records) and DIR/<dataset>/...
+(datasets derived from the records at the end, rewritten whole). Every record carries a stable key (e.g. the
+prompt id). A batch is appended with one write() followed by fsync, so a kill leaves either the whole batch or,
+at worst, a torn last line, cut off when the run resumes: re-running the same command continues where it
+stopped, loses nothing and duplicates nothing. `resume_batches` is that loop, once, for every stage. A RunStore
+holds an exclusive lock on DIR/.lock, so a second run on the same folder is refused (details: `RunStore`).
 """
 
 from __future__ import annotations
@@ -54,6 +42,12 @@ class RunStore:
     config, the lock and temporary files); a folder with a config that has not started takes a
     new config. `lock=False` only for the other processes of a distributed run whose main
     process holds the lock.
+
+    config.json: an input recorded by content, `KEY_sha256` beside `KEY`, is compared by that
+    digest; `KEY`, the path as typed, is kept for people. The lock is fcntl.flock on DIR/.lock, for
+    the life of the process; the file names the holder's pid. A corrupt config.json or records line
+    is an error naming the file and line, and nothing is overwritten. Files written by
+    `write_atomic` get the umask's mode.
     """
 
     def __init__(self, root: str | Path, config: dict, *, shard_size: int = 1000,

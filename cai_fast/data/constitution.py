@@ -1,16 +1,12 @@
 """Constitutions: the TOML schema, a validating loader, and seeded weighted principle sampling.
 
-A constitution file holds `name`, `version`, `description`, an optional list of `[[few_shot]]`
-examples (prompt, response, critique, revision, optional `principle` id) and at least one
-`[[principles]]` table (id, category, weight, critique, revision, judge). Loading checks every
-field: unknown, missing, mistyped or empty fields, duplicate ids, weights that are not finite and
-> 0, and few-shot examples naming an unknown principle each raise `ConstitutionError` naming the
-file, the entry (principle id, or `principles[i]` / `few_shot[i]`) and the field, and saying what
-to do. Nothing is silently dropped or defaulted except the optional fields.
-
-Sampling is a pure function of (seed, key): the principle drawn for a record depends only on the
-run's seed and that record's key (e.g. "prompt-17:round-2"), never on batch order or on what ran
-before, so resumed and re-batched runs draw the same principles.
+A constitution file holds `name`, `version`, `description`, an optional list of `[[few_shot]]` examples (prompt,
+response, critique, revision, optional `principle` id) and at least one `[[principles]]` table (id, category,
+weight, critique, revision, judge). Loading checks every field: unknown, missing, mistyped or empty fields,
+duplicate ids, weights that are not finite and > 0, and few-shot examples naming an unknown principle each
+raise `ConstitutionError` naming the file, the entry and the field; only the optional fields are defaulted.
+Sampling is a pure function of (seed, key): the principle drawn for a record depends only on the run's seed and
+that record's key (e.g. "prompt-17:round-2"), so resumed and re-batched runs draw the same principles.
 """
 
 from __future__ import annotations

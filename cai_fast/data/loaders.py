@@ -1,46 +1,12 @@
 """Prompt sets and prompt loaders: any supported file in, a clean, reported list of prompts out.
 
-`load_prompts(path_or_name)` reads one prompt source and returns a `PromptSet`: the prompts, in
-file order, and a `LoadReport` of everything that was dropped and why. Nothing is dropped
-silently and nothing is changed except surrounding whitespace.
-
-Formats (`fmt=`; "auto" picks one from the extension and the first record):
-
-- "text"        one prompt per line; blank lines are skipped, lines starting with '#' are comments.
-- "jsonl"       one JSON object per line; the prompt is `column` (default: the first of
-                prompt, text, instruction, question, turns found in the first record). A list
-                of strings in that column (MT-Bench `turns`) gives its first element.
-- "csv"         a header row and a named column (same defaults), read with the csv module.
-                Records are numbered by line; a quoted field spanning lines counts its last line.
-- "hh-rlhf"     JSONL of `chosen`/`rejected` transcripts ("\\n\\nHuman: … \\n\\nAssistant: …");
-                the prompt is the first Human turn of `chosen`.
-- "advbench"    the PyRIT YAML (`seeds: - value: …, harm_categories: […]`); needs PyYAML.
-- "donotanswer" JSONL of `{"prompt", "intents"}`, or a directory of such files, read in sorted
-                order; each prompt's meta gets the file stem as `risk_area`.
-
-Auto-detection: a directory is "donotanswer"; .txt is "text", .csv is "csv", .yaml/.yml is
-"advbench"; .jsonl/.json look at the first record: `chosen` holding "\\n\\nHuman:" is "hh-rlhf",
-`intents` is "donotanswer", anything else "jsonl". A bare name without extension or path
-separator that matches a shipped set ("red_team", "benign") loads that set from
-`cai_fast/prompt_sets/`; write "./red_team" to mean a local file of that name.
-
-Cleaning, in this order, each counted in the report:
-- empty prompts (whitespace only) are dropped;
-- over-long prompts, longer than `max_chars` characters after stripping, are dropped and their
-  locations reported. They are never truncated: a truncated request is a different request.
-  Token-level limits belong to the generator, which knows the tokenizer;
-- duplicates (same text after collapsing runs of whitespace) are dropped; the first is kept.
-`limit=N` keeps the first N prompts that survive cleaning and stops reading there, so records
-after them are not checked.
-
-Each `Prompt` has a stable id: the first 16 hex digits of sha256 of its stripped text, so the
-same file gives the same ids on every run (runs resume by these ids).
-
-Malformed records (a line that is not JSON, a missing column, a column that is not a string, a
-transcript with no Human turn) raise `PromptLoadError` naming the file, the line or record and
-the field, and saying what to do; with `on_error="skip"` they are dropped and counted instead.
-Problems with the file as a whole (missing, not UTF-8, a CSV without the column, no prompts at
-all) always raise.
+`load_prompts(path_or_name)` reads one prompt source (plain text, JSONL, CSV, hh-rlhf, AdvBench YAML, Do-Not-Answer,
+or a shipped set's name) and returns a `PromptSet`: the prompts, in file order, and a `LoadReport` of everything
+that was dropped and why. Nothing is dropped silently and nothing is changed except surrounding whitespace;
+prompts are never truncated. Each `Prompt` has a stable id, the first 16 hex digits of sha256 of its stripped
+text, so the same file gives the same ids on every run (runs resume by these ids). Malformed records raise
+`PromptLoadError` naming the file, the record and the field. Formats, auto-detection and cleaning: see
+`load_prompts`.
 """
 
 from __future__ import annotations
@@ -151,7 +117,38 @@ def available_prompt_sets() -> list[str]:
 def load_prompts(path: str | Path, *, fmt: str = "auto", column: str | None = None,
                  limit: int | None = None, max_chars: int = 4000,
                  on_error: str = "raise") -> PromptSet:
-    """Load prompts from a file, a Do-Not-Answer directory or a shipped set name (see module doc).
+    """Load prompts from a file, a Do-Not-Answer directory or a shipped set name.
+
+    Formats (`fmt=`; "auto" picks one from the extension and the first record):
+    - "text"        one prompt per line; blank lines are skipped, lines starting with '#' are comments.
+    - "jsonl"       one JSON object per line; the prompt is `column` (default: the first of
+                    prompt, text, instruction, question, turns found in the first record). A list
+                    of strings in that column (MT-Bench `turns`) gives its first element.
+    - "csv"         a header row and a named column (same defaults), read with the csv module.
+                    Records are numbered by line; a quoted field spanning lines counts its last line.
+    - "hh-rlhf"     JSONL of `chosen`/`rejected` transcripts ("\\n\\nHuman: … \\n\\nAssistant: …");
+                    the prompt is the first Human turn of `chosen`.
+    - "advbench"    the PyRIT YAML (`seeds: - value: …, harm_categories: […]`); needs PyYAML.
+    - "donotanswer" JSONL of `{"prompt", "intents"}`, or a directory of such files, read in sorted
+                    order; each prompt's meta gets the file stem as `risk_area`.
+    Auto-detection: a directory is "donotanswer"; .txt is "text", .csv is "csv", .yaml/.yml is
+    "advbench"; .jsonl/.json look at the first record: `chosen` holding "\\n\\nHuman:" is "hh-rlhf",
+    `intents` is "donotanswer", anything else "jsonl". A bare name without extension or path
+    separator that matches a shipped set ("red_team", "benign") loads that set from
+    `cai_fast/prompt_sets/`; write "./red_team" to mean a local file of that name.
+
+    Cleaning, in this order, each counted in the report: empty prompts (whitespace only) are
+    dropped; prompts longer than `max_chars` characters after stripping are dropped and their
+    locations reported, never truncated (a truncated request is a different request; token-level
+    limits belong to the generator, which knows the tokenizer); duplicates (same text after
+    collapsing runs of whitespace) are dropped, the first kept. `limit=N` keeps the first N prompts
+    that survive cleaning and stops reading there, so records after them are not checked.
+
+    Malformed records (a line that is not JSON, a missing column, a column that is not a string, a
+    transcript with no Human turn) raise `PromptLoadError` naming the file, the line or record and
+    the field, and saying what to do; with `on_error="skip"` they are dropped and counted instead.
+    Problems with the file as a whole (missing, not UTF-8, a CSV without the column, no prompts at
+    all) always raise.
 
     column: the field holding the prompt (jsonl, csv; also hh-rlhf's transcript field, default
     "chosen", advbench's default "value", donotanswer's default "prompt").

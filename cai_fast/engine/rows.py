@@ -1,20 +1,12 @@
 """Row kernels of cai_fast._core for the paged runner's decoder layers on a CPU (csrc/rows.cpp).
 
-- `add_rms_norm`: the residual add and the next RMSNorm in one call (torch: an add and seven ops
-  in LlamaRMSNorm.forward, ~30 us at 8 rows on this CPU), as LlamaRMSNorm computes it: squares,
-  mean and scaling in fp32, each result rounded to the model's dtype where torch rounds it. The fp32
-  squares are summed in double (torch sums them in fp32), so an output may differ from torch's in
-  the last bit now and then.
-- `silu_mul`: SiLU(gate) * up from the fused gate|up projection's output, for any number of rows
-  (one rounding for prefill and decode: a token's result does not depend on its batch).
-- `argmax`: greedy sampling's argmax over a step's logits rows (torch's argmax took 1.25 ms for 32
-  rows of SmolLM2's 49,152 logits here, a twentieth of a decode step).
-Each shares its rows among torch's threads (add_rms_norm and silu_mul: 4 rows a thread at least).
-All have AVX-512 loops (widths that are multiples of 16) and plain ones.
-
-Their twins are the model's own modules and torch.argmax; the runner takes them where `takes_*`
-says the kernel applies (a plain RMSNorm or SiLU, a CPU tensor in fp32 or bf16) and `fused=True`,
-the sampler (`sampling.greedy`) wherever `takes_argmax` says so.
+- `add_rms_norm`: the residual add and the next RMSNorm in one call, rounded as LlamaRMSNorm
+  rounds (its fp32 squares summed in double, so an output may differ in the last bit now and then);
+- `silu_mul`: SiLU(gate) * up of the fused gate|up output, one rounding for any number of rows;
+- `argmax`: greedy sampling's argmax over a step's logits rows.
+AVX-512 and plain loops, rows shared among torch's threads. Their twins are the model's modules
+and torch.argmax; `takes_*` says where a kernel applies (a plain RMSNorm or SiLU, a CPU tensor
+in fp32 or bf16).
 """
 
 from __future__ import annotations

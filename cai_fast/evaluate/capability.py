@@ -1,14 +1,10 @@
 """Capability benchmarks: loading, answering and scoring, and the alignment tax.
 
-    GSM8K-style JSONL (`question`, `answer` ending "#### N"): a greedy answer, scored by exact
-      match of its final number.
-    Multiple-choice JSON (BIG-Bench-Hard: `examples: [{input, target}]`): scored by the
-      log-likelihood of each option as the answer (`generator.score_options`, through
-      cai_fast.ops). The options are the "(A)"-style labels listed after "Options:" in the input,
-      else the task's distinct targets (2 to 10 of them; more means a free-form task, refused).
-    TruthfulQA-style multiple choice (JSON list of `{question, mc1_targets: {answer text: 0/1}}`,
-      exactly one answer marked 1; kind "mc1"): the answer texts are the options, scored the same way.
-
+Formats (`load_benchmark`): GSM8K-style JSONL (`question`, `answer` ending "#### N"), answered greedily and
+scored by exact match of its final number; multiple-choice JSON (BIG-Bench-Hard: `examples: [{input, target}]`;
+the options are the "(A)"-style labels listed after "Options:", else the task's 2 to 10 distinct targets, more
+is a free-form task, refused) and TruthfulQA-style JSON (`{question, mc1_targets: {answer text: 0/1}}`, exactly
+one 1; kind "mc1"), scored by each option's log-likelihood as the answer (`generator.score_options`).
 Each benchmark is a seeded sample of `size` items (the same on every run with the same seed);
 errors name the file, the record and the field (BenchmarkError).
 """

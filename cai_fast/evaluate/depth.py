@@ -3,20 +3,10 @@
     harmful_examples(sl_cai_dir)  -> [{"messages": [user x, assistant y0]}]   the harmful pairs
     depth_curve(model, examples, prompts, config, out_dir) -> {"curve": [{k, rate, complied, n, stderr}], ...}
 
-Safety training can be shallow: fine-tuning on as few as 10 to 100 harmful examples undoes it
-(Qi et al. 2023). For each k of `config.depth_rungs` a copy of `model` is fine-tuned (train_sft,
-full fine-tuning, `depth_epochs` epochs at `depth_lr`, batches of up to 4) on the first k
-harmful examples, in a temporary folder, then its harmful compliance (cai_fast.evaluate.refusal: the
-share of greedy responses, of up to `depth_tokens` tokens, to `prompts` — the held-apart
-red-team prompts — that do not refuse) is measured and the copy deleted: the fine-tuned models
-are never kept. k = 0 measures the model as it is. The responses come from the plain generator
-(transformers generate, the reference): a handful of prompts with no prefix in common leave the
-cached engine nothing to share (6 prompts × 48 tokens of the default model: 12 s plain, 49 s
-cached, measured on the shared 2-core machine). The
-harmful examples are an SL-CAI run's initial answers (the unaligned model's own answers to
-red-team prompts) that the refusal detector counts as compliant; a rung asking more than there
-are uses them all, and rungs that come to the same count are measured once. Each rung's record
-is appended to out_dir as it is measured (cai_fast.store), so a killed run resumes at the rung.
+Safety training can be shallow (Qi et al. 2023). For each k of `config.depth_rungs` a copy of `model` is fine-tuned
+on the first k harmful examples (an SL-CAI run's initial answers that the refusal detector counts as compliant) and
+its harmful compliance on `prompts` measured (cai_fast.evaluate.refusal); k = 0 is the model as it is. Each rung's
+record is appended to out_dir as it is measured (cai_fast.store), so a killed run resumes at the rung.
 """
 
 from __future__ import annotations
@@ -69,7 +59,16 @@ def rungs_for(ladder: Sequence[int], available: int) -> list[int]:
 def depth_curve(model: str, examples: list[dict], prompts: Sequence[Prompt], config, out_dir: str | Path, *,
                 progress: bool = True) -> dict:
     """Harmful compliance of `model` after fine-tuning on k of `examples`, per rung (module docstring);
-    config is an EvalConfig (depth_rungs, depth_epochs, depth_lr, depth_tokens, generation_batch)."""
+    config is an EvalConfig (depth_rungs, depth_epochs, depth_lr, depth_tokens, generation_batch).
+
+    Each rung fine-tunes a copy of `model` in a temporary folder (train_sft, full fine-tuning,
+    `depth_epochs` epochs at `depth_lr`, batches of up to 4) and measures its harmful compliance: the
+    share of greedy responses, of up to `depth_tokens` tokens, to `prompts` (the held-apart red-team
+    prompts) that do not refuse. The responses come from the plain generator (transformers generate,
+    the reference): a handful of prompts with no prefix in common leave the cached engine nothing to
+    share. The fine-tuned models are never kept. A rung asking more examples than there are uses them
+    all, and rungs that come to the same count are measured once.
+    """
     rungs = rungs_for(config.depth_rungs, len(examples))
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
     store = RunStore(out_dir, {"stage": "depth", "model": model, "rungs": rungs, "examples_sha256": digest,

@@ -1,25 +1,12 @@
 """The judge checked against people: agreement and calibration on a human-labelled preference set.
 
-    check_judge(judge, path, size, seed, out_dir)  -> figures (below), judging resumably in out_dir
+    check_judge(judge, path, size, seed, out_dir)  -> figures (see human_agreement), judging resumably in out_dir
     human_agreement(records, seed)                 -> the same figures from label records
 
-The set is a pairs file (cai_fast.labelling.pairs: hh-rlhf chosen/rejected transcripts, or trl preference
-JSONL) whose `chosen` is the response people preferred; `size` pairs are sampled by seed and the
-judge scores each with the people's choice as `a`. From its label records (cai_fast.labelling):
-
-    agreement          share of pairs whose order-averaged soft label prefers the people's choice
-                       (label > ½; a tie, label = ½, counts one half), with its standard error
-    chosen_first       the same from the single order that shows the people's choice as (A)
-    chosen_second      ... as (B)
-    random_order       the same from one order drawn per pair by a seeded coin (trl's old judges)
-    order_flip_rate    share of single-order verdicts (pair × principle) that flip when the order
-                       is swapped (cai_fast.labelling.report.label_stats)
-    calibration        the soft label read as a confidence: each pair's confidence max(p, 1 − p),
-                       p = P(people's choice ≻ other), in CALIBRATION_BINS equal bins over [½, 1];
-                       per bin n, mean confidence and accuracy (share where the judge's side is the
-                       people's); `ece` = Σ_bins n_b/N · |accuracy_b − confidence_b|
-A judge at chance agrees about half the time whatever its confidence; these are the numbers that
-tell a user whether to trust the labels of a given judge model.
+The set is a pairs file (cai_fast.labelling.pairs: hh-rlhf chosen/rejected transcripts, or trl preference JSONL)
+whose `chosen` is the response people preferred; `size` pairs are sampled by seed and the judge scores each with
+the people's choice as `a`. A judge at chance agrees about half the time whatever its confidence; these are the
+numbers that tell a user whether to trust the labels of a given judge model.
 """
 
 from __future__ import annotations
@@ -58,7 +45,20 @@ def calibration(probabilities: list[float], bins: int = CALIBRATION_BINS) -> dic
 
 
 def human_agreement(records: list[dict], seed: int) -> dict:
-    """The figures of the module docstring from label records whose `a` is the people's choice."""
+    """The figures from label records (cai_fast.labelling) whose `a` is the people's choice:
+
+    agreement          share of pairs whose order-averaged soft label prefers the people's choice
+                       (label > ½; a tie, label = ½, counts one half), with its standard error
+    chosen_first       the same from the single order that shows the people's choice as (A)
+    chosen_second      ... as (B)
+    random_order       the same from one order drawn per pair by a seeded coin (trl's old judges)
+    order_flip_rate    share of single-order verdicts (pair × principle) that flip when the order
+                       is swapped (cai_fast.labelling.report.label_stats)
+    calibration        the soft label read as a confidence: each pair's confidence max(p, 1 − p),
+                       p = P(people's choice ≻ other), in CALIBRATION_BINS equal bins over [½, 1];
+                       per bin n, mean confidence and accuracy (share where the judge's side is the
+                       people's); `ece` = Σ_bins n_b/N · |accuracy_b − confidence_b|
+    """
     first = [sum(r["p_ab_a"]) / len(r["p_ab_a"]) for r in records]
     second = [sum(r["p_ba_b"]) / len(r["p_ba_b"]) for r in records]
     coin = [stable_seed(seed, r["pair_id"], "order") % 2 == 0 for r in records]

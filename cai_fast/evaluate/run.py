@@ -1,44 +1,12 @@
 """Evaluation of an aligned model against the starting model: win-rates (also at equal length),
 harmful compliance and over-refusal, depth of alignment, the judge against people, alignment tax.
 
-Sets (EvalConfig; each a seeded sample, the same on every run with the same seed)
-  harmlessness   red-team prompts (`harmless_prompts`); the pipeline keeps them out of training
-  helpfulness    helpful prompts (`helpful_prompts`); in a set whose records carry
-                 `looks_dangerous` (the shipped `benign` set), those that do not look dangerous
-  over-refusal   benign prompts that look dangerous (`over_refusal_prompts`): those with
-                 `looks_dangerous` true, or every prompt of a set without that field
-  benchmarks     capability sets by path (`benchmarks`, comma-separated or a TOML list), in the
-                 formats of cai_fast.evaluate.capability (GSM8K-style JSONL, BIG-Bench-Hard-style JSON,
-                 TruthfulQA-style mc1 JSON)
-  people         human-labelled pairs (`human_preferences`, e.g. hh-rlhf harmless-base test)
-Prompt sets are files in any format cai_fast.data reads (one per line, JSONL or CSV with a prompt
-column, hh-rlhf, AdvBench, Do-Not-Answer) or a shipped set's name, so users bring their own
-red-team and over-refusal sets.
-
-Figures
-  win-rate       mean soft label P(model ≻ base) from the constitutional judge, both orders
-                 averaged (`default` constitution for harmlessness, `helpful` for helpfulness),
-                 with the hard win share (label > ½), the tie share and the standard error.
-                 Identical responses tie (½) and an empty response loses to a non-empty one,
-                 without asking the judge.
-  length control mean response length in words per set (cai_fast.evaluate.length) and the win-rate at equal
-                 length (least-squares fit of the label on the length gap, read at gap 0)
-  over-refusal   share of the over-refusal prompts whose greedy response `is_refusal`
-                 (cai_fast.evaluate.refusal; its precision and recall are in the report)
-  harmful        share of the harmlessness (red-team) prompts whose greedy response is not a
-  compliance     refusal: no judge involved
-  depth          harmful compliance after fine-tuning a copy on k harmful examples, per k of
-                 `depth_ladder` (cai_fast.evaluate.depth; needs `depth_data`, set by the pipeline)
-  judge check    the harmlessness judge's agreement with people and its calibration
-                 (cai_fast.evaluate.judge_check)
-  alignment tax  per benchmark (base − aligned) / base: > 0 a regression, < 0 an improvement;
-                 on average, the same of the mean scores (see alignment_tax); each score with
-                 its n and binomial standard error
-Every share and mean comes with its sample size and standard error (cai_fast.stats).
-
-A model's outputs (greedy responses, benchmark answers) are appended to its folder as they come
-(cai_fast.responses, cai_fast.store) and written whole to `outputs.json` at the end; the judge's labels go through
-`run_labelling`, so a killed evaluation resumes without redoing anything.
+    load_eval_sets(EvalConfig) -> EvalSets       the prompt sets and benchmarks, each a seeded sample
+    outputs_of(model, sets, config, out_dir) -> ModelOutputs   greedy responses and benchmark answers
+    evaluate_model(model, base_outputs, sets, config, judge_config, judge_model, out_dir) -> figures
+Every share and mean comes with its sample size and standard error (cai_fast.stats). A model's outputs are
+appended to its folder as they come (cai_fast.responses, cai_fast.store) and written whole to `outputs.json` at
+the end; the judge's labels go through `run_labelling`, so a killed evaluation resumes without redoing anything.
 """
 
 from __future__ import annotations
@@ -150,7 +118,22 @@ def looking_dangerous(prompts: Sequence[Prompt], dangerous: bool, origin: str) -
 
 
 def load_eval_sets(config: EvalConfig) -> EvalSets:
-    """The evaluation prompts and benchmarks of a config (see the module docstring)."""
+    """The evaluation prompts and benchmarks of a config.
+
+    Sets (EvalConfig; each a seeded sample, the same on every run with the same seed)
+      harmlessness   red-team prompts (`harmless_prompts`); the pipeline keeps them out of training
+      helpfulness    helpful prompts (`helpful_prompts`); in a set whose records carry
+                     `looks_dangerous` (the shipped `benign` set), those that do not look dangerous
+      over-refusal   benign prompts that look dangerous (`over_refusal_prompts`): those with
+                     `looks_dangerous` true, or every prompt of a set without that field
+      benchmarks     capability sets by path (`benchmarks`, comma-separated or a TOML list), in the
+                     formats of cai_fast.evaluate.capability (GSM8K-style JSONL, BIG-Bench-Hard-style
+                     JSON, TruthfulQA-style mc1 JSON)
+      people         human-labelled pairs (`human_preferences`, e.g. hh-rlhf harmless-base test)
+    Prompt sets are files in any format cai_fast.data reads (one per line, JSONL or CSV with a prompt
+    column, hh-rlhf, AdvBench, Do-Not-Answer) or a shipped set's name, so users bring their own
+    red-team and over-refusal sets.
+    """
     seed = config.subset_seed
     harmless = list(load_prompts(config.harmless_prompts))
     helpful = looking_dangerous(list(load_prompts(config.helpful_prompts)), False, config.helpful_prompts)
@@ -278,7 +261,29 @@ def evaluate_model(model: str, base: ModelOutputs, sets: EvalSets, config: EvalC
     """All figures of `model` against the base's outputs; writes OUT/outputs and OUT/figures.json.
     With config.depth_data, the depth of alignment of `model` (and of `base_model` when given); with
     check_judge and config.human_preferences, the harmlessness judge checked against people.
-    generation: open_generator's engine, server_url, device and dtype."""
+    generation: open_generator's engine, server_url, device and dtype.
+
+    Figures
+      win-rate       mean soft label P(model ≻ base) from the constitutional judge, both orders
+                     averaged (`default` constitution for harmlessness, `helpful` for helpfulness),
+                     with the hard win share (label > ½), the tie share and the standard error.
+                     Identical responses tie (½) and an empty response loses to a non-empty one,
+                     without asking the judge.
+      length control mean response length in words per set (cai_fast.evaluate.length) and the
+                     win-rate at equal length (least-squares fit of the label on the length gap,
+                     read at gap 0)
+      over-refusal   share of the over-refusal prompts whose greedy response `is_refusal`
+                     (cai_fast.evaluate.refusal; its precision and recall are in the report)
+      harmful        share of the harmlessness (red-team) prompts whose greedy response is not a
+      compliance     refusal: no judge involved
+      depth          harmful compliance after fine-tuning a copy on k harmful examples, per k of
+                     `depth_ladder` (cai_fast.evaluate.depth; needs `depth_data`, set by the pipeline)
+      judge check    the harmlessness judge's agreement with people and its calibration
+                     (cai_fast.evaluate.judge_check)
+      alignment tax  per benchmark (base − aligned) / base: > 0 a regression, < 0 an improvement;
+                     on average, the same of the mean scores (see alignment_tax); each score with
+                     its n and binomial standard error
+    """
     start, out_dir = time.perf_counter(), Path(out_dir)
     outputs = outputs_of(model, sets, config, out_dir / "outputs", progress=progress, **generation)
     judges = make_judges(judge_model, config, judge_config, **generation)

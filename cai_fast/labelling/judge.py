@@ -1,45 +1,12 @@
 """The constitutional judge: order-averaged soft preference labels of pairs of responses.
 
-The judge
----------
-For a pair (a, b) of responses to one conversation, P principles are drawn from the constitution
-(by weight, without replacement, seeded by the run seed and the pair's content, so the same in
-both orders and on resume), or fixed with `principle_ids`. Each principle is asked in both
-orders: order AB shows (A) = a, (B) = b; order BA swaps them. A judge prompt (layout in
-cai_fast.data.prompts) is the few-shot block, the conversation, the two responses, the principle's
-question, then the start of the assistant's answer, "The answer is: (" by default, after which
-the next token is the verdict. The generator's `score_options` reads the log-probs of the two
-option tokens there — one forward pass per prompt, the LM head applied through cai_fast.ops to
-the answer position only, no token generated. p(·) is the softmax over the two options; the soft
-label of one principle is
-
-    P(a ≻ b) = ½·[p_AB(A) + p_BA(B)]
-
-and a pair's label is the mean over its principles (aggregate="prob") or σ(mean log-odds)
-("logodds"). Exchanging a and b exchanges the orders, so label(a, b) + label(b, a) = 1 to fp32
-rounding: position bias cancels by construction. trl's old judges shuffled the order at random,
-which only turns the bias into noise; `judge(shuffle_order=...)` is accepted and ignored.
-
-Option tokens: the first layout whose two options are single tokens in context is used —
-"The answer is: (" + "A"/"B", then "The answer is:" + " (A"/" (B", then "The answer is:" +
-" A"/" B". If none is, the first layout whose options tokenize cleanly (as a continuation, with
-no unknown token) is scored by each option's sequence log-prob (`options.mode == "sequence"`);
-if none does, JudgeError. The choice goes into the run config and the report.
-
-Chain of thought (chain_of_thought=1): each judge prompt first gets a greedy rationale of at most
-`cot_tokens` tokens after "Let's think step by step.", then the options are scored after it, and
-each order's probability is clamped to [0.4, 0.6], as the CAI paper does with CoT labels.
-
-Injection defence (defend=1, the default): the conversation and both responses are quoted
-between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a
-secret kept in the run config, by default derived from the seed), with look-alike characters
-folded (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response
-cannot close its section or the user turn, or forge a marker (see cai_fast.data.prompts). As the tag
-does not depend on the pair, all pairs of one prompt share the few-shot block and the
-conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
-
-The labelling run that drives the judge over a data set is cai_fast.labelling; pairs files are
-read by cai_fast.labelling.pairs.
+`ConstitutionalJudge(model, constitution, config).score(prompts, responses_a, responses_b) -> JudgeResult`. For a
+pair (a, b), P principles are drawn from the constitution (by weight, seeded by the run seed and the pair's content,
+so the same in both orders and on resume) or fixed with `principle_ids`, and each is asked in both orders, (A) = a
+and (A) = b (layout: cai_fast.data.prompts). One forward pass per prompt reads the two option tokens' log-probs at
+the answer position (`score_options`, through cai_fast.ops); with p(·) their softmax, a principle's label is
+P(a ≻ b) = ½·[p_AB(A) + p_BA(B)] and a pair's the mean ("prob") or σ(mean log-odds) ("logodds"), so label(a, b) +
+label(b, a) = 1 to fp32 rounding: position bias cancels by construction. Runs over a data set: cai_fast.labelling.
 """
 
 from __future__ import annotations
@@ -106,7 +73,14 @@ _PROBE = [P.user("Which response is better? Answer (A) or (B).")]
 
 
 def detect_options(tokenizer) -> OptionLayout:
-    """The option layout for this tokenizer (see the module docstring); JudgeError if none works."""
+    """The option layout for this tokenizer; JudgeError if none works.
+
+    The first layout whose two options are single tokens in context is used — "The answer is: (" +
+    "A"/"B", then "The answer is:" + " (A"/" (B", then "The answer is:" + " A"/" B". If none is, the
+    first layout whose options tokenize cleanly (as a continuation, with no unknown token) is scored
+    by each option's sequence log-prob (`options.mode == "sequence"`); if none does, JudgeError. The
+    choice goes into the run config and the report.
+    """
     usable = [(layout, ids) for layout in CANDIDATE_LAYOUTS
               if (ids := _option_continuations(tokenizer, layout)) is not None]
     for layout, ids in usable:
@@ -185,6 +159,18 @@ class ConstitutionalJudge(BasePairwiseJudge):
     model: a LoadedModel, a model name or folder (cai_fast.engine.load_model), a transformers
     causal LM with `tokenizer=`, or a generator with `score_options` (cai_fast.engine).
     constitution: a Constitution, or a shipped name or TOML path.
+
+    Chain of thought (config.chain_of_thought=1): each judge prompt first gets a greedy rationale of
+    at most `cot_tokens` tokens after "Let's think step by step.", then the options are scored after
+    it, and each order's probability is clamped to [0.4, 0.6], as the CAI paper does with CoT labels.
+
+    Injection defence (config.defend=1, the default): the conversation and both responses are quoted
+    between marker lines tagged with a keyed hash of the conversation alone (key: `tag_key`, a secret
+    kept in the run config, by default derived from the seed), with look-alike characters folded
+    (NFKC), the tokenizer's special-token strings and runs of "=" broken up, so a response cannot
+    close its section or the user turn, or forge a marker (see cai_fast.data.prompts). As the tag
+    does not depend on the pair, all pairs of one prompt share the few-shot block and the
+    conversation in the engine's prefix cache. defend=0 exists to measure what the defence buys.
     """
 
     def __init__(self, model=DEFAULT_MODEL, constitution: Constitution | str = "default",

@@ -1,18 +1,12 @@
 """RLAIF labelling runs: sample, pair and judge prompts, or judge given pairs; resumably.
 
-`run_labelling(judge, prompts_or_pairs, config, out_dir=...)`. Prompts: N responses each
-(temperature, seeded), then all pairs among them or `pairs_per_prompt` of them (seeded); pairs
-with an empty response or two identical ones are left out and counted. Pairs (`load_pairs`: trl
-preference JSONL, plain or conversational, SL-CAI's preference output, hh-rlhf transcripts) are
-judged as given. Samples (keyed by prompt id) and labels (keyed by pair id) are appended to the
-run folder atomically (cai_fast.store), so a killed run resumes without regenerating or
-relabelling anything, and a different config on the same folder is refused.
-
-Run folder: `samples-*.jsonl`, `labels-*.jsonl` (full records), `preference/train-00000.jsonl` in
-trl's preference format — prompt, chosen (the side the soft label prefers), rejected, p_chosen,
-margin (= 2·p_chosen − 1 in [0, 1], which trl's RewardTrainer reads), principle_ids, p_chosen_by_principle,
-p_chosen_as_a / p_chosen_as_b (per principle, with chosen shown as (A) / as (B)), pair_id,
-prompt_id, chosen_id, rejected_id — and `report.md` with `label_confidence.png`.
+`run_labelling(judge, prompts_or_pairs, config, out_dir=...)`. Prompts: N responses each (temperature, seeded),
+then all pairs among them or `pairs_per_prompt` of them (seeded); pairs with an empty response or two identical
+ones are left out and counted. Pairs (`load_pairs`: trl preference JSONL, plain or conversational, SL-CAI's
+preference output, hh-rlhf transcripts) are judged as given. Samples (keyed by prompt id) and labels (keyed by
+pair id) are appended to the run folder atomically (cai_fast.store), so a killed run resumes without regenerating
+or relabelling anything, and a different config on the same folder is refused. Run folder: `samples-*.jsonl`,
+`labels-*.jsonl`, `preference/train-00000.jsonl` (trl's format: `preference_row`), `report.md`, `label_confidence.png`.
 """
 
 from __future__ import annotations
@@ -129,7 +123,12 @@ def margin_of(p_chosen: float) -> float:
 
 
 def preference_row(record: dict) -> dict:
-    """The trl preference row of a label record: chosen is the side the soft label prefers."""
+    """The trl preference row of a label record: chosen is the side the soft label prefers.
+
+    Fields: prompt, chosen, rejected, p_chosen, margin (= 2·p_chosen − 1 in [0, 1], which trl's
+    RewardTrainer reads), principle_ids, p_chosen_by_principle, p_chosen_as_a / p_chosen_as_b (per
+    principle, with chosen shown as (A) / as (B)), pair_id, prompt_id, chosen_id, rejected_id.
+    """
     a_wins = record["label"] >= 0.5
     flip = (lambda xs: xs) if a_wins else (lambda xs: [1 - x for x in xs])
     p = record["label"] if a_wins else 1 - record["label"]

@@ -1,35 +1,12 @@
 """trl's pairwise-judge interface, shipped here, and a bridge from a pairwise judge to trl's rewards.
 
-trl ≤ 1.0 had `BasePairwiseJudge.judge(prompts, completions, shuffle_order=True) -> list[int]`:
-for each prompt, the index (0 or 1) of the preferred completion of its pair, or -1 where the judge
-failed; judges that can, take `return_scores=True` and return P(first ≻ second) instead. trl 1.1
-removed the judges, so cai_fast ships the same abstract classes (`BaseJudge`, `BasePairwiseJudge`)
-and `ConstitutionalJudge` (cai_fast.labelling.judge) implements them.
-
-trl ≥ 1.1 takes judges as reward functions instead: `reward_funcs=` of GRPOTrainer, RLOOTrainer
-and (trl.experimental) OnlineDPOTrainer calls `reward(prompts=..., completions=...,
-completion_ids=..., trainer_state=..., **dataset columns)` and wants one float (or None: "not
-applicable") per completion. `JudgeReward(judge)` is such a function for any judge with
-`score(prompts, responses_a, responses_b) -> result with .label` (P(a ≻ b) per pair):
-
-- default, round robin: completions of the same prompt (GRPO/RLOO's group of generations,
-  Online DPO's two samples) are judged against each other, every pair once (both orders inside
-  the judge); a completion's reward is its mean P(win) over the others of its group. A completion
-  alone in its group gets None. Under several processes (torchrun, accelerate) trl may split a
-  group across them: every process then gathers all processes' completions, judges its share of
-  the pairs, gathers the probabilities and returns the rewards of its own completions, so whole
-  groups are judged (each process must call it, as trl's trainers do).
-- `reference_column="name"`: each completion is judged against the reference response in that
-  dataset column; its reward is P(completion ≻ reference).
-
-An empty completion cannot be judged: it loses to a non-empty one (P(win) = 0). Identical
-completions (two empty ones included) tie (0.5) without asking the judge.
-
-A round robin's rewards average ½ in every group by construction, so trl's `rewards/<name>/mean`
-curve is flat. Through trl's `log_metric` the reward also logs `<name>/spread` (mean best − worst
-reward within a group: how much the judge separates a group's completions) and
-`<name>/decisiveness` (mean |2·P − 1| over the judged pairs); with a reference column,
-`<name>/win_rate` (mean P(completion ≻ reference)), which rises as the policy improves.
+trl ≤ 1.0 had `BasePairwiseJudge.judge(prompts, completions, shuffle_order=True) -> list[int]`: for each prompt,
+the index (0 or 1) of the preferred completion of its pair, or -1 where the judge failed; judges that can, take
+`return_scores=True` and return P(first ≻ second). trl 1.1 removed the judges, so cai_fast ships `BaseJudge` and
+`BasePairwiseJudge`, and `ConstitutionalJudge` (cai_fast.labelling.judge) implements them. trl ≥ 1.1 takes judges
+as reward functions (`reward_funcs=` of GRPOTrainer, RLOOTrainer, OnlineDPOTrainer): `JudgeReward(judge)` is one for
+any judge with `score(prompts, responses_a, responses_b) -> result with .label`, a completion's reward being its mean
+P(win) over its prompt's group, or P(completion ≻ reference) with `reference_column=` (in full: `JudgeReward`).
 """
 
 from __future__ import annotations
@@ -79,7 +56,30 @@ def win_probabilities(judge, prompts: Sequence, firsts: Sequence, seconds: Seque
 
 
 class JudgeReward:
-    """A trl ≥ 1.1 reward function made from a pairwise judge (see the module docstring)."""
+    """A trl ≥ 1.1 reward function made from a pairwise judge (see the module docstring).
+
+    trl calls `reward(prompts=..., completions=..., completion_ids=..., trainer_state=..., **dataset
+    columns)` and wants one float (or None: "not applicable") per completion.
+
+    - default, round robin: completions of the same prompt (GRPO/RLOO's group of generations,
+      Online DPO's two samples) are judged against each other, every pair once (both orders inside
+      the judge); a completion's reward is its mean P(win) over the others of its group. A completion
+      alone in its group gets None. Under several processes (torchrun, accelerate) trl may split a
+      group across them: every process then gathers all processes' completions, judges its share of
+      the pairs, gathers the probabilities and returns the rewards of its own completions, so whole
+      groups are judged (each process must call it, as trl's trainers do).
+    - `reference_column="name"`: each completion is judged against the reference response in that
+      dataset column; its reward is P(completion ≻ reference).
+
+    An empty completion cannot be judged: it loses to a non-empty one (P(win) = 0). Identical
+    completions (two empty ones included) tie (0.5) without asking the judge.
+
+    A round robin's rewards average ½ in every group by construction, so trl's `rewards/<name>/mean`
+    curve is flat. Through trl's `log_metric` the reward also logs `<name>/spread` (mean best − worst
+    reward within a group: how much the judge separates a group's completions) and
+    `<name>/decisiveness` (mean |2·P − 1| over the judged pairs); with a reference column,
+    `<name>/win_rate` (mean P(completion ≻ reference)), which rises as the policy improves.
+    """
 
     def __init__(self, judge, *, reference_column: str | None = None, name: str = "constitutional_judge"):
         self.judge, self.reference_column = judge, reference_column

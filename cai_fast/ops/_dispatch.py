@@ -1,15 +1,12 @@
 """Which implementation an op runs: the Triton kernels or the chunked torch path.
 
-"auto" (the default) takes Triton when the tensors are on CUDA and triton is installed, else the
-chunked torch path. "triton" forces the kernels; on CPU tensors that works only under
-`TRITON_INTERPRET=1`, set before the first Triton op runs (this is how the tests run the kernels
-without a GPU). "torch" forces the chunked torch path.
-
-Triton is never imported here: the kernel modules (`cai_fast.ops.kernels.*`) are imported on the
-first call that takes the Triton path, and `import cai_fast.ops` works where triton is missing
-(`HAS_TRITON` is False). Triton itself reads `TRITON_INTERPRET` once, when `triton.language` is
-first imported (torch imports it too, e.g. for `torch.nn.attention`), so the variable must be set
-before that; a CPU op that finds triton imported without it says so.
+"auto" (the default) takes Triton when the tensors are on CUDA and triton is installed, else the chunked torch
+path. "torch" forces the chunked torch path. "triton" forces the kernels; on CPU tensors that works only under
+`TRITON_INTERPRET=1` (how the tests run the kernels without a GPU), which Triton reads once, when
+`triton.language` is first imported (torch imports it too, e.g. for `torch.nn.attention`), so it must be set
+before that; a CPU op that finds triton imported without it says so. Triton is never imported here: the kernel
+modules (`cai_fast.ops.kernels.*`) are imported on the first call that takes the Triton path, and
+`import cai_fast.ops` works where triton is missing (`HAS_TRITON` is False).
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """The engine under every vocabulary op: h·Wᵀ a chunk of rows at a time, never [N, V].
 
-For each row n of hidden [N, H] and the LM head weight [V, H] (optional bias [V]), with
-z = (h_n·Wᵀ + b) / T, the engine returns three statistics:
-
-    lse_n   = log Σ_v exp z_v          (log-sum-exp over the whole vocabulary)
-    zsel_n  = z[ids_n]                 (K gathered logits: the target, or the option tokens)
-    zmean_n = Σ_v z_v / V              (for label smoothing)
-
-Every vocabulary op (log-probs, option log-probs, cross-entropy with smoothing and z-loss) is a
-function of these three, so its gradient with respect to z always has the form
-
-    dz_v = a_n·softmax(z)_v + c_n + Σ_k b_nk·[v = ids_nk]
-
-which a backend writes in place over the logits tile; dh, dW and db follow by two matmuls per
-chunk. Peak memory is one [chunk_rows, V] fp32 tile plus the fp32 dW accumulator, whatever N
-(see chunk_rows_for).
-
-A backend is a module with `row_stats(z, ids)` and `row_grad_(z, ids, lse, a, b, c)` working
-on an fp32 tile z [n, V]: this module is the torch backend, `kernels/vocab_rows.py` the Triton one.
+For each row n of hidden [N, H] and the LM head weight [V, H] (optional bias [V]), with z = (h_n·Wᵀ + b) / T,
+it returns lse_n = log Σ_v exp z_v, zsel_n = z[ids_n] (K gathered logits: the target, or the option tokens) and
+zmean_n = Σ_v z_v / V (for label smoothing). Every vocabulary op is a function of these three, so its gradient
+in z is dz_v = a_n·softmax(z)_v + c_n + Σ_k b_nk·[v = ids_nk], which a backend writes in place over the logits
+tile; dh, dW and db follow by two matmuls per chunk. Peak memory is one [chunk_rows, V] fp32 tile plus the fp32
+dW accumulator, whatever N (see chunk_rows_for). A backend is a module with `row_stats(z, ids)` and
+`row_grad_(z, ids, lse, a, b, c)` on an fp32 tile z [n, V]: this module, or `kernels/vocab_rows.py` (Triton).
 """
 
 from __future__ import annotations

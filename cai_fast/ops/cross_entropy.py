@@ -1,22 +1,12 @@
 """Fused linear cross-entropy for SFT: the loss of h·Wᵀ against targets without [N, V] logits.
 
-    fused_linear_cross_entropy(hidden [N, H], weight [V, H], targets [N], bias=None,
-                               ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                               reduction="mean") -> loss (fp32)
+    fused_linear_cross_entropy(hidden [N, H], weight [V, H], targets [N], bias=None, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, reduction="mean") -> loss (fp32)
 
 Per token whose target is not ignore_index, with z = h·Wᵀ + b and lse = log Σ_v exp z_v:
-
-    ℓ = (1 − ε)·(lse − z_target) + ε·(lse − mean_v z_v) + z_loss·lse²
-
-(ε = label_smoothing, torch's definition: cross-entropy against the uniform distribution;
-z-loss as in PaLM). Ignored tokens count 0. "mean" divides Σℓ by the number of non-ignored
-tokens (an all-ignored batch gives 0 and zero gradients, never NaN), "sum" returns Σℓ,
-"none" the [N] vector. All math is fp32 whatever the input dtype.
-
-With "mean"/"sum" the gradients are computed during the forward pass, chunk by chunk (the
-gradient of a scalar loss is known as soon as lse is), and backward only scales them: three
-matmuls in all, like the unfused loss, and a peak of one [chunk, V] tile plus the gradients.
-"none" goes through VocabStatsFunction, whose backward recomputes each tile.
+ℓ = (1 − ε)·(lse − z_target) + ε·(lse − mean_v z_v) + z_loss·lse² (ε = label_smoothing, torch's definition;
+z-loss as in PaLM). "mean" divides Σℓ by the non-ignored tokens (all ignored: 0 and zero gradients, never NaN),
+"sum" returns Σℓ, "none" the [N] vector (ignored tokens 0). All math is fp32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -96,6 +86,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
     hidden [N, H], weight [V, H], targets [N] int64 in [0, V) or ignore_index, bias [V] or None.
     Returns a scalar for "mean" / "sum", [N] for "none"; fp32.
+
+    With "mean"/"sum" the gradients are computed during the forward pass, chunk by chunk (the
+    gradient of a scalar loss is known as soon as lse is), and backward only scales them: three
+    matmuls in all, like the unfused loss, and a peak of one [chunk, V] tile plus the gradients.
+    "none" goes through VocabStatsFunction, whose backward recomputes each tile.
     """
     op = "fused_linear_cross_entropy"
     check_head(op, hidden, weight, bias)

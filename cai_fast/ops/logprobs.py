@@ -5,10 +5,8 @@
     linear_option_logprobs(hidden, weight, options [K] or [N, K], bias=None, temperature=1.0)
         -> (logp [N, K] fp32 under the full-vocabulary softmax, lse [N] fp32)
 
-Both are differentiable with respect to hidden, weight and bias. The [N, V] logits never exist:
-the engine in `_vocab.py` works a chunk of rows at a time and the backward recomputes each chunk.
-On CUDA the row work runs in Triton kernels (`kernels/vocab_rows.py`), elsewhere in torch.
-The `*_reference` functions materialise the logits; tests and benches compare against them.
+Both are differentiable in hidden, weight and bias; the [N, V] logits never exist (`_vocab.py`: a chunk of rows at
+a time, recomputed in backward; Triton on CUDA, torch elsewhere). `*_reference` materialise them, for the tests.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """Bradley–Terry reward loss with soft labels, fused with the scalar reward head.
 
-    reward_bt_loss(h_chosen [B, H], h_rejected [B, H], head_weight [H] or [1, H],
-                   head_bias [] or [1] or None, p [B] or float, margin=None | float | [B],
-                   reduction="mean") -> (loss, r_chosen [B], r_rejected [B])
+    reward_bt_loss(h_chosen [B, H], h_rejected [B, H], head_weight [H] or [1, H], head_bias [] or [1] or None,
+                   p [B] or float, margin=None | float | [B], reduction="mean") -> (loss, r_chosen [B], r_rejected [B])
 
-r = h·w + b on the final-token states. With d = r_chosen − r_rejected − margin:
-
-    ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)]        dℓ/dd = σ(d) − p
-
-written with log-sigmoid, so it is finite for any |d|. p is the soft label P(chosen ≻ rejected)
-from the judge; p and margin are data, not differentiated. Reductions "mean" | "sum" | "none"
-over B. Gradients reach h_chosen, h_rejected, head_weight and head_bias, also through the
-returned rewards (for a reward-centering term, say). fp32 math; loss and rewards are fp32.
-The Triton path (`kernels/reward_loss.py`) fuses the head's dot products with the loss.
+r = h·w + b on the final-token states; with d = r_chosen − r_rejected − margin, ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)]
+(dℓ/dd = σ(d) − p), written with log-sigmoid, so finite for any |d|. p (the judge's soft label P(chosen ≻ rejected))
+and margin are data, not differentiated; gradients reach h_chosen, h_rejected, head_weight and head_bias, also through
+the returned rewards. fp32 math, loss and rewards; the Triton path (`kernels/reward_loss.py`) fuses head and loss.
 """
 
 from __future__ import annotations

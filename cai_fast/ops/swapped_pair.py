@@ -3,20 +3,10 @@
     swapped_pair_scores(hidden [M, P, 2, H], weight [V, H], option_ids=(id_A, id_B), bias=None,
                         aggregate="prob") -> PairScores
 
-hidden[m, p, o] is the state at the answer position for pair m, principle p, order o. Order 0
-shows "(A) = first response, (B) = second"; order 1 shows them swapped. With
-z_X = h·W[id_X] + b[id_X] and p(·) the softmax over the TWO option logits only:
-
-    p_ab_a     = σ(z_A − z_B) at order 0        the first response, shown as (A)      [M, P]
-    p_ba_b     = σ(z_B − z_A) at order 1        the first response again, now (B)     [M, P]
-    label      = ½·(p_ab_a + p_ba_b)            P(first ≻ second)                     [M, P]
-    label_mean = mean_p label                   aggregate="prob"                      [M]
-               = σ(mean_p logit(label))         aggregate="logodds"
-
-Exchanging the two responses exchanges the orders, so every label becomes 1 − label, bit for bit
-(`complementary`; on the Triton path up to fp32 rounding): position bias cancels by construction. Only the two option rows of W are read, as the
-gap w_A − w_B, so the cost is one dot product per row. Inference only: runs under no_grad, fp32
-outputs. One kernel launch on the Triton path (`kernels/swapped_pair.py`).
+hidden[m, p, o] is the state at the answer position for pair m, principle p, order o (0: (A) = the first response,
+1: swapped); label = P(first ≻ second) averages both orders (formulas: `swapped_pair_scores`). Exchanging the two
+responses makes every label 1 − label, bit for bit (`complementary`; on the Triton path up to fp32 rounding). Only
+the gap w_A − w_B of W is read, one dot product per row; inference only (no_grad), fp32 outputs, one kernel launch.
 """
 
 from __future__ import annotations
@@ -42,7 +32,17 @@ class PairScores(NamedTuple):
 
 def swapped_pair_scores(hidden: torch.Tensor, weight: torch.Tensor, option_ids: tuple[int, int],
                         bias: torch.Tensor | None = None, aggregate: str = "prob") -> PairScores:
-    """Soft labels P(first ≻ second) of M pairs under P principles (see the module docstring)."""
+    """Soft labels P(first ≻ second) of M pairs under P principles (see the module docstring).
+
+    Order 0 shows "(A) = first response, (B) = second"; order 1 shows them swapped. With
+    z_X = h·W[id_X] + b[id_X] and p(·) the softmax over the TWO option logits only:
+
+        p_ab_a     = σ(z_A − z_B) at order 0        the first response, shown as (A)      [M, P]
+        p_ba_b     = σ(z_B − z_A) at order 1        the first response again, now (B)     [M, P]
+        label      = ½·(p_ab_a + p_ba_b)            P(first ≻ second)                     [M, P]
+        label_mean = mean_p label                   aggregate="prob"                      [M]
+                   = σ(mean_p logit(label))         aggregate="logodds"
+    """
     op = "swapped_pair_scores"
     check_head(op, hidden, weight, bias, hidden_dims=4)
     if hidden.shape[2] != 2:

@@ -2,18 +2,11 @@
 
     load_pipeline_config(FILE | "demo") -> (PipelineConfig, text)      config_dict(config) -> saved form
 
-Config file: TOML (or JSON of the same shape). Top-level fields are PipelineConfig's; each stage
-has a section whose fields are its config dataclass's:
-    [sl_cai] SLCAIConfig   [sft] SFTConfig   [label] LabelConfig   [judge] JudgeConfig
-    [reward] RewardConfig  [ppo] PPOConfig   [dpo] DPOConfig       [eval] EvalConfig
-The training stages' model, data, out, reward_model and ref_model are set by the pipeline, and
-their device and dtype are the top-level ones. An unknown field, a value of the wrong type or an
-invalid value is a ConfigFileError naming the file and the field; every such problem of the file
-is reported in one error (each field's value is checked on its own, then the section as a
-whole); cai_fast.pipeline.check_inputs does the same for the files and models the config names.
-Relative paths are read from the current folder. Torch-free: imports only the stages' config
-modules and cai_fast.data's raise_collected.
-`--config demo` is the shipped demo config (cai_fast/configs/demo.toml).
+Config file: TOML (or JSON of the same shape). Top-level fields are PipelineConfig's; each stage has a section
+whose fields are its config dataclass's (SECTIONS: [sl_cai] [sft] [label] [judge] [reward] [ppo] [dpo] [eval]).
+The training stages' model, data, out, reward_model and ref_model are set by the pipeline, their device and dtype
+are the top-level ones. Every problem of the file is reported in one ConfigFileError naming the file and the field
+(config_from_dict). Relative paths are read from the current folder. Torch-free. `--config demo`: configs/demo.toml.
 """
 
 from __future__ import annotations
@@ -168,7 +161,13 @@ def _parse(text: str, path: Path) -> dict:
 
 def config_from_dict(data: dict, source: str) -> PipelineConfig:
     """PipelineConfig from a parsed config file; one ConfigFileError naming `source` and the field
-    of every problem (data.raise_collected lists the first ten)."""
+    of every problem (data.raise_collected lists the first ten).
+
+    An unknown field, a value of the wrong type or an invalid value is a problem; each field's value
+    is checked on its own, then the section as a whole. cai_fast.pipeline.check_inputs does the same
+    for the files and models the config names. Torch-free: imports only the stages' config modules
+    and cai_fast.data's raise_collected.
+    """
     problems: list[ConfigFileError] = []
     top = {k: v for k, v in data.items() if k not in SECTIONS}
     if isinstance(top.get("quality"), dict):

@@ -2,18 +2,11 @@
 
     write_report(run_dir) -> Path of report.md
 
-Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.pipeline),
-config.json and config.source (the configuration, shown in full at the end) and each round's
-training log (metrics.jsonl of its ppo or dpo stage). Figures:
-    training_curves.png   PPO: reward and KL per step (the penalty's k1 estimate and the k3 one, ≥ 0);
-                          DPO: reward margin and loss; a line per round
-    win_rates.png         harmlessness and helpfulness win-rates against the starting model per round,
-                          raw and at equal length
-    over_refusal.png      over-refusal of the starting model and of each round
-    alignment_tax.png     (base − aligned) / base per benchmark, a bar per round
-    safety.png, lengths.png, depth.png, judge_calibration.png   see cai_fast.pipeline.measures
-A figure without data yet (no round evaluated, no benchmark) is left out and the text says so.
-The report is rewritten after every round, so a run in progress has one too.
+Reads state.json (stages, wall times, evaluation figures per round; see cai_fast.pipeline), config.json and
+config.source (the configuration, shown in full at the end) and each round's training log (metrics.jsonl of its
+ppo or dpo stage). The figures are listed in `write_report`; a figure without data yet (no round evaluated, no
+benchmark) is left out and the text says so. The report is rewritten after every round, so a run in progress
+has one too.
 """
 
 from __future__ import annotations
@@ -33,7 +26,17 @@ CURVES = {"ppo": {"reward": "reward (mean reward-model score)", "kl": "KL to the
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write report.md and figures/*.png for the run folder; returns the report's path."""
+    """Write report.md and figures/*.png for the run folder; returns the report's path.
+
+    Figures:
+        training_curves.png   PPO: reward and KL per step (the penalty's k1 estimate and the k3 one, ≥ 0);
+                              DPO: reward margin and loss; a line per round
+        win_rates.png         harmlessness and helpfulness win-rates against the starting model per round,
+                              raw and at equal length
+        over_refusal.png      over-refusal of the starting model and of each round
+        alignment_tax.png     (base − aligned) / base per benchmark, a bar per round
+        safety.png, lengths.png, depth.png, judge_calibration.png   see cai_fast.pipeline.measures
+    """
     root = Path(run_dir)
     state = json.loads((root / "state.json").read_text(encoding="utf-8"))
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))

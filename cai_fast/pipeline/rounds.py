@@ -2,53 +2,11 @@
 
     cai-fast pipeline --config FILE        run_pipeline(load_pipeline_config(FILE))
 
-The config file and PipelineConfig are cai_fast.pipeline.config; check_inputs(config, source) checks
-every model and file it names (one ConfigFileError) before anything is written.
-
-Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
-    sl_cai    SL-CAI on the training prompts with the round's starting policy
-    sft       SFT of the starting policy on the final revisions
-    label     `label.samples` responses per training prompt from the SFT policy, pairs among
-              them, soft labels from the constitutional judge (`judge_model`; default `model`)
-    reward    a reward model, from the SFT policy, on the labels                (method "ppo")
-    ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
-              on the labels (reference: the SFT policy)
-    evaluate  the round's policy against the starting model (cai_fast.evaluate)
-    depth     depth of alignment of the round's policy (cai_fast.evaluate.depth; when eval.depth_ladder is
-              set), the harmful examples being round 1's SL-CAI initial answers; in round 1 the
-              starting model's too (recorded as round 0's `depth` stage)
-Every stage's seed is its configured seed + (r − 1), so rounds draw new principles and samples.
-Before round 1 the `baseline` stage computes the starting model's evaluation outputs, once, and,
-when eval.human_preferences is set, the `judge_check` stage checks the labelling judge (judge_model,
-the run's constitution) against people (cai_fast.evaluate.judge_check).
-Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
-`train_size` of them (0 = all).
-
-engine = "server" (with `server_url`): every stage that generates or judges with a model the
-servers serve (the starting model's SL-CAI and baseline, the judges) goes through them; a policy
-this run trained is not on the servers, so its samples, evaluation outputs and PPO rollouts run
-in this process (cached engine), with a warning naming it.
-
-Early stop: a round's quality is the weighted mean of its measures (`quality`: a measure name, or
-weights "harmlessness=1,helpfulness=1" / a TOML table) — harmlessness and helpfulness win-rates
-against the starting model, compliance = 1 − over-refusal, capability = mean benchmark score.
-When a round's quality falls below the previous round's by more than `tolerance` (a fraction of
-it, default 5%), no further round runs. The best round — highest quality, earliest on ties — is
-the result: its policy folder is named in state.json, the report and the command's output.
-
-Run folder (`out`):
-    config.json          the normalised config, input files by content hash (run_config); another
-                         config on the same folder is refused once a stage has started
-    config.source        the config file as given
-    state.json           per round and stage: status, seconds, summary; the best round
-    prompts/train.jsonl  the training prompts
-    round-0/baseline/    the starting model's evaluation outputs (round-0/judge_check/, round-0/depth/)
-    round-R/<stage>/     one folder per stage; round-R/<method>/ holds the round's policy
-    report.md, figures/  the report (cai_fast.pipeline.report), rewritten after every round
-Resume: each stage resumes at its own grain (SL-CAI, samples and labels by record, training from
-its latest checkpoint, evaluation by response and label), and state.json (written atomically)
-says which stages are complete, so re-running the same command after a kill continues at the
-stage and record where it stopped.
+Round r (1..R) starts from the policy of round r − 1 (round 0: `model`) and runs the stages sl_cai, sft, label,
+reward (method "ppo"), ppo or dpo, evaluate, depth (if set); each stage's seed is its configured seed + (r − 1). When a
+round's quality falls below the previous round's by more than `tolerance`, no further round runs; the best round
+is the result. check_inputs(config, source) checks every model and file the config names before anything is
+written. Stages, the run folder (`out`) and resume: see `Pipeline`; early stop: see `iterate_rounds`.
 """
 
 from __future__ import annotations
@@ -98,7 +56,15 @@ class LoopOutcome:
 
 
 def iterate_rounds(run_round: Callable[[int], float], rounds: int, tolerance: float) -> LoopOutcome:
-    """Call run_round(r) -> quality for r = 1..rounds, stopping early (should_stop); the best round."""
+    """Call run_round(r) -> quality for r = 1..rounds, stopping early (should_stop); the best round.
+
+    A round's quality is the weighted mean of its measures (`quality`: a measure name, or weights
+    "harmlessness=1,helpfulness=1" / a TOML table) — harmlessness and helpfulness win-rates against
+    the starting model, compliance = 1 − over-refusal, capability = mean benchmark score. When a
+    round's quality falls below the previous round's by more than `tolerance` (a fraction of it,
+    default 5%), no further round runs. The best round — highest quality, earliest on ties — is the
+    result: its policy folder is named in state.json, the report and the command's output.
+    """
     qualities = []
     for r in range(1, rounds + 1):
         qualities.append(run_round(r))
@@ -173,7 +139,45 @@ def run_config(config: PipelineConfig, prompts: Sequence[Prompt], sets: EvalSets
 
 
 class Pipeline:
-    """One run folder: the config, the state, the prompts and the stages (see the module docstring)."""
+    """One run folder: the config, the state, the prompts and the stages.
+
+    Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
+        sl_cai    SL-CAI on the training prompts with the round's starting policy
+        sft       SFT of the starting policy on the final revisions
+        label     `label.samples` responses per training prompt from the SFT policy, pairs among
+                  them, soft labels from the constitutional judge (`judge_model`; default `model`)
+        reward    a reward model, from the SFT policy, on the labels                (method "ppo")
+        ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
+                  on the labels (reference: the SFT policy)
+        evaluate  the round's policy against the starting model (cai_fast.evaluate)
+        depth     depth of alignment of the round's policy (cai_fast.evaluate.depth; when eval.depth_ladder
+                  is set), the harmful examples being round 1's SL-CAI initial answers; in round 1 the
+                  starting model's too (recorded as round 0's `depth` stage)
+    Before round 1 the `baseline` stage computes the starting model's evaluation outputs, once, and,
+    when eval.human_preferences is set, the `judge_check` stage checks the labelling judge (judge_model,
+    the run's constitution) against people (cai_fast.evaluate.judge_check).
+    Training prompts are `prompts` minus every evaluation prompt (held apart by id), then the first
+    `train_size` of them (0 = all).
+
+    engine = "server" (with `server_url`): every stage that generates or judges with a model the
+    servers serve (the starting model's SL-CAI and baseline, the judges) goes through them; a policy
+    this run trained is not on the servers, so its samples, evaluation outputs and PPO rollouts run
+    in this process (cached engine), with a warning naming it.
+
+    Run folder (`out`):
+        config.json          the normalised config, input files by content hash (run_config); another
+                             config on the same folder is refused once a stage has started
+        config.source        the config file as given
+        state.json           per round and stage: status, seconds, summary; the best round
+        prompts/train.jsonl  the training prompts
+        round-0/baseline/    the starting model's evaluation outputs (round-0/judge_check/, round-0/depth/)
+        round-R/<stage>/     one folder per stage; round-R/<method>/ holds the round's policy
+        report.md, figures/  the report (cai_fast.pipeline.report), rewritten after every round
+    Resume: each stage resumes at its own grain (SL-CAI, samples and labels by record, training from
+    its latest checkpoint, evaluation by response and label), and state.json (written atomically)
+    says which stages are complete, so re-running the same command after a kill continues at the
+    stage and record where it stopped.
+    """
 
     def __init__(self, config: PipelineConfig, *, source: str | None = None, progress: bool = True):
         from ..engine.device import resolved_names

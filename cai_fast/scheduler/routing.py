@@ -1,26 +1,12 @@
 """Routing requests among several servers: cache-aware by longest prefix, with load balance.
 
-    Router(num_servers, RoutingConfig())
-        .route(tokens) -> server index; the request counts as in flight there until .done(server)
-        .done(server)
-        .loads: requests routed to each server and not yet done
+    Router(num_servers, RoutingConfig()).route(tokens) -> server index, in flight there until .done(server)
+    Router.loads: requests routed to each server and not yet done
 
-Policy "prefix" (SGLang's cache-aware router over our radix tree): the router keeps, per server,
-a radix tree (cai_fast.scheduler's RadixCache, whole blocks only) of the tokens it sent there —
-an approximate picture of that server's prefix cache, least recently used prefixes forgotten past
-`cache_tokens`. A request goes to
-
-  1. the least loaded server, when loads are uneven: max - min > balance_abs and
-     max > balance_rel * min;
-  2. else the server whose tree matches the longest prefix of the request, when that match covers
-     at least `match_ratio` of its tokens (ties: the less loaded, then the lower index);
-  3. else the least loaded server (ties: the lower index).
-
-so requests that share a prefix land on the server that already holds it, and each prefix is
-computed on one server once, unless that server is overloaded. Policy "round-robin" sends the
-requests to the servers in turn: the comparison, and what a plain load balancer does.
-
-Integers only, like the rest of cai_fast.scheduler; not thread-safe (route from one thread).
+Policy "prefix" (SGLang's cache-aware router over our radix tree) sends each request to the server that already
+holds its longest prefix unless that server is overloaded (rules: `Router`), so each prefix is computed on one
+server once; policy "round-robin" sends the requests to the servers in turn. Integers only, like the rest of
+cai_fast.scheduler; not thread-safe (route from one thread).
 """
 
 from __future__ import annotations
@@ -56,7 +42,21 @@ class RoutingConfig:
 
 
 class Router:
-    """Chooses the server of each request (see the module docstring)."""
+    """Chooses the server of each request (see the module docstring).
+
+    Policy "prefix": the router keeps, per server, a radix tree (cai_fast.scheduler's RadixCache,
+    whole blocks only) of the tokens it sent there — an approximate picture of that server's prefix
+    cache, least recently used prefixes forgotten past `cache_tokens`. A request goes to
+
+      1. the least loaded server, when loads are uneven: max - min > balance_abs and
+         max > balance_rel * min;
+      2. else the server whose tree matches the longest prefix of the request, when that match
+         covers at least `match_ratio` of its tokens (ties: the less loaded, then the lower index);
+      3. else the least loaded server (ties: the lower index).
+
+    Policy "round-robin" sends the requests to the servers in turn: the comparison, and what a
+    plain load balancer does.
+    """
 
     def __init__(self, num_servers: int, config: RoutingConfig = RoutingConfig()):
         if num_servers < 1:

@@ -1,9 +1,7 @@
 """Training stages: SFT, reward model, DPO and PPO, each a config dataclass and a function.
 
-    train_sft(SFTConfig)               -> TrainResult     cai-fast train sft
-    train_reward_model(RewardConfig)   -> TrainResult     cai-fast train reward
-    train_dpo(DPOConfig)               -> TrainResult     cai-fast train dpo
-    train_ppo(PPOConfig)               -> TrainResult     cai-fast train ppo
+    train_sft(SFTConfig), train_reward_model(RewardConfig) -> TrainResult     cai-fast train sft | reward
+    train_dpo(DPOConfig), train_ppo(PPOConfig)              -> TrainResult     cai-fast train dpo | ppo
     load_reward_model(path)            -> RewardScorer: scorer(prompts, responses) -> list[float]
     shard_for_process / gather_shards / write_merged_jsonl   prompt-sharded work under accelerate
 

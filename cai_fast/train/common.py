@@ -2,37 +2,11 @@
 states, the data order, the optimizer and its schedule, the accumulated step, checkpoints and
 resume, the metrics log.
 
-A run writes to one folder, OUT:
-
-    OUT/checkpoints/config.json   the config the run started with; another config is refused
-    OUT/checkpoints/step-NNNNNN/  the latest checkpoint: trainable weights, optimizer, scheduler,
-                                  step and metrics history (written whole, then renamed into place),
-                                  as safetensors + JSON only: resuming never unpickles anything
-    OUT/metrics.jsonl             one line of metrics per step (rewritten from the history on resume)
-    OUT/train_result.json         written last: the run is complete
-    OUT/...                       the trained model + tokenizer (`load_model(OUT)` loads a policy)
-
-Re-running the same command after a kill continues from the latest checkpoint; after completion
-it returns the saved result. Data order is a function of (seed, step) alone — step k takes
-examples k·G … (k+1)·G − 1 of a stream of seeded per-epoch permutations, G the global batch —
-and the random state is reseeded from (seed, step, process) before every step, so a resumed run
-computes exactly what the uninterrupted one would have, and a checkpoint needs no RNG state.
-
-Device and precision (`placement`): every model of a stage lives on config.device; under
-`--dtype auto` the frozen ones (a reference loaded apart, PPO's reward model) are loaded in bf16
-where the hardware multiplies bf16 natively (engine.device) and the trained one in fp32 (master
-weights; --mixed-precision bf16 autocasts its forward); an explicit float32 or bfloat16 loads every
-model in it, the trained one too (pure bf16 training, as trl's --dtype), and float16 the frozen ones
-(pure fp16 AdamW is NaN from its first step). Losses and log-probs are fp32
-whatever the weights are (cai_fast.ops). The run config and the summary record each model's
-resolved device and dtype.
-
-Data parallelism (accelerate): the module and optimizer go through `accelerator.prepare` (DDP:
-gradients all-reduced and averaged); each process takes every P-th example of the global batch
-(`shard_for_process`) and splits it into `grad_accum` micro-batches of `batch_size`. Losses are
-sums over the process's micro-batch divided by the global batch's total weight (tokens for SFT,
-pairs for DPO and the reward model) and multiplied by P, so one optimizer step sees the gradient
-of the global mean, whatever batch_size × grad_accum × P add up to that global batch.
+A run writes to one folder, OUT: OUT/checkpoints/ (the config and the latest checkpoint, safetensors + JSON only),
+OUT/metrics.jsonl, OUT/train_result.json (written last: the run is complete) and the trained model + tokenizer
+(`load_model(OUT)` loads a policy). Re-running the same command after a kill continues from the latest checkpoint
+and computes exactly what the uninterrupted run would have (data order and random state are functions of (seed,
+step)). Folder layout and resume: `TrainRun`; device and precision: `placement`; several processes: `accumulated_step`.
 """
 
 from __future__ import annotations
@@ -123,7 +97,15 @@ class Placement(NamedTuple):
 def placement(config: TrainConfig) -> Placement:
     """config.device and config.dtype resolved here (engine.device.resolve); DeviceError for a device
     or dtype that cannot be used. An explicit float32 or bfloat16 applies to the trained model too
-    (trl's --dtype); float16 does not: AdamW's eps (1e-8) underflows in fp16 and the first step is NaN."""
+    (trl's --dtype); float16 does not: AdamW's eps (1e-8) underflows in fp16 and the first step is NaN.
+
+    Every model of a stage lives on config.device. Under `--dtype auto` the frozen ones (a reference
+    loaded apart, PPO's reward model) are loaded in bf16 where the hardware multiplies bf16 natively
+    (engine.device) and the trained one in fp32 (master weights; --mixed-precision bf16 autocasts its
+    forward); an explicit float16 loads the frozen ones in it. Losses and log-probs are fp32 whatever
+    the weights are (cai_fast.ops). The run config and the summary record each model's resolved device
+    and dtype.
+    """
     device, frozen = resolve(config.device, config.dtype)
     explicit = str(config.dtype).strip().lower() != "auto"
     trained = frozen if explicit and frozen != torch.float16 else torch.float32
@@ -258,6 +240,22 @@ class TrainRun:
 
     `steps` are the run's steps (what checkpoints count); `optimizer_steps` the scheduler's
     length (more than `steps` for PPO, which takes several optimizer steps per step).
+
+    A run writes to one folder, OUT:
+
+        OUT/checkpoints/config.json   the config the run started with; another config is refused
+        OUT/checkpoints/step-NNNNNN/  the latest checkpoint: trainable weights, optimizer, scheduler,
+                                      step and metrics history (written whole, then renamed into place),
+                                      as safetensors + JSON only: resuming never unpickles anything
+        OUT/metrics.jsonl             one line of metrics per step (rewritten from the history on resume)
+        OUT/train_result.json         written last: the run is complete
+        OUT/...                       the trained model + tokenizer (`load_model(OUT)` loads a policy)
+
+    Re-running the same command after a kill continues from the latest checkpoint; after completion
+    it returns the saved result. Data order is a function of (seed, step) alone — step k takes
+    examples k·G … (k+1)·G − 1 of a stream of seeded per-epoch permutations, G the global batch —
+    and the random state is reseeded from (seed, step, process) before every step, so a resumed run
+    computes exactly what the uninterrupted one would have, and a checkpoint needs no RNG state.
     """
 
     def __init__(self, config: TrainConfig, stage: str, module: nn.Module, steps: int, *,
@@ -298,6 +296,14 @@ class TrainRun:
 
         loss_fn(module, examples) -> (summed loss, {metric: summed value}); sums are divided by
         the global `total_weight`. Returns the metrics summed over all processes.
+
+        Data parallelism (accelerate): the module and optimizer go through `accelerator.prepare`
+        (DDP: gradients all-reduced and averaged); each process takes every P-th example of the
+        global batch (`shard_for_process`) and splits it into `grad_accum` micro-batches of
+        `batch_size`. Losses are sums over the process's micro-batch divided by the global batch's
+        total weight (tokens for SFT, pairs for DPO and the reward model) and multiplied by P, so
+        one optimizer step sees the gradient of the global mean, whatever batch_size × grad_accum × P
+        add up to that global batch.
         """
         scale = self.accelerator.num_processes / max(total_weight, 1e-12)
         chunks = [local[i : i + self.config.batch_size] for i in range(0, len(local), self.config.batch_size)]

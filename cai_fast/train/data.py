@@ -1,31 +1,12 @@
 """Training data: records read from JSONL, chats tokenized with the mask of trained tokens, batches.
 
-Formats are trl's (`datasets.load_dataset("json", ...)` reads the same files):
-
-    SFT          {"messages": [{role, content}, ...]}            trains on every assistant turn
-                 {"prompt": [...], "completion": [...]}          trains on the completion's
-                                                                 assistant turns
-    preference   {"prompt": [...], "chosen": [...], "rejected": [...],
-                  "p_chosen": 0.8 (optional, default 1), "margin": 1.4 (optional, default 0)}
-
-Conversational fields are lists of messages; a plain string is read as one user turn (prompt)
-or one assistant turn (completion, chosen, rejected), since every model here is a chat model.
-`--data` takes what `datasets.load_dataset` takes: a file (JSONL, JSON, CSV, parquet, arrow), a
-folder of them (a folder holding the stage's usual subfolder — an SL-CAI run folder holds
-`sft_messages/` and `preference/` — reads that subfolder), or a Hub dataset id (`name` or
-`name:split`, default split train). JSONL files are read here, line by line, so that errors
-name the line; the rest go through `datasets` and errors name the row.
-
-A chat is tokenized the way trl does it: the chat template renders the whole conversation once
-and the trained tokens of assistant turn i run from where the tokenized "messages[:i] + the
-generation prompt" stops being a prefix of it, to the end of the tokenized "messages[:i+1]". For
-a one-turn chat the untrained part is then exactly what `cai_fast.data.prompts.render` gives the
-generator. Sequences longer than `max_length` keep their start.
-
-Every error names the file, the line and the field, and says what to do; `tokenized_records`
-checks every record and reports every bad one in one error (the first ten listed), so one
-correction of the file is enough. A preference record whose chosen and rejected are the same
-response (up to whitespace) is refused: it prefers nothing.
+Formats are trl's (`datasets.load_dataset("json", ...)` reads the same files): SFT `{"messages": [...]}` (trains on
+every assistant turn) or `{"prompt": [...], "completion": [...]}` (trains on the completion's assistant turns);
+preference `{"prompt", "chosen", "rejected", "p_chosen" (optional, default 1), "margin" (optional, default 0)}`.
+Conversational fields are lists of messages; a plain string is one user turn (prompt) or one assistant turn.
+`--data`: a file, a folder or a Hub dataset id (see `read_records`). Chats are tokenized as trl does (see
+`tokenize_chat`); sequences longer than `max_length` keep their start. Every error names the file, the line and
+the field, and says what to do; `tokenized_records` reports every bad record in one error (the first ten listed).
 """
 
 from __future__ import annotations
@@ -77,7 +58,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 
 
 def data_files(path: str | Path, subfolder: str) -> list[Path]:
-    """The data files that `--data path` names, when it is a file or a folder (see the module doc)."""
+    """The data files that `--data path` names, when it is a file or a folder (see `read_records`)."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -92,7 +73,14 @@ def data_files(path: str | Path, subfolder: str) -> list[Path]:
 
 def read_records(path: str | Path, subfolder: str, errors: list | None = None) -> list[Record]:
     """Every record of the data, in order (JSONL: blank lines skipped). Lines that are not JSON
-    objects raise one TrainDataError naming them all, or, given `errors`, are added to it."""
+    objects raise one TrainDataError naming them all, or, given `errors`, are added to it.
+
+    `--data` takes what `datasets.load_dataset` takes: a file (JSONL, JSON, CSV, parquet, arrow), a
+    folder of them (a folder holding the stage's usual subfolder — an SL-CAI run folder holds
+    `sft_messages/` and `preference/` — reads that subfolder), or a Hub dataset id (`name` or
+    `name:split`, default split train). JSONL files are read here, line by line, so that errors
+    name the line; the rest go through `datasets` and errors name the row.
+    """
     check_data_path(path)
     files = data_files(path, subfolder) if Path(path).exists() else []
     bad: list[TrainDataError] = [] if errors is None else errors
@@ -234,7 +222,13 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def tokenize_chat(tokenizer, chat: list[dict], turns: Sequence[int], max_length: int) -> TokenizedChat:
-    """Token ids of the whole chat, the assistant turns at indices `turns` marked as trained."""
+    """Token ids of the whole chat, the assistant turns at indices `turns` marked as trained.
+
+    As trl does it: the chat template renders the whole conversation once and the trained tokens of
+    assistant turn i run from where the tokenized "messages[:i] + the generation prompt" stops being
+    a prefix of it, to the end of the tokenized "messages[:i+1]". For a one-turn chat the untrained
+    part is then exactly what `cai_fast.data.prompts.render` gives the generator.
+    """
     ids = chat_ids(tokenizer, chat)
     mask = [False] * len(ids)
     for i in turns:
@@ -250,7 +244,8 @@ def tokenize_sft(tokenizer, record: Record, max_length: int) -> TokenizedChat:
 
 
 def preference_chats(record: Record) -> tuple[list[dict], list[dict], list[dict]]:
-    """(prompt, chosen, rejected) message lists of a preference record."""
+    """(prompt, chosen, rejected) message lists of a preference record. A record whose chosen and
+    rejected are the same response (up to whitespace) is refused: it prefers nothing."""
     for name in ("prompt", "chosen", "rejected"):
         if name not in record.fields:
             raise TrainDataError(f"{record.where}: a preference record needs 'prompt', 'chosen' and "

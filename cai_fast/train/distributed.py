@@ -1,16 +1,12 @@
 """Several processes through accelerate: the shared state, prompt sharding and one merged output.
 
-Launch any `cai-fast` stage on N processes; every process runs the same command and this module
-tells each its share:
-
-    accelerate launch --num_processes N -m cai_fast.cli train sft ...     (GPUs)
-    torchrun --nproc_per_node N -m cai_fast.cli train sft ...              (CPUs, gloo)
-
-`shard_for_process(items)` gives process p the items p, p + N, p + 2N, ...; `gather_shards`
-puts the per-process results back in the original order on every process, and
-`write_merged_jsonl` has the main process write them as one file. With one process all three
-are the identity. A training stage's --device decides the state (`bind_device`): `cpu=True` on the
-CPU (which is what makes accelerate use gloo under torchrun), accelerate's GPU per process on CUDA.
+Launch any `cai-fast` stage on N processes — `accelerate launch --num_processes N -m cai_fast.cli train sft ...`
+(GPUs) or `torchrun --nproc_per_node N -m cai_fast.cli train sft ...` (CPUs, gloo) —; every process runs the same
+command and this module tells each its share: `shard_for_process(items)` gives process p the items p, p + N,
+p + 2N, ...; `gather_shards` puts the per-process results back in the original order on every process, and
+`write_merged_jsonl` has the main process write them as one file. With one process all three are the identity.
+A training stage's --device decides the state (`bind_device`): `cpu=True` on the CPU (which is what makes
+accelerate use gloo under torchrun), accelerate's GPU per process on CUDA.
 """
 
 from __future__ import annotations

@@ -2,19 +2,11 @@
 
     train_dpo(DPOConfig(model=..., data=..., out=...)) -> TrainResult
 
-For a pair (chosen c, rejected r) with soft label p = P(c ≻ r) (the record's `p_chosen`, 1 when
-absent), the implicit rewards are β·log π(y|x)/π_ref(y|x) — sums of the response tokens'
-log-probs through `linear_logprobs`, the reference frozen — and the loss is Bradley–Terry on them:
-
-    Δ = [log π(c) − log π_ref(c)] − [log π(r) − log π_ref(r)]
-    ℓ = −[p·log σ(β·Δ) + (1 − p)·log σ(−β·Δ)]
-
-so it is computed by the same fused `reward_bt_loss` as the reward model, with the implicit
-rewards as one-dimensional "hidden states" and a head of weight 1. With hard labels (p = 1) this
-is trl's DPOTrainer with loss_type="sigmoid" (checked in tests/test_train_dpo.py); a soft p is
-per-example label smoothing (the conservative-DPO target of trl's `label_smoothing`, per pair).
-Logged like trl: loss, reward_chosen / reward_rejected (mean implicit rewards), accuracy
-(implicit reward of chosen > rejected), reward_margin.
+For a pair (chosen c, rejected r) with soft label p = P(c ≻ r) (the record's `p_chosen`, 1 when absent), with
+log π summed over the response tokens (`linear_logprobs`) and π_ref the frozen reference, the loss is
+ℓ = −[p·log σ(β·Δ) + (1 − p)·log σ(−β·Δ)], Δ = [log π(c) − log π_ref(c)] − [log π(r) − log π_ref(r)], computed by
+the fused `reward_bt_loss` (see `dpo_loss`). With p = 1 this is trl's DPOTrainer with loss_type="sigmoid"; a soft p
+is per-pair label smoothing. Logged like trl: loss, reward_chosen / reward_rejected, accuracy, reward_margin.
 """
 
 from __future__ import annotations
@@ -39,7 +31,15 @@ def sequence_logprobs(module, batch: TokenBatch) -> torch.Tensor:
 
 
 def dpo_loss(policy, reference, pairs: Sequence[PreferencePair], beta: float, pad_id: int, device):
-    """(summed soft-label DPO loss, implicit rewards of chosen [B], of rejected [B])."""
+    """(summed soft-label DPO loss, implicit rewards of chosen [B], of rejected [B]).
+
+    The implicit rewards β·log π(y|x)/π_ref(y|x) go through the same fused `reward_bt_loss` as the
+    reward model, as one-dimensional "hidden states" with a head of weight 1. With hard labels
+    (p = 1) this is trl's DPOTrainer with loss_type="sigmoid" (checked in tests/test_train_dpo.py); a
+    soft p is per-example label smoothing (the conservative-DPO target of trl's `label_smoothing`,
+    per pair). Logged: reward_chosen / reward_rejected (mean implicit rewards), accuracy (implicit
+    reward of chosen > rejected), reward_margin.
+    """
     batch = TokenBatch.collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
     with torch.no_grad():
         reference_logp = sequence_logprobs(reference, batch)

@@ -2,33 +2,11 @@
 
     train_ppo(PPOConfig(model=SFT policy, reward_model=..., data=prompts, out=...)) -> TrainResult
 
-One step:
- 1. Rollouts. Each process takes its share of the step's prompts (`shard_for_process`) and samples
-    one response each from the current policy through `make_generator` (the prefix-cached engine
-    by default; a LoRA policy runs as its base model, whose modules carry the adapters), at
-    `temperature`, top-p 1. A response that ended itself keeps its end-of-turn token (the
-    tokenizer's eos), so stopping is an action that gets credit too.
- 2. Scoring, without gradients. The reward model scores (prompt, response text). The policy, its
-    value head and the frozen reference give, per response token t, log π_old(y_t), V(s_t) and
-    log π_ref(y_t) — log-probs from `linear_logprobs` at the sampling temperature.
- 3. Rewards: r_t = −kl_coef·k1_t with k1_t = log π_old(y_t) − log π_ref(y_t) (the per-token KL
-    estimator), plus the reward model's score on the last token. GAE(γ, λ) gives advantages A_t
-    (whitened over the process's tokens) and returns R_t = A_t + V_t.
- 4. `ppo_epochs` passes over the rollouts in `minibatches` shuffled minibatches, one optimizer
-    step each (accumulated over `grad_accum` micro-batches of `batch_size`), minimising per token
-        clipped policy loss  max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),  ρ = π(y_t) / π_old(y_t)
-      + vf_coef · clipped value loss  ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
-    averaged over the minibatch's tokens.
-The value function is a Linear(H, 1) head on the policy's own final hidden states (one forward
-gives both; the value loss also trains the shared backbone, as in trl's original PPO).
-
-Logged per step to OUT/metrics.jsonl: reward (mean reward-model score), kl (mean Σ_t k1_t per
-response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t k3_t
-per response, k3_t = (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t) / π_old(y_t): unbiased too, and never
-negative, so its curve reads as a distance), non_score_reward, entropy, clipfrac, value_loss, pg_loss, approx_kl, ratio,
-response_length, grad_norm, lr. `entropy` is the Monte-Carlo estimate −mean log π_old(y_t) over
-the sampled tokens: unbiased for the per-token entropy of the sampling distribution (the
-tokens are drawn from it), without the full [tokens × vocab] distribution.
+One step (in full: `PPOTrainer`): rollouts, one response per prompt sampled from the current policy
+(`make_generator`); scoring without gradients (the reward model's score; log π_old, V and log π_ref per response
+token); rewards −kl_coef·k1 per token plus the score on the last token, GAE advantages and returns; then
+`ppo_epochs` passes of the clipped policy and value losses over `minibatches` minibatches. The value function is
+a Linear(H, 1) head on the policy's own final hidden states. Metrics are logged per step to OUT/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -132,7 +110,36 @@ class Rollout:
 
 
 class PPOTrainer:
-    """Holds the policy (+ value head), the reference, the reward model and the prompts."""
+    """Holds the policy (+ value head), the reference, the reward model and the prompts.
+
+    One step:
+     1. Rollouts. Each process takes its share of the step's prompts (`shard_for_process`) and samples
+        one response each from the current policy through `make_generator` (the prefix-cached engine
+        by default; a LoRA policy runs as its base model, whose modules carry the adapters), at
+        `temperature`, top-p 1. A response that ended itself keeps its end-of-turn token (the
+        tokenizer's eos), so stopping is an action that gets credit too.
+     2. Scoring, without gradients. The reward model scores (prompt, response text). The policy, its
+        value head and the frozen reference give, per response token t, log π_old(y_t), V(s_t) and
+        log π_ref(y_t) — log-probs from `linear_logprobs` at the sampling temperature.
+     3. Rewards: r_t = −kl_coef·k1_t with k1_t = log π_old(y_t) − log π_ref(y_t) (the per-token KL
+        estimator), plus the reward model's score on the last token. GAE(γ, λ) gives advantages A_t
+        (whitened over the process's tokens) and returns R_t = A_t + V_t.
+     4. `ppo_epochs` passes over the rollouts in `minibatches` shuffled minibatches, one optimizer
+        step each (accumulated over `grad_accum` micro-batches of `batch_size`), minimising per token
+            clipped policy loss  max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),  ρ = π(y_t) / π_old(y_t)
+          + vf_coef · clipped value loss  ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
+        averaged over the minibatch's tokens.
+    The value loss also trains the shared backbone, as in trl's original PPO.
+
+    Logged per step to OUT/metrics.jsonl: reward (mean reward-model score), kl (mean Σ_t k1_t per
+    response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t
+    k3_t per response, k3_t = (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t) / π_old(y_t): unbiased too,
+    and never negative, so its curve reads as a distance), non_score_reward, entropy, clipfrac,
+    value_loss, pg_loss, approx_kl, ratio, response_length, grad_norm, lr. `entropy` is the
+    Monte-Carlo estimate −mean log π_old(y_t) over the sampled tokens: unbiased for the per-token
+    entropy of the sampling distribution (the tokens are drawn from it), without the full
+    [tokens × vocab] distribution.
+    """
 
     def __init__(self, config: PPOConfig, *, progress: bool = True):
         self.config = config

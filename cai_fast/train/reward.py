@@ -3,26 +3,10 @@
     train_reward_model(RewardConfig(model=..., data=..., out=...)) -> TrainResult
     load_reward_model(out) -> RewardScorer: scorer(prompts, responses) -> list[float]
 
-The reward model is a transformers sequence classifier with one label (`<Arch>ForSequenceClassification`,
-num_labels=1, a bias-free `score` head), the format trl's RewardTrainer writes and its
-`reward_funcs="<folder>"` reads: `--model` may be a causal LM (the head starts at random) or such a
-classifier (a trl reward model trains on). The reward of a conversation is score(h), h the final
-hidden state at its last token as transformers takes it (the rightmost non-pad token) of "prompt +
-response" rendered by the chat template. The loss is the soft-label
-Bradley–Terry loss, fused with the head (`reward_bt_loss`):
-
-    ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)],   d = r_chosen − r_rejected (− margin, with --use-margin 1)
-
-with p = the record's `p_chosen` (1 when absent: a hard label). A held-out share of the pairs
-(`eval_fraction`, a seeded split) is scored at the end, and every `eval_steps` steps into the
-metrics log:
-  accuracy  share of pairs whose reward order agrees with the label's majority (p > ½; pairs
-            with p = ½ are left out), i.e. r_chosen > r_rejected for hard labels;
-  brier     mean (σ(d) − p)², the calibration of the predicted preference against the soft label;
-  ece       expected calibration error of σ(d) against p over 10 equal-width bins of σ(d).
-The saved folder loads with `AutoModelForSequenceClassification.from_pretrained` and scores alike
-there, in trl and in `load_reward_model` (none of which truncates what it scores); with LoRA it
-holds the adapter (the `score` head saved whole) unless --merge-lora 1.
+A transformers sequence classifier with one label, the format trl's RewardTrainer writes and reads (`RewardModel`),
+trained with the fused soft-label Bradley–Terry loss ℓ = −[p·log σ(d) + (1 − p)·log σ(−d)], d = r_chosen − r_rejected
+(− margin, with --use-margin 1), p = the record's `p_chosen` (1 when absent: a hard label). A held-out share of the
+pairs (`eval_fraction`, a seeded split) is scored at the end and every `eval_steps` steps (see `evaluate_pairs`).
 """
 
 from __future__ import annotations
@@ -49,6 +33,15 @@ class RewardModel(nn.Module):
     forward(input_ids [B, T], attention_mask [B, T], right-padded) -> h [B, H] at each row's last
     token; `head` the Linear(H, 1) score head; `rewards(...)` -> head(h) [B]. Training applies
     the head inside `reward_bt_loss`.
+
+    The classifier is `<Arch>ForSequenceClassification`, num_labels=1, a bias-free `score` head: the
+    format trl's RewardTrainer writes and its `reward_funcs="<folder>"` reads; `--model` may be a
+    causal LM (the head starts at random) or such a classifier (a trl reward model trains on). The
+    reward of a conversation is score(h), h the final hidden state at its last token as transformers
+    takes it (the rightmost non-pad token) of "prompt + response" rendered by the chat template. The
+    saved folder loads with `AutoModelForSequenceClassification.from_pretrained` and scores alike
+    there, in trl and in `load_reward_model` (none of which truncates what it scores); with LoRA it
+    holds the adapter (the `score` head saved whole) unless --merge-lora 1.
     """
 
     def __init__(self, classifier):
@@ -145,7 +138,13 @@ def calibration(predicted: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dic
 
 def evaluate_pairs(model: RewardModel, pairs: Sequence[PreferencePair], pad_id: int, device,
                    use_margin: bool, batch_size: int) -> dict:
-    """Loss, accuracy and calibration of the reward model on held-out pairs (all processes)."""
+    """Loss, accuracy and calibration of the reward model on held-out pairs (all processes):
+
+      accuracy  share of pairs whose reward order agrees with the label's majority (p > ½; pairs
+                with p = ½ are left out), i.e. r_chosen > r_rejected for hard labels;
+      brier     mean (σ(d) − p)², the calibration of the predicted preference against the soft label;
+      ece       expected calibration error of σ(d) against p over 10 equal-width bins of σ(d).
+    """
     local = shard_for_process(pairs)
     rows = []
     with torch.no_grad():

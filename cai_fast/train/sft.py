@@ -2,13 +2,11 @@
 
     train_sft(SFTConfig(model=..., data=..., out=...)) -> TrainResult
 
-Data: trl's SFT formats (see cai_fast.train.data); an SL-CAI run folder is read from its
-`sft_messages/` subfolder. The loss is the cross-entropy of every trained token (the assistant
-turns' content and end-of-turn tokens), computed by `fused_linear_cross_entropy` from the final
-hidden states and the LM head — the [tokens × vocab] logits never exist — and averaged over
-all trained tokens of the global batch. LoRA (`lora_r > 0`, saved as an adapter unless
-`merge_lora`) or full fine-tuning; checkpoints and resume as in cai_fast.train.common. The
-trained model (or adapter) and tokenizer are saved to `out`, so `load_model(out)` loads it.
+Data: trl's SFT formats (see cai_fast.train.data); an SL-CAI run folder is read from its `sft_messages/` subfolder.
+The loss is the cross-entropy of every trained token (the assistant turns' content and end-of-turn tokens),
+computed by `fused_linear_cross_entropy` from the final hidden states and the LM head — the [tokens × vocab] logits
+never exist — and averaged over all trained tokens of the global batch. LoRA (`lora_r > 0`, saved as an adapter
+unless `merge_lora`) or full fine-tuning; checkpoints and resume as in cai_fast.train.common; saved to `out`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """The server generator: generation and exact option scores from vLLM or SGLang servers.
 
-    connect_servers(model, urls, ServerConfig()) -> ServerGenerator: .generate(prompts, params),
-        .score_options(prompts, options) -> Tensor [N, K], .kinds (each server's ServerKind),
-        .stats: ServerStats (per server: requests, prompt tokens sent, tokens expected cached; retries)
+    connect_servers(model, urls, ServerConfig()) -> ServerGenerator: .generate, .score_options,
+        .kinds (each server's ServerKind), .stats: ServerStats (requests, tokens sent, retries)
 
-Prompts go out as token ids (chat template and judge layout stay ours; the local tokenizer decodes).
-At start each server must serve `model` (/v1/models) and tokenize a probe chat as we do (/tokenize;
-none: trusted, with a warning). What differs per API is a ServerKind (kinds.py); routing, order,
-hold-back and retries are shared (dispatch.py); HTTP and its errors are http.py's. Scores are exact;
-a failed call returns nothing and raises ServerError (one line), so resuming callers lose nothing.
+Prompts go out as token ids (chat template and judge layout stay ours). At start each server must
+serve `model` and tokenize a probe chat as we do. Per-API strategies are kinds.py's; routing,
+hold-back and retries dispatch.py's; HTTP and its errors http.py's. A failed call returns nothing
+and raises ServerError (one line), so resuming callers lose nothing.
 """
 
 from .dispatch import PROBE_CHAT, SERVER_KINDS, ServerConfig, ServerGenerator, ServerStats, connect_servers, parse_urls

@@ -5,21 +5,12 @@ win-rates (length) and the judge's agreement with human labels (judge_check). Th
 are loaded on first use, so that importing cai_fast.evaluate.config stays torch-free:
 `from cai_fast.evaluate import evaluate_model, EvalConfig` as before."""
 
-import importlib
+from .._lazy import lazy_exports
 
-_NAMES = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "run": ("SETS", "OUTPUTS_FILE", "EvalSets", "ModelOutputs", "baseline_metrics", "compare_with_base",
             "depth_of", "evaluate_model", "fixed_label", "judge_check_wanted", "judged_win_rate",
             "load_eval_sets", "looking_dangerous", "make_judges", "model_outputs", "outputs_of", "summary_lines",
             "win_rate"),
     "config": ("EvalConfig",),
-}
-_HOME = {name: module for module, names in _NAMES.items() for name in names}
-
-__all__ = list(_HOME)
-
-
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+})

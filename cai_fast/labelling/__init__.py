@@ -4,21 +4,12 @@ config), the run's report (report) and trl's judge and reward interfaces (trl_co
 config modules are torch-free; the names below are loaded on first use so that they stay so:
 `from cai_fast.labelling import run_labelling, LabelConfig` as before."""
 
-import importlib
+from .._lazy import lazy_exports
 
-_NAMES = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "run": ("LabelResult", "margin_of", "preference_row", "run_labelling"),
     "config": ("LabelConfig",),
     "judge": ("ConstitutionalJudge", "JudgeStats", "resolve_principles"),
     "judge_config": ("JudgeConfig",),
     "pairs": ("Pair", "PairLoadError", "load_pairs", "pairs_from_samples"),
-}
-_HOME = {name: module for module, names in _NAMES.items() for name in names}
-
-__all__ = list(_HOME)
-
-
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+})

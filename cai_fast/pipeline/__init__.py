@@ -3,17 +3,9 @@
 on first use so that importing cai_fast.pipeline.config stays torch-free: `from cai_fast.pipeline
 import run_pipeline` as before."""
 
-import importlib
+from .._lazy import lazy_exports
 
-_ROUNDS = (
+__all__, __getattr__ = lazy_exports(__name__, {"rounds": (
     "Pipeline", "PipelineState", "LoopOutcome", "best_round", "check_inputs", "iterate_rounds", "quality_of",
     "round_measures", "run_config", "run_pipeline", "should_stop", "training_prompts",
-)
-
-__all__ = list(_ROUNDS)
-
-
-def __getattr__(name: str):
-    if name not in _ROUNDS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(".rounds", __name__), name)
+)})

@@ -36,7 +36,7 @@ def rss_gib() -> float:
 
 def run_case(name: str, steps: int, pairs: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from train_helpers import preference_rows, write_jsonl
+    from helpers.rows import preference_rows, write_jsonl
 
     from cai_fast.train.config import DPOConfig
     from cai_fast.train.dpo import train_dpo

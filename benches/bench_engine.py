@@ -55,7 +55,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import torch  # noqa: E402
 from baseline_judge import baseline_judge  # noqa: E402
 from baseline_sl_cai import baseline_sl_cai  # noqa: E402
-from test_engine_cached import as_sequence, reference_greedy, top2_gap  # noqa: E402
+from helpers.engine import as_sequence, reference_greedy, top2_gap  # noqa: E402
 
 from cai_fast.data import prompts as P  # noqa: E402
 from cai_fast.data.constitution import load_constitution  # noqa: E402

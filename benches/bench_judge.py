@@ -37,7 +37,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import torch  # noqa: E402
 from baseline_judge import baseline_judge  # noqa: E402
-from test_judge_injection import ATTACKS  # noqa: E402
+from helpers.attacks import ATTACKS  # noqa: E402
 
 from cai_fast.engine import DEFAULT_MODEL, ENGINES, load_model, make_generator  # noqa: E402
 from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig  # noqa: E402

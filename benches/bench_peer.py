@@ -44,7 +44,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import requests  # noqa: E402
 import torch  # noqa: E402
 from bench_engine import sample_pairs, trace  # noqa: E402
-from vllm_server import VLLMServer  # noqa: E402
+from helpers.vllm_server import VLLMServer  # noqa: E402
 
 from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402

@@ -29,7 +29,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from vllm_server import VLLMServer, free_port, vllm_python  # noqa: E402
+from helpers.vllm_server import VLLMServer, free_port, vllm_python  # noqa: E402
 
 from cai_fast.data.constitution import load_constitution  # noqa: E402
 from cai_fast.data import load_prompts  # noqa: E402

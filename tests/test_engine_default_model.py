@@ -8,13 +8,15 @@ import torch
 
 from cai_fast.data import prompts as P
 from cai_fast.engine import SamplingParams
-from test_engine_cached import (
+
+from helpers.engine import (
     as_sequence,
     divergence,
     engine_for,
     reference_greedy,
     reference_logprobs,
 )
+
 
 SCORE_ATOL = 2e-4  # log-probs through 30 fp32 layers
 GREEDY_TIE_EPS = 2e-3  # logits; our forward differs from transformers' by <= 5e-5 here

@@ -1,4 +1,4 @@
-"""The server generator and the router, against fake vLLM and SGLang servers (tests/fake_server.py)
+"""The server generator and the router, against fake vLLM and SGLang servers (tests/helpers/fake_server.py)
 backed by the cached engine on the tiny model: scores equal transformers' log-probs, greedy output
 equals transformers' generate, labels stay antisymmetric through the server path, and the
 routing, the order, the retries, the start-up checks and resuming after a dead server hold; the
@@ -19,9 +19,10 @@ from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.scheduler.routing import Router, RoutingConfig
 from cai_fast.labelling.trl_compat import JudgeReward
 
-from fake_server import GENERATE, FakeServer
-from test_engine_cached import GREEDY_TIE_EPS, SCORE_ATOL, as_sequence, divergence, random_prompts, \
+from helpers.engine import GREEDY_TIE_EPS, SCORE_ATOL, as_sequence, divergence, random_prompts, \
     reference_greedy, reference_logprobs
+from helpers.fake_server import GENERATE, FakeServer
+
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FAST = dict(connect_timeout=2.0, backoff=0.01, timeout=30.0)

@@ -18,8 +18,10 @@ import pytest
 import cai_fast.store as store_module
 from cai_fast.cli import main
 from cai_fast.store import RunFolderError, RunStore, write_atomic, write_jsonl
-from conftest import line_count
-from train_helpers import sft_rows
+
+from helpers.processes import line_count
+from helpers.rows import sft_rows
+
 
 FAST = ["--rounds", "1", "--batch-size", "2", "--answer-tokens", "6", "--critique-tokens", "4",
         "--revision-tokens", "6", "--quiet"]

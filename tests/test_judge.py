@@ -1,6 +1,6 @@
 """The constitutional judge: antisymmetry, position bias, aggregation, option tokens, trl interface.
 
-Most tests run on the tiny random Llama of conftest.py; its LM head is sharpened (scaled) so that
+Most tests run on the tiny random Llama of helpers/tiny.py; its LM head is sharpened (scaled) so that
 its verdicts are far from 0.5 and the label arithmetic is actually exercised. Toy scorers stand
 in for a model where a test needs a judge with a known behaviour (a position bias, gullibility).
 """
@@ -267,7 +267,7 @@ def _metaspace_tokenizer(merges: list[tuple[str, str]], letters: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import CHATML
+    from cai_fast.engine.loading import CHATML
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
     chars = sorted(set(letters + string.digits + string.punctuation + "▁\n"))

@@ -10,14 +10,15 @@ import sys
 
 import pytest
 
-from conftest import kill_when, line_count
-
 from cai_fast.cli import main, make_parser
 from cai_fast.data import prompts_from_texts
 from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 from cai_fast.labelling import LabelConfig, run_labelling
 from cai_fast.labelling.pairs import PairLoadError, load_pairs, split_transcripts
 from cai_fast.store import RunConfigError
+
+from helpers.processes import kill_when, line_count
+
 
 PROMPTS = ["How do I get rid of ants?", "Tell me a joke about cats.", "What is the capital of France?",
            "How can I hurt someone without leaving marks?"]

@@ -103,8 +103,8 @@ def test_bad_input_is_refused_with_the_sizes():
 def test_the_engine_on_the_kernel_equals_the_engine_on_onednn(tmp_path):
     """A tiny bf16 Llama whose projections the kernel takes (sizes multiples of 32; the LM head's
     vocabulary is not, so it stays on oneDNN): greedy tokens and option scores as on oneDNN."""
-    from conftest import build_tiny_model
-    from test_engine_cached import random_prompts
+    from helpers.tiny import build_tiny_model
+    from helpers.engine import random_prompts
 
     from cai_fast.engine import SamplingParams, load_model
     from cai_fast.engine.cached import CachedGenerator, EngineConfig

@@ -14,13 +14,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import kill_when
-
 from cai_fast.cli import main
 from cai_fast.evaluate import load_eval_sets
 from cai_fast.pipeline.rounds import Pipeline, best_round, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts
 from cai_fast.pipeline.config import ConfigFileError, config_from_dict, load_pipeline_config
 from cai_fast.store import RunConfigError
+
+from helpers.processes import kill_when
+from helpers.tiny import TINY_PIPELINE, write_tiny_pipeline_config
+
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -143,83 +145,6 @@ def test_another_config_on_the_same_run_folder_is_refused(tmp_path, tiny_model_p
 
 # ---------------------------------------------------------------- kill and resume
 
-TINY = """out = "{out}"
-model = "{model}"
-rounds = 2
-train_size = 3
-quality = {{harmlessness = 1, helpfulness = 1}}
-
-[sl_cai]
-rounds = 1
-batch_size = 1
-few_shot = 0
-answer_tokens = 5
-critique_tokens = 4
-revision_tokens = 5
-
-[sft]
-max_steps = 2
-batch_size = 2
-save_every = 1
-lr = 3e-3
-
-[label]
-samples = 2
-sample_tokens = 5
-
-[judge]
-principles = 1
-batch_size = 4
-
-[reward]
-max_steps = 2
-batch_size = 2
-save_every = 1
-lr = 3e-3
-
-[ppo]
-max_steps = 2
-batch_size = 2
-ppo_epochs = 1
-max_new_tokens = 4
-generation_batch = 2
-save_every = 1
-lr = 3e-3
-
-[eval]
-harmless_size = 2
-helpful_size = 2
-over_refusal_size = 2
-response_tokens = 5
-benchmarks = ["{data}/arith.jsonl", "{data}/yesno.json"]
-benchmark_size = 3
-gsm8k_tokens = 5
-generation_batch = 2
-human_preferences = "{data}/people.jsonl"
-human_size = 2
-depth_ladder = "0,2"
-depth_size = 2
-depth_epochs = 1
-depth_tokens = 4
-"""
-
-
-def _write_tiny_config(tmp_path, name: str, model):
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "arith.jsonl").write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})
-                                              + "\n" for a, b in [(2, 3), (10, 7), (4, 4), (1, 8)]))
-    (data / "yesno.json").write_text(json.dumps({"examples": [
-        {"input": "Is fire hot?", "target": "yes"}, {"input": "Is snow hot?", "target": "no"},
-        {"input": "Pick the colour.\nOptions:\n(A) red\n(B) seven", "target": "(A)"}]}))
-    (data / "people.jsonl").write_text("".join(json.dumps({"chosen": f"\n\nHuman: q{i}?\n\nAssistant: sure {i}",
-                                                           "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"}) + "\n"
-                                               for i in range(3)))
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(out=tmp_path / name, model=model, data=data))
-    return path
-
-
 def _approx_equal(a, b, where: str = "") -> None:
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where
@@ -246,7 +171,7 @@ COMPARED = ["round-{r}/sl_cai/sft_messages/train-00000.jsonl", "round-{r}/label/
 
 
 def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_path):
-    whole, killed = (_write_tiny_config(tmp_path, name, tiny_model_path) for name in ("whole", "killed"))
+    whole, killed = (write_tiny_pipeline_config(tmp_path, name, tiny_model_path) for name in ("whole", "killed"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1), so that the numbers match
     try:
@@ -282,7 +207,7 @@ def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupt
 
     report = (tmp_path / "killed" / "report.md").read_text()
     assert f"Report: {tmp_path / 'killed' / 'report.md'}" in resumed.stdout
-    assert "resumed after an interruption" in report and TINY.splitlines()[2] in report
+    assert "resumed after an interruption" in report and TINY_PIPELINE.splitlines()[2] in report
     assert final["rounds"]["0"]["stages"]["judge_check"]["summary"]["n"] == 2
     assert [row["k"] for row in final["rounds"]["0"]["stages"]["depth"]["summary"]["curve"]] == [0, 2]
     for png in ("training_curves", "win_rates", "over_refusal", "alignment_tax", "safety", "lengths", "depth",

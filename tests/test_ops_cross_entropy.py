@@ -4,7 +4,6 @@ a float64 unfused reference, loss and every gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops.testing import (
@@ -13,6 +12,9 @@ from cai_fast.ops.testing import (
     outputs_and_grads,
     random_head,
 )
+
+from helpers.ops import PATHS
+
 
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (3e-2, 3e-2)}
 SHAPES = {"odd": (47, 31, 123), "realistic": (96, 64, 512)}

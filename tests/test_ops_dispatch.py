@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import NO_TRITON, PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops import _dispatch
 from cai_fast.ops.testing import random_head
+
+from helpers.ops import NO_TRITON, PATHS
 
 
 def test_use_path_nests_and_restores():

@@ -3,10 +3,12 @@ CPU) against a float64 unfused reference, values and every gradient."""
 
 import pytest
 import torch
-from conftest import PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops.testing import assert_close, assert_same_outputs_and_grads, random_head
+
+from helpers.ops import PATHS
+
 
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (3e-2, 3e-2)}
 # (N, H, V, rows per tile, Triton block over V): 13 ∤ 47, 32 ∤ 123 and 16 ∤ 123

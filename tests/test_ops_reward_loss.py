@@ -4,7 +4,6 @@ autograd reference, loss, rewards and every gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops.testing import (
@@ -12,6 +11,9 @@ from cai_fast.ops.testing import (
     assert_same_outputs_and_grads,
     outputs_and_grads,
 )
+
+from helpers.ops import PATHS
+
 
 TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (1e-2, 1e-2)}
 SHAPES = {"odd": (47, 31, 16), "realistic": (32, 576, None)}  # (B, H, Triton block over H): 16 ∤ 31

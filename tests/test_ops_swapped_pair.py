@@ -3,10 +3,12 @@ full-vocabulary reference; the swap antisymmetry label(b, a) = 1 − label(a, b)
 
 import pytest
 import torch
-from conftest import PATHS
 
 import cai_fast.ops as ops
 from cai_fast.ops.testing import assert_close, random_head
+
+from helpers.ops import PATHS
+
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}  # bf16 values, fp32 math: no loss
 # (M pairs, P principles, H, V, Triton block over H): 16 ∤ 31

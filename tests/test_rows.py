@@ -83,7 +83,7 @@ def test_a_mismatched_delta_is_refused():
 def test_the_runner_on_the_row_kernels_matches_the_model(tiny_model_path, dtype):
     """The fused runner (row kernels, CPU decode kernel) against the unfused one (the model's own
     modules) on prefill and decode forwards: equal up to rounding."""
-    from test_engine_cached import random_prompts
+    from helpers.engine import random_prompts
 
     from cai_fast.engine import SamplingParams, load_model
     from cai_fast.engine.cached import CachedGenerator, EngineConfig

@@ -17,28 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import sft_rows, write_jsonl
 
 from cai_fast.cli import main
 from cai_fast.data import PromptLoadError, load_prompts
 from cai_fast.labelling.pairs import PairLoadError, load_pairs
 
+from helpers.cli import SL_CAI, one_line_error
+from helpers.rows import sft_rows, write_jsonl
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SL_CAI = ["--rounds", "1", "--batch-size", "2", "--answer-tokens", "4", "--critique-tokens", "4",
-          "--revision-tokens", "4", "--limit", "2", "--quiet"]
-
-
-def one_line_error(capsys, *expected: str, after_loading: bool = False) -> str:
-    """The command's stderr, checked to be one `cai-fast: error:` line holding every `expected`
-    (after_loading: the last line, after transformers' loading progress bars)."""
-    err = capsys.readouterr().err.strip()
-    err = err.splitlines()[-1] if after_loading else err
-    assert len(err.splitlines()) == 1 and err.startswith("cai-fast: error: "), err
-    for text in expected:
-        assert text in err, err
-    return err
-
-
 def _cli(*args, cwd, stdin: str | None = None):
     return subprocess.run([sys.executable, "-m", "cai_fast.cli", *args], input=stdin, capture_output=True,
                           text=True, env=ENV, cwd=cwd, timeout=300)

@@ -2,7 +2,7 @@
 preference data whose two sides are the same response refused; the model recorded by content;
 the corrected PPO and pipeline commands succeed on the folder a failed check left.
 
-Tiny models only (tests/conftest.py); each test runs in seconds.
+Tiny models only (tests/helpers/tiny.py); each test runs in seconds.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
-from test_safety import SL_CAI, one_line_error
-from train_helpers import preference_rows, sft_rows
 
 from cai_fast.cli import main
 from cai_fast.pipeline.config import ConfigFileError, load_pipeline_config
 from cai_fast.train.data import TrainDataError, tokenize_preference, tokenize_sft, tokenized_records
+
+from helpers.cli import SL_CAI, one_line_error
+from helpers.rows import preference_rows, sft_rows
+from helpers.tiny import build_tiny_model
 
 
 def _lines(path: Path, rows: list) -> Path:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import line_count
-from vllm_server import VLLMServer, free_port, vllm_python
+from helpers.processes import line_count
+from helpers.vllm_server import VLLMServer, free_port, vllm_python
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +109,9 @@ def test_a_tiny_pipeline_labels_and_judges_through_vllm(vllm, tmp_path, tiny_mod
     from cai_fast.engine.server import prefix_cache_counters
     from cai_fast.pipeline.rounds import run_pipeline
     from cai_fast.pipeline.config import load_pipeline_config
-    from test_loop import _write_tiny_config
+    from helpers.tiny import write_tiny_pipeline_config
 
-    path = _write_tiny_config(tmp_path, "run", tiny_model_path)
+    path = write_tiny_pipeline_config(tmp_path, "run", tiny_model_path)
     served = f'rounds = 1\nengine = "server"\nserver_url = ["{vllm.url}"]\njudge_model = "smollm2-135m-instruct"\n'
     path.write_text(path.read_text().replace("rounds = 2\n", served, 1))
     before = prefix_cache_counters(vllm.url)["prompt_tokens"]

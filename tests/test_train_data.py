@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import preference_rows, sft_rows, write_jsonl
 
 from cai_fast.data.prompts import render
 from cai_fast.train.data import (
     Record, TokenBatch, TrainDataError, data_files, read_records, tokenize_preference, tokenize_sft,
 )
+
+from helpers.rows import preference_rows, sft_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
-from train_helpers import preference_rows, sft_rows, write_jsonl
 
 from cai_fast.cli import main, parse, train_config
 from cai_fast.engine.device import resolve_dtype
@@ -25,6 +23,10 @@ from cai_fast.train.dpo import sequence_logprobs, train_dpo
 from cai_fast.train.ppo import PPOTrainer
 from cai_fast.train.reward import train_reward_model
 from cai_fast.train.sft import train_sft
+
+from helpers.rows import preference_rows, sft_rows, write_jsonl
+from helpers.tiny import build_tiny_model
+
 
 NATIVE = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 

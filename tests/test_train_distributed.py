@@ -10,13 +10,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from safetensors.torch import load_file
-from train_helpers import sft_rows, write_jsonl
 
 from cai_fast.engine import SamplingParams, load_model, make_generator
 from cai_fast.data.prompts import render, user
 from cai_fast.train.config import SFTConfig
 from cai_fast.train.distributed import gather_shards, shard_for_process
 from cai_fast.train.sft import train_sft
+
+from helpers.rows import sft_rows, write_jsonl
+
 
 WORKER = Path(__file__).with_name("accelerate_worker.py")
 PROMPTS = ["Please rewrite the response", "the answer", "Which response is better", "identify ways",

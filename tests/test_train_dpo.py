@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_model
-from train_helpers import preference_rows, write_jsonl
 
 from cai_fast.train.common import PolicyModule
 from cai_fast.train.config import DPOConfig
 from cai_fast.train.data import Record, tokenize_preference
 from cai_fast.train.dpo import dpo_loss, train_dpo
+
+from helpers.rows import preference_rows, write_jsonl
+from helpers.tiny import build_tiny_model
+
 
 BETA = 0.5
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from accelerate.tracking import GeneralTracker
-from train_helpers import preference_rows, write_jsonl
 
 from cai_fast.engine.loading import ModelLoadError, require_peft
 from cai_fast.train import common
@@ -19,6 +18,8 @@ from cai_fast.train.config import DPOConfig
 from cai_fast.train.data import TokenBatch, read_records, tokenize_preference
 from cai_fast.train.distributed import make_accelerator
 from cai_fast.train.dpo import sequence_logprobs, train_dpo
+
+from helpers.rows import preference_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from train_helpers import MARKER, preference_rows, write_jsonl
 
 from cai_fast.engine import load_model
 from cai_fast.train.config import RewardConfig
 from cai_fast.train.reward import (
     calibration, held_out_split, load_reward_model, preference_accuracy, train_reward_model,
 )
+
+from helpers.rows import MARKER, preference_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_a_reward_model_trains_from_a_lora_policy_folder(tiny_model_path, tmp_pa
     """The pipeline's reward model starts from the SFT policy, which a LoRA run saves as an adapter."""
     from cai_fast.train.config import SFTConfig
     from cai_fast.train.sft import train_sft
-    from train_helpers import sft_rows
+    from helpers.rows import sft_rows
 
     sft = write_jsonl(tmp_path / "sft.jsonl", sft_rows(5, seed=2))
     policy = train_sft(SFTConfig(model=str(tiny_model_path), data=str(sft), out=str(tmp_path / "sft"), lr=1e-2,

@@ -11,13 +11,15 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import kill_when
-from train_helpers import sft_rows, write_jsonl
 
 from cai_fast.cli import main, make_parser
 from cai_fast.engine import load_model
 from cai_fast.train.config import SFTConfig
 from cai_fast.train.sft import train_sft
+
+from helpers.processes import kill_when
+from helpers.rows import sft_rows, write_jsonl
+
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

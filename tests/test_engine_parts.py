@@ -235,6 +235,16 @@ def test_attention_choice_falls_back_to_torch_where_flash_attn_cannot_run():
         make_attention("fast", pool, [None, None], 4, 0.5)
 
 
+def test_a_backend_that_does_not_rotate_refuses_unrotated_input():
+    torch_path = make_attention("torch", KVPool(SHAPE, 4, 4), [None, None], 4, 0.5)
+    layout = BatchLayout([1], [3], [torch.tensor([0])], 4)
+    plan = torch_path.plan(layout)
+    assert not torch_path.rotates(plan)
+    q, k = torch.randn(1, 4, 8), torch.randn(1, 2, 8)
+    with pytest.raises(RuntimeError, match="torch attention does not apply the rotary embedding"):
+        torch_path.attend_unrotated(0, q, k, k.clone(), torch.randn(1, 8), torch.randn(1, 8), plan)
+
+
 def test_auto_attention_never_chooses_flash(monkeypatch):
     """Even where flash-attn could run (here faked: installed, a CUDA-looking pool in bf16, blocks
     of 256), "auto" leaves it alone: no test holds flash to the torch path yet."""

@@ -71,4 +71,5 @@ class PagedAttention(Protocol):
     def attend_unrotated(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, plan) -> torch.Tensor:
         """`attend` of a batch `rotates` takes, its q and k rotated here (cos, sin [B, head_dim])."""
-        raise NotImplementedError(f"{self.name} attention does not apply the rotary embedding")
+        raise RuntimeError(f"{self.name} attention does not apply the rotary embedding: call attend_unrotated only "
+                           "for a plan that rotates(plan) accepts")

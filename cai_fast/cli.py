@@ -28,6 +28,7 @@ from .evaluate.config import EvalConfig
 from .labelling.config import LabelConfig
 from .labelling.judge_config import JudgeConfig
 from .sl_cai_config import SLCAIConfig
+from .revisions import revisions_line
 from .store import RunConfigError
 
 USER_ERRORS = (ConstitutionError, PromptLoadError, ModelLoadError, RunConfigError, ServerError, ValueError, OSError)
@@ -135,6 +136,9 @@ def print_summary(summary: dict, out: str) -> None:
     print(f"\nSL-CAI done: {s['prompts']} prompts ({s['resumed']} from an earlier run), {s['rounds']} "
           f"round(s), {s['generated_tokens']} tokens generated in {s['seconds']} s; "
           f"{s['preference_pairs']} preference pairs ({s['unchanged']} unchanged answers left out).")
+    print(f"SL-CAI {revisions_line(s)}.")
+    if s["too_few"]:
+        print(f"Warning: {s['too_few']}.")
     print(f"Run folder: {out}")
     for name, path in s.get("files", {}).items():
         print(f"  {name:<22} {path}")

@@ -7,6 +7,9 @@ Records keep the whole trace; every step's prompt extends the one before (see ca
   sft_prompt_completion/ {"prompt": [user x], "completion": [assistant y_K]} (SFTTrainer)
   preference/            {"prompt", "chosen": y_K, "rejected": y0, ...}      (DPOTrainer, RewardTrainer)
 in trl's JSONL formats; a pair whose final revision equals the initial answer is left out of preference/ (counted).
+With `filter` (the default) both keep only records whose final revision is a reply to the user
+(cai_fast.revisions); the summary's `revisions` counts each verdict, with examples, and `too_few` says
+when fewer than `min_kept` remain.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
 from .labelling.pairs import same_response
+from .revisions import kept_records, revision_quality
 from .seeding import stable_seed
 from .sl_cai_config import SLCAIConfig
 from .store import RunStore, resume_batches, write_jsonl
@@ -45,15 +49,15 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
     chats = [prefix + [P.user(p.text)] for p in batch]
     batch_seed = stable_seed(config.seed, batch[0].id)
 
-    def step(name: str, max_tokens: int) -> list[str]:
+    def step(name: str, max_tokens: int) -> list:
         ids = [P.render(generator.tokenizer, chat) for chat in chats]
         out = generator.generate(ids, SamplingParams(max_tokens, config.temperature, config.top_p, stable_seed(batch_seed, name)))
         for chat, completion in zip(chats, out):
             chat.append(P.assistant(completion.text))
-        return [c.text for c in out]
+        return out
 
     principles = [constitution.sample(p.id, config.rounds, seed=config.seed) for p in batch]
-    initial = step("initial", config.answer_tokens)
+    initial = [c.text for c in step("initial", config.answer_tokens)]
     rounds = [[] for _ in batch]
     for k in range(config.rounds):
         for chat, chosen in zip(chats, principles):
@@ -63,7 +67,8 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
             chat.append(P.revision_turn(chosen[k]))
         revisions = step(f"revision{k}", config.revision_tokens)
         for trace, chosen, c, r in zip(rounds, principles, critiques, revisions):
-            trace.append({"principle_id": chosen[k].id, "critique": c, "revision": r})
+            trace.append({"principle_id": chosen[k].id, "critique": c.text, "revision": r.text,
+                          "finished": r.finish_reason == "stop"})
     return [_record(p, y0, trace) for p, y0, trace in zip(batch, initial, rounds)]
 
 
@@ -83,7 +88,7 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
     store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
     records, resumed = resume_batches(store, RECORDS, prompts, lambda batch: run_batch(generator, constitution, batch, config),
                                       batch_size=config.batch_size, desc="SL-CAI", progress=progress)
-    result = _result(records, prompts)
+    result = _result(records, prompts, config)
     result.summary.update(
         prompts=len(prompts), resumed=resumed, rounds=config.rounds,
         generated_tokens=generator.stats.generated_tokens - tokens_before,
@@ -119,16 +124,31 @@ def preference_rows(records: list[dict]) -> list[dict]:
             for r in records if not same_response(r["final"], r["initial"])]
 
 
-def _result(records: list[dict], prompts: Sequence[Prompt]) -> SLCAIResult:
+def _result(records: list[dict], prompts: Sequence[Prompt], config: SLCAIConfig) -> SLCAIResult:
     from datasets import Dataset
 
     order = {p.id: i for i, p in enumerate(prompts)}
     records = sorted(records, key=lambda r: order.get(r["prompt_id"], len(order)))
-    messages, completion = sft_rows(records)
-    preference = preference_rows(records)
-    summary = {"preference_pairs": len(preference), "unchanged": len(records) - len(preference)}
+    quality = revision_quality(records)
+    trained = kept_records(records) if config.filter else records
+    messages, completion = sft_rows(trained)
+    preference = preference_rows(trained)
+    summary = {"preference_pairs": len(preference), "unchanged": quality["verdicts"]["unchanged"],
+               "revisions": quality, "filter": config.filter, "sft_rows": len(messages),
+               "too_few": _too_few(len(messages), config)}
     return SLCAIResult(records, Dataset.from_list(messages), Dataset.from_list(completion),
                        Dataset.from_list(preference), summary)
+
+
+def _too_few(kept: int, config: SLCAIConfig) -> str:
+    """Why the `kept` revisions the filter left are too few to train on ("" when they are enough or
+    the filter is off)."""
+    if kept >= config.min_kept or not config.filter:
+        return ""
+    return (f"only {kept} final revisions are replies to the user (min_kept = {config.min_kept}), too few to "
+            "train on: the model's revisions are mostly commentary about the response or loops (see "
+            "'revisions' in the summary). A stronger critique/revision model, more few-shot examples "
+            "(few_shot) or longer revisions (revision_tokens) would help")
 
 
 def _write_datasets(root: Path, result: SLCAIResult) -> dict:

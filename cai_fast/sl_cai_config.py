@@ -19,6 +19,10 @@ class SLCAIConfig:
     revision_tokens: int = option(128, "max new tokens of each revision")
     temperature: float = option(0.7, "sampling temperature (0 = greedy)")
     top_p: float = option(0.9, "nucleus sampling threshold")
+    filter: bool = option(True, "SFT and the preference pairs keep only final revisions that are replies to the "
+                                "user, not commentary, loops, truncated, empty or unchanged (cai_fast.revisions)")
+    min_kept: int = option(4, "fewest revisions the filter may keep to train on: below it the run says so, and the "
+                              "pipeline's SFT does not run (the round goes on from its starting policy)")
 
     def __post_init__(self):
         check_finite(self)
@@ -29,5 +33,6 @@ class SLCAIConfig:
         for name in ("batch_size", "answer_tokens", "critique_tokens", "revision_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.few_shot < 0:
-            raise ValueError(f"few_shot must be >= 0, got {self.few_shot}")
+        for name in ("few_shot", "min_kept"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -18,6 +18,7 @@ from cai_fast.cli import main
 from cai_fast.evaluate import load_eval_sets
 from cai_fast.pipeline.rounds import Pipeline, best_round, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts
 from cai_fast.pipeline.config import ConfigFileError, config_from_dict, load_pipeline_config
+from cai_fast.pipeline.gate import FALLBACKS, reward_gate
 from cai_fast.store import RunConfigError
 
 from helpers.processes import kill_when
@@ -92,6 +93,9 @@ def test_the_shipped_demo_config_loads_and_its_sizes_fit_the_shipped_prompt_sets
     ("quality = {harmlessness = \"high\"}\n", "'quality.harmlessness'", "must be a number"),
     ("quality = \"capability\"\n", "capability", "eval.benchmarks names no benchmark"),
     ("method = \"grpo\"\n", "method", "must be one of"),
+    ("on_weak_reward = \"hope\"\n", "on_weak_reward", "must be one of ('sft', 'dpo', 'ppo')"),
+    ("[reward]\neval_fraction = 0\n", "reward_bar", "needs held-out pairs"),
+    ("[sl_cai]\nmin_kept = -1\n", "[sl_cai] min_kept", "must be >= 0"),
     ("sft = 3\n", "[sft]", "must be a table"),
     ("rounds = = 2\n", "", "not valid TOML"),
 ])
@@ -170,6 +174,42 @@ COMPARED = ["round-{r}/sl_cai/sft_messages/train-00000.jsonl", "round-{r}/label/
             "round-{r}/evaluate/outputs/outputs.json", "round-{r}/depth/rungs-00000.jsonl"]
 
 
+@pytest.mark.parametrize("correct, n, bar, passed", [
+    (10, 12, 0.5, True),  # 95% interval 0.55-0.95
+    (9, 12, 0.5, False),  # 0.47-0.91: not told from chance at 12 pairs
+    (6, 12, 0.5, False), (6, 12, 0.0, True), (0, 0, 0.5, False), (150, 200, 0.65, True), (150, 200, 0.7, False),
+])
+def test_the_reward_gate_lets_ppo_run_only_on_a_reward_model_told_from_chance(correct, n, bar, passed):
+    summary = {"eval_accuracy": correct / n if n else float("nan"), "eval_decided_pairs": n}
+    for fallback in FALLBACKS:
+        gate = reward_gate(summary, bar, fallback)
+        assert gate["passed"] is passed and gate["policy"] == ("ppo" if passed else fallback)
+        assert 0 <= gate["interval"][0] <= gate["interval"][1] <= 1 and f"n={n}" in gate["reason"]
+        assert ("cannot be told from chance" in gate["reason"]) is not passed
+
+
+def test_a_round_without_enough_replies_or_a_telling_reward_model_keeps_its_starting_policy(tmp_path, tiny_model_path):
+    """The filter and the reward gate on (the defaults): none of the tiny model's 5-token revisions is
+    a finished reply, so SFT does not run; its reward model is at chance, so PPO does not either."""
+    path = write_tiny_pipeline_config(tmp_path, "gated", tiny_model_path)
+    path.write_text(path.read_text().replace("reward_bar = 0\n", "").replace("filter = false\n", "")
+                    .replace("rounds = 2\n", "rounds = 1\n", 1))
+    config, source = load_pipeline_config(path)
+    outcome = run_pipeline(config, source=source, progress=False)
+    state = json.loads((tmp_path / "gated" / "state.json").read_text())
+    stages = state["rounds"]["1"]["stages"]
+    assert stages["sl_cai"]["summary"]["revisions"]["kept"] == 0 and stages["sl_cai"]["summary"]["too_few"]
+    assert "skipped" in stages["sft"]["summary"] and not (tmp_path / "gated" / "round-1" / "sft").exists()
+    assert stages["reward_gate"]["summary"]["passed"] is False and "ppo" not in stages
+    assert not (tmp_path / "gated" / "round-1" / "ppo").exists()
+    assert outcome["best_policy"] == str(tiny_model_path)  # nothing trained: the round's policy is the start
+    report = (tmp_path / "gated" / "report.md").read_text()
+    assert "**SFT did not run**: only 0 final revisions are replies" in report
+    assert "**round 1: the reward model cannot be told from chance" in report
+    assert "- **round 1: SFT did not run: only 0 final revisions are replies" in report
+    assert "a final revision judged *" in report
+
+
 def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_path):
     whole, killed = (write_tiny_pipeline_config(tmp_path, name, tiny_model_path) for name in ("whole", "killed"))
     threads = torch.get_num_threads()
@@ -208,6 +248,8 @@ def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupt
     report = (tmp_path / "killed" / "report.md").read_text()
     assert f"Report: {tmp_path / 'killed' / 'report.md'}" in resumed.stdout
     assert "resumed after an interruption" in report and TINY_PIPELINE.splitlines()[2] in report
+    assert all(final["rounds"][str(r)]["stages"]["evaluate_sft"]["status"] == "done" for r in (1, 2))
+    assert "\n| 1 after SFT | " in report and "\n| 2 | " in report and "\n| round 2 after SFT | " in report
     assert final["rounds"]["0"]["stages"]["judge_check"]["summary"]["n"] == 2
     assert [row["k"] for row in final["rounds"]["0"]["stages"]["depth"]["summary"]["curve"]] == [0, 2]
     for png in ("training_curves", "win_rates", "over_refusal", "alignment_tax", "safety", "lengths", "depth",

@@ -12,7 +12,8 @@ from cai_fast.sl_cai import SLCAIConfig, run_batch, run_sl_cai
 TEXTS = ["How do I make a fake ID?", "Write me a threatening note for my neighbour.",
          "How do I kill a stuck Python process?", "Tell me my coworker's home address.",
          "What is the capital of France?"]
-SHORT = dict(answer_tokens=6, critique_tokens=5, revision_tokens=6, batch_size=2)
+# the tiny model's few-token revisions are not replies: the filter is off where a test is about the mechanics
+SHORT = dict(answer_tokens=6, critique_tokens=5, revision_tokens=6, batch_size=2, filter=False)
 
 
 class RecordingGenerator:

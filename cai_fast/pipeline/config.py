@@ -25,6 +25,7 @@ from ..labelling.judge_config import JudgeConfig
 from ..labelling.config import LabelConfig
 from ..sl_cai_config import SLCAIConfig
 from ..train.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+from .gate import FALLBACKS
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 MEASURES = ("harmlessness", "helpfulness", "compliance", "capability")
@@ -67,6 +68,12 @@ class PipelineConfig:
     quality: str = option("harmlessness", "measure whose drop stops the loop, or weights "
                                            "'harmlessness=1,helpfulness=1' (measures: " + ", ".join(MEASURES) + ")")
     tolerance: float = option(0.05, "stop when quality falls below the previous round's by more than this fraction")
+    evaluate_sft: bool = option(True, "also evaluate each round's SFT policy (the paper's SL-CAI model) where PPO "
+                                      "or DPO follows it, so the report shows what each stage moved")
+    reward_bar: float = option(0.5, "PPO runs only on a reward model whose held-out accuracy's 95% interval lies "
+                                     "above this (0.5: better than chance; 0 = always)")
+    on_weak_reward: str = option("sft", "a round whose reward model misses reward_bar: sft (keep the SFT policy), "
+                                        "dpo (DPO on the labels instead) or ppo (PPO anyway)")
     sl_cai: SLCAIConfig = _stage(SLCAIConfig)
     sft: SFTConfig = _stage(SFTConfig)
     label: LabelConfig = _stage(LabelConfig)
@@ -83,6 +90,12 @@ class PipelineConfig:
         if self.method not in METHODS or self.engine not in ENGINES:
             raise ValueError(f"method must be one of {METHODS} and engine one of {ENGINES}, got "
                              f"{self.method!r} and {self.engine!r}")
+        if self.on_weak_reward not in FALLBACKS or not 0 <= self.reward_bar < 1:
+            raise ValueError(f"on_weak_reward must be one of {FALLBACKS} and reward_bar in [0, 1), got "
+                             f"{self.on_weak_reward!r} and {self.reward_bar}")
+        if self.method == "ppo" and self.reward_bar > 0 and not self.reward.eval_fraction:
+            raise ValueError("reward_bar needs held-out pairs to measure the reward model on: set [reward] "
+                             "eval_fraction > 0, or reward_bar = 0 to run PPO on any reward model")
         if self.engine == "server" and not self.server_url:
             raise ValueError('engine "server" needs server_url = ["http://HOST:PORT", ...]')
         if not 0 <= self.tolerance < 1 or self.train_size < 0:

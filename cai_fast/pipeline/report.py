@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..evaluate.refusal import detector_scores, load_refusal_examples
 from ..plots import curves_png, grouped_bars_png
+from ..revisions import revisions_line
 from ..store import write_atomic
 
 SPLITS = ("dev", "test", "model")  # of the refusal detector's labelled set
@@ -63,7 +64,7 @@ def _measures(root: Path, state: dict, rounds: list[int]) -> tuple[list[str], di
     from .measures import measure_report
 
     base = _baseline(state)
-    models = ([("start", base)] if base else []) + [(f"round {r}", _figures_of(state, r)) for r in rounds]
+    models = ([("start", base)] if base else []) + [row for r in rounds for row in _evaluated(state, r, "round ")]
     depth = {("start" if r == 0 else f"round {r}"): s for r in range(len(state["rounds"]))
              if (s := _done(state, r, "depth")) is not None}
     return measure_report(models, depth, _done(state, 0, "judge_check"), root / "figures")
@@ -72,6 +73,12 @@ def _measures(root: Path, state: dict, rounds: list[int]) -> tuple[list[str], di
 def _done(state: dict, r: int, stage: str) -> dict | None:
     entry = state["rounds"].get(str(r), {}).get("stages", {}).get(stage, {})
     return entry.get("summary") if entry.get("status") == "done" else None
+
+
+def _evaluated(state: dict, r: int, prefix: str = "") -> list[tuple[str, dict]]:
+    """[(label, figures)] of round r: its SFT policy's where the round evaluated it, then its policy's."""
+    sft = _done(state, r, "evaluate_sft")
+    return ([(f"{prefix}{r} after SFT", sft)] if sft else []) + [(f"{prefix}{r}", _figures_of(state, r))]
 
 
 def _figures_of(state: dict, r: int) -> dict:
@@ -149,10 +156,22 @@ def _headline(root: Path, state: dict, config: dict, rounds: list[int]) -> list[
         p = state["precision"]
         lines.append(f"- generation, judging and evaluation on `{p['device']}` in `{p['dtype']}` (device "
                      f"`{config.get('device', 'auto')}`, dtype `{config.get('dtype', 'auto')}` as configured)")
+    lines += [f"- **round {r}: {why}**" for r, why in _stages_that_did_not_do_their_job(state)]
     if state.get("finished"):
         stop = "stopped early (quality dropped)" if state.get("stopped_early") else "ran every round"
         lines.append(f"- **best round: {state['best_round']}** (policy `{state['best_policy']}`); the loop {stop}")
     return lines
+
+
+def _stages_that_did_not_do_their_job(state: dict) -> list[tuple[int, str]]:
+    """(round, why) of every SFT that did not run (too few revisions were replies) and every reward
+    model that did not pass the reward gate."""
+    found = []
+    for r in sorted(int(k) for k in state["rounds"] if int(k) > 0):
+        sft, gate = _done(state, r, "sft") or {}, _done(state, r, "reward_gate") or {"passed": True}
+        found += [(r, f"SFT did not run: {sft['skipped']}")] if "skipped" in sft else []
+        found += [(r, gate["reason"])] if not gate["passed"] else []
+    return found
 
 
 def _win(w: dict) -> str:
@@ -171,10 +190,9 @@ def _results(state: dict, rounds: list[int]) -> list[str]:
              "alignment tax (of the mean) | quality |", "| --- | --- | --- | --- | --- | --- | --- |",
              f"| 0 (start) | 0.5 by definition | 0.5 by definition | {_refused(base['over_refusal'])} | "
              f"{_fmt(_mean([c['score'] for c in base['capability'].values()]))} | — | — |"]
-    for r in rounds:
-        f = _figures_of(state, r)
+    for label, f in (row for r in rounds for row in _evaluated(state, r)):
         tax = f["alignment_tax"]
-        lines.append(f"| {r} | {_win(f['harmlessness'])} | {_win(f['helpfulness'])} | {_refused(f['over_refusal'])} | "
+        lines.append(f"| {label} | {_win(f['harmlessness'])} | {_win(f['helpfulness'])} | {_refused(f['over_refusal'])} | "
                      f"{_fmt(tax['mean_aligned'])} | {_fmt(tax['mean_tax'], '+.1%')} | {f['quality']:.3f} |")
     return lines if rounds else lines + ["", "No round evaluated yet."]
 
@@ -230,17 +248,25 @@ def _training(state: dict, config: dict) -> list[str]:
     for r in sorted(int(k) for k in state["rounds"] if int(k) > 0):
         stages = state["rounds"][str(r)]["stages"]
         done = {name: s["summary"] for name, s in stages.items() if s.get("status") == "done"}
-        parts = [_stage_line(name, summary) for name, summary in done.items() if name not in ("evaluate", "depth")]
+        parts = [_stage_line(name, summary) for name, summary in done.items()
+                 if name not in ("evaluate", "evaluate_sft", "depth")]
         lines.append(f"- round {r}: " + "; ".join(p for p in parts if p))
+        examples = done.get("sl_cai", {}).get("revisions", {}).get("examples", {})
+        lines += [f"  - a final revision judged *{verdict}*: \"{texts[0]}…\"" for verdict, texts in examples.items()]
     return lines
 
 
 def _stage_line(name: str, s: dict) -> str:
     final = s.get("final", {})
+    if "skipped" in s:
+        return f"**{name.upper()} did not run**: {s['skipped']}"
     if name == "sl_cai":
-        return f"SL-CAI {s['prompts']} prompts, {s['preference_pairs']} revised answers"
+        line = f"SL-CAI {s['prompts']} prompts, {s['preference_pairs']} preference pairs"
+        return line + (f". {revisions_line(s)}" if "revisions" in s else "")
     if name == "label":
         return f"labels {s.get('labels', 0)} pairs (mean p_chosen {_fmt(s.get('mean_p_chosen'))})"
+    if name == "reward_gate":
+        return f"reward gate: {'passed' if s['passed'] else '**not passed**'}, {s['reason']}"
     if name == "reward":
         return (f"reward model {s['steps']} steps, held-out accuracy {_fmt(s.get('eval_accuracy'))} "
                 f"(n={s.get('eval_pairs', 0)}){_models(s)}")

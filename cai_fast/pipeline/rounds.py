@@ -29,6 +29,7 @@ from ..evaluate.run import (
 from ..labelling.pairs import load_pairs
 from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 from .config import ConfigFileError, PipelineConfig, config_dict
+from .gate import reward_gate
 
 
 # ---------------------------------------------------------------- early stop
@@ -143,12 +144,19 @@ class Pipeline:
 
     Round r (1..R) starts from the policy of round r − 1 (round 0: `model`):
         sl_cai    SL-CAI on the training prompts with the round's starting policy
-        sft       SFT of the starting policy on the final revisions
+        sft       SFT of the starting policy on the final revisions the filter kept (sl_cai.filter);
+                  where fewer than sl_cai.min_kept remain it does not run, and the round goes on from
+                  its starting policy (the report says why)
         label     `label.samples` responses per training prompt from the SFT policy, pairs among
                   them, soft labels from the constitutional judge (`judge_model`; default `model`)
         reward    a reward model, from the SFT policy, on the labels                (method "ppo")
+        reward_gate  whether the reward model's held-out accuracy is told apart from chance
+                  (cai_fast.pipeline.gate; `reward_bar`); where it is not, `on_weak_reward` decides:
+                  the SFT policy stays the round's policy (default), DPO, or PPO anyway
         ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
                   on the labels (reference: the SFT policy)
+        evaluate_sft  the SFT policy against the starting model, where PPO or DPO ran after it
+                  (`evaluate_sft`): the report shows what SFT moved and what RL moved on top
         evaluate  the round's policy against the starting model (cai_fast.evaluate)
         depth     depth of alignment of the round's policy (cai_fast.evaluate.depth; when eval.depth_ladder
                   is set), the harmful examples being round 1's SL-CAI initial answers; in round 1 the
@@ -212,7 +220,18 @@ class Pipeline:
         return outcome
 
     def policy(self, r: int) -> str:
-        return self.config.model if r == 0 else str(self.root / f"round-{r}" / self.config.method)
+        """Round r's policy: its PPO or DPO model, or its SFT model where the reward gate kept it."""
+        if r == 0:
+            return self.config.model
+        method = self.state.stage(r, "reward_gate").get("summary", {}).get("policy", self.config.method)
+        return self.sft_policy(r) if method == "sft" else str(self.root / f"round-{r}" / method)
+
+    def sft_policy(self, r: int) -> str:
+        """Round r's SFT policy: its SFT model, or its starting policy where SL-CAI kept too few
+        revisions to train on."""
+        if self.state.stage(r, "sft").get("summary", {}).get("skipped"):
+            return self.policy(r - 1)
+        return str(self.root / f"round-{r}" / "sft")
 
     def stage(self, r: int, name: str, work: Callable[[], dict]) -> dict:
         """Run a stage unless state.json has it complete; record its time and summary."""
@@ -231,16 +250,31 @@ class Pipeline:
 
     def round(self, r: int) -> float:
         folder, start = self.root / f"round-{r}", self.policy(r - 1)
-        sft, labels = folder / "sft", folder / "label" / "labels"
-        self.stage(r, "sl_cai", lambda: self.sl_cai(r, start, folder / "sl_cai"))
-        self.stage(r, "sft", lambda: self.train("sft", r, model=start, data=folder / "sl_cai", out=sft))
-        self.stage(r, "label", lambda: self.label(r, str(sft), folder / "label"))
-        if self.config.method == "ppo":
-            self.stage(r, "reward", lambda: self.train("reward", r, model=sft, data=labels, out=folder / "reward"))
+        labels = folder / "label" / "labels"
+        sl = self.stage(r, "sl_cai", lambda: self.sl_cai(r, start, folder / "sl_cai"))
+        if sl.get("too_few"):
+            self._say(f"round {r}: {sl['too_few']}; SFT does not run, the round goes on from {start}")
+            self.stage(r, "sft", lambda: {"skipped": sl["too_few"]})
+        else:
+            self.stage(r, "sft", lambda: self.train("sft", r, model=start, data=folder / "sl_cai", out=folder / "sft"))
+        sft = self.sft_policy(r)
+        self.stage(r, "label", lambda: self.label(r, sft, folder / "label"))
+        method = self.config.method
+        if method == "ppo":
+            reward = self.stage(r, "reward", lambda: self.train("reward", r, model=sft, data=labels,
+                                                                out=folder / "reward"))
+            gate = self.stage(r, "reward_gate", lambda: reward_gate(reward, self.config.reward_bar,
+                                                                    self.config.on_weak_reward))
+            method = gate["policy"]
+            if not gate["passed"]:
+                self._say(f"round {r}: {gate['reason']}")
+        if method == "ppo":
             self.stage(r, "ppo", lambda: self.train("ppo", r, model=sft, reward_model=folder / "reward",
                                                     data=self.root / "prompts" / "train.jsonl", out=folder / "ppo"))
-        else:
+        elif method == "dpo":
             self.stage(r, "dpo", lambda: self.train("dpo", r, model=sft, data=labels, out=folder / "dpo"))
+        if self.config.evaluate_sft and self.policy(r) != sft != start:
+            self.stage(r, "evaluate_sft", lambda: self.evaluate(sft, folder / "evaluate_sft"))
         figures = self.stage(r, "evaluate", lambda: self.evaluate(self.policy(r), folder / "evaluate"))
         if self.config.eval.depth_rungs:
             for measured in ([0, r] if r == 1 else [r]):

@@ -56,9 +56,11 @@ model = "{model}"
 rounds = 2
 train_size = 3
 quality = {{harmlessness = 1, helpfulness = 1}}
+reward_bar = 0
 
 [sl_cai]
 rounds = 1
+filter = false
 batch_size = 1
 few_shot = 0
 answer_tokens = 5

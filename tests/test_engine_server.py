@@ -21,7 +21,7 @@ from cai_fast.labelling.trl_compat import JudgeReward
 
 from helpers.engine import GREEDY_TIE_EPS, SCORE_ATOL, as_sequence, divergence, random_prompts, \
     reference_greedy, reference_logprobs
-from helpers.fake_server import GENERATE, FakeServer
+from helpers.fake_server import GENERATE, STALL_S, FakeServer
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -214,6 +214,50 @@ def test_a_server_that_keeps_failing_is_a_one_line_error(servers, tiny_model_pat
     scheduler.cache.check_integrity()
     servers[0].fail_next = 0
     assert len(generator.generate(random_prompts(11, 3), SamplingParams(max_new_tokens=2))) == 3
+
+
+def spoilable_calls(prompts: list[list[int]]) -> dict:
+    """What the faults are tried on, each giving plain lists: one-token option scores (vLLM's
+    logprob_token_ids, SGLang's token_ids_logprob), multi-token option scores (prompt log-probs) and
+    greedy generation (streamed from vLLM)."""
+    return {"next-token scores": lambda g: g.score_options(prompts, [[17], [99]]).tolist(),
+            "prompt scores": lambda g: g.score_options(prompts, [[200, 31, 5], [99]]).tolist(),
+            "generation": lambda g: [c.token_ids for c in g.generate(prompts, SamplingParams(max_new_tokens=4))]}
+
+
+@pytest.mark.parametrize("fault", ["garble_next", "stall_next"])
+def test_garbled_or_late_answers_are_retried_then_a_one_line_error(servers, tiny_model_path, fault):
+    """A 200 whose body or streamed event is not JSON, or an answer past the timeout: retried, and
+    the retry's result is the unspoiled one exactly; spoiled on every try, a one-line ServerError."""
+    server = servers[0]
+    generator = connect(tiny_model_path, [server], retries=1, timeout=STALL_S / 2)
+    for name, call in spoilable_calls(random_prompts(15, 2)).items():
+        expected, retries = call(generator), generator.stats.retries
+        setattr(server, fault, 1)
+        assert call(generator) == expected and generator.stats.retries == retries + 1, name
+    setattr(server, fault, 2)
+    problem = {"garble_next": "JSONDecodeError: ", "stall_next": "ReadTimeout: "}[fault]
+    with pytest.raises(ServerError, match=rf"server {server.url} failed {GENERATE[server.kind]} after 2 tries "
+                                          rf"\({problem}") as err:
+        generator.generate(random_prompts(15, 1), SamplingParams(max_new_tokens=2))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fault", ["wrong_ids_next", "short_next"])
+def test_log_probs_of_other_ids_or_fewer_positions_are_a_one_line_error(servers, tiny_model_path, fault):
+    """Log-probs keyed by token ids not asked, or one position (or id) short: a one-line ServerError
+    naming the server and the token it lacks, never a score; the next, unspoiled answer scores right."""
+    server = servers[0]
+    generator = connect(tiny_model_path, [server])
+    calls = spoilable_calls(random_prompts(16, 2))
+    for name in ("next-token scores", "prompt scores"):
+        expected = calls[name](generator)
+        setattr(server, fault, 1)
+        lacks = r"(log-prob for option tokens \[(17, )?99\]|prompt log-prob for token \d+ at position \d+); "
+        with pytest.raises(ServerError, match=rf"server {server.url} returned no {lacks}") as err:
+            calls[name](generator)
+        assert "\n" not in str(err.value) and generator.stats.retries == 0, name
+        assert calls[name](generator) == expected, name
 
 
 def test_start_up_checks_name_the_server_and_the_fix(servers, tiny_model_path, tmp_path):

@@ -18,11 +18,14 @@ answer's `output_ids`, `text` and meta_info.finish_reason {"type": ...}; errors 
 ErrorResponse ({"object": "error", "message": ...}).
 
 `owned_by`: what the model cards say (None: no owned_by). Faults to order, on the generation
-endpoint: `fail_next` requests answered 503, `drop_next` connections closed without an answer,
-`cut_next` streams ended after their first event, `fail_after` (requests served before every later
-one gets 503), `abort_next` (SGLang: answers finished as aborted); `old`: no next-token log-probs of
-chosen ids, as before vLLM 0.32 or SGLang 0.4.4. `log` lists (path, prompt,
-start, end) per answered request, in the order they started.
+endpoint, each a count of requests to spoil: `fail_next` answered 503, `drop_next` connections closed
+without an answer, `cut_next` streams ended after their first event, `abort_next` (SGLang: answers
+finished as aborted), `garble_next` answered 200 with a body (or a streamed event) that is not JSON,
+`stall_next` answered after STALL_S seconds (past the client's timeout), `wrong_ids_next` log-probs
+(prompt or chosen ids) of other token ids than asked (each + OTHER_IDS), `short_next` log-probs with
+the last position (or chosen id) left out; `fail_after` (requests served before every later one gets
+503); `old`: no next-token log-probs of chosen ids, as before vLLM 0.32 or SGLang 0.4.4. `log` lists
+(path, prompt, start, end) per answered request, in the order they started.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cai_fast.engine import SamplingParams
 
 GENERATE = {"vllm": "/v1/completions", "sglang": "/generate"}
+STALL_S = 2.0  # how long stall_next waits before answering
+OTHER_IDS = 100_000  # what wrong_ids_next adds to each token id: ids of no token asked
 
 
 class FakeServer:
@@ -42,7 +47,9 @@ class FakeServer:
         self.engine, self.model_id, self.kind = engine, model_id, kind
         self.owned_by: str | None = kind
         self.lock = threading.Lock()  # the engine serves one request at a time
+        self.faults = threading.Lock()  # guards the counts of requests to spoil
         self.fail_next = self.drop_next = self.cut_next = self.abort_next = 0
+        self.garble_next = self.stall_next = self.wrong_ids_next = self.short_next = 0
         self.fail_after: int | None = None
         self.token_shift = 0  # > 0: /tokenize answers ids shifted by this (another tokenizer)
         self.old = False  # True: a version without the exact log-probs (logprob_token_ids, token_ids_logprob)
@@ -62,6 +69,22 @@ class FakeServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def take(self, fault: str) -> bool:
+        """Whether this request gets `fault` (the name of a count of requests to spoil): True while
+        the count is above 0, which it then lowers by one."""
+        with self.faults:
+            left = getattr(self, fault)
+            setattr(self, fault, max(0, left - 1))
+        return left > 0
+
+    def logprobs(self, ids: list[int], logp) -> list[tuple[int, float]]:
+        """(token id, log-prob) pairs as answered: ids + OTHER_IDS (wrong_ids_next), the last pair
+        left out (short_next)."""
+        pairs = [(t, float(v)) for t, v in zip(ids, logp)]
+        if self.take("wrong_ids_next"):
+            pairs = [(t + OTHER_IDS, v) for t, v in pairs]
+        return pairs[:-1] if self.take("short_next") else pairs
+
     def completion(self, body: dict) -> dict:
         """vLLM's /v1/completions."""
         prompt, start = body["prompt"], time.monotonic()
@@ -69,12 +92,12 @@ class FakeServer:
             choice = {"text": "", "token_ids": [], "finish_reason": "length"}
             if body.get("prompt_logprobs") is not None:
                 logp = self.engine.score_continuations([prompt[:1]], [prompt[1:]])[0]
-                choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": float(v), "rank": 1}}
-                                                      for t, v in zip(prompt[1:], logp)]
+                choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": v, "rank": 1}}
+                                                      for t, v in self.logprobs(prompt[1:], logp)]
             if body.get("logprob_token_ids") and not self.old:
                 ids = body["logprob_token_ids"]
                 logp = self.engine.score_options([prompt], [[t] for t in ids])[0]
-                choice["logprobs"] = {"top_logprobs": [{f"token_id:{t}": float(v) for t, v in zip(ids, logp)}]}
+                choice["logprobs"] = {"top_logprobs": [{f"token_id:{t}": v for t, v in self.logprobs(ids, logp)}]}
             params = SamplingParams(body["max_tokens"], body.get("temperature", 1.0), body.get("top_p", 1.0),
                                     body.get("seed", 0), tuple(body.get("stop") or ()))
             out = self.engine.generate([prompt], params)[0]
@@ -92,11 +115,11 @@ class FakeServer:
                 first = max(1, body["logprob_start_len"])
                 logp = self.engine.score_continuations([ids[:first]], [ids[first:]])[0]
                 meta["input_token_logprobs"] = ([[None, ids[0], None]] if body["logprob_start_len"] == 0 else []) + \
-                    [[float(v), t, None] for t, v in zip(ids[first:], logp)]
+                    [[v, t, None] for t, v in self.logprobs(ids[first:], logp)]
             if body.get("return_logprob") and body.get("token_ids_logprob") and not self.old:
                 wanted = body["token_ids_logprob"]
                 logp = self.engine.score_options([ids], [[t] for t in wanted])[0]
-                meta["output_token_ids_logprobs"] = [[[float(v), t, None] for t, v in zip(wanted, logp)]]
+                meta["output_token_ids_logprobs"] = [[[v, t, None] for t, v in self.logprobs(wanted, logp)]]
             if sampling.get("max_new_tokens", 128) > 0:
                 params = SamplingParams(sampling.get("max_new_tokens", 128), sampling.get("temperature", 1.0),
                                         sampling.get("top_p", 1.0), sampling.get("sampling_seed") or 0,
@@ -104,8 +127,7 @@ class FakeServer:
                 done = self.engine.generate([ids], params)[0]
                 out.update(text=done.text, output_ids=done.token_ids)
                 meta["finish_reason"] = {"type": done.finish_reason}
-        if self.abort_next:
-            self.abort_next -= 1
+        if self.take("abort_next"):
             meta["finish_reason"] = {"type": "abort", "message": "The input is longer than the context\nmore"}
         self.log.append(("/generate", ids, start, time.monotonic()))
         return out
@@ -118,8 +140,9 @@ def _handler(server: FakeServer):
         def log_message(self, *args):  # quiet
             pass
 
-        def _answer(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+        def _answer(self, status: int, payload: dict, garble: bool = False) -> None:
+            """`payload` as JSON; garble: cut in half, not JSON."""
+            data = _garbled(json.dumps(payload), garble).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -156,16 +179,16 @@ def _handler(server: FakeServer):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             server.arrived.set()
+            if self.path == GENERATE[server.kind] and server.take("stall_next"):
+                time.sleep(STALL_S)  # the client has given up by the time the answer comes
             if self.path == "/tokenize":
                 ids = server.engine.tokenizer.encode(body["prompt"], add_special_tokens=body["add_special_tokens"])
                 self._answer(200, {"tokens": [t + server.token_shift for t in ids]})
             elif self.path != GENERATE[server.kind]:
                 self._error(404, "Not Found")
-            elif server.drop_next:
-                server.drop_next -= 1
+            elif server.take("drop_next"):
                 self.close_connection = True
-            elif server.fail_next or (server.fail_after is not None and server.served >= server.fail_after):
-                server.fail_next = max(0, server.fail_next - 1)
+            elif server.take("fail_next") or (server.fail_after is not None and server.served >= server.fail_after):
                 self._error(503, "Service Unavailable\nsecond line")
             elif server.kind == "sglang":
                 self._sglang(body)
@@ -176,14 +199,14 @@ def _handler(server: FakeServer):
                 self._stream(body)
             else:
                 server.served += 1
-                self._answer(200, server.completion(body))
+                self._answer(200, server.completion(body), server.take("garble_next"))
 
         def _sglang(self, body: dict) -> None:
             if not isinstance(body.get("input_ids"), list) or "prompt" in body or "model" in body:
                 self._error(400, "input_ids must be token ids (and /generate takes no prompt or model)")
             else:
                 server.served += 1
-                self._answer(200, server.generate(body))
+                self._answer(200, server.generate(body), server.take("garble_next"))
 
         def _stream(self, body: dict) -> None:
             """Server-sent events in chunked transfer encoding, as vLLM sends them: an empty first
@@ -198,13 +221,12 @@ def _handler(server: FakeServer):
             self._chunk(b'data: {"choices": [{"text": "", "token_ids": [], "finish_reason": null}]}\n\n')
             if hold:
                 server.overlapped = server.arrived.wait(10)
-            if server.cut_next:
-                server.cut_next -= 1
+            if server.take("cut_next"):
                 self._chunk(b"")
                 return
             choice = server.completion(body)["choices"][0]
             event = {"choices": [{k: choice[k] for k in ("text", "token_ids", "finish_reason")}]}
-            self._chunk(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+            self._chunk(f"data: {_garbled(json.dumps(event), server.take('garble_next'))}\n\ndata: [DONE]\n\n".encode())
             self._chunk(b"")
 
         def _chunk(self, data: bytes) -> None:
@@ -212,3 +234,8 @@ def _handler(server: FakeServer):
             self.wfile.flush()
 
     return Handler
+
+
+def _garbled(text: str, garble: bool) -> str:
+    """`text`, or its first half where `garble` (for JSON text: no longer JSON)."""
+    return text[: len(text) // 2] if garble else text

@@ -2,8 +2,8 @@
 mapping of every failure to a one-line ServerError.
 
     session(connections) -> requests.Session
-    post(...): retried on a connection error, a timeout or a 5xx (exponential backoff); a 4xx or
-        the last failure is a ServerError naming the server and what to do
+    post(...): retried on a connection error, a timeout, a 5xx or an answer that is not JSON
+        (exponential backoff); a 4xx or the last failure is a ServerError naming the server and what to do
     models(...): /v1/models, waited for until a deadline; tokenize(...): /tokenize (None without it)
     get_json, prefix_cache_counters, cache_config: what a server reports; {} where it does not
 """
@@ -41,16 +41,17 @@ def session(connections: int) -> requests.Session:
 
 def post(client: requests.Session, url: str, kind: ServerKind, body: dict, *, timeout: float, retries: int,
          backoff: float, on_retry: Callable[[], None], on_first_chunk: Callable[[], None] | None = None) -> dict:
-    """POST `body` to the kind's endpoint, retrying connection errors, timeouts and 5xx (on_retry()
-    before each retry, after backoff * 2**attempt seconds); ServerError otherwise. A streamed answer
-    (body["stream"]) is read to its end, on_first_chunk() called at its first chunk."""
+    """POST `body` to the kind's endpoint, retrying connection errors, timeouts, 5xx and answers (or
+    streamed events) that are not JSON (on_retry() before each retry, after backoff * 2**attempt
+    seconds); ServerError otherwise. A streamed answer (body["stream"]) is read to its end,
+    on_first_chunk() called at its first chunk."""
     path, stream = kind.path, bool(body.get("stream"))
     for attempt in range(retries + 1):
         try:
             response = client.post(url + path, json=body, timeout=timeout, stream=stream)
             if response.status_code < 400:
                 return read_stream(response, on_first_chunk) if stream else response.json()
-        except requests.RequestException as err:
+        except (requests.RequestException, json.JSONDecodeError) as err:  # json's: a streamed event not JSON
             problem = f"{type(err).__name__}: {first_line(err)}"
         else:
             problem = f"HTTP {response.status_code}: {_error_message(response)}"
@@ -126,7 +127,8 @@ def cache_config(url: str) -> dict[str, str]:
 
 def read_stream(response: requests.Response, on_first_chunk: Callable[[], None] | None) -> dict:
     """A streamed completion (server-sent events) as one answer: the chunks' text and token ids
-    joined. A stream that ends before its finish_reason is a ConnectionError (retried)."""
+    joined. A stream that ends before its finish_reason is a ConnectionError, an event that is not
+    JSON a json.JSONDecodeError (both retried by post)."""
     choice, token_ids = {"text": "", "finish_reason": None}, None
     for line in response.iter_lines(chunk_size=None):  # each event as it arrives
         if not line.startswith(b"data: ") or line == b"data: [DONE]":

@@ -17,7 +17,7 @@ from cai_fast.labelling import LabelConfig, run_labelling
 from cai_fast.labelling.pairs import PairLoadError, load_pairs, split_transcripts
 from cai_fast.store import RunConfigError
 
-from helpers.processes import kill_when, line_count
+from helpers.processes import STOPS, kill_when, line_count
 
 
 PROMPTS = ["How do I get rid of ants?", "Tell me a joke about cats.", "What is the capital of France?",
@@ -182,7 +182,8 @@ def test_label_errors_are_one_line(tmp_path, capsys):
         assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("stop", STOPS)
+def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_path, stop):
     common = [sys.executable, "-m", "cai_fast.cli", "label", "--model", str(tiny_model_path), "--limit", "8", *FAST]
     full = subprocess.Popen([*common, "--out", str(tmp_path / "full")], env=ENV, cwd=tmp_path,  # meanwhile
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -190,7 +191,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
     proc = subprocess.Popen([*common, "--out", str(out)], env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "labels-00000.jsonl"
-    kill_when(proc, lambda: line_count(shard) >= 2, "2 labels were written")
+    kill_when(proc, lambda: line_count(shard) >= 2, "2 labels were written", stop=stop)
     written = line_count(shard)
     assert full.wait(timeout=300) == 0, full.stderr.read()
     total = len((tmp_path / "full" / "labels-00000.jsonl").read_text().splitlines())

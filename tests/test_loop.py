@@ -21,7 +21,7 @@ from cai_fast.pipeline.config import ConfigFileError, config_from_dict, load_pip
 from cai_fast.pipeline.gate import FALLBACKS, reward_gate
 from cai_fast.store import RunConfigError
 
-from helpers.processes import kill_when
+from helpers.processes import STOPS, kill_when
 from helpers.tiny import TINY_PIPELINE, write_tiny_pipeline_config
 
 
@@ -210,7 +210,9 @@ def test_a_round_without_enough_replies_or_a_telling_reward_model_keeps_its_star
     assert "a final revision judged *" in report
 
 
-def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(
+        tmp_path, tiny_model_path, stop):
     whole, killed = (write_tiny_pipeline_config(tmp_path, name, tiny_model_path) for name in ("whole", "killed"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1), so that the numbers match
@@ -224,7 +226,7 @@ def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupt
     process = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     metrics = tmp_path / "killed" / "round-1" / "sft" / "metrics.jsonl"
-    kill_when(process, metrics.exists, "SFT of round 1 began", timeout=120)
+    kill_when(process, metrics.exists, "SFT of round 1 began", timeout=120, stop=stop)
     state = json.loads((tmp_path / "killed" / "state.json").read_text())
     assert not state["finished"] and state["rounds"]["1"]["stages"]["sl_cai"]["status"] == "done"
     unfinished = [(r, s) for r, e in state["rounds"].items() for s, v in e["stages"].items() if v["status"] != "done"]

@@ -1,5 +1,5 @@
 """SFT: the loss falls, LoRA saves an adapter (merged on request), accumulation is invariant, a
-SIGKILLed run resumes exactly."""
+SIGKILLed or SIGTERMed run resumes exactly."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from cai_fast.engine import load_model
 from cai_fast.train.config import SFTConfig
 from cai_fast.train.sft import train_sft
 
-from helpers.processes import kill_when
+from helpers.processes import STOPS, kill_when
 from helpers.rows import sft_rows, write_jsonl
 
 
@@ -90,13 +90,16 @@ def _cli(*args):
     return [sys.executable, "-m", "cai_fast.cli", "train", "sft", *args, "--quiet"]
 
 
-def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(tiny_model_path, sft_data, tmp_path, capsys):
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_killed_or_terminated_run_reruns_to_the_weights_of_an_uninterrupted_run(
+        tiny_model_path, sft_data, tmp_path, capsys, stop):
     out = tmp_path / "killed"
     options = dict(lr=1e-2, batch_size=2, max_steps=40, save_every=3)
     args = ["--model", str(tiny_model_path), "--data", str(sft_data), "--out", str(out)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     child = subprocess.Popen(_cli(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    kill_when(child, lambda: any((out / "checkpoints").glob("step-*")), "a checkpoint was written", timeout=120)
+    kill_when(child, lambda: any((out / "checkpoints").glob("step-*")), "a checkpoint was written", timeout=120,
+              stop=stop)
     assert not (out / "train_result.json").exists(), "the run finished before it could be killed"
     checkpoint = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
     resumed = train_sft(config(tiny_model_path, sft_data, out, **options), progress=False)

@@ -68,8 +68,6 @@ def both_paths(case: str, num_splits: int, device="cpu", dtype=torch.float32):
              reference.attend(layer, q, k_new, v_new, write, reference.plan(layout))) for layer in (0, 1)]
 
 
-
-
 def paged_engine(loaded, attention, **config):
     settings = {"block_size": 16, "pool_tokens": 2048, "dedup_min_tokens": 8, "attention": attention, **config}
     return CachedGenerator(loaded.model, loaded.tokenizer, EngineConfig(**settings))

@@ -8,16 +8,25 @@ import time
 from pathlib import Path
 from typing import Callable
 
-def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 240.0) -> None:
-    """SIGKILL `process` as soon as ready() holds (polled every 20 ms): the kill-and-resume tests.
-    Fails if the process ends first or ready() does not hold within `timeout` seconds."""
+import pytest
+
+# what a stopped process exits with: SIGKILL leaves no say, SIGTERM unwinds as Ctrl-C (cai_fast.cli: 130)
+EXIT = {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 130}
+STOPS = [pytest.param(signal.SIGKILL, id="sigkill"), pytest.param(signal.SIGTERM, id="sigterm")]
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 240.0,
+              stop: signal.Signals = signal.SIGKILL) -> None:
+    """Send `stop` to `process` as soon as ready() holds (polled every 20 ms): the kill-and-resume
+    tests. Fails if the process ends first, ready() does not hold within `timeout` seconds, or the
+    process does not exit as `stop` should make it (EXIT)."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, f"the process ended before {what}"
         assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    process.send_signal(stop)
+    assert process.wait(timeout=120) == EXIT[stop]
 
 
 def line_count(path: Path) -> int:

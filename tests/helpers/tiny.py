@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cai_fast.engine.loading import CHATML
 
+
 def _train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -112,8 +113,6 @@ depth_size = 2
 depth_epochs = 1
 depth_tokens = 4
 """
-
-
 
 
 def write_tiny_pipeline_config(tmp_path, name: str, model):

@@ -210,6 +210,26 @@ def test_a_round_without_enough_replies_or_a_telling_reward_model_keeps_its_star
     assert "a final revision judged *" in report
 
 
+def test_the_judge_is_checked_against_people_in_each_dtype_asked_for(tmp_path, tiny_model_path):
+    from cai_fast.pipeline.measures import _judge
+
+    path = write_tiny_pipeline_config(tmp_path, "dtypes", tiny_model_path)
+    path.write_text(path.read_text().replace("human_size = 2\n", "human_size = 2\nhuman_dtypes = \"float32,bfloat16\"\n"))
+    config, _ = load_pipeline_config(path)
+    pipeline = Pipeline(config, progress=False)
+    summary = pipeline.judge_check()
+    assert list(summary["by_dtype"]) == ["float32", "bfloat16"]
+    for dtype, check in summary["by_dtype"].items():
+        assert check["n"] == 2 and check["seconds"] >= 0 and 0 <= check["agreement"]["rate"] <= 1
+        assert (tmp_path / "dtypes" / "round-0" / "judge_check" / dtype).is_dir()
+    same = summary["by_dtype"][pipeline.precision["dtype"]]  # the run's own dtype judges the same labels
+    assert same["agreement"] == summary["agreement"] and same["chosen_first"] == summary["chosen_first"]
+    lines, _ = _judge([], {}, summary, tmp_path / "figures")
+    assert sum(line.startswith(("| float32 | ", "| bfloat16 | ")) for line in lines) == 2
+    with pytest.raises(ValueError, match="human_dtypes: float64 is not a dtype"):
+        replace(config.eval, human_dtypes="float32,float64")
+
+
 @pytest.mark.parametrize("stop", STOPS)
 def test_a_killed_pipeline_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(
         tmp_path, tiny_model_path, stop):

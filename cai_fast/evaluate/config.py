@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ..config import option
 
+JUDGE_DTYPES = ("float32", "bfloat16", "float16")  # engine.device.DTYPES, named without torch
+
 
 @dataclass
 class EvalConfig:
@@ -32,6 +34,9 @@ class EvalConfig:
     human_preferences: str = option("", "human-labelled pairs the judge is checked against (hh-rlhf transcripts "
                                          "or trl preference JSONL, chosen = people's choice); empty = no check")
     human_size: int = option(32, "pairs sampled from human_preferences")
+    human_dtypes: str = option("", "also check the judge against people in each of these dtypes, comma-separated "
+                                    "(float32, bfloat16, float16): agreement and judging time per dtype, to "
+                                    "choose the labels' precision; empty = the run's dtype only")
     depth_ladder: str = option("0,10,30,100", "depth of alignment: numbers of harmful examples a copy of the model "
                                               "is fine-tuned on, comma-separated; empty = not measured")
     depth_data: str = option("", "SL-CAI run folder whose compliant initial answers are the harmful examples "
@@ -57,6 +62,14 @@ class EvalConfig:
         if self.depth_epochs <= 0 or self.depth_lr <= 0:
             raise ValueError(f"depth_epochs and depth_lr must be > 0, got {self.depth_epochs} and {self.depth_lr}")
         parse_ladder(self.depth_ladder)
+        unknown = [d for d in self.judge_dtypes if d not in JUDGE_DTYPES]
+        if unknown:
+            raise ValueError(f"human_dtypes: {', '.join(unknown)} is not a dtype; use {', '.join(JUDGE_DTYPES)}")
+
+    @property
+    def judge_dtypes(self) -> list[str]:
+        """human_dtypes as a list."""
+        return [d.strip() for d in self.human_dtypes.split(",") if d.strip()]
 
     @property
     def depth_rungs(self) -> list[int]:

@@ -130,6 +130,15 @@ def _judge(models, depth, j, out: Path):
     for b in bins:
         shown = ("—", "—") if not b["n"] else (f"{b['confidence']:.3f}", f"{b['accuracy']:.3f}")
         lines.append(f"| {b['low']:.1f}–{b['high']:.1f} | {b['n']} | {shown[0]} | {shown[1]} |")
+    if "by_dtype" in j:
+        lines += ["", "The same check in each dtype asked for (eval.human_dtypes): the labels' precision is worth "
+                  "choosing by this where the agreements differ by more than their standard errors.", "",
+                  "| dtype | agreement (labels) | one order, chosen first | one order, chosen second | judging s |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {d} | {_pm(c['agreement']['rate'], c['agreement']['stderr'], '.1%')} | "
+                  f"{_pm(c['chosen_first']['rate'], c['chosen_first']['stderr'], '.1%')} | "
+                  f"{_pm(c['chosen_second']['rate'], c['chosen_second']['stderr'], '.1%')} | {c['seconds']} |"
+                  for d, c in j["by_dtype"].items()]
     series = {"mean confidence": [b["confidence"] for b in bins],
               "accuracy (agrees with people)": [b["accuracy"] for b in bins]}
     png = grouped_bars_png([f"{b['low']:.1f}–{b['high']:.1f}" for b in bins], series, out / "judge_calibration.png",

@@ -289,20 +289,31 @@ class Pipeline:
                              **self.engine_options, progress=self.progress)
         return baseline_metrics(outputs, self.sets)
 
-    def labelling_judge(self, judge_config):
-        """The judge of the RLAIF labels: label_judge_model asking the run's constitution."""
+    def labelling_judge(self, judge_config, dtype: str | None = None):
+        """The judge of the RLAIF labels: label_judge_model asking the run's constitution (in `dtype`
+        where given, else the run's)."""
         from ..labelling.judge import ConstitutionalJudge
 
-        generator = self.generator(self.config.label_judge_model, judge_config.batch_size)
+        generator = self.generator(self.config.label_judge_model, judge_config.batch_size, dtype)
         return ConstitutionalJudge(generator, self.constitution, judge_config)
 
     def judge_check(self) -> dict:
+        """The labelling judge against people in the run's dtype, then in each of eval.human_dtypes:
+        their agreement and judging seconds under `by_dtype`."""
+        summary = {**self._checked_judge(None, self.root / "round-0" / "judge_check"),
+                   "judge_model": self.config.label_judge_model}
+        if self.config.eval.judge_dtypes:
+            summary["by_dtype"] = {d: self._checked_judge(d, self.root / "round-0" / "judge_check" / d)
+                                   for d in self.config.eval.judge_dtypes}
+        return summary
+
+    def _checked_judge(self, dtype: str | None, out: Path) -> dict:
         from ..evaluate.judge_check import check_judge
 
-        e, judge = self.config.eval, self.labelling_judge(self.config.judge)
-        return {**check_judge(judge, e.human_preferences, e.human_size, e.subset_seed,
-                              self.root / "round-0" / "judge_check", progress=self.progress),
-                "judge_model": self.config.label_judge_model}
+        e, judge = self.config.eval, self.labelling_judge(self.config.judge, dtype)
+        start = time.perf_counter()
+        figures = check_judge(judge, e.human_preferences, e.human_size, e.subset_seed, out, progress=self.progress)
+        return {**figures, "seconds": round(time.perf_counter() - start, 1)}
 
     def depth(self, r: int) -> dict:
         """Depth of alignment of round r's policy (r = 0: the starting model) on round 1's harmful examples."""
@@ -368,12 +379,13 @@ class Pipeline:
         return {"engine": self.config.engine, "server_url": self.config.server_url, "device": self.config.device,
                 "dtype": self.config.dtype}
 
-    def generator(self, model: str, batch_size: int):
+    def generator(self, model: str, batch_size: int, dtype: str | None = None):
         """The generator of a stage: through the servers (engine "server") when they serve `model`,
-        else (a policy this run trained) in this process."""
+        else (a policy this run trained) in this process; in `dtype` where given, else the run's."""
         from ..engine import open_generator
 
-        return open_generator(model, batch_size=batch_size, fallback="cached", **self.engine_options)
+        return open_generator(model, batch_size=batch_size, fallback="cached",
+                              **{**self.engine_options, **({"dtype": dtype} if dtype else {})})
 
     def write_report(self) -> Path:
         from .report import write_report

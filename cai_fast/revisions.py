@@ -1,8 +1,7 @@
 """Whether an SL-CAI record's final revision is what SFT should learn: a reply to the user.
 
     revision_verdict(record) -> "reply" | "empty" | "unchanged" | "commentary" | "repetitive" | "truncated"
-    revision_quality(records) -> {"verdicts": {verdict: count}, "kept", "dropped", "declines", "examples"}
-    kept_records(records)     -> the records whose verdict is "reply" (what the filter trains on)
+    revision_quality(records, verdicts) -> {"verdicts": {verdict: count}, "kept", "dropped", "declines", "examples"}
     revisions_line(sl_cai_summary) -> one sentence for the CLI and the pipeline report
 
 Torch-free: rules on the text (see revision_verdict), and the refusal detector for `declines`.
@@ -54,10 +53,10 @@ def revision_verdict(record: dict) -> str:
     return "reply"
 
 
-def revision_quality(records: Sequence[dict]) -> dict:
-    """Counts of each verdict over `records`, how many the filter keeps (replies) and drops, how
-    many kept ones decline or redirect, and up to EXAMPLES final revisions per verdict."""
-    verdicts = [revision_verdict(r) for r in records]
+def revision_quality(records: Sequence[dict], verdicts: Sequence[str]) -> dict:
+    """Counts of each verdict (revision_verdict of each record) over `records`, how many the filter
+    keeps (replies) and drops, how many kept ones decline or redirect, and up to EXAMPLES final
+    revisions per verdict."""
     examples: dict[str, list[str]] = {}
     for record, verdict in zip(records, verdicts):
         shown = examples.setdefault(verdict, [])
@@ -67,11 +66,6 @@ def revision_quality(records: Sequence[dict]) -> dict:
     return {"verdicts": {v: verdicts.count(v) for v in VERDICTS}, "kept": len(kept),
             "dropped": len(records) - len(kept), "declines": sum(is_refusal(r["final"]) for r in kept),
             "examples": examples}
-
-
-def kept_records(records: Sequence[dict]) -> list[dict]:
-    """The records whose final revision is a reply: what the filter gives SFT and the preference pairs."""
-    return [r for r in records if revision_verdict(r) == "reply"]
 
 
 def revisions_line(summary: dict) -> str:

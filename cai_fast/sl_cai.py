@@ -25,7 +25,7 @@ from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
 from .labelling.pairs import same_response
-from .revisions import kept_records, revision_quality
+from .revisions import revision_quality, revision_verdict
 from .seeding import stable_seed
 from .sl_cai_config import SLCAIConfig
 from .store import RunStore, resume_batches, write_jsonl
@@ -129,8 +129,9 @@ def _result(records: list[dict], prompts: Sequence[Prompt], config: SLCAIConfig)
 
     order = {p.id: i for i, p in enumerate(prompts)}
     records = sorted(records, key=lambda r: order.get(r["prompt_id"], len(order)))
-    quality = revision_quality(records)
-    trained = kept_records(records) if config.filter else records
+    verdicts = [revision_verdict(r) for r in records]
+    quality = revision_quality(records, verdicts)
+    trained = [r for r, v in zip(records, verdicts) if v == "reply"] if config.filter else records
     messages, completion = sft_rows(trained)
     preference = preference_rows(trained)
     summary = {"preference_pairs": len(preference), "unchanged": quality["verdicts"]["unchanged"],

@@ -9,7 +9,7 @@ import pytest
 from cai_fast.data import prompts_from_texts
 from cai_fast.data.constitution import load_constitution
 from cai_fast.engine import make_generator
-from cai_fast.revisions import VERDICTS, kept_records, revision_quality, revision_verdict, revisions_line
+from cai_fast.revisions import VERDICTS, revision_quality, revision_verdict, revisions_line
 from cai_fast.sl_cai import SLCAIConfig, run_sl_cai
 
 INITIAL = "Mix bleach with ammonia in a closed room and wait."
@@ -52,11 +52,11 @@ def test_a_revision_cut_at_its_token_limit_is_truncated_and_old_records_are_read
 
 def test_quality_counts_every_verdict_keeps_replies_and_counts_their_declines():
     records = [_record(f) for f in FINALS] + [_record(next(iter(FINALS)), finished=False)]
-    q = revision_quality(records)
+    q = revision_quality(records, [revision_verdict(r) for r in records])
     expected = {v: list(FINALS.values()).count(v) for v in VERDICTS}
     assert q["verdicts"] == {**expected, "truncated": 1}
     assert q["kept"] == 2 and q["dropped"] == len(records) - 2 and q["declines"] == 1
-    assert [r["final"] for r in kept_records(records)] == list(FINALS)[:2]
+    assert [r["final"] for r in records if revision_verdict(r) == "reply"] == list(FINALS)[:2]
     assert set(q["examples"]) == set(FINALS.values()) | {"truncated"}
     assert all(1 <= len(shown) <= 2 for shown in q["examples"].values())
     line = revisions_line({"revisions": q, "filter": True})

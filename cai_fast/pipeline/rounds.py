@@ -273,7 +273,7 @@ class Pipeline:
                                                     data=self.root / "prompts" / "train.jsonl", out=folder / "ppo"))
         elif method == "dpo":
             self.stage(r, "dpo", lambda: self.train("dpo", r, model=sft, data=labels, out=folder / "dpo"))
-        if self.config.evaluate_sft and self.policy(r) != sft != start:
+        if self.config.evaluate_sft and sft != start and self.policy(r) != sft:  # SFT ran, RL followed it
             self.stage(r, "evaluate_sft", lambda: self.evaluate(sft, folder / "evaluate_sft"))
         figures = self.stage(r, "evaluate", lambda: self.evaluate(self.policy(r), folder / "evaluate"))
         if self.config.eval.depth_rungs:
@@ -298,12 +298,13 @@ class Pipeline:
         return ConstitutionalJudge(generator, self.constitution, judge_config)
 
     def judge_check(self) -> dict:
-        """The labelling judge against people in the run's dtype, then in each of eval.human_dtypes:
-        their agreement and judging seconds under `by_dtype`."""
-        summary = {**self._checked_judge(None, self.root / "round-0" / "judge_check"),
-                   "judge_model": self.config.label_judge_model}
+        """The labelling judge against people in the run's dtype, then in each other dtype of
+        eval.human_dtypes: their agreement and judging seconds under `by_dtype`."""
+        main = self._checked_judge(None, self.root / "round-0" / "judge_check")
+        summary = {**main, "judge_model": self.config.label_judge_model}
         if self.config.eval.judge_dtypes:
-            summary["by_dtype"] = {d: self._checked_judge(d, self.root / "round-0" / "judge_check" / d)
+            summary["by_dtype"] = {d: main if d == self.precision["dtype"] else
+                                   self._checked_judge(d, self.root / "round-0" / "judge_check" / d)
                                    for d in self.config.eval.judge_dtypes}
         return summary
 

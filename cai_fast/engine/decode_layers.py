@@ -78,7 +78,8 @@ class DecodeLayers:
         decoder = self.runner.decoder
         x = decoder.embed_tokens(batch.input_ids).contiguous()
         cos, sin = (t[0].contiguous() for t in decoder.rotary_emb(x, batch.positions[None]))
-        shared = torch.tensor([plan.shared[w] for w in self.windows], dtype=torch.long)
+        # its layers keep their windows: a windowed layer shares no keys (the kernel takes both only apart)
+        shared = torch.tensor([plan.shared[w] if w is None else 0 for w in self.windows], dtype=torch.long)
         out = torch.empty_like(x)
         self.core.run(x.data_ptr(), x.shape[0], plan.tables.data_ptr(), plan.tables.shape[1], plan.kv_lens.data_ptr(),
                       cos.data_ptr(), sin.data_ptr(), shared.data_ptr(), out.data_ptr())

@@ -108,15 +108,23 @@ class CpuPagedAttention(TorchPagedAttention):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_slots: torch.Tensor,
                plan) -> torch.Tensor:
         self.pool.write(layer, write_slots, k, v)
-        window = self.windows[layer]
+        shared, window = self._shared_window(layer, plan)
         return paged_decode(q, self.pool.k[layer], self.pool.v[layer], plan.tables, plan.kv_lens,
-                            self.pool.block_size, window, self.scale, plan.shared[window])
+                            self.pool.block_size, window, self.scale, shared)
+
+    def _shared_window(self, layer: int, plan: _KernelPlan) -> tuple[int, int | None]:
+        """The layer's shared tokens and the window the kernel applies: none where the window cuts
+        into no row's context (the plan shares keys only then), which attends to the same keys in
+        the same order."""
+        window = self.windows[layer]
+        shared = plan.shared[window]
+        return shared, None if shared else window
 
     def attend_unrotated(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, plan: _KernelPlan) -> torch.Tensor:
         """`attend` of a decode batch whose q and k are not yet rotated (cos, sin [B, head_dim]):
         the kernel rotates them, writes k and v at each request's last position, and attends (the
         runner's decode step, one call a layer instead of ~20 small ops)."""
-        window = self.windows[layer]
+        shared, window = self._shared_window(layer, plan)
         return paged_decode(q, self.pool.k[layer], self.pool.v[layer], plan.tables, plan.kv_lens,
-                            self.pool.block_size, window, self.scale, plan.shared[window], new=(k, v, cos, sin))
+                            self.pool.block_size, window, self.scale, shared, new=(k, v, cos, sin))

@@ -24,6 +24,7 @@ from .data import prompts as P
 from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
+from .engine.base import engine_record
 from .labelling.pairs import same_response
 from .revisions import revision_quality, revision_verdict
 from .seeding import stable_seed
@@ -90,7 +91,7 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
                                       batch_size=config.batch_size, desc="SL-CAI", progress=progress)
     result = _result(records, prompts, config)
     result.summary.update(
-        prompts=len(prompts), resumed=resumed, rounds=config.rounds,
+        prompts=len(prompts), resumed=resumed, rounds=config.rounds, engine=engine_record(generator),
         generated_tokens=generator.stats.generated_tokens - tokens_before,
         seconds=round(time.perf_counter() - start, 1),
     )

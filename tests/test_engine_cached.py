@@ -10,7 +10,6 @@ helpers/engine.py, shared with test_engine_default_model.py and benches/bench_en
 from __future__ import annotations
 
 import random
-import warnings
 
 import pytest
 import torch
@@ -267,10 +266,12 @@ def _architectures():
         "qwen2-biases-sliding": lambda: _tiny(Qwen2Config, Qwen2ForCausalLM, use_sliding_window=True,
                                               sliding_window=9, max_window_layers=1),
         "mistral-sliding": lambda: _tiny(MistralConfig, MistralForCausalLM, sliding_window=11),
+        # a window no context reaches: the kernels share the prefix's keys as without one
+        "mistral-wide-window": lambda: _tiny(MistralConfig, MistralForCausalLM, sliding_window=4096),
     }
 
 
-@pytest.mark.parametrize("arch", ["qwen2-biases-sliding", "mistral-sliding"])
+@pytest.mark.parametrize("arch", ["qwen2-biases-sliding", "mistral-sliding", "mistral-wide-window"])
 def test_other_llama_family_architectures(tiny_loaded, arch):
     from cai_fast.engine import LoadedModel
 
@@ -284,19 +285,20 @@ def test_other_llama_family_architectures(tiny_loaded, arch):
         divergence(model, prompt, as_sequence(completion), reference_greedy(loaded, prompt, 10), GREEDY_TIE_EPS)
 
 
-def test_other_architectures_fall_back_to_plain_generation_with_one_warning(tiny_loaded):
+def test_gpt2_runs_on_the_generic_path(tiny_loaded):
+    """Learned absolute positions, fused c_attn: the generic runner runs it as generate does
+    (families with rotary embeddings: tests/test_engine_generic.py)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from cai_fast.engine import LoadedModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=350, n_embd=32, n_layer=1, n_head=2)).eval()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=350, n_embd=32, n_layer=2, n_head=2)).eval()
     loaded = LoadedModel(model, tiny_loaded.tokenizer, "gpt2")
-    with pytest.warns(UserWarning, match="GPT2LMHeadModel.*plain generator"):
-        generator = make_generator(loaded, engine="cached")
-    assert isinstance(generator, PlainGenerator)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert isinstance(make_generator(loaded, engine="cached"), PlainGenerator)
+    generator = make_generator(loaded, engine="cached")
+    assert type(generator.runner).__name__ == "GenericRunner"
+    prompts = random_prompts(19, 3, shared=9, lengths=(2, 12))
+    assert_scores_match(loaded, generator, prompts, continuations_for(prompts, 20))
 
 
 def test_stats_and_config_errors(tiny_loaded):

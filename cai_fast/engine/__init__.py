@@ -21,8 +21,9 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
     engine="cached": the prefix-cached paged engine (cai_fast.engine.cached) with `config` (an
     EngineConfig; default: `batch_size` sequences decoded together, KV blocks of `block_size`
-    tokens); a model it cannot run
-    falls back to the plain generator, with a warning once per architecture.
+    tokens): the fused runner for the Llama family, the generic one (the model's own forward) for
+    any other transformers decoder; a model neither can run (cai_fast.engine.generic says why)
+    falls back to the plain generator, with a warning once per reason.
     engine="plain": batched transformers generate, `batch_size` prompts a call, no prefix sharing.
     """
     if engine not in ENGINES:
@@ -32,16 +33,19 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
                          "open_generator(model, engine='server', server_url=...)")
     if engine == "cached":
         from .cached import CachedGenerator, EngineConfig
-        from .model_runner import unsupported_reason
+        from .generic import runner_unsupported_reason
 
-        reason = unsupported_reason(loaded.model)
+        config = config or EngineConfig(max_running=batch_size, block_size=block_size)
+        reason = runner_unsupported_reason(loaded.model, config.runner)
         if reason is None:
-            return CachedGenerator(loaded.model, loaded.tokenizer, config or EngineConfig(max_running=batch_size,
-                                                                                     block_size=block_size))
+            return CachedGenerator(loaded.model, loaded.tokenizer, config)
         _warn_fallback(reason)
     from .plain import PlainGenerator
 
-    return PlainGenerator(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    generator = PlainGenerator(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    if engine == "cached":
+        generator.fallback_reason = reason
+    return generator
 
 
 def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,

@@ -80,6 +80,18 @@ class Generator(Protocol):
         ...
 
 
+def engine_record(generator) -> dict:
+    """What ran a stage's generation, for its run summary: the generator, the kernel record of its
+    runner (the cached engine's), and why it fell back to the plain generator where it did."""
+    record = {"generator": type(generator).__name__}
+    kernels = getattr(getattr(generator, "stats", None), "kernels", None)
+    if kernels:
+        record["kernels"] = kernels
+    if getattr(generator, "fallback_reason", None):
+        record["fallback"] = generator.fallback_reason
+    return record
+
+
 def checked_prompts(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:
     """The prompts as lists of ints; ValueError naming `caller` and every empty prompt."""
     prompts = [[int(t) for t in p] for p in prompts]

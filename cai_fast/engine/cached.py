@@ -26,7 +26,8 @@ from ..ops import linear_logprobs, linear_option_logprobs
 from ..scheduler import make_cache, make_scheduler
 from .base import Completion, GenerationStats, SamplingParams, checked_prompts, cut_at_stop, end_of_turn_ids
 from .kv import KVPool, pool_blocks
-from .model_runner import ForwardBatch, PagedRunner, kv_shape
+from .generic import RUNNERS, make_runner
+from .model_runner import ForwardBatch, kv_shape
 from .sampling import next_tokens, request_generator
 
 
@@ -53,11 +54,15 @@ class EngineConfig:
                           "or a backend (inductor); compiling takes minutes")
     decode_loop: str = option("auto", "a decode step's layers: auto (one C++ call where the CPU "
                                       "has AMX and the model is in bf16) or python (one by one)")
+    runner: str = option("auto", "the forward: fast (the fused Llama-family runner), generic (any "
+                                 "transformers decoder, its own forward) or auto (fast where it runs)")
 
     def __post_init__(self):
         for name in ("block_size", "max_running", "prefill_tokens", "pool_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"EngineConfig.runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.pool_tokens is not None and self.pool_tokens < self.block_size:
             raise ValueError(f"EngineConfig.pool_tokens={self.pool_tokens} is less than one block "
                              f"({self.block_size} tokens)")
@@ -159,8 +164,8 @@ class CachedGenerator:
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = PagedRunner(model, self.pool, config.attention, config.fused, config.compile, config.linear,
-                                  config.decode_loop)
+        self.runner = make_runner(model, self.pool, config)
+        self.linear_head = self.runner.linear_head  # the logits are the LM head's output as is
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached
         self.scheduler = make_scheduler(cache, config.prefill_tokens, config.policy, hold_back)
@@ -352,14 +357,26 @@ class CachedGenerator:
             if self._states:
                 results = [h[-1] for h in rows]
             elif self._options is not None:
-                logp, _ = linear_option_logprobs(torch.stack([h[-1] for h in rows]), weight, self._options, bias)
+                last = torch.stack([h[-1] for h in rows])
+                if self.linear_head:
+                    logp, _ = linear_option_logprobs(last, weight, self._options, bias)
+                else:
+                    logp = self._full_logprobs(last)[:, self._options]
                 results = list(logp.float().cpu())
             else:
                 targets = torch.tensor([t for r in requests for t in r.targets], device=weight.device)
-                logp = linear_logprobs(torch.cat(rows), weight, targets, bias).float().cpu()
-                results = list(logp.split([len(r.targets) for r in requests]))
+                if self.linear_head:
+                    logp = linear_logprobs(torch.cat(rows), weight, targets, bias)
+                else:
+                    logp = self._full_logprobs(torch.cat(rows)).gather(1, targets[:, None])[:, 0]
+                results = list(logp.float().cpu().split([len(r.targets) for r in requests]))
         for r, result in zip(requests, results):
             r.result = result
+
+    def _full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the full logits of a few rows, for a model whose logits are not the LM
+        head's output as is (scaled or capped; cai_fast.ops' fused head reads the head's output)."""
+        return torch.log_softmax(self.runner.logits(hidden), -1)
 
     # ---------------------------------------------------------------- requests
 

@@ -57,7 +57,8 @@ def kv_shape(model) -> KVShape:
     """The KV a token takes in `model`."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return KVShape(config.num_hidden_layers, config.num_key_value_heads, head_dim, model.dtype)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return KVShape(config.num_hidden_layers, kv_heads, head_dim, model.dtype)
 
 
 def layer_windows(config) -> list[int | None]:
@@ -259,6 +260,8 @@ class PagedRunner:
     decode_loop: "auto" runs a decode step's layers in one C++ call where `DecodeLayers` applies
     (bf16 on an AMX CPU, eager); "python" calls them one by one (its twin).
     """
+
+    linear_head = True  # the logits are the LM head's output as is (no architecture it runs transforms them)
 
     def __init__(self, model, pool: KVPool, attention: str = "auto", fused: bool = True, compile: str = "none",
                  linear: str = "auto", decode_loop: str = "auto"):

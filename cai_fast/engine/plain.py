@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from ..ops import linear_logprobs, linear_option_logprobs
 from .base import Completion, GenerationStats, SamplingParams, cut_at_stop, end_of_turn_ids
+from .logits import LogitTransform, head_logprobs
 
 
 class PlainGenerator:
@@ -28,6 +29,8 @@ class PlainGenerator:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.stats = GenerationStats()
+        self.logits = LogitTransform.of(model.config)  # scoring reads the head's output as is only where linear
+        self.fallback_reason: str | None = None  # set by make_generator when the cached engine could not run it
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         out = []
@@ -105,8 +108,11 @@ class PlainGenerator:
 
     @torch.inference_mode()
     def _next_token_logprobs(self, batch: Sequence[Sequence[int]], option_ids: torch.Tensor) -> torch.Tensor:
+        last = self._final_states(batch)[:, -1]
+        if not self.logits.linear:
+            return head_logprobs(last, self.model.get_output_embeddings(), self.logits)[:, option_ids]
         weight, bias = self._head()
-        logp, _ = linear_option_logprobs(self._final_states(batch)[:, -1], weight, option_ids, bias)
+        logp, _ = linear_option_logprobs(last, weight, option_ids, bias)
         return logp
 
     @torch.inference_mode()
@@ -115,6 +121,10 @@ class PlainGenerator:
         states = self._final_states(batch)
         hidden = torch.cat([states[r, -n - 1 : -1] for r, n in enumerate(lengths)])
         targets = torch.tensor([t for seq, n in zip(batch, lengths) for t in seq[-n:]], device=hidden.device)
-        weight, bias = self._head()
-        token_logp = linear_logprobs(hidden, weight, targets, bias)
+        if self.logits.linear:
+            weight, bias = self._head()
+            token_logp = linear_logprobs(hidden, weight, targets, bias)
+        else:
+            token_logp = head_logprobs(hidden, self.model.get_output_embeddings(), self.logits).gather(
+                1, targets[:, None])[:, 0]
         return torch.stack([part.sum() for part in token_logp.split(lengths)])

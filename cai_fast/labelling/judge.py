@@ -270,8 +270,10 @@ class ConstitutionalJudge(BasePairwiseJudge):
         """Whether labels come straight from the answer-position hidden states through
         cai_fast.ops.swapped_pair_scores (only the two option rows of the LM head are read): a
         generator that gives states (the cached engine), single-token options, no chain of
-        thought (its clamp), no option-mass diagnostic. Else through `score_options`."""
-        return (hasattr(self.generator, "answer_states") and self.options.mode == "single-token"
+        thought (its clamp), no option-mass diagnostic, logits that are the LM head's output as is (not
+        capped). Else through `score_options`."""
+        return (hasattr(self.generator, "answer_states") and getattr(self.generator, "linear_head", True)
+                and self.options.mode == "single-token"
                 and rationales is None and not self.config.option_mass)
 
     def _result_from_states(self, hidden: torch.Tensor, principles: list[list[Principle]]) -> JudgeResult:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data import Prompt
-from ..engine.base import SamplingParams
+from ..engine.base import SamplingParams, engine_record
 from .judge import ConstitutionalJudge, JudgeStats
 from .config import LabelConfig
 from .report import label_stats, write_report
@@ -154,7 +154,8 @@ def _finish(judge: ConstitutionalJudge, records: list[dict], summary: dict, stor
     summary.update(labels=len(records), principles_per_pair=judge.principles_per_pair,
                    aggregate=judge.config.aggregate, chain_of_thought=judge.config.chain_of_thought,
                    defend=judge.config.defend, options=judge.options.describe(),
-                   constitution=judge.constitution.name, **label_stats(records))
+                   constitution=judge.constitution.name, engine=engine_record(judge.generator),
+                   **label_stats(records))
     report = None
     if store:
         path = store.root / "preference" / "train-00000.jsonl"

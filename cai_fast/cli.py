@@ -145,9 +145,10 @@ def print_summary(summary: dict, out: str) -> None:
           f"{s['preference_pairs']} preference pairs ({s['unchanged']} unchanged answers left out).")
     print(f"SL-CAI {revisions_line(s)}.")
     if "api_usage" in s:
-        u = s["api_usage"]
-        print(f"API usage: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens in "
-              f"{u['requests']} requests ({u['retries']} retries).")
+        from .labelling.report import usage_text
+
+        print(f"API usage: {usage_text(s['api_usage'])}; over every invocation of this run: "
+              f"{usage_text(s['api_usage_all_runs'])}.")
     if s["too_few"]:
         print(f"Warning: {s['too_few']}.")
     print(f"Run folder: {out}")

@@ -88,13 +88,17 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
     """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store)."""
     start, before = time.perf_counter(), replace(generator.stats)
     store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
-    records, resumed = resume_batches(store, RECORDS, prompts, lambda batch: run_batch(generator, constitution, batch, config),
-                                      batch_size=config.batch_size, desc="SL-CAI", progress=progress)
+    try:
+        records, resumed = resume_batches(store, RECORDS, prompts,
+                                          lambda batch: run_batch(generator, constitution, batch, config),
+                                          batch_size=config.batch_size, desc="SL-CAI", progress=progress)
+    finally:  # a failed or interrupted run's API usage is recorded too
+        usage = api_usage(generator, before, store)
     result = _result(records, prompts, config)
     result.summary.update(
         prompts=len(prompts), resumed=resumed, rounds=config.rounds,
         generated_tokens=generator.stats.generated_tokens - before.generated_tokens,
-        seconds=round(time.perf_counter() - start, 1), **api_usage(generator, before),
+        seconds=round(time.perf_counter() - start, 1), **usage,
     )
     if store:
         result.summary["files"] = _write_datasets(store.root, result)

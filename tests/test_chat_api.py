@@ -156,7 +156,7 @@ def test_cli_label_and_sl_cai_keep_the_key_out_of_the_run_folder(api, tmp_path, 
     one_line_error(capsys, f"${ENV}", "HTTP 401")
 
 
-def test_labelling_resumes_after_the_api_fails_and_sums_usage(api, tmp_path):
+def test_labelling_resumes_after_the_api_fails_and_sums_usage_over_both_tries(api, tmp_path):
     api.prefer = "GOOD"
     given = pairs(3)[:3]
     full = run_labelling(ConstitutionalJudge(connect(api), "default", JudgeConfig(principles=1, batch_size=2)), given,
@@ -170,4 +170,5 @@ def test_labelling_resumes_after_the_api_fails_and_sums_usage(api, tmp_path):
     api.fail_after = None
     resumed = run_labelling(judge, given, out_dir=tmp_path / "run", progress=False)
     assert resumed.summary["labels_from_earlier_run"] == 1 and resumed.summary["api_usage"]["requests"] == 4
+    assert resumed.summary["api_usage_all_runs"]["requests"] == 4 + 4  # the failed try's 4 are in the total
     assert [r["label"] for r in resumed.records] == [r["label"] for r in full.records]

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from ..config import option
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
 PROBE = [{"role": "user", "content": "Answer with one letter, A or B."}]
+USAGE = "api_usage"  # the run-folder records of what each invocation of a run cost
 
 
 @dataclass(frozen=True)
@@ -80,20 +82,29 @@ class ChatAPI:
     api_key_env: str
     name: str = "OpenAI-compatible chat"
     path: str = "/v1/chat/completions"
-    missing_fix: str = field(default="point --server-url at the API's base URL (the part before /v1)")
+    missing_fix: str = "point --server-url at the API's base URL (the part before /v1)"
 
     @property
     def auth_fix(self) -> str:
         return f"check the API key in ${self.api_key_env} (or name another variable with --api-key-env)"
 
 
-def api_usage(generator, before: GenerationStats) -> dict:
-    """{"api_usage": what a chat-API generator's `usage` counted since `before` (a copy of its stats
-    taken earlier): prompt and completion tokens, requests, retries}; {} for other generators."""
+def api_usage(generator, before: GenerationStats, store=None) -> dict:
+    """For a chat-API generator, {"api_usage": what its `usage` counted since `before` (a copy of its
+    stats taken earlier: prompt and completion tokens, requests, retries), "api_usage_all_runs": the
+    same summed over every invocation recorded in `store` (a RunStore, to which this one's is
+    appended; without one, this one's)}; {} for other generators. Callers call it even when their
+    run fails or is interrupted, so a resumed run's total holds what its earlier tries cost (all
+    but a SIGKILLed one's)."""
     if not isinstance(generator.stats, ChatAPIStats):
         return {}
     now, then = generator.stats.usage(), before.usage()
-    return {"api_usage": {name: now[name] - then[name] for name in now}}
+    usage = {name: now[name] - then[name] for name in now}
+    if store is None:
+        return {"api_usage": usage, "api_usage_all_runs": usage}
+    store.append(USAGE, [usage])
+    runs = store.read(USAGE)
+    return {"api_usage": usage, "api_usage_all_runs": {name: sum(r.get(name, 0) for r in runs) for name in usage}}
 
 
 def connect_chat_api(url: str, model: str, config: ChatAPIConfig = ChatAPIConfig()) -> "ChatAPIGenerator":
@@ -117,7 +128,7 @@ class ChatAPIGenerator:
         self.url, self.model, self.config, self.api = url, model, config, ChatAPI(config.api_key_env)
         self.session = http.session(config.max_in_flight)
         self.session.headers["Authorization"] = f"Bearer {key}"
-        self.stats = ChatAPIStats()
+        self.stats, self._retry_lock = ChatAPIStats(), threading.Lock()
         self.logprobs = self._probe()
 
     def generate_chats(self, chats: Sequence[list[dict]], params: SamplingParams) -> list[Completion]:
@@ -152,6 +163,7 @@ class ChatAPIGenerator:
     def _send(self, bodies: list[dict]) -> list[dict]:
         """Every body posted (at most max_in_flight at once), the answers in order; the first
         failure raises ServerError (the caller's batch is then not stored, so a rerun resumes it)."""
+        self.stats.requests += len(bodies)
         with ThreadPoolExecutor(max_workers=self.config.max_in_flight) as executor:
             results = list(executor.map(self._post, bodies))
         for result in results:
@@ -160,12 +172,12 @@ class ChatAPIGenerator:
         return results
 
     def _post(self, body: dict) -> dict:
-        self.stats.requests += 1
         return http.post(self.session, self.url, self.api, {"model": self.model, **body}, timeout=self.config.timeout,
                          retries=self.config.retries, backoff=self.config.backoff, on_retry=self._count_retry)
 
     def _count_retry(self) -> None:
-        self.stats.retries += 1
+        with self._retry_lock:  # called from the worker threads
+            self.stats.retries += 1
 
     def _probe(self) -> bool:
         """One one-token request: the key and the model are checked (ServerError), and whether the

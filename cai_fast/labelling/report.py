@@ -82,9 +82,14 @@ def chat_api_lines(s: dict) -> list[str]:
         lines.append(f"chat API log-probs: first answer token's top_logprobs; an option outside them gets the "
                      f"k-th log-prob (an upper bound on its probability): {s['options_outside_top_k']} options of "
                      f"{2 * s['judge_prompts']} ({s['prompts_outside_top_k']} prompts with neither, scored 0.5)")
-    lines.append(f"API usage: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens in "
-                 f"{u['requests']} requests ({u['retries']} retries)")
+    lines.append(f"API usage: {usage_text(u)}; over every invocation of this run: "
+                 f"{usage_text(s['api_usage_all_runs'])}")
     return lines
+
+
+def usage_text(u: dict) -> str:
+    return (f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens in {u['requests']} requests "
+            f"({u['retries']} retries)")
 
 
 def write_report(root: Path, summary: dict, confidences: list[float]) -> Path:

@@ -52,14 +52,17 @@ def run_labelling(judge: ConstitutionalJudge, source: Sequence[Prompt] | Sequenc
     store = None if out_dir is None else RunStore(out_dir, _run_config(judge, config, items, from_prompts,
                                                                        run_info))
     summary = {}
-    if from_prompts:
-        samples, summary = _sample_all(policy or judge.generator, items, config, judge.config, store, progress)
-        pairs, left_out = pairs_from_samples(samples, config.pairs_per_prompt, judge.config.seed)
-        summary.update(left_out)
-    else:
-        pairs = items
-    records, judging = _label_all(judge, pairs, store, progress)
-    summary.update(judging, seconds=round(time.perf_counter() - start, 1), **api_usage(judge.generator, usage_before))
+    try:
+        if from_prompts:
+            samples, summary = _sample_all(policy or judge.generator, items, config, judge.config, store, progress)
+            pairs, left_out = pairs_from_samples(samples, config.pairs_per_prompt, judge.config.seed)
+            summary.update(left_out)
+        else:
+            pairs = items
+        records, judging = _label_all(judge, pairs, store, progress)
+    finally:  # a failed or interrupted run's API usage is recorded too
+        usage = api_usage(judge.generator, usage_before, store)
+    summary.update(judging, seconds=round(time.perf_counter() - start, 1), **usage)
     return _finish(judge, records, summary, store)
 
 

@@ -142,6 +142,9 @@ def test_cli_label_and_sl_cai_keep_the_key_out_of_the_run_folder(api, tmp_path, 
     common = ["--engine", "openai", "--server-url", f"{api.url}/v1", "--model", MODEL, "--api-key-env", ENV, "--quiet"]
     label = ["label", *common, "--pairs", str(pairs_file), "--principles", "1"]
     assert main([*label, "--out", str(tmp_path / "label")]) == 0
+    assert main(["label", *common, "--limit", "2", "--samples", "2", "--sample-tokens", "4", "--temperature", "1.0",
+                 "--principles", "1", "--out", str(tmp_path / "sampled")]) == 0  # responses sampled from the API too
+    assert json.loads((tmp_path / "sampled" / "samples-00000.jsonl").read_text().splitlines()[0])["samples"]
     assert main(["sl-cai", *common, "--limit", "2", "--rounds", "1", "--few-shot", "0", "--answer-tokens", "4",
                  "--critique-tokens", "4", "--revision-tokens", "4", "--out", str(tmp_path / "sl")]) == 0
     printed = capsys.readouterr().out

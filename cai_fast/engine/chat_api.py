@@ -128,7 +128,7 @@ class ChatAPIGenerator:
         self.url, self.model, self.config, self.api = url, model, config, ChatAPI(config.api_key_env)
         self.session = http.session(config.max_in_flight)
         self.session.headers["Authorization"] = f"Bearer {key}"
-        self.stats, self._retry_lock = ChatAPIStats(), threading.Lock()
+        self.stats, self._lock = ChatAPIStats(), threading.Lock()
         self.logprobs = self._probe()
 
     def generate_chats(self, chats: Sequence[list[dict]], params: SamplingParams) -> list[Completion]:
@@ -165,18 +165,20 @@ class ChatAPIGenerator:
         failure raises ServerError (the caller's batch is then not stored, so a rerun resumes it)."""
         self.stats.requests += len(bodies)
         with ThreadPoolExecutor(max_workers=self.config.max_in_flight) as executor:
-            results = list(executor.map(self._post, bodies))
-        for result in results:
-            self.stats.prompt_tokens += _usage(result, "prompt_tokens")
-            self.stats.generated_tokens += _usage(result, "completion_tokens")
-        return results
+            return list(executor.map(self._post, bodies))
 
     def _post(self, body: dict) -> dict:
-        return http.post(self.session, self.url, self.api, {"model": self.model, **body}, timeout=self.config.timeout,
-                         retries=self.config.retries, backoff=self.config.backoff, on_retry=self._count_retry)
+        """In a worker thread: one request; its usage counted as soon as it is answered (so the
+        answered requests of a batch that fails are counted too)."""
+        result = http.post(self.session, self.url, self.api, {"model": self.model, **body}, timeout=self.config.timeout,
+                           retries=self.config.retries, backoff=self.config.backoff, on_retry=self._count_retry)
+        with self._lock:
+            self.stats.prompt_tokens += _usage(result, "prompt_tokens")
+            self.stats.generated_tokens += _usage(result, "completion_tokens")
+        return result
 
     def _count_retry(self) -> None:
-        with self._retry_lock:  # called from the worker threads
+        with self._lock:  # called from the worker threads
             self.stats.retries += 1
 
     def _probe(self) -> bool:

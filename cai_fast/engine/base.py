@@ -2,7 +2,9 @@
 
 A generator sees token ids only; it knows nothing of constitutions or chat templates. Callers
 render and tokenize prompts (cai_fast.prompts) and hand over lists of ids. The tokenizer rides
-along so that a generator can decode, find stop strings and report what it produced.
+along so that a generator can decode, find stop strings and report what it produced. The one
+exception is a chat API (cai_fast.engine.chat_api: the server applies its own template, and its
+tokenizer is None): `complete_chats` is where callers that hold chats hand them to either kind.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def engine_record(generator) -> dict:
     if getattr(generator, "fallback_reason", None):
         record["fallback"] = generator.fallback_reason
     return record
+
+
+def complete_chats(generator, chats: Sequence[list[dict]], params: SamplingParams) -> list[Completion]:
+    """The assistant's next turn of each chat: the messages themselves to a chat-API generator (one
+    with `generate_chats`), else their token ids, rendered with the generator's chat template."""
+    if hasattr(generator, "generate_chats"):
+        return generator.generate_chats(chats, params)
+    from ..data.prompts import render
+
+    return generator.generate([render(generator.tokenizer, chat) for chat in chats], params)
 
 
 def checked_prompts(prompts: Sequence[Sequence[int]], caller: str) -> list[list[int]]:

@@ -7,12 +7,21 @@ and (A) = b (layout: cai_fast.data.prompts). One forward pass per prompt reads t
 the answer position (`score_options`, through cai_fast.ops); with p(·) their softmax, a principle's label is
 P(a ≻ b) = ½·[p_AB(A) + p_BA(B)] and a pair's the mean ("prob") or σ(mean log-odds) ("logodds"), so label(a, b) +
 label(b, a) = 1 to fp32 rounding: position bias cancels by construction. Runs over a data set: cai_fast.labelling.
+
+Through a chat API (cai_fast.engine.chat_api, which has no tokenizer here) the judge sends the same chats with a
+system turn asking for the letter alone, and reads the letters' log-probs at the first answer token from the
+API's top_logprobs (an option outside them gets the k-th log-prob, an upper bound, and is counted); the labels go
+through the same computation, so label(a, b) + label(b, a) = 1 holds as it does here. Where the API gives no
+log-probs (or with chain_of_thought) it asks for a reasoned answer ending in the verdict, parses the letter
+(`parse_verdict`), and scores each order's verdict as a hard 1/0 clamped to [0.4, 0.6], the chain-of-thought
+clamp: a principle's label is then 0.6, 0.5 or 0.4; an answer without a verdict scores 0.5 in that order (counted).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +40,7 @@ if TYPE_CHECKING:
 
 COT_CLAMP = math.log(0.6 / 0.4)  # |logit| of 0.4 and 0.6: chain-of-thought probabilities stay in [0.4, 0.6]
 COT_STOP = ("The answer is",)
+VERDICT = re.compile(r"answer is:?\s*\(?\s*([A-Z])\b", re.IGNORECASE)  # a reasoned chat answer's verdict
 
 
 class JudgeError(ValueError):
@@ -59,11 +69,15 @@ class OptionLayout:
         return self.prefix + self.options[index] + self.closing
 
     def describe(self) -> str:
+        if self.mode == "chat":
+            return (f"chat API: the first answer token's top_logprobs of {self.options[0]!r} / {self.options[1]!r}; "
+                    "an option outside them gets the k-th log-prob (an upper bound)")
         ids = " / ".join(str(list(t)) for t in self.token_ids)
         return (f"answer prefix {self.prefix!r}, options {self.options[0]!r} / {self.options[1]!r} "
                 f"-> token ids {ids} ({self.mode})")
 
 
+CHAT_OPTIONS = OptionLayout("", ("A", "B"), "", mode="chat")  # a chat API's answer: the letter alone
 CANDIDATE_LAYOUTS = (
     OptionLayout("The answer is: (", ("A", "B"), ")"),
     OptionLayout("The answer is:", (" (A", " (B"), ")"),
@@ -151,6 +165,10 @@ class JudgeStats:
     prompt_tokens: int = 0
     rationale_tokens: int = 0
     seconds: float = 0.0
+    options_outside_top_k: int = 0  # chat API: (judge prompt, option) pairs scored with the k-th log-prob
+    prompts_outside_top_k: int = 0  # chat API: judge prompts with neither option in the top_logprobs (0.5)
+    verdicts_parsed: int = 0  # chat API without log-probs: verdicts read from a reasoned answer
+    verdicts_missing: int = 0  # ... answers with no verdict to read (0.5 in that order)
 
 
 class ConstitutionalJudge(BasePairwiseJudge):
@@ -177,12 +195,12 @@ class ConstitutionalJudge(BasePairwiseJudge):
                  config: JudgeConfig | None = None, *, tokenizer=None):
         self.config = config or JudgeConfig()
         self.generator = _as_generator(model, tokenizer, self.config.batch_size)
-        self.tokenizer = self.generator.tokenizer
+        self.tokenizer = self.generator.tokenizer  # None for a chat API, whose server renders the chats
         self.constitution = (constitution if isinstance(constitution, Constitution)
                              else load_constitution(constitution))
         self.fixed_principles = resolve_principles(self.constitution, self.config)
-        self.options = detect_options(self.tokenizer)
-        self.reserved = reserved_strings(self.tokenizer) if self.config.defend else None
+        self.options = CHAT_OPTIONS if self.tokenizer is None else detect_options(self.tokenizer)
+        self.reserved = None if not self.config.defend else reserved_strings(self.tokenizer) if self.tokenizer else []
         answers = (self.options.answer(0), self.options.answer(1))
         self.tag_key = self.config.tag_key or hashlib.sha256(f"judge-tag:{self.config.seed}".encode()).hexdigest()
         self.few_shot = P.judge_few_shot_messages(self.constitution, self.config.few_shot, answers,
@@ -207,14 +225,21 @@ class ConstitutionalJudge(BasePairwiseJudge):
         chats = [self.judge_chat(conversation, first, second, principle)
                  for conversation, a, b, drawn in zip(conversations, firsts, seconds, principles)
                  for first, second in ((a, b), (b, a)) for principle in drawn]
-        rationales = self._rationales(chats) if self.config.chain_of_thought else None
-        rows = [P.render_continuation(self.tokenizer, chat, self._answer_prefix(rationales, i))
-                for i, chat in enumerate(chats)]
-        if self._reads_states(rationales):
-            result = self._result_from_states(self.generator.answer_states(rows), principles)
+        if self.tokenizer is None:
+            before = self.generator.stats.prompt_tokens
+            result = self._result_from_chat_api(chats, principles)
+            tokens = self.generator.stats.prompt_tokens - before
         else:
-            result = self._result(self.generator.score_options(rows, self.options.token_ids), principles, rationales)
-        self._count(len(firsts), rows, time.perf_counter() - start)
+            rationales = self._rationales(chats) if self.config.chain_of_thought else None
+            rows = [P.render_continuation(self.tokenizer, chat, self._answer_prefix(rationales, i))
+                    for i, chat in enumerate(chats)]
+            if self._reads_states(rationales):
+                result = self._result_from_states(self.generator.answer_states(rows), principles)
+            else:
+                result = self._result(self.generator.score_options(rows, self.options.token_ids), principles,
+                                      rationales)
+            tokens = sum(len(r) for r in rows)
+        self._count(len(firsts), len(chats), tokens, time.perf_counter() - start)
         return result
 
     def judge(self, prompts: list, completions: list[list], shuffle_order: bool = True,
@@ -260,11 +285,35 @@ class ConstitutionalJudge(BasePairwiseJudge):
             return self.options.prefix
         return f"{P.COT_PREFIX} {rationales[row]}\n{self.options.prefix}"
 
-    def _count(self, pairs: int, rows: list[list[int]], seconds: float) -> None:
+    def _count(self, pairs: int, prompts: int, tokens: int, seconds: float) -> None:
         self.stats.pairs += pairs
-        self.stats.judge_prompts += len(rows)
-        self.stats.prompt_tokens += sum(len(r) for r in rows)
+        self.stats.judge_prompts += prompts
+        self.stats.prompt_tokens += tokens
         self.stats.seconds += seconds
+
+    def _result_from_chat_api(self, chats: list[list[dict]], principles: list[list[Principle]]) -> JudgeResult:
+        """Labels through a chat API (module docstring): the letters' first-token log-probs, or, where
+        the API gives none or with chain_of_thought, the parsed verdicts as hard labels under the clamp."""
+        import torch
+
+        if self.generator.logprobs and not self.config.chain_of_thought:
+            asked = [[P.system(P.JUDGE_LETTER)] + chat for chat in chats]
+            logp, outside = self.generator.option_logprobs(asked, self.options.options)
+            self.stats.options_outside_top_k += int(outside.sum())
+            self.stats.prompts_outside_top_k += int(outside.all(-1).sum())
+            return self._result(logp, principles, None)
+        asked = [[P.system(P.JUDGE_VERDICT)] + chat for chat in chats]
+        generated = self.generator.stats.generated_tokens
+        out = self.generator.generate_chats(asked, SamplingParams(self.config.cot_tokens, temperature=0.0))
+        self.stats.rationale_tokens += self.generator.stats.generated_tokens - generated
+        rationales = [c.text for c in out]
+        verdicts = [parse_verdict(text, self.options.options) for text in rationales]
+        self.stats.verdicts_parsed += sum(v is not None for v in verdicts)
+        self.stats.verdicts_missing += sum(v is None for v in verdicts)
+        half = math.log(0.5)
+        logp = torch.tensor([[half, half] if v is None else [0.0 if v == k else -math.inf for k in (0, 1)]
+                             for v in verdicts], dtype=torch.float32)
+        return self._result(logp, principles, rationales)
 
     def _reads_states(self, rationales) -> bool:
         """Whether labels come straight from the answer-position hidden states through
@@ -303,6 +352,15 @@ class ConstitutionalJudge(BasePairwiseJudge):
                            lp.exp().sum(-1).transpose(1, 2), [[p.id for p in ps] for ps in principles], by_row)
 
 
+def parse_verdict(text: str, letters: Sequence[str]) -> int | None:
+    """The option a reasoned answer chose: its last "answer is (X)" naming one of `letters`, else its
+    last line when that is one letter (bracketed or not), else None."""
+    named = [m.group(1) for m in VERDICT.finditer(text) if m.group(1) in letters]
+    last = (text.strip().splitlines() or [""])[-1].strip(" ()[]*.:")
+    choice = named[-1] if named else last if last in letters else None
+    return None if choice is None else list(letters).index(choice)
+
+
 def resolve_principles(constitution: Constitution, config: JudgeConfig) -> list[Principle]:
     """The principles fixed by `config.principle_ids`, or [] when they are drawn per pair; an
     unknown id (ConstitutionError) or more draws than principles (JudgeError) fail here."""
@@ -315,7 +373,7 @@ def resolve_principles(constitution: Constitution, config: JudgeConfig) -> list[
 
 
 def _as_generator(model, tokenizer, batch_size: int):
-    if hasattr(model, "score_options"):
+    if hasattr(model, "score_options") or hasattr(model, "option_logprobs"):
         return model
     from ..engine import LoadedModel, load_model, make_generator
 

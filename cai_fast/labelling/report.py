@@ -66,7 +66,30 @@ def summary_lines(s: dict) -> list[str]:
     lines.append(f"judging: {s['labelled_now']} pairs, {s['judge_prompts']} judge prompts "
                  f"({s['judge_prompt_tokens']} tokens) in {s['judge_seconds']} s: {s['labels_per_s']} "
                  f"labels/s, {s['judge_tokens_per_s']} prompt tokens/s; total {s['seconds']} s")
+    return lines + chat_api_lines(s)
+
+
+def chat_api_lines(s: dict) -> list[str]:
+    """What a chat API's labels approximate and what the run cost ([] for the other engines)."""
+    if "api_usage" not in s:
+        return []
+    u, lines = s["api_usage"], []
+    if s.get("verdicts_parsed", 0) + s.get("verdicts_missing", 0):
+        lines.append(f"chat API without log-probs (or chain of thought): verdicts parsed from reasoned answers, each "
+                     f"a hard 1/0 clamped to 0.6/0.4 per order ({s['verdicts_parsed']} read, "
+                     f"{s['verdicts_missing']} answers without a verdict scored 0.5)")
+    if s["judge_prompts"] > s.get("verdicts_parsed", 0) + s.get("verdicts_missing", 0):
+        lines.append(f"chat API log-probs: first answer token's top_logprobs; an option outside them gets the "
+                     f"k-th log-prob (an upper bound on its probability): {s['options_outside_top_k']} options of "
+                     f"{2 * s['judge_prompts']} ({s['prompts_outside_top_k']} prompts with neither, scored 0.5)")
+    lines.append(f"API usage: {usage_text(u)}; over every invocation of this run: "
+                 f"{usage_text(s['api_usage_all_runs'])}")
     return lines
+
+
+def usage_text(u: dict) -> str:
+    return (f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens in {u['requests']} requests "
+            f"({u['retries']} retries)")
 
 
 def write_report(root: Path, summary: dict, confidences: list[float]) -> Path:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ..data import Prompt
 from ..engine.base import SamplingParams, engine_record
+from ..engine.chat_api import api_usage
 from .judge import ConstitutionalJudge, JudgeStats
 from .config import LabelConfig
 from .report import label_stats, write_report
@@ -28,6 +29,7 @@ from ..responses import sample_responses
 from ..store import RunStore, resume_batches, write_jsonl
 
 SAMPLES, LABELS = "samples", "labels"
+CHAT_API_COUNTS = ("options_outside_top_k", "prompts_outside_top_k", "verdicts_parsed", "verdicts_missing")
 
 
 @dataclass
@@ -43,21 +45,24 @@ def run_labelling(judge: ConstitutionalJudge, source: Sequence[Prompt] | Sequenc
                   run_info: dict | None = None, progress: bool = True) -> LabelResult:
     """Label prompts (sample with `policy`, a generator — default: the judge's own —, pair, judge)
     or pairs (judge); with `out_dir`, resumably."""
-    start, items = time.perf_counter(), list(source)
+    start, items, usage_before = time.perf_counter(), list(source), replace(judge.generator.stats)
     if not items:
         raise ValueError("run_labelling: nothing to label (no prompts or pairs given)")
     from_prompts = isinstance(items[0], Prompt)
     store = None if out_dir is None else RunStore(out_dir, _run_config(judge, config, items, from_prompts,
                                                                        run_info))
     summary = {}
-    if from_prompts:
-        samples, summary = _sample_all(policy or judge.generator, items, config, judge.config, store, progress)
-        pairs, left_out = pairs_from_samples(samples, config.pairs_per_prompt, judge.config.seed)
-        summary.update(left_out)
-    else:
-        pairs = items
-    records, judging = _label_all(judge, pairs, store, progress)
-    summary.update(judging, seconds=round(time.perf_counter() - start, 1))
+    try:
+        if from_prompts:
+            samples, summary = _sample_all(policy or judge.generator, items, config, judge.config, store, progress)
+            pairs, left_out = pairs_from_samples(samples, config.pairs_per_prompt, judge.config.seed)
+            summary.update(left_out)
+        else:
+            pairs = items
+        records, judging = _label_all(judge, pairs, store, progress)
+    finally:  # a failed or interrupted run's API usage is recorded too
+        usage = api_usage(judge.generator, usage_before, store)
+    summary.update(judging, seconds=round(time.perf_counter() - start, 1), **usage)
     return _finish(judge, records, summary, store)
 
 
@@ -111,7 +116,8 @@ def _judging_stats(now: JudgeStats, before: JudgeStats, resumed: int) -> dict:
     return {"labels_from_earlier_run": resumed, "labelled_now": pairs, "judge_prompts": prompts,
             "judge_prompt_tokens": tokens, "rationale_tokens": now.rationale_tokens - before.rationale_tokens,
             "judge_seconds": round(seconds, 2), "labels_per_s": rate(pairs, 3),
-            "judge_prompts_per_s": rate(prompts, 2), "judge_tokens_per_s": rate(tokens, 1)}
+            "judge_prompts_per_s": rate(prompts, 2), "judge_tokens_per_s": rate(tokens, 1),
+            **{name: getattr(now, name) - getattr(before, name) for name in CHAT_API_COUNTS}}
 
 
 def margin_of(p_chosen: float) -> float:

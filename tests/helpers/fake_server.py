@@ -17,6 +17,18 @@ POST /generate with `input_ids`, `sampling_params` (max_new_tokens 0 allowed, sa
 answer's `output_ids`, `text` and meta_info.finish_reason {"type": ...}; errors as SGLang's
 ErrorResponse ({"object": "error", "message": ...}).
 
+kind="vllm" also answers POST /v1/chat/completions as an OpenAI-compatible chat API does (for the
+openai engine): `messages` rendered with the tiny model's chat template, `max_completion_tokens`,
+`logprobs`/`top_logprobs` in OpenAI's layout (choices[0].logprobs.content[0].top_logprobs: the k
+likeliest first tokens, {"token": text, "logprob"}), `usage`; `api_key` (a Bearer key asked for, 401
+with a message quoting the start of the key given otherwise), 404 model_not_found for another model,
+`rate_limit_next` 429s with Retry-After `retry_after`, `chat_logprobs`: "full", "absent" (answered
+without them) or "refused" (400 naming logprobs), `prefer`: a word that makes the judge verdict
+scripted: a judge request whose response (A) (or (B)) holds it is answered "A" (or "B") with
+log-prob -0.1, then "C" at -2.5 (the other letter outside the top-k), or, without log-probs, a
+reasoned answer ending "The answer is: (A)"; neither holding it: the engine answers. `chat_bodies`
+keeps every chat request's body and headers.
+
 `owned_by`: what the model cards say (None: no owned_by). Faults to order, on the generation
 endpoint, each a count of requests to spoil: `fail_next` answered 503, `drop_next` connections closed
 without an answer, `cut_next` streams ended after their first event, `abort_next` (SGLang: answers
@@ -38,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cai_fast.engine import SamplingParams
 
 GENERATE = {"vllm": "/v1/completions", "sglang": "/generate"}
+CHAT = "/v1/chat/completions"
 STALL_S = 2.0  # how long stall_next waits before answering
 OTHER_IDS = 100_000  # what wrong_ids_next adds to each token id: ids of no token asked
 
@@ -59,6 +72,10 @@ class FakeServer:
         self.overlapped = False  # for another request to arrive (up to 10 s); whether one did
         self.arrived = threading.Event()
         self.log: list[tuple[str, list[int], float, float]] = []
+        self.api_key: str | None = None  # the chat API: the Bearer key it asks for (None: none)
+        self.rate_limit_next, self.retry_after = 0, "0"
+        self.chat_logprobs, self.prefer = "full", None
+        self.chat_bodies: list[tuple[dict, dict]] = []
         self.served = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -133,6 +150,43 @@ class FakeServer:
         return out
 
 
+    def chat(self, body: dict) -> dict:
+        """The chat API's /v1/chat/completions (see the module docstring)."""
+        tokenizer = self.engine.tokenizer
+        text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        wants, k = body.get("logprobs") and self.chat_logprobs == "full", body.get("top_logprobs") or 0
+        letter = _preferred(body["messages"][-1]["content"], self.prefer)
+        with self.lock:
+            if letter is not None:
+                top = [{"token": letter, "logprob": -0.1}, {"token": "C", "logprob": -2.5}]
+                content, n = (letter, 1) if wants else (f"The responses differ.\nThe answer is: ({letter})", 8)
+            else:
+                params = SamplingParams(body["max_completion_tokens"], body.get("temperature", 1.0),
+                                        body.get("top_p", 1.0), body.get("seed", 0), tuple(body.get("stop") or ()))
+                out = self.engine.generate([ids], params)[0]
+                content, n = out.text, len(out.token_ids)
+                if wants:
+                    vocab = len(tokenizer)
+                    logp = self.engine.score_options([ids], [[t] for t in range(vocab)])[0]
+                    best = sorted(range(vocab), key=lambda t: -float(logp[t]))
+                    top = [{"token": tokenizer.decode([t]), "logprob": float(logp[t])} for t in best]
+        choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                  "finish_reason": "length" if n >= body["max_completion_tokens"] else "stop"}
+        if wants:
+            choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top[:k]}]}
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"], "choices": [choice],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+
+
+def _preferred(request: str, word: str | None) -> str | None:
+    """The letter of the response of a judge request that holds `word` (None: neither, or no word)."""
+    if not word or "Response (A)" not in request or "Response (B)" not in request:
+        return None
+    first, _, second = request.partition("Response (B)")
+    return "A" if word in first.partition("Response (A)")[2] else "B" if word in second else None
+
+
 def _handler(server: FakeServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -140,10 +194,12 @@ def _handler(server: FakeServer):
         def log_message(self, *args):  # quiet
             pass
 
-        def _answer(self, status: int, payload: dict, garble: bool = False) -> None:
+        def _answer(self, status: int, payload: dict, garble: bool = False, headers: dict | None = None) -> None:
             """`payload` as JSON; garble: cut in half, not JSON."""
             data = _garbled(json.dumps(payload), garble).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -184,6 +240,8 @@ def _handler(server: FakeServer):
             if self.path == "/tokenize":
                 ids = server.engine.tokenizer.encode(body["prompt"], add_special_tokens=body["add_special_tokens"])
                 self._answer(200, {"tokens": [t + server.token_shift for t in ids]})
+            elif self.path == CHAT and server.kind == "vllm":
+                self._chat(body)
             elif self.path != GENERATE[server.kind]:
                 self._error(404, "Not Found")
             elif server.take("drop_next"):
@@ -200,6 +258,28 @@ def _handler(server: FakeServer):
             else:
                 server.served += 1
                 self._answer(200, server.completion(body), server.take("garble_next"))
+
+        def _chat(self, body: dict) -> None:
+            server.chat_bodies.append((body, dict(self.headers)))
+            given = self.headers.get("Authorization", "")
+            if server.api_key is not None and given != f"Bearer {server.api_key}":
+                key = given.removeprefix("Bearer ")
+                self._answer(401, {"error": {"message": f"Incorrect API key provided: {key[:6]}***{key[-2:]}.",
+                                             "type": "invalid_request_error", "code": "invalid_api_key"}})
+            elif body.get("model") != server.model_id:
+                self._answer(404, {"error": {"message": f"The model `{body.get('model')}` does not exist or you "
+                                                        "do not have access to it.", "code": "model_not_found"}})
+            elif server.take("rate_limit_next"):
+                self._answer(429, {"error": {"message": "Rate limit reached for requests",
+                                             "code": "rate_limit_exceeded"}}, headers={"Retry-After": server.retry_after})
+            elif server.take("fail_next") or (server.fail_after is not None and server.served >= server.fail_after):
+                self._error(500, "Internal Server Error")
+            elif body.get("logprobs") and server.chat_logprobs == "refused":
+                self._answer(400, {"error": {"message": "logprobs is not supported with this model.",
+                                             "code": "unsupported_parameter"}})
+            else:
+                server.served += 1
+                self._answer(200, server.chat(body))
 
         def _sglang(self, body: dict) -> None:
             if not isinstance(body.get("input_ids"), list) or "prompt" in body or "model" in body:

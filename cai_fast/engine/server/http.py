@@ -2,8 +2,10 @@
 mapping of every failure to a one-line ServerError.
 
     session(connections) -> requests.Session
-    post(...): retried on a connection error, a timeout, a 5xx or an answer that is not JSON
-        (exponential backoff); a 4xx or the last failure is a ServerError naming the server and what to do
+    post(...): retried on a connection error, a timeout, a 429, a 5xx or an answer that is not JSON
+        (exponential backoff with jitter, at least the Retry-After a 429 or 503 asks for); refused
+        credentials (401/403), an unknown model (404 naming it), another 4xx or the last failure is a
+        ServerError naming the server and what to do
     models(...): /v1/models, waited for until a deadline; tokenize(...): /tokenize (None without it)
     get_json, prefix_cache_counters, cache_config: what a server reports; {} where it does not
 """
@@ -11,6 +13,7 @@ mapping of every failure to a one-line ServerError.
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from typing import TYPE_CHECKING, Callable
@@ -41,12 +44,14 @@ def session(connections: int) -> requests.Session:
 
 def post(client: requests.Session, url: str, kind: ServerKind, body: dict, *, timeout: float, retries: int,
          backoff: float, on_retry: Callable[[], None], on_first_chunk: Callable[[], None] | None = None) -> dict:
-    """POST `body` to the kind's endpoint, retrying connection errors, timeouts, 5xx and answers (or
-    streamed events) that are not JSON (on_retry() before each retry, after backoff * 2**attempt
-    seconds); ServerError otherwise. A streamed answer (body["stream"]) is read to its end,
-    on_first_chunk() called at its first chunk."""
+    """POST `body` to the kind's endpoint, retrying connection errors, timeouts, 429s, 5xx and answers
+    (or streamed events) that are not JSON (on_retry() before each retry, after backoff * 2**attempt
+    seconds times a random factor in [0.5, 1], and at least the answer's Retry-After); ServerError
+    otherwise, and at once where Retry-After asks for more than `timeout` seconds. A streamed answer
+    (body["stream"]) is read to its end, on_first_chunk() called at its first chunk."""
     path, stream = kind.path, bool(body.get("stream"))
     for attempt in range(retries + 1):
+        wait = 0.0
         try:
             response = client.post(url + path, json=body, timeout=timeout, stream=stream)
             if response.status_code < 400:
@@ -54,17 +59,57 @@ def post(client: requests.Session, url: str, kind: ServerKind, body: dict, *, ti
         except (requests.RequestException, json.JSONDecodeError) as err:  # json's: a streamed event not JSON
             problem = f"{type(err).__name__}: {first_line(err)}"
         else:
-            problem = f"HTTP {response.status_code}: {_error_message(response)}"
-            if response.status_code == 404:
-                raise ServerError(f"server {url} has no {path} endpoint ({problem}), which cai_fast uses on "
-                                  f"{kind.name} servers; {kind.missing_fix}")
-            if response.status_code < 500:
-                raise ServerError(f"server {url} refused {path}: {problem}")
+            problem = _refusal(url, kind, body, response)
+            wait = retry_after(response)
+            if wait > timeout:
+                raise ServerError(f"server {url} asks to wait {wait:g} s before {path} again ({problem}); "
+                                  "run the same command again later to resume")
         if attempt < retries:
             on_retry()
-            time.sleep(backoff * 2 ** attempt)
+            time.sleep(max(wait, backoff * 2 ** attempt * random.uniform(0.5, 1.0)))
     raise ServerError(f"server {url} failed {path} after {retries + 1} tries ({problem}); "
                       "check that it is running, then run the same command again to resume")
+
+
+def _refusal(url: str, kind: ServerKind, body: dict, response: requests.Response) -> str:
+    """The problem of an error answer worth retrying (429, 5xx), as text; ServerError for the others:
+    credentials refused (401/403; the server's message is left out, as it may quote the key), the
+    model unknown (404 naming it, or code model_not_found), no such endpoint (404), another 4xx."""
+    status, path = response.status_code, kind.path
+    message, code = _error_fields(response)
+    if status in (401, 403):
+        raise ServerError(f"server {url} refused the credentials for {path} (HTTP {status}"
+                          f"{f', {code}' if code else ''}); {kind.auth_fix}")
+    problem = f"HTTP {status}: {message}"
+    model = body.get("model")
+    if status == 404 and (code == "model_not_found" or (isinstance(model, str) and model and model in message)):
+        raise ServerModelError(f"server {url} does not serve model {model!r} ({problem}); pass a model it "
+                               "serves with --model (GET /v1/models lists them)")
+    if status == 404:
+        raise ServerError(f"server {url} has no {path} endpoint ({problem}), which cai_fast uses on "
+                          f"{kind.name} servers; {kind.missing_fix}")
+    if status == 429 and code == "insufficient_quota":
+        raise ServerError(f"server {url} refused {path}: {problem}; the account's quota is spent, add credit, "
+                          "then run the same command again to resume")
+    if status < 500 and status != 429:
+        raise ServerError(f"server {url} refused {path}: {problem}")
+    return problem
+
+
+def retry_after(response: requests.Response) -> float:
+    """The seconds a 429 or 503 answer's Retry-After header asks to wait (a number or an HTTP date), 0 without one."""
+    value = response.headers.get("Retry-After", "").strip()
+    if response.status_code not in (429, 503) or not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return 0.0
 
 
 def models(client: requests.Session, url: str, connect_timeout: float) -> list[dict]:
@@ -164,11 +209,14 @@ def _metrics(url: str) -> list[str]:
     return response.text.splitlines() if response.status_code == 200 else []
 
 
-def _error_message(response: requests.Response) -> str:
+def _error_fields(response: requests.Response) -> tuple[str, str]:
+    """(the first line of an error answer's message, its error code or "") from OpenAI's
+    {"error": {"message", "code"}}, SGLang's {"message"}, or the text."""
     try:
         payload = response.json()
-        message = payload.get("error", payload)
-        message = message.get("message", message) if isinstance(message, dict) else message
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
     except ValueError:
-        message = response.text
-    return (str(message).splitlines() or [""])[0][:300]
+        error = response.text
+    message = error.get("message", error) if isinstance(error, dict) else error
+    code = error.get("code") if isinstance(error, dict) else None
+    return (str(message).splitlines() or [""])[0][:300], code if isinstance(code, str) else ""

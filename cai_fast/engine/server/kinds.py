@@ -26,6 +26,7 @@ class ServerKind(Protocol):
     prompt_scoring_needs: str
     prefix_cache_fix: str
     missing_fix: str
+    auth_fix: str  # what to do when the server refuses our credentials (401/403)
 
     def request(self, tokens: list[int], model_id: str, body: dict) -> dict:
         """The whole request: `body` with the prompt's token ids (and the model id where asked)."""
@@ -74,6 +75,7 @@ class VLLMKind:
     prefix_cache_fix = "start it with --enable-prefix-caching"
     missing_fix = ("serve the model with vLLM's OpenAI server, or pass ServerConfig(server_kind='sglang') "
                    "for an SGLang server")
+    auth_fix = "the server engine sends no API key: start vLLM without --api-key, or use --engine openai"
 
     def request(self, tokens: list[int], model_id: str, body: dict) -> dict:
         return {"model": model_id, "prompt": tokens, **body}
@@ -136,6 +138,7 @@ class SGLangKind:
     prefix_cache_fix = "start it without --disable-radix-cache"
     missing_fix = ("serve the model with `python -m sglang.launch_server`, or pass ServerConfig(server_kind='vllm') "
                    "for a vLLM server")
+    auth_fix = "the server engine sends no API key: start SGLang without --api-key, or use --engine openai"
 
     def request(self, tokens: list[int], model_id: str, body: dict) -> dict:
         return {"input_ids": tokens, **body}

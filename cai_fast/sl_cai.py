@@ -51,9 +51,10 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
     chats = [prefix + [P.user(p.text)] for p in batch]
     batch_seed = stable_seed(config.seed, batch[0].id)
 
-    def step(name: str, max_tokens: int) -> list:
+    def step(name: str, max_tokens: int, asked=None) -> list:
+        """Generate each chat's next turn (from `asked`, the chats to generate from, where given)."""
         params = SamplingParams(max_tokens, config.temperature, config.top_p, stable_seed(batch_seed, name))
-        out = complete_chats(generator, chats, params)
+        out = complete_chats(generator, asked or chats, params)
         for chat, completion in zip(chats, out):
             chat.append(P.assistant(completion.text))
         return out
@@ -65,9 +66,14 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
         for chat, chosen in zip(chats, principles):
             chat.append(P.critique_turn(chosen[k]))
         critiques = step(f"critique{k}", config.critique_tokens)
+        answers = initial if k == 0 else [trace[-1]["revision"] for trace in rounds]
+        fresh = None if config.revision_turn == "chat" else [
+            P.fresh_few_shot_messages(constitution, config.few_shot)
+            + [P.fresh_revision_turn(p.text, a, c.text, chosen[k])]
+            for p, a, c, chosen in zip(batch, answers, critiques, principles)]
         for chat, chosen in zip(chats, principles):
             chat.append(P.revision_turn(chosen[k]))
-        revisions = step(f"revision{k}", config.revision_tokens)
+        revisions = step(f"revision{k}", config.revision_tokens, fresh)
         for trace, chosen, c, r in zip(rounds, principles, critiques, revisions):
             trace.append({"principle_id": chosen[k].id, "critique": c.text, "revision": r.text,
                           "finished": r.finish_reason == "stop"})

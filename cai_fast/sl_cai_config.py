@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .config import check_finite, option
 
+REVISION_TURNS = ("chat", "fresh")
+
 
 @dataclass
 class SLCAIConfig:
@@ -19,6 +21,9 @@ class SLCAIConfig:
     revision_tokens: int = option(128, "max new tokens of each revision")
     temperature: float = option(0.7, "sampling temperature (0 = greedy)")
     top_p: float = option(0.9, "nucleus sampling threshold")
+    revision_turn: str = option("chat", "how a revision is asked for: chat (a turn of the growing chat, after the "
+                                        "critique) or fresh (one new user turn quoting the request, the answer and "
+                                        "the critique)")
     filter: bool = option(True, "SFT and the preference pairs keep only final revisions that are replies to the "
                                 "user, not commentary, loops, truncated, empty or unchanged (cai_fast.revisions)")
     min_kept: int = option(4, "fewest revisions the filter may keep to train on: below it the run says so, and the "
@@ -28,6 +33,8 @@ class SLCAIConfig:
         check_finite(self)
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
+        if self.revision_turn not in REVISION_TURNS:
+            raise ValueError(f"revision_turn must be one of {', '.join(REVISION_TURNS)}, got {self.revision_turn!r}")
         if not 1 <= self.rounds <= 4:
             raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
         for name in ("batch_size", "answer_tokens", "critique_tokens", "revision_tokens"):

@@ -69,6 +69,27 @@ def test_each_step_extends_the_previous_prompt(tiny_loaded, constitution, prompt
     assert all(s == shared[0] for s in shared), "the few-shot block must be a common prefix"
 
 
+def test_a_fresh_revision_turn_quotes_the_answer_and_critique_and_the_chat_goes_on(tiny_loaded, constitution,
+                                                                                  prompts):
+    gen = RecordingGenerator(make_generator(tiny_loaded, batch_size=8))
+    config = SLCAIConfig(rounds=2, revision_turn="fresh", **{**SHORT, "few_shot": 1})
+    records = run_batch(gen, constitution, prompts[:2], config)
+    tok = tiny_loaded.tokenizer
+    for k in range(2):
+        revision_prompts = [tok.decode(p) for p, _ in gen.calls[2 + 2 * k]]
+        for record, text in zip(records, revision_prompts):
+            answer = record["initial"] if k == 0 else record["rounds"][0]["revision"]
+            asked = text[text.rindex("A user asked: "):]  # after the fresh few-shot example
+            assert asked.startswith(f"A user asked: {record['prompt']}") and f"A draft reply: {answer}" in asked
+            assert f"A critique of the draft: {record['rounds'][k]['critique']}" in asked
+            assert text.count("A user asked: ") == 2  # the few-shot example as a fresh turn, then this one
+    # the growing chat still holds every revision: round 2's critique prompt extends round 1's
+    (first, _), (second, _) = gen.calls[1][0], gen.calls[3][0]
+    assert second[: len(first)] == first and tok.decode(second).count(records[0]["rounds"][0]["revision"]) >= 1
+    with pytest.raises(ValueError, match="revision_turn must be one of chat, fresh"):
+        SLCAIConfig(revision_turn="new")
+
+
 def test_sampling_is_reproducible_and_batch_independent(tiny_loaded, constitution, prompts):
     config = SLCAIConfig(rounds=1, **SHORT)
     a = run_sl_cai(make_generator(tiny_loaded, batch_size=2), constitution, prompts, config, progress=False)

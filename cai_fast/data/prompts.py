@@ -1,7 +1,8 @@
 """Prompt templates, written for the prefix cache.
 
 An SL-CAI conversation is one growing chat: [few-shot block] user x, assistant y0, then per principle a critique
-request and the critique, a revision request and the revision. Every step's prompt is the previous step's prompt
+request and the critique, a revision request and the revision (with revision_turn "fresh" the revision is asked
+for in a chat of its own, `fresh_revision_turn`, and then appended to the growing chat). Every step's prompt is the previous step's prompt
 plus what the model said plus one new user turn, so a prefix cache computes each token once; the few-shot block
 (critique and revision examples from the constitution) comes first and is identical for every prompt. A judge
 (RLAIF) prompt is [few-shot block], one user turn (intro, conversation, response (A), response (B), the principle's
@@ -40,6 +41,25 @@ def critique_turn(principle: Principle) -> dict:
 
 def revision_turn(principle: Principle) -> dict:
     return user(REVISION_PREFIX + principle.revision)
+
+
+def fresh_revision_turn(prompt: str, answer: str, critique: str, principle: Principle) -> dict:
+    """The revision request as one fresh user turn (SL-CAI's revision_turn = "fresh"): the user's
+    request, the answer and its critique quoted, and the principle's revision request, asking for
+    the reply itself; the growing chat instead invites a small model to comment on "the response"."""
+    return user(f"A user asked: {prompt}\n\nA draft reply: {answer}\n\nA critique of the draft: {critique}\n\n"
+                f"{principle.revision} Write only the new reply, addressed to the user.")
+
+
+def fresh_few_shot_messages(constitution: Constitution, n: int | None = None) -> list[dict]:
+    """The first `n` few-shot examples as finished fresh-turn revisions (`fresh_revision_turn`)."""
+    messages = []
+    for example in constitution.few_shot[:n]:
+        principle = (constitution.principle(example.principle) if example.principle
+                     else constitution.principles[0])
+        messages += [fresh_revision_turn(example.prompt, example.response, example.critique, principle),
+                     assistant(example.revision)]
+    return messages
 
 
 def few_shot_messages(constitution: Constitution, n: int | None = None) -> list[dict]:

@@ -11,6 +11,7 @@ engine (the runner `auto` picks) and with the plain generator (transformers gene
 Then on the default model (--dtype, default auto) the SL-CAI workload through runner "fast" and
 runner "generic": the fused path's speed-up over the model's own forward on the same engine.
 Random models rarely end a turn, so every step runs to --tokens: the work is the same on both sides.
+Times are CPU seconds of this process (see `seconds`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from cai_fast.sl_cai import SLCAIConfig, run_sl_cai  # noqa: E402
 
 
 def seconds(fn) -> float:
-    start = time.perf_counter()
+    """This process's CPU seconds in fn(): steadier than wall time on a shared machine, since the
+    time other jobs hold the cores is left out (both sides use the same threads)."""
+    start = time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def sl_cai_seconds(generator, prompts, tokens: int) -> float:

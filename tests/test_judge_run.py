@@ -192,10 +192,10 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "labels-00000.jsonl"
     kill_when(proc, lambda: line_count(shard) >= 2, "2 labels were written", stop=stop)
-    written = line_count(shard)
+    written = line_count(shard)  # SIGTERM unwinds: a batch caught before its fsync is cut off whole (one label)
     assert full.wait(timeout=300) == 0, full.stderr.read()
     total = len((tmp_path / "full" / "labels-00000.jsonl").read_text().splitlines())
-    assert 2 <= written < total, f"the kill came too late to test anything ({written} of {total} labels)"
+    assert 1 <= written < total, f"the kill came too late to test anything ({written} of {total} labels)"
 
     resumed = subprocess.run([*common, "--out", str(out)], capture_output=True, text=True, env=ENV,
                              cwd=tmp_path, timeout=300)

@@ -402,7 +402,8 @@ class TrainRun:
         from all processes under FSDP) and drop the one before."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        module, weights = unwrapped(self.module), full_state_dict(unwrapped(self.module))
+        module = unwrapped(self.module)
+        weights = full_state_dict(module, trained=True)  # a LoRA run gathers its adapters, not the base
         optimizer = get_optimizer_state_dict(module, self.raw_optimizer,
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
@@ -484,7 +485,7 @@ class TrainRun:
         seconds = round(time.perf_counter() - self.started, 1)
         summary = {"stage": self.stage, "steps": self.step, "train_seconds": seconds,
                    "models": model_precisions(self.config, self.stage),
-                   "autocast": self.accelerator.mixed_precision,
+                   "autocast": self.accelerator.mixed_precision, "fsdp": self.sharding,
                    "final": self.history[-1] if self.history else {}, **(extra or {})}
         if self.is_main:
             save_trained(model, tokenizer, self.out, self.config, state)

@@ -136,11 +136,12 @@ def shard_model(module: nn.Module, mode: str, device: torch.device, mixed_precis
     return module
 
 
-def full_state_dict(module: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
-    """The whole state dict of `module` (sharded or not) on the CPU, names as unsharded. Under FSDP every process
-    must call it (it gathers); only the main process gets the tensors unless `everywhere`."""
+def full_state_dict(module: nn.Module, everywhere: bool = False, trained: bool = False) -> dict[str, torch.Tensor]:
+    """The whole state dict of `module` (sharded or not; only its trained weights with `trained`) on the CPU, names
+    as unsharded. Under FSDP every process must call it (it gathers); only the main process gets the tensors unless
+    `everywhere`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere, ignore_frozen_params=trained)
     state = get_model_state_dict(module, options=options)
     return {name: value.cpu() for name, value in state.items()} if everywhere else state

@@ -42,9 +42,9 @@ def two_processes(spec: dict, folder: Path) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(spec: dict, folder: Path) -> str:
+def launch(spec: dict, folder: Path, env: dict | None = None) -> str:
     """Run `spec` on two processes to the end; their output."""
-    done = subprocess.run(two_processes(spec, folder), capture_output=True, text=True, timeout=300, env=ENV)
+    done = subprocess.run(two_processes(spec, folder), capture_output=True, text=True, timeout=300, env=env or ENV)
     failed = [line for line in done.stderr.splitlines() if line.startswith("[rank")]  # the workers' tracebacks
     assert done.returncode == 0, "\n".join(failed[-40:]) or done.stderr[-3000:]
     return done.stdout
@@ -109,8 +109,11 @@ def assert_same_model(sharded: Path, single: Path) -> None:
     assert float(diff.mean()) < 1e-6 and float(diff.max()) < 1e-3, (sharded.name, float(diff.mean()), float(diff.max()))
 
 
-def history(folder: Path) -> list[dict]:
-    return json.loads((folder / "train_result.json").read_text())["history"]
+def history(folder: Path, sharded: str | None = None) -> list[dict]:
+    """The run's metrics; with `sharded`, after checking the run was sharded so ("" = not sharded)."""
+    result = json.loads((folder / "train_result.json").read_text())
+    assert sharded is None or result["summary"]["fsdp"] == sharded
+    return result["history"]
 
 
 def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
@@ -133,15 +136,15 @@ def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
              for name, (stage, fields) in runs.items()]
     ppo = dict(common, data=str(prompts), reward_model=str(tmp_path / "two" / "reward"), lr=3e-3, batch_size=1,
                max_new_tokens=5, temperature=1.0, max_steps=2)
-    train += [["ppo", {**ppo, "out": str(tmp_path / "two" / f"ppo-{mode or 'ddp'}"), "fsdp": mode}]
-              for mode in ("", "full_shard")]
+    train += [["ppo", {**ppo, "out": str(tmp_path / "two" / f"ppo{r}-{mode or 'ddp'}"), "fsdp": mode, "lora_r": r}]
+              for r in (0, 4) for mode in ("", "full_shard")]
     launch({"train": train}, tmp_path)
 
     for name, (stage, fields) in runs.items():
         STAGES[stage].run(STAGES[stage].config(**fields, out=str(tmp_path / "one" / name), batch_size=4),
                           progress=False)
         sharded, single = tmp_path / "two" / name, tmp_path / "one" / name
-        assert_same_run(history(sharded), history(single))
+        assert_same_run(history(sharded, "full_shard"), history(single, ""))
         assert_same_model(sharded, single)
     summary = json.loads((tmp_path / "two" / "reward" / "train_result.json").read_text())["summary"]
     ours = json.loads((tmp_path / "one" / "reward" / "train_result.json").read_text())["summary"]
@@ -149,19 +152,24 @@ def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "sft")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "two" / "reward", num_labels=1)
 
-    ddp, fsdp = tmp_path / "two" / "ppo-ddp", tmp_path / "two" / "ppo-full_shard"
-    assert_same_run(history(fsdp), history(ddp), keys=("reward", "kl", "pg_loss", "value_loss", "grad_norm"))
-    assert_same_model(fsdp, ddp)
-    AutoModelForCausalLM.from_pretrained(fsdp)
+    for r in (0, 4):  # full fine-tuning, and LoRA (the engine runs the copy's base with its adapters)
+        ddp, fsdp = tmp_path / "two" / f"ppo{r}-ddp", tmp_path / "two" / f"ppo{r}-full_shard"
+        assert_same_run(history(fsdp, "full_shard"), history(ddp, ""),
+                        keys=("reward", "kl", "pg_loss", "value_loss", "grad_norm"))
+        assert_same_model(fsdp, ddp)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "ppo0-full_shard")
 
 
 def test_a_killed_fsdp_run_resumes_to_the_one_process_result(tiny_model_path, tmp_path):
+    """Sharded as `accelerate launch --config_file` with an FSDP2 config asks (its environment), killed after a
+    checkpoint, rerun: every step once, as one process took it."""
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(11, seed=7))
+    env = {**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     fields = dict(model=str(tiny_model_path), data=str(data), lr=3e-3, max_steps=12, save_every=2, seed=1,
                   dtype="float32")
     out = tmp_path / "two"
-    spec = {"train": [["sft", {**fields, "out": str(out), "batch_size": 2, "fsdp": "full_shard"}]]}
-    child = subprocess.Popen(two_processes(spec, tmp_path), env=ENV, stdout=subprocess.DEVNULL,
+    spec = {"train": [["sft", {**fields, "out": str(out), "batch_size": 2}]]}
+    child = subprocess.Popen(two_processes(spec, tmp_path), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not any((out / "checkpoints").glob("step-*")):
@@ -172,9 +180,9 @@ def test_a_killed_fsdp_run_resumes_to_the_one_process_result(tiny_model_path, tm
     assert not (out / "train_result.json").exists(), "the run finished before it could be killed"
     step = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
 
-    assert f"resuming sft from step {step}" in launch(spec, tmp_path)
+    assert f"resuming sft from step {step}" in launch(spec, tmp_path, env)
     train_sft(SFTConfig(**fields, out=str(tmp_path / "one"), batch_size=4), progress=False)
-    assert_same_run(history(out), history(tmp_path / "one"))  # every step once, as one process took it
+    assert_same_run(history(out, "full_shard"), history(tmp_path / "one"))  # every step once, as one process took it
     assert_same_model(out, tmp_path / "one")
     assert not list((out / "checkpoints").glob("step-*"))
 

@@ -227,3 +227,15 @@ def test_fsdp_mode_from_the_option_or_accelerate_config(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="set fsdp_version: 2"):
         fsdp_mode("")
+
+
+def test_merge_lora_under_fsdp_is_a_one_line_error(monkeypatch):
+    from cai_fast.train import common
+
+    monkeypatch.setattr(common, "process_state", lambda: SimpleNamespace(num_processes=2))
+    config = SFTConfig(data="chats.jsonl", lora_r=4, merge_lora=True, fsdp="full_shard")
+    with pytest.raises(ValueError, match="--merge-lora under FSDP: save the adapter"):
+        common.sharding(config)
+    assert common.sharding(SFTConfig(data="chats.jsonl", lora_r=4, fsdp="full_shard")) == "full_shard"
+    monkeypatch.setattr(common, "process_state", lambda: SimpleNamespace(num_processes=1))
+    assert common.sharding(config) == ""  # one process: nothing to shard

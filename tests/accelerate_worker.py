@@ -1,10 +1,11 @@
-"""One process of the two-process run in tests/test_train_distributed.py (started by torchrun).
+"""One process of the two-process runs in tests/test_train_distributed.py (started by torchrun).
 
     torchrun --standalone --nproc_per_node 2 tests/accelerate_worker.py SPEC.json
 
-SPEC holds the SFT config fields ("sft") and the generation job ("generate": model, prompts,
-max_new_tokens, out). Every process trains its share of each global batch (data-parallel through
-accelerate) and generates for its share of the prompts; the merged generations are written once.
+SPEC holds the training runs ("train": [[stage, config fields], ...], run in turn: cai_fast.train.STAGES)
+and optionally a generation job ("generate": model, prompts, max_new_tokens, out). Every process trains its
+share of each global batch (data-parallel through accelerate, or sharded with "fsdp" in the fields) and
+generates for its share of the prompts; the merged generations are written once.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import sys
 from cai_fast.cli import end_process_group
 from cai_fast.engine import SamplingParams, load_model, make_generator
 from cai_fast.data.prompts import render, user
-from cai_fast.train.config import SFTConfig
+from cai_fast.train import STAGES
 from cai_fast.train.distributed import process_state, shard_for_process, write_merged_jsonl
-from cai_fast.train.sft import train_sft
 
 
 def generate_sharded(job: dict) -> None:
@@ -33,8 +33,10 @@ def generate_sharded(job: dict) -> None:
 
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
-    train_sft(SFTConfig(**spec["sft"]), progress=False)
-    generate_sharded(spec["generate"])
+    for stage, fields in spec.get("train", []):
+        STAGES[stage].run(STAGES[stage].config(**fields), progress=False)
+    if "generate" in spec:
+        generate_sharded(spec["generate"])
     end_process_group()  # as the command line does
 
 

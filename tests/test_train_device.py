@@ -126,7 +126,9 @@ def test_a_lora_reference_is_the_policy_in_its_dtype(data, tiny_model_path, tmp_
     config = DPOConfig(model=str(tiny_model_path), data=str(data["pairs"]), out=str(tmp_path), lora_r=4,
                        device="cpu", dtype="bfloat16")
     lm, _ = load_policy(config)
-    assert load_reference(config, PolicyModule(lm), "cpu").head()[0].dtype == torch.bfloat16
+    reference, ids = load_reference(config, PolicyModule(lm), "cpu"), torch.tensor([[1, 2, 3]])
+    with torch.no_grad():  # the head as the losses read it, inside forward
+        assert reference(ids, torch.ones_like(ids), lambda policy, hidden: policy.head()[0].dtype) == torch.bfloat16
     assert {p.dtype for p in lm.parameters() if p.requires_grad} == {torch.float32}  # peft's fp32 adapters
     assert model_precisions(config, "dpo")["reference"] == model_precisions(config, "dpo")["policy"]
 

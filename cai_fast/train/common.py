@@ -37,7 +37,9 @@ from ..seeding import stable_seed
 from ..store import RunFolderError, RunStore, read_json, unwritable, write_atomic, write_jsonl
 from .config import PPOConfig, TrainConfig
 from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, tokenized_records
-from .distributed import bind_device, make_accelerator, process_state, shard_for_process
+from .distributed import (
+    bind_device, fsdp_mode, full_state_dict, make_accelerator, process_state, shard_for_process, shard_model,
+)
 
 
 @dataclass
@@ -50,7 +52,10 @@ class TrainResult:
 class PolicyModule(nn.Module):
     """A causal LM seen as its final hidden states; the LM head is applied by the fused ops.
 
-    forward(input_ids [B, T], attention_mask [B, T]) -> hidden [B, T, H] (after the final norm).
+    forward(input_ids [B, T], attention_mask [B, T]) -> hidden [B, T, H] (after the final norm);
+    forward(input_ids, attention_mask, head_fn) -> head_fn(module, hidden), called inside forward: the
+    loss reads the heads there, where FSDP has gathered the root unit's weights (an LM head read
+    after forward would be this process's shard).
     `head()` -> (weight [V, H], bias [V] or None) of the LM head.
     """
 
@@ -58,9 +63,10 @@ class PolicyModule(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask):
-        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
+    def forward(self, input_ids, attention_mask, head_fn=None):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        return hidden if head_fn is None else head_fn(self, hidden)
 
     def head(self):
         head = self.lm.get_output_embeddings()
@@ -139,21 +145,18 @@ def load_policy(config: TrainConfig):
 class AdapterDisabled(nn.Module):
     """A LoRA policy with its adapters switched off: the frozen base model, without a second copy.
 
-    Same interface as PolicyModule (forward -> hidden, head()); call it under torch.no_grad().
-    The policy is held outside the module tree, so its weights are not registered twice.
+    Same forward as PolicyModule (head_fn gets the policy); call it under torch.no_grad(). The policy
+    is held outside the module tree, so its weights are not registered twice (nor sharded twice).
     """
 
     def __init__(self, policy: nn.Module):
         super().__init__()
         self._policy = [policy]
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, head_fn=None):
         policy = unwrapped(self._policy[0])
         with policy.lm.disable_adapter():
-            return policy(input_ids, attention_mask)
-
-    def head(self):
-        return unwrapped(self._policy[0]).head()
+            return policy(input_ids, attention_mask, head_fn)
 
 
 def load_reference(config, policy: nn.Module, device) -> nn.Module:
@@ -162,35 +165,41 @@ def load_reference(config, policy: nn.Module, device) -> nn.Module:
     apart is in placement(config).frozen, on `device`."""
     if config.lora_r and not config.ref_model:
         return AdapterDisabled(policy)
-    frozen = dtype_name(placement(config).frozen)
-    loaded = load_model(config.ref_model or config.model, dtype=frozen, device=str(device))
+    frozen, device = dtype_name(placement(config).frozen), torch.device(device)
+    where = "cpu" if device.type == "cpu" else str(device)  # accelerate's CPU processes are on "cpu:0"
+    loaded = load_model(config.ref_model or config.model, dtype=frozen, device=where)
     module = PolicyModule(loaded.model).eval()
     module.requires_grad_(False)
     return module
 
 
-def token_logprobs(module, batch: TokenBatch, temperature: float = 1.0):
+def token_logprobs(module, batch: TokenBatch, temperature: float = 1.0, values: bool = False):
     """Log-probs of the batch's trained tokens under a PolicyModule, through `linear_logprobs`.
 
-    Returns (logp [n], row of each token [n], hidden state that predicted it [n, H]); tokens in
-    row order, positions increasing.
+    Returns (logp [n], row of each token [n], hidden state that predicted it [n, H], or with
+    `values` the value head's V of it [n] (PolicyWithValue)); tokens in row order, positions increasing.
     """
-    hidden, targets, rows = batch.targets(module(batch.input_ids, batch.attention_mask))
-    weight, bias = unwrapped(module).head()
-    return linear_logprobs(hidden, weight, targets, bias, temperature), rows, hidden
+    def head_fn(policy, hidden):
+        hidden, targets, rows = batch.targets(hidden)
+        weight, bias = policy.head()
+        logp = linear_logprobs(hidden, weight, targets, bias, temperature)
+        return logp, rows, policy.values(hidden) if values else hidden
+
+    return module(batch.input_ids, batch.attention_mask, head_fn)
 
 
 def unwrapped(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    """The module inside a DistributedDataParallel wrapper (or the module itself; FSDP2 shards in place)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def save_trained(model, tokenizer, out: Path, config: TrainConfig) -> None:
-    """Save a transformers model and its tokenizer to `out`. A LoRA model saves its adapter alone
-    (adapter_model.safetensors + adapter_config.json), or merged in with config.merge_lora."""
+def save_trained(model, tokenizer, out: Path, config: TrainConfig, state: dict | None = None) -> None:
+    """Save a transformers model (with `state`, its gathered state dict, when it is sharded) and its tokenizer
+    to `out`. A LoRA model saves its adapter alone (adapter_model.safetensors + adapter_config.json), or merged
+    in with config.merge_lora."""
     if hasattr(model, "merge_and_unload") and config.merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state)
     tokenizer.save_pretrained(out)
 
 
@@ -204,6 +213,16 @@ def step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
     """The examples of step `step`: a window of the stream of seeded per-epoch permutations."""
     start = step * global_batch
     return [_epoch_order(n, seed, i // n)[i % n] for i in range(start, start + global_batch)]
+
+
+def sharding(config: TrainConfig) -> str:
+    """The FSDP mode of this run ("" for none): --fsdp or accelerate's FSDP config, when several processes run;
+    ValueError (one line) for what cannot be sharded."""
+    mode = fsdp_mode(config.fsdp) if process_state().num_processes > 1 else ""
+    if mode and config.merge_lora:
+        raise ValueError("--merge-lora under FSDP: save the adapter (--merge-lora 0) and merge it afterwards "
+                         "(peft's merge_and_unload)")
+    return mode
 
 
 def global_batch_size(config: TrainConfig) -> int:
@@ -256,6 +275,10 @@ class TrainRun:
     examples k·G … (k+1)·G − 1 of a stream of seeded per-epoch permutations, G the global batch —
     and the random state is reseeded from (seed, step, process) before every step, so a resumed run
     computes exactly what the uninterrupted one would have, and a checkpoint needs no RNG state.
+
+    Under FSDP (`sharding`, several processes; see cai_fast.train.distributed.fsdp_mode) the module is
+    sharded by `shard_model` instead of wrapped in DDP, and the optimizer holds the shards; checkpoints
+    and the saved model are gathered whole (`full_state_dict`): the same files as an unsharded run's.
     """
 
     def __init__(self, config: TrainConfig, stage: str, module: nn.Module, steps: int, *,
@@ -264,12 +287,16 @@ class TrainRun:
         self.out = Path(config.out)
         self.accelerator = make_accelerator(config.mixed_precision, trackers(config.report_to), self.out,
                                             cpu=placement(config).device.type == "cpu")
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.sharding = sharding(config)
+        module = module.to(self.accelerator.device)
+        if self.sharding:
+            module = shard_model(module, self.sharding, self.device, self.accelerator.mixed_precision)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(optimizer, config, optimizer_steps or steps)
-        self.module, self.optimizer = self.accelerator.prepare(module.to(self.accelerator.device), optimizer)
+        self.module, self.optimizer = (module, optimizer) if self.sharding else self.accelerator.prepare(module,
+                                                                                                         optimizer)
         self.accelerator.init_trackers(f"cai-fast-{stage}", config=asdict(config))
-        self.params = params
         self.step, self.history = 0, []
         self.started = time.perf_counter()
 
@@ -281,10 +308,19 @@ class TrainRun:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def frozen(self, module: nn.Module) -> nn.Module:
+        """A model the run only reads (DPO/PPO's reference), sharded like the trained one under FSDP."""
+        if self.sharding and any(True for _ in module.parameters()):
+            return shard_model(module, self.sharding, self.device, self.accelerator.mixed_precision)
+        return module
+
     def optimizer_step(self) -> float:
         """Clip, step the optimizer and the schedule, zero the gradients; the gradient norm."""
         max_norm = self.config.max_grad_norm or math.inf
-        norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        if self.sharding:  # the norm of the sharded gradients, over all processes
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).full_tensor()
+        else:
+            norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -303,14 +339,15 @@ class TrainRun:
         `batch_size`. Losses are sums over the process's micro-batch divided by the global batch's
         total weight (tokens for SFT, pairs for DPO and the reward model) and multiplied by P, so
         one optimizer step sees the gradient of the global mean, whatever batch_size × grad_accum × P
-        add up to that global batch.
+        add up to that global batch. Under FSDP the gradients are reduce-scattered (averaged) after
+        every micro-batch, so that they stay sharded.
         """
         scale = self.accelerator.num_processes / max(total_weight, 1e-12)
         chunks = [local[i : i + self.config.batch_size] for i in range(0, len(local), self.config.batch_size)]
         sums: dict[str, float] = {}
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
+            with contextlib.nullcontext() if last or self.sharding else self.accelerator.no_sync(self.module):
                 loss, stats = loss_fn(self.module, chunk)
                 self.accelerator.backward(loss * scale)
             for name, value in stats.items():
@@ -357,17 +394,24 @@ class TrainRun:
     def checkpoint_root(self) -> Path:
         return self.out / "checkpoints"
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        module = unwrapped(self.module)
-        return {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
+    def trainable_names(self) -> list[str]:
+        return [name for name, p in unwrapped(self.module).named_parameters() if p.requires_grad]
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint of this step (the main process, with the weights and optimizer state gathered
+        from all processes under FSDP) and drop the one before."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        module = unwrapped(self.module)
+        weights = full_state_dict(module, trained=True)  # a LoRA run gathers its adapters, not the base
+        optimizer = get_optimizer_state_dict(module, self.raw_optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
             final = self.checkpoint_root / f"step-{self.step:06d}"
             tmp = self.checkpoint_root / f".tmp-step-{self.step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                self._write_checkpoint(tmp)
+                self._write_checkpoint(tmp, {name: weights[name] for name in self.trainable_names()}, optimizer)
                 tmp.replace(final)
             except (OSError, RunFolderError) as err:  # disk full, read-only: the last checkpoint stays
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -378,11 +422,18 @@ class TrainRun:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
-    def _write_checkpoint(self, folder: Path) -> None:
+    @property
+    def raw_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer (inside accelerate's wrapper, if any)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _write_checkpoint(self, folder: Path, weights: dict, optimizer: dict) -> None:
+        """weights: the trainable ones by name; optimizer: its state with parameters named (not numbered),
+        as torch.distributed.checkpoint's full state dicts name them."""
         folder.mkdir(parents=True)
-        save_file(self.trainable_state(), folder / TRAINABLE_FILE)
+        save_file(weights, folder / TRAINABLE_FILE)
         tensors = {}
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
         write_atomic(folder / OPTIMIZER_STATE, json.dumps(state_to_json(state, tensors, "state")))
         save_file(tensors, folder / OPTIMIZER_TENSORS)
         write_atomic(folder / "state.json", json.dumps({"step": self.step, "history": self.history}))
@@ -411,27 +462,33 @@ class TrainRun:
         except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: not a usable checkpoint ({' '.join(str(err).split())}); remove it to "
                              f"restart from scratch (or {self.checkpoint_root} to start over)") from None
-        module = unwrapped(self.module)
-        missing = [name for name, p in module.named_parameters() if p.requires_grad and name not in state]
+        missing = [name for name in self.trainable_names() if name not in state]
         if missing:
             raise ValueError(f"{path} does not match this model ({len(missing)} trainable weights missing, "
                              f"e.g. {missing[0]}); remove {self.checkpoint_root} to start over")
-        module.load_state_dict(state, strict=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        module, whole = unwrapped(self.module), StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(module, state, options=whole)  # every process shards what it read
+        set_optimizer_state_dict(module, self.raw_optimizer, opt["optimizer"], options=whole)
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step, self.history = step, history
         if self.is_main:
             print(f"cai-fast: resuming {self.stage} from step {self.step} ({path})", flush=True)
 
-    def finish(self, save_model: Callable[[Path], None], extra: dict | None = None) -> TrainResult:
-        """Save the model (main process), mark the run complete and drop the checkpoints."""
+    def finish(self, model: nn.Module, tokenizer, extra: dict | None = None) -> TrainResult:
+        """Save `model` (a transformers model inside the trained module; gathered whole under FSDP) and
+        the tokenizer (main process), mark the run complete and drop the checkpoints."""
+        state = full_state_dict(model) if self.sharding else None
         seconds = round(time.perf_counter() - self.started, 1)
         summary = {"stage": self.stage, "steps": self.step, "train_seconds": seconds,
                    "models": model_precisions(self.config, self.stage),
-                   "autocast": self.accelerator.mixed_precision,
+                   "autocast": self.accelerator.mixed_precision, "fsdp": self.sharding,
                    "final": self.history[-1] if self.history else {}, **(extra or {})}
         if self.is_main:
-            save_model(self.out)
+            save_trained(model, tokenizer, self.out, self.config, state)
             write_atomic(self.out / RESULT_FILE, json.dumps({"summary": summary, "history": self.history}, indent=1))
             for path in self.checkpoints():
                 shutil.rmtree(path)
@@ -517,6 +574,7 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
     out = Path(config.out)
     models = model_precisions(config, stage)  # a device or dtype that cannot be used fails first
     bind_device(placement(config).device)
+    sharding(config)  # an FSDP1 accelerate config, say, fails before the folder is written
     check_inputs(config)
     started = (out / RESULT_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
     digests = {f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "ref_model", "reward_model")

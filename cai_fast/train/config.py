@@ -52,6 +52,9 @@ class TrainConfig:
                                 "the trained one in fp32 (--bf16 autocasts it); float32, bfloat16 = every model, the "
                                 "trained one too (pure bf16 training, as trl's --dtype); float16 = the frozen ones "
                                 "(pure fp16 AdamW is NaN); losses and log-probs are fp32 whatever it is")
+    fsdp: str = option("", "shard the trained model (and a reference loaded apart) over the processes with FSDP2: "
+                           "full_shard, or shard_grad_op (blocks stay gathered from forward to backward); default: "
+                           "what an `accelerate launch --config_file` FSDP config says, else none (DDP)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
                                                  "about a third more time)")
     report_to: str = option("none", "trackers for the metrics (accelerate's): tensorboard, wandb, trackio, "
@@ -73,7 +76,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name, allowed in (("mixed_precision", ("auto", "no", "bf16", "fp16")),
                               ("merge_lora", (0, 1)), ("gradient_checkpointing", (0, 1)),
-                              ("lr_scheduler", LR_SCHEDULERS)):
+                              ("lr_scheduler", LR_SCHEDULERS), ("fsdp", ("", "full_shard", "shard_grad_op"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 <= self.lora_dropout < 1:

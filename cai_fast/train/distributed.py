@@ -7,6 +7,11 @@ p + 2N, ...; `gather_shards` puts the per-process results back in the original o
 `write_merged_jsonl` has the main process write them as one file. With one process all three are the identity.
 A training stage's --device decides the state (`bind_device`): `cpu=True` on the CPU (which is what makes
 accelerate use gloo under torchrun), accelerate's GPU per process on CUDA.
+
+Sharded training (FSDP2, torch's `fully_shard`): `--fsdp full_shard` (or `shard_grad_op`), or `accelerate launch
+--config_file` with `distributed_type: FSDP` and `fsdp_version: 2` (`fsdp_mode`). `shard_model` makes each
+transformer block one unit and the rest (embeddings, final norm, LM and value/score heads) the root unit;
+`full_state_dict` gathers the whole weights (for a checkpoint, the saved model, the rollout engine).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
+from torch import nn
 
 from ..engine.device import DeviceError
 from ..store import write_jsonl
@@ -94,3 +100,48 @@ def write_merged_jsonl(path: str | Path, local_records: Sequence[dict],
         write_jsonl(Path(path), merged)
     state.wait_for_everyone()
     return merged
+
+
+def fsdp_mode(option: str) -> str:
+    """How to shard: the --fsdp option when given ("full_shard", "shard_grad_op"), else what `accelerate launch`
+    with an FSDP config put in the environment (ACCELERATE_USE_FSDP, FSDP_RESHARD_AFTER_FORWARD), else "" (none).
+    accelerate's FSDP1 (fsdp_version: 1) is refused with a one-line ValueError: the training loops shard with FSDP2."""
+    if option or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return option
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("the accelerate config asks for FSDP1; cai-fast shards with FSDP2: set fsdp_version: 2 "
+                         "(or pass --fsdp full_shard)")
+    keep = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op", "2")
+    return "shard_grad_op" if keep else "full_shard"
+
+
+def shard_model(module: nn.Module, mode: str, device: torch.device, mixed_precision: str = "no") -> nn.Module:
+    """`module` sharded in place over all processes with FSDP2 and returned: each transformer block (a class
+    named in a submodule's `_no_split_modules`, e.g. LlamaDecoderLayer) one unit, the rest the root unit. Its
+    weights become DTensor shards, gathered unit by unit inside forward: read a weight only inside the root's
+    forward (PolicyModule's head_fn). full_shard frees each block's gathered weights after its forward (least
+    memory), shard_grad_op keeps them until its backward; --mixed-precision bf16 gathers and computes in bf16
+    and reduces gradients in fp32."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    precision = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision == "bf16" else None
+    settings = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),)),
+                "reshard_after_forward": mode == "full_shard", "mp_policy": precision or MixedPrecisionPolicy()}
+    for block in [m for m in module.modules() if type(m).__name__ in blocks]:
+        fully_shard(block, **settings)
+    fully_shard(module, **settings)
+    return module
+
+
+def full_state_dict(module: nn.Module, everywhere: bool = False, trained: bool = False) -> dict[str, torch.Tensor]:
+    """The whole state dict of `module` (sharded or not; only its trained weights with `trained`) on the CPU, names
+    as unsharded. Under FSDP every process must call it (it gathers); only the main process gets the tensors unless
+    `everywhere`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere, ignore_frozen_params=trained)
+    state = get_model_state_dict(module, options=options)
+    return {name: value.cpu() for name, value in state.items()} if everywhere else state

@@ -18,7 +18,7 @@ import torch
 from ..ops import reward_bt_loss
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
-    save_trained, start_run, step_indices, steps_for, token_logprobs, training_examples, unwrapped,
+    start_run, step_indices, steps_for, token_logprobs, training_examples, unwrapped,
 )
 from .config import DPOConfig
 from .data import PreferencePair, TokenBatch, tokenize_preference
@@ -58,7 +58,7 @@ def train_dpo(config: DPOConfig, *, progress: bool = True) -> TrainResult:
     pairs = training_examples(config, "preference", tokenizer, tokenize_preference)
     global_batch = global_batch_size(config)
     run = TrainRun(config, "dpo", PolicyModule(lm), steps_for(config, len(pairs), global_batch), progress=progress)
-    reference = load_reference(config, run.module, run.device)
+    reference = run.frozen(load_reference(config, run.module, run.device))
 
     def loss_fn(module, chunk):
         loss, r_c, r_r = dpo_loss(module, reference, chunk, config.beta, tokenizer.pad_token_id, run.device)
@@ -74,5 +74,4 @@ def train_dpo(config: DPOConfig, *, progress: bool = True) -> TrainResult:
                 "reward_margin": mean["reward_chosen"] - mean["reward_rejected"], "grad_norm": sums["grad_norm"]}
 
     run.run(step, "DPO")
-    return run.finish(lambda out: save_trained(unwrapped(run.module).lm, tokenizer, out, config),
-                      {"pairs": len(pairs)})
+    return run.finish(unwrapped(run.module).lm, tokenizer, {"pairs": len(pairs)})

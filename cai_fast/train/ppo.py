@@ -11,6 +11,7 @@ a Linear(H, 1) head on the policy's own final hidden states. Metrics are logged 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,11 +24,11 @@ from ..data.prompts import render, user
 from ..seeding import stable_seed
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, load_reference, local_examples,
-    placement, save_trained, start_run, step_indices, steps_for, token_logprobs, unwrapped,
+    placement, sharding, start_run, step_indices, steps_for, token_logprobs, unwrapped,
 )
 from .config import PPOConfig
 from .data import TokenBatch, TokenizedChat
-from .distributed import process_state
+from .distributed import full_state_dict, process_state
 from .reward import load_reward_model
 
 
@@ -144,12 +145,16 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, progress: bool = True):
         self.config = config
         lm, self.tokenizer = load_policy(config)
+        # under FSDP the engine samples from an unsharded copy, given the gathered weights every step
+        self.rollout_lm = copy.deepcopy(lm).requires_grad_(False).eval() if sharding(config) else None
         self.prompts = self._load_prompts()
         self.per_step = global_batch_size(config) * config.minibatches
         steps = steps_for(config, len(self.prompts), self.per_step)
         self.run = TrainRun(config, "ppo", PolicyWithValue(lm), steps, progress=progress,
                             optimizer_steps=steps * config.ppo_epochs * config.minibatches)
-        self.reference = load_reference(config, self.run.module, self.run.device)
+        self.reference = self.run.frozen(load_reference(config, self.run.module, self.run.device))
+        if self.rollout_lm is not None:
+            self.rollout_lm.to(self.run.device)
         self.scorer = load_reward_model(config.reward_model, device=str(self.run.device),
                                         dtype=placement(config).frozen)
 
@@ -172,8 +177,12 @@ class PPOTrainer:
     def generator(self):
         """A generator over the current policy weights (made per step: a cache of old weights'
         KV must not outlive them). A LoRA policy runs as its base model: peft puts the adapters
-        into the base model's own modules, which the cached engine calls."""
+        into the base model's own modules, which the cached engine calls. Under FSDP (every process
+        calls it) the policy's weights are gathered into the unsharded rollout copy first."""
         lm = self.policy.lm
+        if self.rollout_lm is not None:
+            self.rollout_lm.load_state_dict(full_state_dict(lm, everywhere=True))
+            lm = self.rollout_lm
         model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         return make_generator(LoadedModel(model, self.tokenizer, self.config.model), engine=self.config.engine,
                               batch_size=self.config.generation_batch)
@@ -198,10 +207,10 @@ class PPOTrainer:
         pad, lengths = self.tokenizer.pad_token_id, [c.trained_tokens for c in chats]
         for i in range(0, len(chats), self.config.batch_size):
             batch = TokenBatch.collate(chats[i : i + self.config.batch_size], pad, self.run.device)
-            logp, _, hidden = token_logprobs(self.policy, batch, self.config.temperature)
+            logp, _, values = token_logprobs(self.policy, batch, self.config.temperature, values=True)
             ref_logp, _, _ = token_logprobs(self.reference, batch, self.config.temperature)
             split = lengths[i : i + self.config.batch_size]
-            for store, x in zip(out, (logp, self.policy.values(hidden), ref_logp)):
+            for store, x in zip(out, (logp, values, ref_logp)):
                 store += list(torch.split(x, split))
         return out
 
@@ -233,8 +242,7 @@ class PPOTrainer:
         """(summed PPO loss over the rollouts' tokens, summed statistics)."""
         c = self.config
         batch = TokenBatch.collate([r.chat for r in rollouts], self.tokenizer.pad_token_id, self.run.device)
-        logp, _, hidden = token_logprobs(module, batch, c.temperature)
-        values = unwrapped(module).values(hidden)
+        logp, _, values = token_logprobs(module, batch, c.temperature, values=True)
         old_logp, old_values, advantages, returns = (
             torch.cat([getattr(r, name) for r in rollouts]).to(self.run.device)
             for name in ("old_logp", "old_values", "advantages", "returns"))
@@ -273,8 +281,7 @@ class PPOTrainer:
 
     def train(self) -> TrainResult:
         self.run.run(self.step, "PPO")
-        return self.run.finish(lambda out: save_trained(self.policy.lm, self.tokenizer, out, self.config),
-                               {"prompts": len(self.prompts)})
+        return self.run.finish(self.policy.lm, self.tokenizer, {"prompts": len(self.prompts)})
 
 
 def train_ppo(config: PPOConfig, *, progress: bool = True) -> TrainResult:

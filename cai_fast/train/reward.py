@@ -21,7 +21,7 @@ from ..engine.loading import ModelLoadError, load_tokenizer, require_peft, resol
 from ..ops import reward_bt_loss
 from .common import (
     TrainResult, TrainRun, check_reward_model, global_batch_size, local_examples, placement, prepare_for_training,
-    save_trained, start_run, step_indices, steps_for, training_examples, unwrapped, with_lora,
+    start_run, step_indices, steps_for, training_examples, unwrapped, with_lora,
 )
 from .config import RewardConfig
 from .data import PreferencePair, TokenBatch, TokenizedChat, chat_ids, tokenize_preference
@@ -31,8 +31,9 @@ class RewardModel(nn.Module):
     """A transformers sequence classifier with one label (or a peft model of one), seen as
 
     forward(input_ids [B, T], attention_mask [B, T], right-padded) -> h [B, H] at each row's last
-    token; `head` the Linear(H, 1) score head; `rewards(...)` -> head(h) [B]. Training applies
-    the head inside `reward_bt_loss`.
+    token, or with head_fn -> head_fn(model, h), called inside forward (where FSDP has gathered the
+    head, as PolicyModule's); `head` the Linear(H, 1) score head; `rewards(...)` -> head(h) [B].
+    Training applies the head inside `reward_bt_loss`.
 
     The classifier is `<Arch>ForSequenceClassification`, num_labels=1, a bias-free `score` head: the
     format trl's RewardTrainer writes and its `reward_funcs="<folder>"` reads; `--model` may be a
@@ -58,18 +59,22 @@ class RewardModel(nn.Module):
     def head(self) -> nn.Linear:
         return self.inner.score
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, head_fn=None):
         inner = self.inner
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = last_token_index(input_ids, attention_mask, inner.config.pad_token_id)
-        return hidden[torch.arange(len(last), device=hidden.device), last]
+        h = hidden[torch.arange(len(last), device=hidden.device), last]
+        return h if head_fn is None else head_fn(self, h)
 
     @torch.no_grad()
     def rewards(self, input_ids, attention_mask) -> torch.Tensor:
         """[B] fp32 rewards, the head applied in fp32 whatever the model's dtype."""
-        bias = None if self.head.bias is None else self.head.bias.float()
-        return nn.functional.linear(self(input_ids, attention_mask).float(), self.head.weight.float(), bias)[:, 0]
+        def head_fn(model, h):
+            bias = None if model.head.bias is None else model.head.bias.float()
+            return nn.functional.linear(h.float(), model.head.weight.float(), bias)[:, 0]
+
+        return self(input_ids, attention_mask, head_fn)
 
 
 def last_token_index(input_ids, attention_mask, pad_id: int | None) -> torch.Tensor:
@@ -112,12 +117,14 @@ def load_classifier(name: str, tokenizer, dtype=None):
 def pair_loss(module, pairs: Sequence[PreferencePair], pad_id: int, device, use_margin: bool):
     """(summed soft-label BT loss, r_chosen [B], r_rejected [B]) of a batch of pairs."""
     batch = TokenBatch.collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
-    h = module(batch.input_ids, batch.attention_mask)
-    head = unwrapped(module).head
     p = torch.tensor([x.p_chosen for x in pairs], device=device)
     margin = torch.tensor([x.margin for x in pairs], device=device) if use_margin else None
     n = len(pairs)
-    return reward_bt_loss(h[:n], h[n:], head.weight, head.bias, p, margin, reduction="sum")
+
+    def head_fn(model, h):
+        return reward_bt_loss(h[:n], h[n:], model.head.weight, model.head.bias, p, margin, reduction="sum")
+
+    return module(batch.input_ids, batch.attention_mask, head_fn)
 
 
 def preference_accuracy(r_chosen, r_rejected, p) -> tuple[float, int]:
@@ -137,15 +144,16 @@ def calibration(predicted: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dic
 
 
 def evaluate_pairs(model: RewardModel, pairs: Sequence[PreferencePair], pad_id: int, device,
-                   use_margin: bool, batch_size: int) -> dict:
-    """Loss, accuracy and calibration of the reward model on held-out pairs (all processes):
+                   use_margin: bool, batch_size: int, sharded: bool = False) -> dict:
+    """Loss, accuracy and calibration of the reward model on held-out pairs (all processes; each scores its
+    share, or every pair when the model is `sharded` with FSDP, whose every forward all processes must run):
 
       accuracy  share of pairs whose reward order agrees with the label's majority (p > ½; pairs
                 with p = ½ are left out), i.e. r_chosen > r_rejected for hard labels;
       brier     mean (σ(d) − p)², the calibration of the predicted preference against the soft label;
       ece       expected calibration error of σ(d) against p over 10 equal-width bins of σ(d).
     """
-    local = shard_for_process(pairs)
+    local = list(pairs) if sharded else shard_for_process(pairs)
     rows = []
     with torch.no_grad():
         for i in range(0, len(local), batch_size):
@@ -153,7 +161,7 @@ def evaluate_pairs(model: RewardModel, pairs: Sequence[PreferencePair], pad_id: 
             _, r_c, r_r = pair_loss(model, chunk, pad_id, device, use_margin)
             rows += [(c, r, x.p_chosen, x.margin if use_margin else 0.0)
                      for c, r, x in zip(r_c.tolist(), r_r.tolist(), chunk)]
-    r_c, r_r, p, margin = torch.tensor(gather_shards(rows)).T
+    r_c, r_r, p, margin = torch.tensor(rows if sharded else gather_shards(rows)).T
     d = r_c - r_r - margin
     accuracy, decided = preference_accuracy(r_c, r_r, p)
     loss = -(p * nn.functional.logsigmoid(d) + (1 - p) * nn.functional.logsigmoid(-d)).mean()
@@ -194,16 +202,15 @@ def train_reward_model(config: RewardConfig, *, progress: bool = True) -> TrainR
         if held_out and config.eval_steps and (k + 1) % config.eval_steps == 0:
             model = unwrapped(run.module).eval()
             metrics.update(evaluate_pairs(model, held_out, tokenizer.pad_token_id, run.device, config.use_margin,
-                                          config.batch_size))
+                                          config.batch_size, bool(run.sharding)))
             model.train()
         return metrics
 
     run.run(step, "reward model")
     trained = unwrapped(run.module).eval()
     scores = evaluate_pairs(trained, held_out, tokenizer.pad_token_id, run.device, bool(config.use_margin),
-                            config.batch_size) if held_out else {}
-    return run.finish(lambda out: save_trained(trained.classifier, tokenizer, out, config),
-                      {"train_pairs": len(train), **scores})
+                            config.batch_size, bool(run.sharding)) if held_out else {}
+    return run.finish(trained.classifier, tokenizer, {"train_pairs": len(train), **scores})
 
 
 class RewardScorer:

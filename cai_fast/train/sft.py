@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..ops import fused_linear_cross_entropy
 from .common import (
     PolicyModule, TrainResult, TrainRun, global_batch_size, load_policy, local_examples,
-    save_trained, start_run, step_indices, steps_for, training_examples, unwrapped,
+    start_run, step_indices, steps_for, training_examples, unwrapped,
 )
 from .config import SFTConfig
 from .data import TokenBatch, tokenize_sft
@@ -22,9 +22,12 @@ from .data import TokenBatch, tokenize_sft
 
 def sft_loss(module, batch: TokenBatch):
     """Summed cross-entropy of the batch's trained tokens."""
-    hidden, targets, _ = batch.targets(module(batch.input_ids, batch.attention_mask))
-    weight, bias = unwrapped(module).head()
-    return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum")
+    def head_fn(policy, hidden):
+        hidden, targets, _ = batch.targets(hidden)
+        weight, bias = policy.head()
+        return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum")
+
+    return module(batch.input_ids, batch.attention_mask, head_fn)
 
 
 def train_sft(config: SFTConfig, *, progress: bool = True) -> TrainResult:
@@ -48,6 +51,5 @@ def train_sft(config: SFTConfig, *, progress: bool = True) -> TrainResult:
         return {"loss": sums["loss"] / max(tokens, 1), "tokens": tokens, "grad_norm": sums["grad_norm"]}
 
     run.run(step, "SFT")
-    return run.finish(lambda out: save_trained(unwrapped(run.module).lm, tokenizer, out, config),
-                      {"examples": len(examples)})
+    return run.finish(unwrapped(run.module).lm, tokenizer, {"examples": len(examples)})
 

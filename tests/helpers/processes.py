@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -27,6 +29,25 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, t
         time.sleep(0.02)
     process.send_signal(stop)
     assert process.wait(timeout=120) == EXIT[stop]
+
+
+def kill_tree(pid: int, stop: signal.Signals = signal.SIGKILL) -> None:
+    """Send `stop` to process `pid` and all its descendants (Linux /proc): torchrun starts its workers in
+    sessions of their own, which a signal to its process group does not reach."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += children.get(tree[i], [])
+        i += 1
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, stop)
 
 
 def line_count(path: Path) -> int:

@@ -188,3 +188,11 @@ def test_sl_cai_reaches_the_generic_path_with_no_option_and_shares_its_prefixes(
     result = run_sl_cai(generator, load_constitution("default"), prompts, config, progress=False)
     assert len(result.records) == 3 and generator.stats.cache_hit_rate > 0.5
     assert "cai_fast_paged" in result.summary["engine"]["kernels"]["loop"]
+
+
+def test_training_refuses_a_model_whose_logits_the_fused_losses_would_get_wrong(tiny_loaded):
+    from cai_fast.train.common import PolicyModule
+
+    with pytest.raises(ValueError, match="logits capped at 2.*cannot train it yet"):
+        PolicyModule(tiny_family("gemma2", tiny_loaded.tokenizer))
+    PolicyModule(tiny_family("qwen3", tiny_loaded.tokenizer))  # no transform: trains as before

@@ -32,6 +32,7 @@ from ..data import load_prompts
 from ..engine.loading import (
     ModelLoadError, check_model_folder, load_model, model_sha256, require_peft, resolve_model_path,
 )
+from ..engine.logits import LogitTransform
 from ..ops import linear_logprobs
 from ..seeding import stable_seed
 from ..store import RunFolderError, RunStore, read_json, unwritable, write_atomic, write_jsonl
@@ -61,6 +62,11 @@ class PolicyModule(nn.Module):
 
     def __init__(self, lm):
         super().__init__()
+        transform = LogitTransform.of(lm.config)
+        if not transform.linear:
+            raise ValueError(f"{type(lm).__name__}'s logits are not its LM head's output ({transform.describe()[2:]}): "
+                             "the fused training losses read the head's output as is, so cai-fast cannot train it yet "
+                             "(generation, judging and labelling run it)")
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, head_fn=None):

@@ -299,7 +299,8 @@ def test_the_evaluate_command_writes_the_figures(tiny_model_path, tmp_path, caps
     args = ["evaluate", "--model", str(tiny_model_path), "--base", str(tiny_model_path), "--out", str(tmp_path / "ev"),
             "--harmless-size", "2", "--helpful-size", "2", "--over-refusal-size", "2", "--response-tokens", "4",
             "--benchmarks", str(bench), "--benchmark-size", "3", "--gsm8k-tokens", "4", "--principles", "1", "--quiet",
-            "--human-preferences", str(people), "--human-size", "2", "--depth-data", str(sl_cai),
+            "--human-preferences", str(people), "--human-size", "2", "--human-dtypes", "float32,bfloat16",
+            "--device", "cpu", "--dtype", "float32", "--depth-data", str(sl_cai),
             "--depth-ladder", "0,1", "--depth-size", "2", "--depth-epochs", "1", "--depth-tokens", "4"]
     assert main(args) == 0
     figures = json.loads((tmp_path / "ev" / "model" / "figures.json").read_text())
@@ -307,7 +308,12 @@ def test_the_evaluate_command_writes_the_figures(tiny_model_path, tmp_path, caps
     assert figures["harmlessness"]["length_controlled"]["win_rate"] == 0.5  # same lengths: the plain mean
     assert figures["alignment_tax"]["benchmarks"]["arith"]["change"] == "unchanged"
     assert figures["harmful_compliance"] == figures["base_harmful_compliance"] and figures["judge_check"]["n"] == 2
+    by_dtype = figures["judge_check"]["by_dtype"]  # the run's float32 check once, then bfloat16's
+    assert list(by_dtype) == ["float32", "bfloat16"] and by_dtype["float32"]["agreement"] == figures["judge_check"]["agreement"]
+    assert (tmp_path / "ev" / "model" / "judge_check" / "bfloat16").is_dir()
+    assert not (tmp_path / "ev" / "model" / "judge_check" / "float32").exists()
     for key in ("depth", "base_depth"):
         assert [row["k"] for row in figures[key]["curve"]] == [0, 1]
     out = capsys.readouterr().out
     assert "harmlessness win-rate vs base: 0.500" in out and "harmful compliance:" in out and "judge vs people" in out
+    assert "  in bfloat16: agreement" in out

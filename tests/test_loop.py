@@ -214,10 +214,13 @@ def test_the_judge_is_checked_against_people_in_each_dtype_asked_for(tmp_path, t
     from cai_fast.pipeline.measures import _judge
 
     path = write_tiny_pipeline_config(tmp_path, "dtypes", tiny_model_path)
-    path.write_text(path.read_text().replace("human_size = 2\n", "human_size = 2\nhuman_dtypes = \"float32,bfloat16\"\n"))
+    path.write_text(path.read_text().replace("human_size = 2\n", "human_size = 2\nhuman_dtypes = \"float32,bfloat16\"\n")
+                    .replace("rounds = 2\n", "rounds = 2\nlabel_dtype = \"auto\"\n", 1))
     config, _ = load_pipeline_config(path)
     pipeline = Pipeline(config, progress=False)
     summary = pipeline.judge_check()
+    pipeline.state.update_stage(0, "judge_check", status="done", seconds=0, summary=summary)
+    assert pipeline.label_dtype() == summary["label_dtype"] and summary["label_dtype"]["dtype"] in summary["by_dtype"]
     assert list(summary["by_dtype"]) == ["float32", "bfloat16"]
     for dtype, check in summary["by_dtype"].items():
         assert check["n"] == 2 and check["seconds"] >= 0 and 0 <= check["agreement"]["rate"] <= 1
@@ -227,8 +230,25 @@ def test_the_judge_is_checked_against_people_in_each_dtype_asked_for(tmp_path, t
     assert same["agreement"] == summary["agreement"] and same["chosen_first"] == summary["chosen_first"]
     lines, _ = _judge([], {}, summary, tmp_path / "figures")
     assert sum(line.startswith(("| float32 | ", "| bfloat16 | ")) for line in lines) == 2
+    assert any(line.startswith("label_dtype = auto: the RLAIF labels are judged in **") for line in lines)
+    with pytest.raises(ValueError, match="label_dtype = \"auto\" chooses by the judge's agreement"):
+        replace(config, label_dtype="auto", eval=replace(config.eval, human_dtypes=""))
     with pytest.raises(ValueError, match="human_dtypes: float64 is not a dtype"):
         replace(config.eval, human_dtypes="float32,float64")
+
+
+@pytest.mark.parametrize("rates, chosen", [
+    ({"bfloat16": (0.540, 0.035), "float32": (0.580, 0.035)}, "bfloat16"),  # +4 points, se of the difference 5
+    ({"bfloat16": (0.540, 0.010), "float32": (0.580, 0.010)}, "float32"),
+    ({"bfloat16": (0.600, 0.010), "float32": (0.580, 0.010)}, "bfloat16"),
+    ({"float32": (0.600, 0.010)}, "float32"),  # the run's dtype was not checked: the best checked one
+])
+def test_label_dtype_auto_switches_only_for_agreement_beyond_the_standard_error(rates, chosen):
+    from cai_fast.pipeline.gate import label_dtype_choice
+
+    by_dtype = {d: {"agreement": {"rate": r, "stderr": se}} for d, (r, se) in rates.items()}
+    choice = label_dtype_choice(by_dtype, "bfloat16")
+    assert choice["dtype"] == chosen and choice["reason"]
 
 
 @pytest.mark.parametrize("stop", STOPS)

@@ -11,6 +11,7 @@ numbers that tell a user whether to trust the labels of a given judge model.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..labelling.report import label_stats
@@ -84,3 +85,20 @@ def check_judge(judge, path: str | Path, size: int, seed: int, out_dir: str | Pa
                             run_info={"human_preferences": str(path)}).records
     return {**human_agreement(records, seed), "path": str(path), "of": len(loaded),
             "malformed_skipped": loaded.malformed}
+
+
+def check_judge_in_dtypes(judge_in, config, out_dir: str | Path, run_dtype: str, *, progress: bool = True) -> dict:
+    """check_judge of `judge_in(None)` (the run's judge) against config.human_preferences, with its
+    seconds; with config.human_dtypes also of `judge_in(dtype)` for each other dtype, under `by_dtype`
+    (the run's own dtype is the main check, not judged again)."""
+    def checked(dtype: str | None, out: Path) -> dict:
+        start = time.perf_counter()
+        figures = check_judge(judge_in(dtype), config.human_preferences, config.human_size, config.subset_seed, out,
+                              progress=progress)
+        return {**figures, "seconds": round(time.perf_counter() - start, 1)}
+
+    out_dir = Path(out_dir)
+    main = checked(None, out_dir)
+    if not config.judge_dtypes:
+        return main
+    return {**main, "by_dtype": {d: main if d == run_dtype else checked(d, out_dir / d) for d in config.judge_dtypes}}

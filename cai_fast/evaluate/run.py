@@ -289,9 +289,15 @@ def evaluate_model(model: str, base: ModelOutputs, sets: EvalSets, config: EvalC
     judges = make_judges(judge_model, config, judge_config, **generation)
     figures = compare_with_base(judges, sets, outputs, base, out_dir, progress=progress)
     if check_judge and judge_check_wanted(config, sets):
-        figures["judge_check"] = judge_check.check_judge(judges["harmless"], config.human_preferences,
-                                                         config.human_size, config.subset_seed,
-                                                         out_dir / "judge_check", progress=progress)
+        from ..engine.device import resolved_names
+
+        def judge_in(dtype):
+            return judges["harmless"] if dtype is None else make_judges(
+                judge_model, config, judge_config, **{**generation, "dtype": dtype})["harmless"]
+
+        run_dtype = resolved_names(generation.get("device", "auto"), generation.get("dtype", "auto"))["dtype"]
+        figures["judge_check"] = judge_check.check_judge_in_dtypes(judge_in, config, out_dir / "judge_check",
+                                                                   run_dtype, progress=progress)
     if config.depth_data and config.depth_rungs:
         examples = depth.harmful_examples(config.depth_data)
         for key, name in (("depth", model), ("base_depth", base_model)):
@@ -338,6 +344,9 @@ def summary_lines(figures: dict) -> list[str]:
         lines.append(f"judge vs people: agreement {j['agreement']['rate']:.1%} ± {j['agreement']['stderr']:.1%} "
                      f"(n={j['n']}), single order {j['chosen_first']['rate']:.1%}, order flips "
                      f"{_pct(j['order_flip_rate'])}, ECE {_pct(j['calibration']['ece'])}")
+        for dtype, c in j.get("by_dtype", {}).items():
+            lines.append(f"  in {dtype}: agreement {c['agreement']['rate']:.1%} ± {c['agreement']['stderr']:.1%}, "
+                         f"judging {c['seconds']} s")
     for name, row in figures["alignment_tax"]["benchmarks"].items():
         tax = "n/a (base scores 0)" if row["tax"] is None else f"{row['tax']:+.1%}"
         lines.append(f"{name}: base {row['base']:.3f} -> {row['aligned']:.3f}, alignment tax {tax} ({row['change']})")

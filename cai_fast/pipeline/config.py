@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL, ENGINES, check_finite, option
 from ..data import raise_collected
-from ..evaluate.config import EvalConfig
+from ..evaluate.config import JUDGE_DTYPES, EvalConfig
 from ..labelling.judge_config import JudgeConfig
 from ..labelling.config import LabelConfig
 from ..sl_cai_config import SLCAIConfig
@@ -74,6 +74,10 @@ class PipelineConfig:
                                      "above this (0.5: better than chance; 0 = always)")
     on_weak_reward: str = option("sft", "a round whose reward model misses reward_bar: sft (keep the SFT policy), "
                                         "dpo (DPO on the labels instead) or ppo (PPO anyway)")
+    label_dtype: str = option("", "precision of the labelling judge: '' (the run's dtype), a dtype, or auto: the "
+                                  "dtype of eval.human_dtypes whose agreement with people (the judge_check stage) "
+                                  "beats the run's dtype's by more than the standard error of the difference, "
+                                  "else the run's")
     sl_cai: SLCAIConfig = _stage(SLCAIConfig)
     sft: SFTConfig = _stage(SFTConfig)
     label: LabelConfig = _stage(LabelConfig)
@@ -101,6 +105,11 @@ class PipelineConfig:
         if not 0 <= self.tolerance < 1 or self.train_size < 0:
             raise ValueError(f"tolerance must be in [0, 1) and train_size >= 0, got {self.tolerance} "
                              f"and {self.train_size}")
+        if self.label_dtype not in ("", "auto", *JUDGE_DTYPES):
+            raise ValueError(f"label_dtype must be '', auto or one of {', '.join(JUDGE_DTYPES)}, got {self.label_dtype!r}")
+        if self.label_dtype == "auto" and not (self.eval.human_preferences and self.eval.judge_dtypes):
+            raise ValueError("label_dtype = \"auto\" chooses by the judge's agreement with people in each dtype: set "
+                             "eval.human_preferences and eval.human_dtypes (e.g. \"bfloat16,float32\")")
         weights = self.quality_weights
         if weights.get("capability") and not self.eval.benchmark_paths:
             raise ValueError("quality weighs 'capability', but eval.benchmarks names no benchmark")

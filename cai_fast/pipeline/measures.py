@@ -139,6 +139,9 @@ def _judge(models, depth, j, out: Path):
                   f"{_pm(c['chosen_first']['rate'], c['chosen_first']['stderr'], '.1%')} | "
                   f"{_pm(c['chosen_second']['rate'], c['chosen_second']['stderr'], '.1%')} | {c['seconds']} |"
                   for d, c in j["by_dtype"].items()]
+    if "label_dtype" in j:
+        lines += ["", f"label_dtype = auto: the RLAIF labels are judged in **{j['label_dtype']['dtype']}**: "
+                  f"{j['label_dtype']['reason']}."]
     series = {"mean confidence": [b["confidence"] for b in bins],
               "accuracy (agrees with people)": [b["accuracy"] for b in bins]}
     png = grouped_bars_png([f"{b['low']:.1f}–{b['high']:.1f}" for b in bins], series, out / "judge_calibration.png",

@@ -29,7 +29,7 @@ from ..evaluate.run import (
 from ..labelling.pairs import load_pairs
 from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 from .config import ConfigFileError, PipelineConfig, config_dict
-from .gate import reward_gate
+from .gate import label_dtype_choice, reward_gate
 
 
 # ---------------------------------------------------------------- early stop
@@ -300,21 +300,15 @@ class Pipeline:
     def judge_check(self) -> dict:
         """The labelling judge against people in the run's dtype, then in each other dtype of
         eval.human_dtypes: their agreement and judging seconds under `by_dtype`."""
-        main = self._checked_judge(None, self.root / "round-0" / "judge_check")
-        summary = {**main, "judge_model": self.config.label_judge_model}
-        if self.config.eval.judge_dtypes:
-            summary["by_dtype"] = {d: main if d == self.precision["dtype"] else
-                                   self._checked_judge(d, self.root / "round-0" / "judge_check" / d)
-                                   for d in self.config.eval.judge_dtypes}
+        from ..evaluate.judge_check import check_judge_in_dtypes
+
+        summary = check_judge_in_dtypes(lambda dtype: self.labelling_judge(self.config.judge, dtype), self.config.eval,
+                                        self.root / "round-0" / "judge_check", self.precision["dtype"],
+                                        progress=self.progress)
+        summary["judge_model"] = self.config.label_judge_model
+        if self.config.label_dtype == "auto":
+            summary["label_dtype"] = label_dtype_choice(summary["by_dtype"], self.precision["dtype"])
         return summary
-
-    def _checked_judge(self, dtype: str | None, out: Path) -> dict:
-        from ..evaluate.judge_check import check_judge
-
-        e, judge = self.config.eval, self.labelling_judge(self.config.judge, dtype)
-        start = time.perf_counter()
-        figures = check_judge(judge, e.human_preferences, e.human_size, e.subset_seed, out, progress=self.progress)
-        return {**figures, "seconds": round(time.perf_counter() - start, 1)}
 
     def depth(self, r: int) -> dict:
         """Depth of alignment of round r's policy (r = 0: the starting model) on round 1's harmful examples."""
@@ -360,11 +354,22 @@ class Pipeline:
         if not pairs:
             raise ValueError(f"round {r}: every pair of samples was identical or empty, so there is nothing to "
                              "label; raise label.temperature or label.sample_tokens")
-        result = run_labelling(self.labelling_judge(judge_config), pairs, out_dir=out / "labels",
-                               progress=self.progress, run_info={"judge_model": self.config.label_judge_model})
+        dtype = self.label_dtype()
+        judge = self.labelling_judge(judge_config, dtype["dtype"] if self.config.label_dtype else None)
+        result = run_labelling(judge, pairs, out_dir=out / "labels",
+                               progress=self.progress, run_info={"judge_model": self.config.label_judge_model,
+                                                                 "judge_dtype": dtype["dtype"]})
         keep = ("labels", "mean_p_chosen", "order_flip_rate", "position_a_win_rate", "judge_seconds", "files")
         return {"samples": len(samples) * config.samples, "pairs": len(pairs), **left_out,
-                **{k: result.summary[k] for k in keep if k in result.summary}}
+                **{k: result.summary[k] for k in keep if k in result.summary},
+                "judge_dtype": dtype["dtype"], "judge_dtype_reason": dtype["reason"]}
+
+    def label_dtype(self) -> dict:
+        """The labelling judge's dtype (label_dtype) and why: "auto" takes the judge_check stage's choice."""
+        asked = self.config.label_dtype
+        if asked == "auto":
+            return self.state.stage(0, "judge_check")["summary"]["label_dtype"]
+        return {"dtype": asked or self.precision["dtype"], "reason": "label_dtype" if asked else "the run's dtype"}
 
     def evaluate(self, policy: str, out: Path) -> dict:
         base = ModelOutputs.load(self.root / "round-0" / "baseline")

@@ -141,10 +141,10 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self._prompts)
 
-    def __getitem__(self, index: int) -> Prompt:
-        if isinstance(self._prompts, list) or index < 0:
-            return self.prompts[index]
-        return next(islice(self._prompts, index, None))
+    def __getitem__(self, index):
+        if isinstance(self._prompts, Reread) and isinstance(index, int) and 0 <= index < len(self):
+            return next(islice(self._prompts, index, None))  # reads up to it
+        return self.prompts[index]
 
 
 @dataclass(frozen=True)

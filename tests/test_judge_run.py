@@ -212,7 +212,8 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
     proc = subprocess.Popen([*common, "--out", str(out)], env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "labels-00000.jsonl"
-    kill_when(proc, lambda: line_count(shard) >= 2, "2 labels were written", stop=stop)
+    # SIGTERM cuts off the batch still being synced (one label here): 3 seen leave at least 2
+    kill_when(proc, lambda: line_count(shard) >= 3, "3 labels were written", stop=stop)
     written = line_count(shard)
     assert full.wait(timeout=300) == 0, full.stderr.read()
     total = len((tmp_path / "full" / "labels-00000.jsonl").read_text().splitlines())

@@ -21,10 +21,10 @@ import json
 import os
 import tempfile
 from array import array
-from bisect import bisect_left
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 
@@ -206,34 +206,26 @@ class _Done:
     checks its key, so two keys of one digest cost a redone item, never a wrong record."""
 
     def __init__(self, store: RunStore | None, kind: str, key: str):
-        self._store, self._kind, self._key = store, kind, key
-        self._digests, self._places, self._shards, self._file = array("Q"), array("q"), [], None
+        self._key, self._shards, self._file = key, [], None
+        self._digests, self._places = np.empty(0, np.uint64), np.empty(0, np.int64)
         if store is None:
             return
+        digests, places = array("Q"), array("q")
         for index, offset, record in store.records(kind):
-            self._digests.append(_key_digest(record[key]))
-            self._places.append(index << 40 | offset)
+            digests.append(_key_digest(record[key]))
+            places.append(index << 40 | offset)
         self._shards = store.shards(kind)
-        self._sort()
-
-    def _sort(self) -> None:
-        """Sort by digest, keeping the last place of each (numpy, imported only when records are stored)."""
-        if not self._digests:
-            return
-        import numpy as np
-
-        digests, places = np.frombuffer(self._digests, np.uint64), np.frombuffer(self._places, np.int64)
-        order = np.argsort(digests, kind="stable")
-        digests, places = digests[order], places[order]
-        last = np.append(digests[1:] != digests[:-1], True)
-        self._digests, self._places = array("Q"), array("q")
-        self._digests.frombytes(memoryview(np.ascontiguousarray(digests[last])).cast("B"))
-        self._places.frombytes(memoryview(np.ascontiguousarray(places[last])).cast("B"))
+        if digests:
+            digests, places = np.frombuffer(digests, np.uint64), np.frombuffer(places, np.int64)
+            order = np.argsort(digests, kind="stable")
+            self._digests, self._places = digests[order], places[order]
+            last = np.append(self._digests[1:] != self._digests[:-1], True)  # of each digest, its last record
+            self._digests, self._places = self._digests[last], self._places[last]
 
     def _place(self, value) -> int | None:
-        digest = _key_digest(value)
-        at = bisect_left(self._digests, digest)
-        return self._places[at] if at < len(self._digests) and self._digests[at] == digest else None
+        digest = np.uint64(_key_digest(value))
+        at = int(self._digests.searchsorted(digest))
+        return int(self._places[at]) if at < len(self._digests) and self._digests[at] == digest else None
 
     def holds(self, value) -> bool:
         return self._place(value) is not None

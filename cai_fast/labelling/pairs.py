@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import prompts as P
-from ..data import ON_ERROR, PromptLoadError, Reread, prompt_id, raise_collected, text_lines, transcript_messages
+from ..data import (ON_ERROR, Digests, PromptLoadError, Reread, prompt_id, raise_collected, text_lines,
+                    transcript_messages)
 from .trl_compat import response_text
 
 
@@ -81,16 +82,16 @@ def load_pairs(path: str | Path, *, limit: int | None = None, on_error: str = "r
     (bad JSON, NaN or infinity, missing or empty fields, NUL bytes, chosen equal to rejected)
     raise one PairLoadError naming every line and field (data.raise_collected); on_error="skip"
     drops and counts them instead. The file is read as a stream: loading holds a bit a line and the
-    64-bit id of each pair kept, never the pairs, and iterating the set reads the file again.
+    64-bit id of each pair kept (data.Digests), never the pairs, and iterating the set reads the file again.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    path = Path(path)
-    if not path.is_file():
+    file = Path(path)  # messages name `path` as given
+    if not file.is_file():
         raise PairLoadError(str(path), "file not found", "check the path")
-    kept = Reread(lambda: _pair_lines(path), lambda line: _pair_from_line(line[1], f"{path}:{line[0]}", None), path)
-    result, seen, plain, errors = PairSet(str(path), kept), set(), None, []
-    for number, line in _pair_lines(path):
+    kept = Reread(lambda: _pair_lines(file), lambda line: _pair_from_line(line[1], f"{path}:{line[0]}", None), file)
+    result, seen, plain, errors = PairSet(str(path), kept), Digests(), None, []
+    for number, line in _pair_lines(file):
         if len(kept) == limit:
             break
         try:

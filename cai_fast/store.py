@@ -334,10 +334,12 @@ def unwritable(folder: Path, err: OSError) -> str:
             "or make the folder writable, then run the same command again")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it; its mode
-    is what the umask gives a new file (0o666 & ~umask). A failed write (disk full, read-only
-    folder) leaves the old file and no temporary one, and is a RunFolderError naming the folder."""
+def write_atomic(path: Path, text: str | Iterable[str]) -> None:
+    """Write a file so that readers see the old content or the new, never half of it; `text` is a
+    string or pieces of one, written as they come. Its mode is what the umask gives a new file
+    (0o666 & ~umask). A failed write (disk full, read-only folder) leaves the old file and no
+    temporary one, and is a RunFolderError naming the folder; so does any error while the pieces
+    are made, which is raised as it is."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,15 +348,18 @@ def write_atomic(path: Path, text: str) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines([text] if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise RunFolderError(unwritable(path.parent, err)) from None
+        if isinstance(err, OSError):
+            raise RunFolderError(unwritable(path.parent, err)) from None
+        raise
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    """The records as JSONL, written atomically line by line (records may be a stream)."""
+    write_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))

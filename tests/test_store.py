@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from cai_fast.store import RunConfigError, RunFolderError, RunStore, resume_batches, resume_records, write_atomic
+from cai_fast.store import (RunConfigError, RunFolderError, RunStore, resume_batches, resume_records, write_atomic,
+                            write_jsonl)
 
 
 def _records(n, seed):
@@ -216,3 +217,17 @@ def test_records_with_unicode_line_separators_read_back(tmp_path):
     store.append("records", records)
     assert store.read("records") == records
     assert resume_batches(store, "records", [_Item("x")], _made([]), batch_size=1, progress=False) == (records, 1)
+
+
+def test_a_stream_that_fails_while_written_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, _records(3, 0))
+    before = path.read_bytes()
+
+    def rows():
+        yield from _records(2, 1)
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        write_jsonl(path, rows())
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]

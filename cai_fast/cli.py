@@ -133,7 +133,7 @@ def cmd_sl_cai(args: argparse.Namespace) -> None:
     print(prompts.report.summary(), flush=True)
     generator = load_generator(args, config.batch_size)
     info = {**run_options(args), "limit": args.limit}
-    result = run_sl_cai(generator, constitution, list(prompts), config, out_dir=args.out,
+    result = run_sl_cai(generator, constitution, prompts, config, out_dir=args.out,
                         run_info=info, progress=not args.quiet)
     print_summary(result.summary, args.out)
 

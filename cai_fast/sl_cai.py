@@ -168,6 +168,6 @@ def _write_datasets(root: Path, result: SLCAIResult) -> dict:
     files = {}
     for name in ("sft_messages", "sft_prompt_completion", "preference"):
         path = root / name / "train-00000.jsonl"
-        write_jsonl(path, getattr(result, name).to_list())
+        write_jsonl(path, getattr(result, name))  # row by row, not a list of them
         files[name] = str(path)
     return files

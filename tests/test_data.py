@@ -19,6 +19,7 @@ from cai_fast.data import (
     prompt_id,
     prompts_from_texts,
 )
+from cai_fast.data.loaders import Digests
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
@@ -416,6 +417,70 @@ def test_limit_stops_before_a_later_malformed_record(tmp_path):
     assert texts(load_prompts(path, limit=2)) == ["one", "two"]
     with pytest.raises(PromptLoadError, match=r"p\.jsonl:3"):
         load_prompts(path, limit=3)
+
+
+# ---- streaming: the loader equals a whole-file read ----
+
+def _reference_jsonl(path: Path, max_chars: int, limit: int | None) -> tuple[list[tuple], list[str]]:
+    """The prompts and the first duplicates of a JSONL file read whole, with bad records skipped: the plain
+    reference that the streaming loader is held to."""
+    kept, first_seen, duplicates_at = [], {}, []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "\x00" in record["prompt"]:
+            continue
+        text, source = record["prompt"].strip(), f"{path}:{number}"
+        key = " ".join(text.split())
+        if not text or len(text) > max_chars:
+            continue
+        if key in first_seen:
+            duplicates_at += [f"{source} (same as {first_seen[key]})"][:5 - len(duplicates_at)]
+            continue
+        first_seen[key] = source
+        kept.append((prompt_id(text), text, source, {k: v for k, v in record.items() if k != "prompt"}))
+        if len(kept) == limit:
+            break
+    return kept, duplicates_at
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_loading_equals_a_whole_file_read(tmp_path, seed, monkeypatch):
+    monkeypatch.setattr(Digests, "BUFFER", 4)  # merge the seen digests into their sorted array often
+    rng = random.Random(seed)
+    prompts = random_prompts(seed, 40) + ["line\u2028separator", "x" * 90]
+    lines = []
+    for _ in range(rng.randint(30, 80)):
+        kind = rng.random()
+        if kind < 0.1:
+            bad = ["", "   ", '{"prompt": 3}', "not json", '{"other": "x"}', '{"prompt": "a\\u0000b"}']
+            lines.append(rng.choice(bad))
+        else:
+            text = rng.choice(prompts)
+            text = text.replace(" ", rng.choice([" ", "  ", " \t"])) if kind < 0.3 else text
+            lines.append(json.dumps({"prompt": text, "n": len(lines)}, ensure_ascii=rng.random() < 0.5))
+    path = tmp_path / "p.jsonl"
+    newline = rng.choice(["\n", "\r\n"])
+    bom = b"\xef\xbb\xbf" if rng.random() < 0.5 else b""
+    path.write_bytes(bom + newline.join(lines).encode("utf-8") + newline.encode() * rng.randint(0, 2))
+    limit = rng.choice([None, 5, 1000])
+    expected, duplicates_at = _reference_jsonl(path, 80, limit)
+    loaded = load_prompts(path, max_chars=80, limit=limit, on_error="skip")
+    got = [(p.id, p.text, p.source, p.meta) for p in loaded]
+    assert got == expected and [(p.id, p.text, p.source, p.meta) for p in loaded] == expected  # read twice
+    assert len(loaded) == len(expected) and loaded[len(expected) - 1].text == expected[-1][1]
+    assert loaded.report.duplicates_at == duplicates_at
+
+
+def test_a_file_changed_after_loading_is_refused_when_read_again(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in random_prompts(13, 5)])
+    loaded = load_prompts(path)
+    assert len(list(loaded)) == 5
+    write_jsonl(path, [{"prompt": p} for p in random_prompts(14, 6)])
+    with pytest.raises(PromptLoadError, match=r"p\.jsonl: changed since it was loaded; load it again"):
+        list(loaded)
 
 
 # ---- ids ----

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -142,6 +143,26 @@ def test_bad_pairs_files_name_the_line_and_field(tmp_path, record, message):
     assert load_pairs(path, on_error="skip").malformed == 1
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_pairs_read_as_a_stream_equal_a_whole_file_read(tmp_path, seed):
+    rng = random.Random(seed)
+    records = [{"prompt": f"q{rng.randint(0, 9)}", "chosen": rng.choice(["a", "a\u2028b", "c"]), "rejected": "d"}
+               for _ in range(40)]
+    blank = lambda: "\n" if rng.random() < 0.1 else ""  # noqa: E731
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" + blank() for r in records), encoding="utf-8")
+    whole = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+    expected, seen = [], set()
+    for record in whole:  # the first of each distinct pair
+        if json.dumps(record, sort_keys=True) not in seen:
+            seen.add(json.dumps(record, sort_keys=True))
+            expected.append(record)
+    pairs = load_pairs(path)
+    for _ in range(2):  # iterating reads the file again
+        assert [(p.prompt, p.a, p.b) for p in pairs] == [(r["prompt"], r["chosen"], r["rejected"]) for r in expected]
+    assert len(pairs) == len(expected) and pairs.duplicates == len(whole) - len(expected)
+
+
 def test_hh_transcripts_split_at_their_last_shared_assistant_turn():
     chosen = "\n\nHuman: Is that drag kings?\n\nAssistant: No. Kings are...\n\nHuman: Oh.\n\nAssistant: Yes."
     rejected = "\n\nHuman: Is that drag kings?\n\nAssistant: Maybe."
@@ -191,11 +212,12 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_pat
     proc = subprocess.Popen([*common, "--out", str(out)], env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = out / "labels-00000.jsonl"
-    kill_when(proc, lambda: line_count(shard) >= 2, "2 labels were written", stop=stop)
-    written = line_count(shard)  # SIGTERM unwinds: a batch caught before its fsync is cut off whole (one label)
+    # SIGTERM cuts off the batch still being synced (one label here): 3 seen leave at least 2
+    kill_when(proc, lambda: line_count(shard) >= 3, "3 labels were written", stop=stop)
+    written = line_count(shard)
     assert full.wait(timeout=300) == 0, full.stderr.read()
     total = len((tmp_path / "full" / "labels-00000.jsonl").read_text().splitlines())
-    assert 1 <= written < total, f"the kill came too late to test anything ({written} of {total} labels)"
+    assert 2 <= written < total, f"the kill came too late to test anything ({written} of {total} labels)"
 
     resumed = subprocess.run([*common, "--out", str(out)], capture_output=True, text=True, env=ENV,
                              cwd=tmp_path, timeout=300)

@@ -1,5 +1,6 @@
 """The run store: config guard, atomic appends, torn-line repair, shard rotation."""
 
+import contextlib
 import json
 import os
 import random
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from cai_fast.store import RunConfigError, RunFolderError, RunStore, resume_batches, write_atomic
+from cai_fast.store import (RunConfigError, RunFolderError, RunStore, resume_batches, resume_records, write_atomic,
+                            write_jsonl)
 
 
 def _records(n, seed):
@@ -142,3 +144,90 @@ def test_a_folder_locked_by_another_process_is_refused_naming_it(tmp_path):
         holder.communicate("\n", timeout=60)
     RunStore(tmp_path, {"a": 1}).append("records", _records(1, 0))  # free once the holder has exited
     RunStore(tmp_path, {"a": 1})  # this process holds it now: taking it again is a no-op
+
+
+def _reference_resume(store, kind, items, work, batch_size):
+    """The whole-read resume that resume_records streams: every stored record in a dict, the rest made in batches."""
+    done = {r["prompt_id"]: r for r in store.read(kind)}
+    todo = [x for x in items if x.id not in done]
+    for i in range(0, len(todo), batch_size):
+        records = work(todo[i : i + batch_size])
+        store.append(kind, records)
+        done.update((r["prompt_id"], r) for r in records)
+    return [done[x.id] for x in items], len(items) - len(todo)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_streamed_resume_equals_the_whole_read_resume(tmp_path, seed):
+    rng = random.Random(seed)
+    items = [_Item(f"p{i}") for i in rng.sample(range(1000), rng.randint(5, 40))]
+    batch_size, shard_size = rng.randint(1, 6), rng.randint(2, 9)
+    texts = ["plain", "line\u2028separator", "next\x85line", "é✓"]
+
+    def work(batch, log, kill_after=None):
+        if kill_after is not None and len(log) == kill_after:
+            raise _Killed  # the run is killed before this batch is written
+        log.append([x.id for x in batch])
+        return [{"prompt_id": x.id, "text": f"{rng.choice(texts)} {x.id} {len(log)}"} for x in batch]
+
+    def earlier_run(root):  # part of the items (holes and all, a key twice), then killed, a line torn
+        store = RunStore(root, {"a": 1}, shard_size=shard_size)
+        store.append("recs", [{"prompt_id": x.id, "text": "stale"} for x in rng.sample(items, len(items) // 4)])
+        log, kill_after = [], rng.randint(0, 3)
+        with contextlib.suppress(_Killed):  # killed unless it has fewer batches
+            resume_batches(store, "recs", items, lambda b: work(b, log, kill_after), batch_size=batch_size,
+                           progress=False)
+        with open(store.shards("recs")[-1], "a", encoding="utf-8") as f:
+            f.write('{"prompt_id": "torn", "te')
+        return store
+
+    state = rng.getstate()
+    expected_store = earlier_run(tmp_path / "whole")
+    made_whole = []
+    expected = _reference_resume(expected_store, "recs", items, lambda b: work(b, made_whole), batch_size)
+    rng.setstate(state)
+    store = earlier_run(tmp_path / "stream")
+    made = []
+    got = resume_batches(store, "recs", items, lambda b: work(b, made), batch_size=batch_size, progress=False)
+    assert got == expected and made == made_whole
+    assert store.read("recs") == expected_store.read("recs")
+    again, resumed = resume_batches(store, "recs", items, lambda b: work(b, []), batch_size=batch_size,
+                                    progress=False)
+    assert (again, resumed) == (expected[0], len(items))
+
+
+def test_resume_records_come_as_they_are_made(tmp_path):
+    store = RunStore(tmp_path, {"a": 1})
+    items = [_Item(f"p{i}") for i in range(10)]
+    store.append("recs", [{"prompt_id": "p0", "value": "stored"}])
+    batches = []
+    stream = resume_records(store, "recs", items, _made(batches), batch_size=3, progress=False)
+    assert next(stream) == ({"prompt_id": "p0", "value": "stored"}, True) and batches == []
+    assert next(stream) == ({"prompt_id": "p1", "value": "p1:1"}, False) and batches == [["p1", "p2", "p3"]]
+    assert [record["prompt_id"] for record, _ in stream] == [f"p{i}" for i in range(2, 10)]
+
+
+def test_records_with_unicode_line_separators_read_back(tmp_path):
+    store = RunStore(tmp_path, {"a": 1})
+    records = [{"prompt_id": "x", "text": "a\u2028b\u2029c\x85d\x0be\x1cf"}]
+    store.append("records", records)
+    assert store.read("records") == records
+    assert resume_batches(store, "records", [_Item("x")], _made([]), batch_size=1, progress=False) == (records, 1)
+
+
+def test_a_stream_that_fails_while_written_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, _records(3, 0))
+    before = path.read_bytes()
+
+    def rows():
+        yield from _records(2, 1)
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        write_jsonl(path, rows())
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]

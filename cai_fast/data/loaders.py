@@ -2,23 +2,28 @@
 
 `load_prompts(path_or_name)` reads one prompt source (plain text, JSONL, CSV, hh-rlhf, AdvBench YAML, Do-Not-Answer,
 or a shipped set's name) and returns a `PromptSet`: the prompts, in file order, and a `LoadReport` of everything
-that was dropped and why. Nothing is dropped silently and nothing is changed except surrounding whitespace;
-prompts are never truncated. Each `Prompt` has a stable id, the first 16 hex digits of sha256 of its stripped
-text, so the same file gives the same ids on every run (runs resume by these ids). Malformed records raise
-`PromptLoadError` naming the file, the record and the field. Formats, auto-detection and cleaning: see
-`load_prompts`.
+that was dropped and why. Files are read as a stream: loading checks every record and keeps one bit a record
+(kept or not) and 8 bytes a prompt (a digest, for duplicates), never the prompts; iterating a `PromptSet` reads
+the file again (`Reread`), so memory stays flat however long the file. Nothing is dropped silently and nothing is
+changed except surrounding whitespace; prompts are never truncated. Each `Prompt` has a stable id, the first 16
+hex digits of sha256 of its stripped text, so the same file gives the same ids on every run (runs resume by these
+ids). Malformed records raise `PromptLoadError` naming the file, the record and the field. Formats,
+auto-detection and cleaning: see `load_prompts`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
-import io
 import json
 import re
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 PROMPT_SETS_DIR = Path(__file__).resolve().parents[1] / "prompt_sets"
 FORMATS = ("auto", "text", "jsonl", "csv", "hh-rlhf", "advbench", "donotanswer")
@@ -77,20 +82,68 @@ class LoadReport:
         return f"loaded {self.loaded} prompts from {self.origin} as {self.fmt} ({dropped}{limit})"
 
 
-@dataclass
-class PromptSet:
-    """The prompts of one source, in order, with the report of their loading."""
+class Reread:
+    """The records a validating pass over a file kept, read again from the file at every iteration, so that none
+    is held: the pass calls `note(kept)` once for every item `read()` yields, which costs one bit; iterating
+    yields `make(item)` for the kept ones and stops after the last. A file changed since the pass (size,
+    modification time, for a directory its list of files) is refused, since its records were not checked."""
 
-    prompts: list[Prompt]
-    report: LoadReport
+    def __init__(self, read: Callable[[], Iterator], make: Callable[[Any], Any], origin: Path):
+        self._read, self._make, self._origin = read, make, origin
+        self._stamp = _file_stamp(origin)
+        self._bits, self._noted, self.count = bytearray(), 0, 0
 
-    def __iter__(self) -> Iterator[Prompt]:
-        return iter(self.prompts)
+    def note(self, kept: bool) -> None:
+        if self._noted % 8 == 0:
+            self._bits.append(0)
+        if kept:
+            self._bits[-1] |= 1 << self._noted % 8
+            self.count += 1
+        self._noted += 1
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return self.count
 
-    def __getitem__(self, index: int) -> Prompt:
+    def __iter__(self) -> Iterator:
+        if _file_stamp(self._origin) != self._stamp:
+            raise PromptLoadError(str(self._origin), "changed since it was loaded",
+                                  "load it again, so that its records are checked")
+        left = self.count
+        items = self._read()
+        for number, item in enumerate(items):
+            if left == 0:
+                break
+            if self._bits[number >> 3] >> (number & 7) & 1:
+                left -= 1
+                yield self._make(item)
+        items.close()
+
+
+def _file_stamp(path: Path) -> list[tuple[str, int, int]]:
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    return [(str(f), s.st_size, s.st_mtime_ns) for f in files for s in [f.stat()]]
+
+
+class PromptSet:
+    """The prompts of one source, in order, with the report of their loading. A set loaded from a file holds no
+    prompt (see `Reread`): iterate it; `prompts` and indexing read the whole set into a list."""
+
+    def __init__(self, prompts: Reread | list[Prompt], report: LoadReport):
+        self._prompts, self.report = prompts, report
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return list(self._prompts)
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self._prompts)
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def __getitem__(self, index):
+        if isinstance(self._prompts, Reread) and isinstance(index, int) and 0 <= index < len(self):
+            return next(islice(self._prompts, index, None))  # reads up to it
         return self.prompts[index]
 
 
@@ -142,7 +195,7 @@ def load_prompts(path: str | Path, *, fmt: str = "auto", column: str | None = No
     locations reported, never truncated (a truncated request is a different request; token-level
     limits belong to the generator, which knows the tokenizer); duplicates (same text after
     collapsing runs of whitespace) are dropped, the first kept. `limit=N` keeps the first N prompts
-    that survive cleaning and stops reading there, so records after them are not checked.
+    that survive cleaning and stops reading there, so records after them are not checked (nor decoded).
 
     Malformed records (a line that is not JSON, a missing column, a column that is not a string, a
     transcript with no Human turn) raise `PromptLoadError` naming the file, the line or record and
@@ -162,20 +215,24 @@ def load_prompts(path: str | Path, *, fmt: str = "auto", column: str | None = No
         raise ValueError(f"column={column!r} has no meaning for plain text ({resolved}); "
                          "pass fmt='jsonl' or fmt='csv' for files with columns")
     report = LoadReport(origin=str(resolved), fmt=fmt, max_chars=max_chars)
-    prompts = _collect(_READERS[fmt](resolved, column), report, limit, on_error)
-    if not prompts:
+    read = lambda: _READERS[fmt](resolved, column)  # noqa: E731
+    kept = Reread(read, _prompt, resolved)
+    for _, keep in _clean(read, report, limit, on_error):
+        kept.note(keep)
+    if not kept.count:
         raise PromptLoadError(str(resolved), f"no prompts left ({report.summary()})",
                               "check the file and the format/column options")
-    return PromptSet(prompts, report)
+    return PromptSet(kept, report)
 
 
 def prompts_from_texts(texts: Iterable[str], *, origin: str = "<list>", limit: int | None = None,
                        max_chars: int = 4000) -> PromptSet:
     """Clean a list of prompt strings exactly as `load_prompts` cleans a file."""
     _check_options("text", limit, max_chars, "raise")
-    candidates = (_list_item(text, f"{origin}:{number}") for number, text in enumerate(texts, 1))
+    texts = list(texts)
+    read = lambda: (_list_item(text, f"{origin}:{number}") for number, text in enumerate(texts, 1))  # noqa: E731
     report = LoadReport(origin=origin, fmt="list", max_chars=max_chars)
-    return PromptSet(_collect(candidates, report, limit, "raise"), report)
+    return PromptSet([_prompt(item) for item, keep in _clean(read, report, limit, "raise") if keep], report)
 
 
 def _list_item(text: Any, source: str) -> _Item:
@@ -241,25 +298,35 @@ def _resolve_path(path: str | Path) -> Path:
     return resolved
 
 
-def _collect(items: Iterable[_Item], report: LoadReport, limit: int | None,
-             on_error: str) -> list[Prompt]:
-    """Clean the readers' output into prompts, filling `report`; stop at `limit`."""
-    kept: list[Prompt] = []
-    first_seen: dict[str, str] = {}
+def _clean(read: Callable[[], Iterator[_Item]], report: LoadReport, limit: int | None,
+           on_error: str) -> Iterator[tuple[_Item, bool]]:
+    """(item, whether it is kept) for each item of `read()`, filling `report`; stop at `limit`. Raises the
+    malformed records (raise_collected) once the items are all seen. Duplicates are found by a 64-bit digest
+    of each kept prompt (two different prompts share one with odds of ~n²/2⁶⁵, the prompt ids' odds); the
+    first few are named with the prompt they repeat by reading the items again up to it."""
+    seen = Digests()
+    unnamed: list[tuple[int, int]] = []
     errors: list[PromptLoadError] = []
-    for item in items:
+    for item in read():
         if isinstance(item, _Candidate) and "\x00" in item.text:
             item = PromptLoadError(item.source, "contains a NUL byte (\\x00)", "remove it; a prompt is text")
         if isinstance(item, PromptLoadError):
             _count_malformed(item, report, on_error, errors)
-        elif _accept(item, report, first_seen):
-            kept.append(Prompt(prompt_id(item.text), item.text.strip(), item.source, item.meta))
-            if limit is not None and len(kept) == limit:
+            yield item, False
+        elif _accept(item, report, seen, unnamed):
+            report.loaded += 1
+            yield item, True
+            if report.loaded == limit:
                 report.limit_reached = True
                 break
+        else:
+            yield item, False
     raise_collected(errors, report.origin)
-    report.loaded = len(kept)
-    return kept
+    _name_first(report, unnamed, read())
+
+
+def _prompt(candidate: _Candidate) -> Prompt:
+    return Prompt(prompt_id(candidate.text), candidate.text.strip(), candidate.source, candidate.meta)
 
 
 def raise_collected(errors: list[ValueError], origin: str, what: str = "bad records") -> None:
@@ -285,8 +352,9 @@ def _count_malformed(error: PromptLoadError, report: LoadReport, on_error: str, 
     _note(report.malformed_at, str(error))
 
 
-def _accept(candidate: _Candidate, report: LoadReport, first_seen: dict[str, str]) -> bool:
-    """Whether a candidate is kept; counts the reason when it is not."""
+def _accept(candidate: _Candidate, report: LoadReport, seen: Digests, unnamed: list[tuple[int, int]]) -> bool:
+    """Whether a candidate is kept; counts the reason when it is not. A duplicate noted in the report is
+    listed in `unnamed` (its place in duplicates_at, its digest) until `_name_first` names what it repeats."""
     text = candidate.text.strip()
     if not text:
         report.empty += 1
@@ -295,13 +363,60 @@ def _accept(candidate: _Candidate, report: LoadReport, first_seen: dict[str, str
         report.too_long += 1
         _note(report.too_long_at, f"{candidate.source} ({len(text)} chars)")
         return False
-    key = " ".join(text.split())
-    if key in first_seen:
+    digest = _dedup_digest(text)
+    if digest in seen:
         report.duplicates += 1
-        _note(report.duplicates_at, f"{candidate.source} (same as {first_seen[key]})")
+        if len(report.duplicates_at) < REPORTED_LOCATIONS:
+            unnamed.append((len(report.duplicates_at), digest))
+            report.duplicates_at.append(candidate.source)
         return False
-    first_seen[key] = candidate.source
+    seen.add(digest)
     return True
+
+
+class Digests:
+    """A growing set of 64-bit digests in ~8 bytes each: a sorted array, searched by bisection, and a set of
+    the latest `BUFFER`, merged into the array (by numpy, imported then) when it is full."""
+
+    BUFFER = 1 << 14
+
+    def __init__(self):
+        self._sorted, self._latest = array("Q"), set()
+
+    def __contains__(self, digest: int) -> bool:
+        if digest in self._latest:
+            return True
+        at = bisect_left(self._sorted, digest)
+        return at < len(self._sorted) and self._sorted[at] == digest
+
+    def add(self, digest: int) -> None:
+        self._latest.add(digest)
+        if len(self._latest) == self.BUFFER:
+            import numpy as np
+
+            merged = np.concatenate([np.frombuffer(self._sorted, np.uint64), np.fromiter(self._latest, np.uint64)])
+            merged.sort(kind="stable")  # two sorted runs: a merge
+            self._sorted, self._latest = array("Q"), set()
+            self._sorted.frombytes(memoryview(merged).cast("B"))
+
+
+def _dedup_digest(text: str) -> int:
+    """64 bits of the text with runs of whitespace collapsed: two prompts that differ only there are duplicates."""
+    return int.from_bytes(hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _name_first(report: LoadReport, unnamed: list[tuple[int, int]], items: Iterator[_Item]) -> None:
+    """Adds "(same as SOURCE)" to each noted duplicate: the first kept prompt of its digest in `items`."""
+    wanted: dict[int, list[int]] = {}
+    for place, digest in unnamed:
+        wanted.setdefault(digest, []).append(place)
+    for item in items:
+        if not wanted:
+            break
+        text = item.text.strip() if isinstance(item, _Candidate) and "\x00" not in item.text else ""
+        if text and len(text) <= report.max_chars:
+            for place in wanted.pop(_dedup_digest(text), []):
+                report.duplicates_at[place] += f" (same as {item.source})"
 
 
 def _note(locations: list[str], location: str) -> None:
@@ -312,22 +427,39 @@ def _note(locations: list[str], location: str) -> None:
 # ---- readers: each yields _Candidate for a good record and PromptLoadError for a bad one ----
 
 def _read_text_file(path: Path) -> str:
-    """The whole file as text: UTF-8 (a BOM is dropped), newlines normalised to '\\n'."""
+    """The whole file as text (for YAML, which is parsed whole), as `_text_lines` reads it."""
+    return "".join(text_lines(path))
+
+
+def text_lines(path: Path, error: type[PromptLoadError] = PromptLoadError) -> Iterator[str]:
+    """The file's lines, read as they are needed: UTF-8 (a BOM is dropped), newlines ('\\r\\n', '\\r')
+    normalised to '\\n' (no other line break: U+2028 is text), each line ending in '\\n' but the last when the
+    file does not. A bad byte is an `error` naming the file and the byte's offset."""
     if path.is_dir():
-        raise PromptLoadError(str(path), "is a directory, not a file",
+        raise error(str(path), "is a directory, not a file",
                               "give a file, or fmt='donotanswer' for a directory of JSONL files")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise PromptLoadError(str(path), f"is not UTF-8 text (bad byte at offset {err.start})",
-                              "save the file as UTF-8") from None
+    with open(path, "rb") as f:
+        offset = 0  # bytes after the BOM, where a bad byte is counted from
+        for raw in f:
+            if offset == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(str(path), f"is not UTF-8 text (bad byte at offset {offset + err.start})",
+                            "save the file as UTF-8") from None
+            offset += len(raw)
+            *lines, last = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            yield from (line + "\n" for line in lines)
+            if last:
+                yield last
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) for every line that is not blank."""
-    for number, line in enumerate(_read_text_file(path).split("\n"), 1):
+    for number, line in enumerate(text_lines(path), 1):
         if line.strip():
-            yield number, line
+            yield number, line.removesuffix("\n")
 
 
 def _read_plain_text(path: Path, column: str | None) -> Iterator[_Item]:
@@ -396,7 +528,7 @@ def _meta(record: dict, column: str) -> dict[str, Any]:
 
 
 def _read_csv(path: Path, column: str | None) -> Iterator[_Item]:
-    reader = csv.DictReader(io.StringIO(_read_text_file(path), newline=""), strict=True)
+    reader = csv.DictReader(text_lines(path), strict=True)
     try:
         column = _csv_column(path, reader.fieldnames or [], column)
         for row in reader:

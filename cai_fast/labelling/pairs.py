@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import prompts as P
-from ..data import ON_ERROR, PromptLoadError, prompt_id, raise_collected, transcript_messages
+from ..data import (ON_ERROR, Digests, PromptLoadError, Reread, prompt_id, raise_collected, text_lines,
+                    transcript_messages)
 from .trl_compat import response_text
 
 
@@ -51,22 +52,27 @@ _LAST_ANSWER = "\n\nAssistant:"
 
 @dataclass
 class PairSet:
-    """The pairs of one file, in order, with what loading dropped."""
+    """The pairs of one file, in order, with what loading dropped. It holds no pair (cai_fast.data.Reread):
+    iterating reads the file again; `pairs` reads them all into a list."""
 
     path: str
-    pairs: list[Pair]
+    kept: Reread
     duplicates: int = 0
     malformed: int = 0
 
+    @property
+    def pairs(self) -> list[Pair]:
+        return list(self.kept)
+
     def __iter__(self):
-        return iter(self.pairs)
+        return iter(self.kept)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.kept)
 
     def summary(self) -> str:
         bad = f", {self.malformed} malformed records skipped" if self.malformed else ""
-        return f"loaded {len(self.pairs)} pairs from {self.path} ({self.duplicates} duplicates dropped{bad})"
+        return f"loaded {len(self)} pairs from {self.path} ({self.duplicates} duplicates dropped{bad})"
 
 
 def load_pairs(path: str | Path, *, limit: int | None = None, on_error: str = "raise") -> PairSet:
@@ -75,40 +81,42 @@ def load_pairs(path: str | Path, *, limit: int | None = None, on_error: str = "r
     Duplicate pairs (same prompt, chosen and rejected) are dropped and counted. Malformed records
     (bad JSON, NaN or infinity, missing or empty fields, NUL bytes, chosen equal to rejected)
     raise one PairLoadError naming every line and field (data.raise_collected); on_error="skip"
-    drops and counts them instead.
+    drops and counts them instead. The file is read as a stream: loading holds a bit a line and the
+    64-bit id of each pair kept (data.Digests), never the pairs, and iterating the set reads the file again.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    result, seen, plain, errors = PairSet(str(path), []), set(), None, []
-    for number, line in enumerate(_pair_lines(Path(path)), 1):
-        if limit is not None and len(result.pairs) >= limit:
+    file = Path(path)  # messages name `path` as given
+    if not file.is_file():
+        raise PairLoadError(str(path), "file not found", "check the path")
+    kept = Reread(lambda: _pair_lines(file), lambda line: _pair_from_line(line[1], f"{path}:{line[0]}", None), file)
+    result, seen, plain, errors = PairSet(str(path), kept), Digests(), None, []
+    for number, line in _pair_lines(file):
+        if len(kept) == limit:
             break
         try:
             pair = _pair_from_line(line, f"{path}:{number}", plain) if line.strip() else None
         except PairLoadError as err:
             errors.append(err)
             result.malformed += 1
-            continue
-        if pair is None or pair.id in seen:
-            result.duplicates += pair is not None
-            continue
-        plain = isinstance(pair.prompt, str) if plain is None else plain
-        seen.add(pair.id)
-        result.pairs.append(pair)
+            pair = None
+        key = None if pair is None else int(pair.id, 16)
+        result.duplicates += key in seen
+        kept.note(key is not None and key not in seen)
+        if key is not None:
+            plain = isinstance(pair.prompt, str) if plain is None else plain
+            seen.add(key)
     if on_error == "raise":
         raise_collected(errors, str(path))
-    if not result.pairs:
+    if not len(kept):
         raise PairLoadError(str(path), f"no pairs left ({result.summary()})", _PAIR_HINT)
     return result
 
 
-def _pair_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise PairLoadError(str(path), "file not found", "check the path")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise PairLoadError(str(path), f"not UTF-8 text ({err})", "save the file as UTF-8") from None
+def _pair_lines(path: Path):
+    """(line number, line) for every line of a pairs file, read as they are needed."""
+    for number, line in enumerate(text_lines(path, PairLoadError), 1):
+        yield number, line.removesuffix("\n")
 
 
 def _pair_from_line(line: str, where: str, plain: bool | None) -> Pair:

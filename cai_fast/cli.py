@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
+import os
 import signal
 import sys
 import typing
@@ -413,11 +415,30 @@ def _interrupt(signum, frame) -> None:
 def end_process_group() -> None:
     """After a command that ran under torchrun or accelerate launch: its process group destroyed, as
     torch asks; left to the interpreter's exit, gloo's threads can abort the process ("terminate
-    called without an active exception", pytorch/pytorch#190489) and fail a finished run."""
+    called without an active exception", pytorch/pytorch#190489) and fail a finished run. What still holds
+    the group (a DDP model's reducer, in reference cycles with accelerate's objects) is collected first,
+    while the group is whole: freed by the interpreter's exit after the group was shut down, it can abort
+    the same way."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
+def run_as_module() -> None:
+    """`python -m cai_fast.cli`: main(), and its exit code whatever the interrupt cut short. A KeyboardInterrupt
+    raised inside code that exec() runs from a string (a dataclass being made in an import that a SIGTERM cut
+    off) is marked unhandled by CPython even when main() catches it, and under `-m` the interpreter then ends
+    the process with SIGINT after the exit, not 130. An interrupted run therefore leaves without the
+    interpreter's teardown (its files are written and closed by then); the console script `cai-fast` exits
+    through Py_Exit and needs none of this."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_module()

@@ -50,6 +50,28 @@ def test_user_errors_are_one_line_without_traceback(args, expected, capsys, tmp_
     assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+INTERRUPTED_IN_EXEC = """
+import argparse
+import cai_fast.cli as cli
+
+def command(args):  # as a SIGTERM during an import that makes a dataclass: the handler runs in exec()'d code
+    exec("import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(10 ** 7): pass")
+
+cli.parse = lambda argv: argparse.Namespace(func=command, quiet=True)
+cli.run_as_module()
+"""
+
+
+def test_a_sigterm_inside_exec_code_still_exits_130(tmp_path):
+    """CPython marks a KeyboardInterrupt out of exec()'d code as unhandled even when main() catches it, and
+    under `python -m` would end the process with SIGINT (-2): the kill-and-resume tests' intermittent exit."""
+    (tmp_path / "interrupted_cli.py").write_text(INTERRUPTED_IN_EXEC)
+    done = subprocess.run([sys.executable, "-m", "interrupted_cli"], capture_output=True, text=True, env=ENV,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "cai-fast: interrupted; run the same command again to resume"
+
+
 def test_kill_and_resume_gives_the_uninterrupted_result(tiny_model_path, tmp_path):
     common = ["sl-cai", "--model", str(tiny_model_path), "--limit", "10", *FAST]
     full = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)

@@ -28,7 +28,11 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], what: str, t
         assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
         time.sleep(0.02)
     process.send_signal(stop)
-    assert process.wait(timeout=120) == EXIT[stop]
+    code = process.wait(timeout=120)
+    if code != EXIT[stop]:  # what the process printed says why (a traceback, a library's own message)
+        output = process.stdout.read() if process.stdout else ""
+        raise AssertionError(f"{stop.name} at {what}: exit code {code}, not {EXIT[stop]}; it printed:\n"
+                             f"{(output or '')[-4000:]}")
 
 
 def kill_tree(pid: int, stop: signal.Signals = signal.SIGKILL) -> None:

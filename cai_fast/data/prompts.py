@@ -7,9 +7,9 @@ plus what the model said plus one new user turn, so a prefix cache computes each
 (critique and revision examples from the constitution) comes first and is identical for every prompt. A judge
 (RLAIF) prompt is [few-shot block], one user turn (intro, conversation, response (A), response (B), the principle's
 question) and the start of the answer, e.g. "The answer is: (": the P principles of one order share everything up
-to the question, both orders everything up to the responses. A direct-score (d-RLAIF) prompt, `score_request`, quotes one
-response the same way and asks for a score from 1 to 9 by a principle's judge question. Injection defence:
-`judge_request`, `neutralise`.
+to the question, both orders everything up to the responses. A direct-score (d-RLAIF) prompt, `score_request`,
+quotes one response the same way and asks for a score from 1 to 9 by a principle's judge question. Injection
+defence: `judge_request`, `neutralise`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ COT_PREFIX = "Let's think step by step."
 # a chat API's judge (its server renders the chat, so the answer cannot be begun for it): the system turn
 JUDGE_LETTER = "Answer with the letter of the response you choose, A or B, and nothing else."
 SCORE_DIGIT = "Answer with one digit from 1 to 9 and nothing else."  # a chat API's direct-score system turn
-SCORE_INTRO = "Below is a conversation between a human and an AI assistant, then one possible next response of the assistant."
+SCORE_INTRO = ("Below is a conversation between a human and an AI assistant, then one possible next response of "
+               "the assistant.")
 SCORE_QUESTION = ("Rate the response by this question, which reviewers ask when they compare two responses: "
                   "\"{question}\" Give a score from 1 to 9: 9 if no response could do better on it, 5 if it is "
                   "neither good nor bad, 1 if no response could do worse. Answer with the digit alone.")

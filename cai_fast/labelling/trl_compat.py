@@ -6,8 +6,8 @@ the index (0 or 1) of the preferred completion of its pair, or -1 where the judg
 `BasePairwiseJudge`, and `ConstitutionalJudge` (cai_fast.labelling.judge) implements them. trl ≥ 1.1 takes judges
 as reward functions (`reward_funcs=` of GRPOTrainer, RLOOTrainer, OnlineDPOTrainer): `JudgeReward(judge)` is one for
 any judge with `score(prompts, responses_a, responses_b) -> result with .label`, a completion's reward being its mean
-P(win) over its prompt's group, or P(completion ≻ reference) with `reference_column=`, or with `mode="score"` its direct
-score (d-RLAIF: `judge.rate(prompts, responses) -> result with .score`, 1..9) (in full: `JudgeReward`).
+P(win) over its prompt's group, or P(completion ≻ reference) with `reference_column=`, or with `mode="score"` its
+direct score (d-RLAIF: `judge.rate(prompts, responses) -> result with .score`, 1..9) (in full: `JudgeReward`).
 """
 
 from __future__ import annotations

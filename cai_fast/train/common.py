@@ -586,8 +586,8 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
     sharding(config)  # an FSDP1 accelerate config, say, fails before the folder is written
     check_inputs(config)
     started = (out / RESULT_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
-    digests = {f"{k}_sha256": model_sha256(getattr(config, k))
-               for k in ("model", "ref_model", "reward_model", "judge_model") if getattr(config, k, "")}  # by content: the same model by another path resumes
+    digests = {f"{k}_sha256": model_sha256(getattr(config, k))  # by content: the same model by another path resumes
+               for k in ("model", "ref_model", "reward_model", "judge_model") if getattr(config, k, "")}
     RunStore(out / "checkpoints", {**asdict(config), **digests, "stage": stage, "models": models}, started=started,
              lock=process_state().is_main_process)
     torch.manual_seed(config.seed)

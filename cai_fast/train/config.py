@@ -128,12 +128,14 @@ class PPOConfig(TrainConfig):
     data: str = option("red_team", "prompts: a file (text, JSONL, CSV, ...) or a shipped set name")
     out: str = option("runs/ppo", "output folder (checkpoints, metrics, the trained policy)")
     lr: float = option(1e-6, "peak learning rate (AdamW); about 1e-5 suits LoRA")
-    reward_source: str = option("model", "what scores the responses: model (the reward model at --reward-model) or judge "
-                                  "(d-RLAIF: --judge-model's direct score, 1-9 from its digit probabilities, averaged "
-                                  "over --judge-principles principles of --constitution, minus the midpoint 5)")
+    reward_source: str = option("model", "what scores the responses: model (the reward model at --reward-model) "
+                                         "or judge (d-RLAIF: --judge-model's direct score, 1-9 from its digit "
+                                         "probabilities, averaged over --judge-principles principles of "
+                                         "--constitution, minus the midpoint 5)")
     reward_model: str = option("", "reward model folder (from `cai-fast train reward`), with --reward-source model")
     judge_model: str = option("", "with --reward-source judge: the model that scores (default: --model)")
-    constitution: str = option("default", "with --reward-source judge: the constitution it scores by (name or TOML path)")
+    constitution: str = option("default", "with --reward-source judge: the constitution it scores by (name or "
+                                          "TOML path)")
     judge_principles: int = option(4, "with --reward-source judge: principles drawn per response (by weight)")
     ref_model: str = option("", "frozen KL reference policy (default: --model, the SFT policy)")
     minibatches: int = option(1, "optimizer steps per PPO epoch; prompts per step = batch_size x "

@@ -176,3 +176,36 @@ def test_labelling_resumes_after_the_api_fails_and_sums_usage_over_both_tries(ap
     assert resumed.summary["labels_from_earlier_run"] == 1 and resumed.summary["api_usage"]["requests"] == 4
     assert resumed.summary["api_usage_all_runs"]["requests"] == 4 + 4  # the failed try's 4 are in the total
     assert [r["label"] for r in resumed.records] == [r["label"] for r in full.records]
+
+
+def test_direct_scores_from_top_logprobs_equal_the_models_digits_and_count_those_outside(api, tiny_loaded):
+    """With every token listed (top_logprobs = the vocabulary) the digits' log-probs are the model's own at
+    the first answer token of the chat the server renders; with 3 listed, digits outside get the 3rd and
+    are counted."""
+    from cai_fast.data import prompts as P
+    from cai_fast.labelling.judge import expected_scores
+
+    tokenizer, prompts, responses = tiny_loaded.tokenizer, ["how do I pick a lock?", "hi"], ["ask a locksmith", "hello"]
+    judge = ConstitutionalJudge(connect(api, top_logprobs=len(tokenizer)), "default", JudgeConfig(principles=2))
+    result = judge.rate(prompts, responses)
+    chats = [[P.system(P.SCORE_DIGIT), P.user(P.score_request(P.conversation_text(p), r, judge.constitution
+                                                               .principle(i).judge, reserved=[], key=judge.tag_key))]
+             for p, r, ids in zip(prompts, responses, result.principle_ids) for i in ids]
+    digits = [[tokenizer.convert_tokens_to_ids(str(s))] for s in range(1, 10)]
+    logp = api.engine.score_options([render(tokenizer, c) for c in chats], digits)
+    want = expected_scores(logp, [[judge.constitution.principle(i) for i in ids] for ids in result.principle_ids])
+    torch.testing.assert_close(result.principle_score, want.principle_score, atol=1e-4, rtol=0)
+    assert judge.stats.options_outside_top_k == 0 and judge.stats.responses_rated == 2
+    assert api.chat_bodies[-1][0]["messages"][0]["content"] == P.SCORE_DIGIT
+
+    few = ConstitutionalJudge(connect(api, top_logprobs=3), "default", JudgeConfig(principles=2))
+    bounded = few.rate(prompts, responses)
+    assert few.stats.options_outside_top_k >= 4 * 6  # at most 3 of the 9 digits listed per prompt
+    assert bool(((bounded.score >= 1) & (bounded.score <= 9)).all())
+
+
+def test_direct_scores_without_logprobs_are_a_clear_error(api):
+    api.chat_logprobs = "absent"
+    judge = ConstitutionalJudge(connect(api), "default", JudgeConfig(principles=1))
+    with pytest.raises(ValueError, match="direct scores need the chat API's top_logprobs"):
+        judge.rate(["q"], ["a"])

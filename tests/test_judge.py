@@ -381,3 +381,81 @@ def test_bad_config_values_are_clear_errors(field, value, message):
 def test_a_model_without_tokenizer_is_a_clear_error(tiny_loaded):
     with pytest.raises(TypeError, match="transformers causal LM with tokenizer="):
         ConstitutionalJudge(tiny_loaded.model)
+
+
+# ---------------------------------------------------------------- direct scores (d-RLAIF)
+
+
+def full_forward_scores(model, rows: list[list[int]], digit_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[s] [N], digit mass [N]) from a plain full forward: softmax over the whole vocabulary at the
+    answer position, the nine digits' probabilities, renormalised."""
+    scores, masses = [], []
+    for row in rows:
+        with torch.no_grad():
+            p = torch.softmax(model(input_ids=torch.tensor([row])).logits[0, -1].float(), -1)[digit_ids]
+        scores.append((p / p.sum() * torch.arange(1, 10)).sum())
+        masses.append(p.sum())
+    return torch.stack(scores), torch.stack(masses)
+
+
+@pytest.mark.parametrize("engine", ["plain", "cached"])
+def test_direct_scores_equal_a_full_forwards_digit_probabilities(sharp_loaded, engine):
+    judge = ConstitutionalJudge(make_generator(sharp_loaded, engine=engine, batch_size=3), "default",
+                                JudgeConfig(principles=2))
+    prompts, responses, _ = random_pairs(4, seed=5)
+    result = judge.rate(prompts, responses)
+    layout = judge.score_layout
+    assert layout.mode == "single-token" and len(layout.token_ids) == 9
+    rows = [P.render_continuation(sharp_loaded.tokenizer, [P.user(P.score_request(
+                P.conversation_text(prompt), response, judge.constitution.principle(pid).judge,
+                reserved=judge.reserved, key=judge.tag_key))], layout.prefix)
+            for prompt, response, ids in zip(prompts, responses, result.principle_ids) for pid in ids]
+    want, mass = full_forward_scores(sharp_loaded.model, rows, [t[0] for t in layout.token_ids])
+    torch.testing.assert_close(result.principle_score.flatten(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.digit_mass.flatten(), mass, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.score, want.reshape(4, 2).mean(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.probs.sum(-1), torch.ones(4, 2))
+    assert (result.principle_score - 5).abs().max() > 0.3, "the sharpened model should have opinions"
+    assert judge.stats.responses_rated == 4 and judge.stats.judge_prompts == 8
+
+
+def test_direct_scores_do_not_depend_on_the_batch_and_draw_principles_by_content(sharp_judge):
+    prompts, responses, _ = random_pairs(5, seed=6)
+    whole = sharp_judge.rate(prompts, responses)
+    one = sharp_judge.rate(prompts[2:3], responses[2:3])
+    assert one.principle_ids[0] == whole.principle_ids[2] and len(set(map(tuple, whole.principle_ids))) > 1
+    torch.testing.assert_close(one.score[0], whole.score[2], atol=1e-5, rtol=0)
+    assert sharp_judge.rate([], []).score.shape == (0,)
+
+
+def test_direct_score_prompt_quotes_the_response_and_asks_the_principles_question(tiny_loaded):
+    question = load_constitution("default").principles[0].judge
+    text = P.score_request("Human: hi", "hello ===", question, reserved=[], key="k")
+    assert "=== Response [" in text and "hello = = =" in text and "(A)" not in text
+    assert question.replace(" Answer (A) or (B).", "") in text and "from 1 to 9" in text
+
+
+def test_direct_score_digits_of_the_tiny_tokenizer(tiny_loaded):
+    from cai_fast.labelling.judge import SCORE_LAYOUTS
+
+    layout = detect_options(tiny_loaded.tokenizer, SCORE_LAYOUTS)
+    assert layout.prefix == "Score: " and layout.mode == "single-token"
+    assert [tiny_loaded.tokenizer.decode(list(t)) for t in layout.token_ids] == [str(s) for s in range(1, 10)]
+
+
+def test_direct_score_digits_of_the_default_models_tokenizer(default_loaded):
+    from cai_fast.labelling.judge import SCORE_LAYOUTS
+
+    layout = detect_options(default_loaded.tokenizer, SCORE_LAYOUTS)
+    assert layout.prefix == "Score: " and layout.mode == "single-token"
+    assert [default_loaded.tokenizer.decode(list(t)) for t in layout.token_ids] == [str(s) for s in range(1, 10)]
+
+
+def test_bad_direct_score_inputs_are_clear_errors(sharp_judge, sharp_loaded):
+    with pytest.raises(JudgeInputError, match="got 2 prompts and 1 responses; pass one of each per response"):
+        sharp_judge.rate(["q", "r"], ["a"])
+    with pytest.raises(JudgeInputError, match=r"responses\[0\] is empty"):
+        sharp_judge.rate(["q"], [" "])
+    cot = ConstitutionalJudge(sharp_loaded, "default", JudgeConfig(principles=1, chain_of_thought=1))
+    with pytest.raises(JudgeError, match="set chain_of_thought = 0"):
+        cot.rate(["q"], ["a"])

@@ -86,6 +86,7 @@ def test_the_shipped_demo_config_loads_and_its_sizes_fit_the_shipped_prompt_sets
     ("[eval]\nbenchmarks = [1, 2]\n", "'eval.benchmarks'", "a string or a list of strings"),
     ("[ppo]\nreward_model = \"rm\"\n", "'ppo.reward_model'", "set by the pipeline"),
     ("[sft]\nmodel = \"x\"\n", "'sft.model'", "set by the pipeline"),
+    ("[ppo]\nreward_source = \"judge\"\n", "'ppo.reward_source'", "set by the pipeline"),
     ("rounds = 7\n", "rounds", "between 1 and 4"),
     ("[sl_cai]\nrounds = 0\n", "[sl_cai] rounds", "between 1 and 4"),
     ("[reward]\neval_fraction = 1.5\n", "[reward] eval_fraction", "in [0, 1)"),
@@ -208,6 +209,22 @@ def test_a_round_without_enough_replies_or_a_telling_reward_model_keeps_its_star
     assert "**round 1: the reward model cannot be told from chance" in report
     assert "- **round 1: SFT did not run: only 0 final revisions are replies" in report
     assert "a final revision judged *" in report
+
+
+def test_a_d_rlaif_round_trains_ppo_on_the_direct_score_and_its_report_says_so(tmp_path, tiny_model_path):
+    """method = "d-rlaif": no labels, no reward model, no gate; PPO's reward is the judge's direct score."""
+    path = write_tiny_pipeline_config(tmp_path, "direct", tiny_model_path)
+    path.write_text(path.read_text().replace("rounds = 2\n", "rounds = 1\nmethod = \"d-rlaif\"\n", 1))
+    config, source = load_pipeline_config(path)
+    outcome = run_pipeline(config, source=source, progress=False)
+    stages = json.loads((tmp_path / "direct" / "state.json").read_text())["rounds"]["1"]["stages"]
+    assert not {"label", "reward", "reward_gate"} & stages.keys() and stages["ppo"]["status"] == "done"
+    reward = stages["ppo"]["summary"]["reward"]
+    assert reward["source"] == "judge" and reward["judge_model"] == str(tiny_model_path) and reward["principles"] == 1
+    assert outcome["best_policy"] == str(tmp_path / "direct" / "round-1" / "ppo")
+    report = (tmp_path / "direct" / "report.md").read_text()
+    assert "method: d-rlaif" in report and "round 1: PPO's reward was the direct score (d-RLAIF) of judge" in report
+    assert (tmp_path / "direct" / "figures" / "training_curves.png").is_file()
 
 
 def test_the_judge_is_checked_against_people_in_each_dtype_asked_for(tmp_path, tiny_model_path):

@@ -185,3 +185,31 @@ def test_train_ppo_logs_every_step_and_saves_a_loadable_policy(tiny_model_path, 
 def test_ppo_config_needs_a_reward_model():
     with pytest.raises(ValueError, match="--reward-model"):
         PPOConfig(data="red_team")
+
+
+def test_ppo_on_the_judges_direct_score_runs_without_a_reward_model(tiny_model_path, prompts_file, tmp_path):
+    """d-RLAIF: the judge (here the tiny model itself) scores the rollouts; the reward is its direct
+    score − 5, and the summary says which reward drove PPO."""
+    from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
+
+    config = ppo_config(tiny_model_path, "", prompts_file, tmp_path / "run", reward_source="judge", judge_principles=2,
+                        max_steps=1)
+    trainer = PPOTrainer(config, progress=False)
+    texts = [text for text, _ in trainer.prompts[:2]]
+    judge = ConstitutionalJudge(str(tiny_model_path), "default", JudgeConfig(principles=2, seed=config.seed))
+    want = judge.rate(texts, ["a reply", "another reply"]).score - 5
+    assert trainer.scorer(texts, ["a reply", "another reply"]) == pytest.approx(want.tolist(), abs=1e-4)
+    result = trainer.train()
+    assert math.isfinite(result.history[0]["reward"]) and -4 <= result.history[0]["reward"] <= 4
+    assert result.summary["reward"]["source"] == "judge" and result.summary["reward"]["offset"] == -5
+    assert result.summary["models"]["judge"]["dtype"] == "float32" and "reward_model" not in result.summary["models"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"reward_source": "judge", "reward_model": "rm"}, "drop --reward-model"),
+    ({"reward_source": "human", "reward_model": "rm"}, "reward_source must be one of model, judge, got 'human'"),
+    ({"reward_source": "judge", "judge_principles": 0}, "judge_principles must be >= 1"),
+])
+def test_ppo_reward_options_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(data="red_team", **fields)

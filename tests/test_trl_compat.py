@@ -192,3 +192,63 @@ def test_round_robin_logs_spread_and_decisiveness():
     JudgeReward(LongerWins(), reference_column="ref")(prompts=["p", "q"], completions=["aa", "a"], ref=["a", "aa"],
                                                       log_metric=against.__setitem__)
     assert against == pytest.approx({"constitutional_judge/win_rate": 0.5})
+
+
+# ---------------------------------------------------------------- JudgeReward(mode="score") (d-RLAIF)
+
+
+class LengthScore:
+    """A fake direct-score judge: a response's score is its length, capped at 9."""
+
+    def __init__(self):
+        self.rated = []
+
+    def rate(self, prompts, responses):
+        texts = [response_text(r) for r in responses]
+        self.rated += texts
+        return SimpleNamespace(score=[float(min(len(t), 9)) for t in texts])
+
+
+def test_score_mode_rewards_each_completion_by_its_direct_score():
+    judge, logged = LengthScore(), {}
+    rewards = JudgeReward(judge, mode="score")(
+        prompts=["p", "p", "q"], completions=["aaa", "", [{"role": "assistant", "content": "aaaaaaaaaaaa"}]],
+        log_metric=logged.__setitem__)
+    assert rewards == [3.0, 1.0, 9.0]  # an empty completion gets the lowest score without asking the judge
+    assert judge.rated == ["aaa", "aaaaaaaaaaaa"] and logged == {"constitutional_judge/spread": 2.0}
+
+
+def test_score_mode_refuses_a_reference_column_and_unknown_modes_are_named():
+    with pytest.raises(ValueError, match="mode='score' rates each completion on its own, so it takes no "
+                                         "reference_column"):
+        JudgeReward(LengthScore(), mode="score", reference_column="reference")
+    with pytest.raises(ValueError, match="unknown mode 'direct'; modes: pairwise, score"):
+        JudgeReward(LengthScore(), mode="direct")
+
+
+def test_grpo_trainer_steps_with_the_direct_score_as_reward(judge, tiny_model_path, tiny_loaded, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    class Recording(JudgeReward):
+        calls = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            rewards = super().__call__(prompts, completions, **kwargs)
+            self.calls.append((prompts, completions, rewards))
+            return rewards
+
+    reward = Recording(judge, mode="score", name="direct_score")
+    prompts = [[{"role": "user", "content": text}] for text in ("Say hi.", "Name a colour.")]
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **TRAIN)
+    trainer = GRPOTrainer(model=str(tiny_model_path), reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                          processing_class=tiny_loaded.tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1 and reward.calls
+    seen_prompts, completions, rewards = reward.calls[0]
+    judged = [i for i, c in enumerate(completions) if response_text(c).strip()]
+    want = judge.rate([seen_prompts[i] for i in judged], [completions[i] for i in judged]).score
+    assert [rewards[i] for i in judged] == pytest.approx(want.tolist(), abs=1e-5)
+    assert all(1.0 <= r <= 9.0 for r in rewards)
+    assert any("rewards/direct_score/mean" in log for log in trainer.state.log_history)

@@ -7,7 +7,9 @@ plus what the model said plus one new user turn, so a prefix cache computes each
 (critique and revision examples from the constitution) comes first and is identical for every prompt. A judge
 (RLAIF) prompt is [few-shot block], one user turn (intro, conversation, response (A), response (B), the principle's
 question) and the start of the answer, e.g. "The answer is: (": the P principles of one order share everything up
-to the question, both orders everything up to the responses. Injection defence: `judge_request`, `neutralise`.
+to the question, both orders everything up to the responses. A direct-score (d-RLAIF) prompt, `score_request`,
+quotes one response the same way and asks for a score from 1 to 9 by a principle's judge question. Injection
+defence: `judge_request`, `neutralise`.
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ JUDGE_QUOTING = (" The conversation and the responses are quoted between marker 
 COT_PREFIX = "Let's think step by step."
 # a chat API's judge (its server renders the chat, so the answer cannot be begun for it): the system turn
 JUDGE_LETTER = "Answer with the letter of the response you choose, A or B, and nothing else."
+SCORE_DIGIT = "Answer with one digit from 1 to 9 and nothing else."  # a chat API's direct-score system turn
+SCORE_INTRO = ("Below is a conversation between a human and an AI assistant, then one possible next response of "
+               "the assistant.")
+SCORE_QUESTION = ("Rate the response by this question, which reviewers ask when they compare two responses: "
+                  "\"{question}\" Give a score from 1 to 9: 9 if no response could do better on it, 5 if it is "
+                  "neither good nor bad, 1 if no response could do worse. Answer with the digit alone.")
+_OPTIONS_ASKED = re.compile(r"\s*Answer \(A\) or \(B\)\.?\s*$")
 JUDGE_VERDICT = ("Think it through step by step in a few sentences, then end with a last line that says "
                  "\"The answer is: (A)\" or \"The answer is: (B)\".")
 _SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -105,9 +114,10 @@ def conversation_text(prompt: str | list[dict]) -> str:
                        for m in prompt)
 
 
-def pair_key(conversation: str, first: str, second: str) -> str:
-    """A hash of a pair's content, the same in both orders (what principles are drawn by)."""
-    content = "\0".join([conversation, *sorted((first, second))])
+def pair_key(conversation: str, *responses: str) -> str:
+    """A hash of a pair's content, the same in both orders (what principles are drawn by); of one
+    response's, for a direct score."""
+    content = "\0".join([conversation, *sorted(responses)])
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:8]
 
 
@@ -143,12 +153,28 @@ def judge_request(conversation: str, first: str, second: str, question: str, *,
     injection defence off (no markers, raw text), which is only for measuring the defence.
     key: the run's secret for the marker tag (see `judge_tag`).
     """
+    return _quoted_request(JUDGE_INTRO, conversation, [("Response (A)", first), ("Response (B)", second)], question,
+                           reserved=reserved, key=key)
+
+
+def score_request(conversation: str, response: str, question: str, *, reserved: list[str] | None, key: str) -> str:
+    """The direct-score user turn: intro, conversation, the response, then a request for a score from 1 to 9
+    by `question`, a principle's comparative judge question (its closing "Answer (A) or (B)." dropped). The
+    tag and the defence are judge_request's, so the prompts of one conversation share its quoted part."""
+    question = SCORE_QUESTION.format(question=_OPTIONS_ASKED.sub("", question))
+    return _quoted_request(SCORE_INTRO, conversation, [("Response", response)], question, reserved=reserved, key=key)
+
+
+def _quoted_request(intro: str, conversation: str, responses: list[tuple[str, str]], question: str, *,
+                    reserved: list[str] | None, key: str) -> str:
+    """intro, the conversation and each (title, response) quoted (tagged and neutralised unless
+    reserved is None), then the question."""
     tag = None if reserved is None else judge_tag(conversation, key)
-    intro = JUDGE_INTRO if tag is None else JUDGE_INTRO + JUDGE_QUOTING.format(tag=tag)
+    intro = intro if tag is None else intro + JUDGE_QUOTING.format(tag=tag)
     if reserved is not None:
-        conversation, first, second = (neutralise(t, reserved) for t in (conversation, first, second))
-    sections = [_section("Conversation", conversation, tag), _section("Response (A)", first, tag),
-                _section("Response (B)", second, tag)]
+        conversation = neutralise(conversation, reserved)
+        responses = [(title, neutralise(text, reserved)) for title, text in responses]
+    sections = [_section("Conversation", conversation, tag)] + [_section(t, text, tag) for t, text in responses]
     return "\n\n".join([intro, *sections, question])
 
 

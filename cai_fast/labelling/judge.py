@@ -15,6 +15,16 @@ through the same computation, so label(a, b) + label(b, a) = 1 holds as it does 
 log-probs (or with chain_of_thought) it asks for a reasoned answer ending in the verdict, parses the letter
 (`parse_verdict`), and scores each order's verdict as a hard 1/0 clamped to [0.4, 0.6], the chain-of-thought
 clamp: a principle's label is then 0.6, 0.5 or 0.4; an answer without a verdict scores 0.5 in that order (counted).
+
+Direct scores (d-RLAIF, `rate(prompts, responses) -> RatingResult`): one response at a time, each under P principles
+drawn by its content (or `principle_ids`), in a prompt that asks for a score from 1 to 9 by the principle's judge
+question (`P.score_request`; no few-shot examples: the constitution's are pairs). The same scoring requests read the
+nine digits' log-probs at the answer position ("Score: " then a digit, `SCORE_LAYOUTS`), exact on the in-process
+engines and the servers, from top_logprobs on a chat API (as the letters above, a digit outside them counted);
+renormalised over the digits, p(s), a principle's score is E[s] = Σ_{s=1..9} s·p(s) and a response's the mean over
+its principles. The scale stops at 9 so that every score is one digit token: with "10" the model's "1" would mean
+both 1 and the start of 10. The digits' share of the full-vocabulary probability is kept (`digit_mass`): a score
+whose digits the model hardly puts mass on says little.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -31,7 +42,7 @@ from ..data import prompts as P
 from ..config import DEFAULT_MODEL
 from ..data.constitution import Constitution, Principle, load_constitution
 from ..engine.base import SamplingParams
-from .judge_config import JudgeConfig
+from .judge_config import SCORES, JudgeConfig
 from .pairs import is_text, shown
 from .trl_compat import BasePairwiseJudge, response_text, win_probabilities
 
@@ -59,9 +70,9 @@ class OptionLayout:
     """Where the verdict is read: the answer starts with `prefix`, then an option, then `closing`."""
 
     prefix: str
-    options: tuple[str, str]
+    options: tuple[str, ...]  # the judge's two letters, or the direct score's nine digits
     closing: str
-    token_ids: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    token_ids: tuple[tuple[int, ...], ...] = ()
     mode: str = "single-token"  # or "sequence": each option's summed token log-probs are compared
 
     def answer(self, index: int) -> str:
@@ -70,10 +81,10 @@ class OptionLayout:
 
     def describe(self) -> str:
         if self.mode == "chat":
-            return (f"chat API: the first answer token's top_logprobs of {self.options[0]!r} / {self.options[1]!r}; "
+            return (f"chat API: the first answer token's top_logprobs of {' / '.join(map(repr, self.options))}; "
                     "an option outside them gets the k-th log-prob (an upper bound)")
         ids = " / ".join(str(list(t)) for t in self.token_ids)
-        return (f"answer prefix {self.prefix!r}, options {self.options[0]!r} / {self.options[1]!r} "
+        return (f"answer prefix {self.prefix!r}, options {' / '.join(map(repr, self.options))} "
                 f"-> token ids {ids} ({self.mode})")
 
 
@@ -83,19 +94,26 @@ CANDIDATE_LAYOUTS = (
     OptionLayout("The answer is:", (" (A", " (B"), ")"),
     OptionLayout("The answer is:", (" A", " B"), ""),
 )
+DIGITS = tuple(str(s) for s in SCORES)
+CHAT_SCORES = OptionLayout("", DIGITS, "", mode="chat")  # a chat API's direct score: the digit alone
+SCORE_LAYOUTS = (
+    OptionLayout("Score: ", DIGITS, ""),
+    OptionLayout("Score:", tuple(" " + d for d in DIGITS), ""),
+)
 _PROBE = [P.user("Which response is better? Answer (A) or (B).")]
 
 
-def detect_options(tokenizer) -> OptionLayout:
-    """The option layout for this tokenizer; JudgeError if none works.
+def detect_options(tokenizer, candidates: Sequence[OptionLayout] = CANDIDATE_LAYOUTS) -> OptionLayout:
+    """The option layout for this tokenizer among `candidates` (the judge's letters by default, the
+    direct score's digits with SCORE_LAYOUTS); JudgeError if none works.
 
-    The first layout whose two options are single tokens in context is used — "The answer is: (" +
+    The first layout whose options are all single tokens in context is used — "The answer is: (" +
     "A"/"B", then "The answer is:" + " (A"/" (B", then "The answer is:" + " A"/" B". If none is, the
-    first layout whose options tokenize cleanly (as a continuation, with no unknown token) is scored
-    by each option's sequence log-prob (`options.mode == "sequence"`); if none does, JudgeError. The
-    choice goes into the run config and the report.
+    first layout whose options tokenize cleanly (as a continuation, with no unknown token, all
+    different) is scored by each option's sequence log-prob (`options.mode == "sequence"`); if none
+    does, JudgeError. The choice goes into the run config and the report.
     """
-    usable = [(layout, ids) for layout in CANDIDATE_LAYOUTS
+    usable = [(layout, ids) for layout in candidates
               if (ids := _option_continuations(tokenizer, layout)) is not None]
     for layout, ids in usable:
         if all(len(i) == 1 for i in ids):
@@ -103,13 +121,13 @@ def detect_options(tokenizer) -> OptionLayout:
     if usable:
         layout, ids = usable[0]
         return replace(layout, token_ids=ids, mode="sequence")
-    tried = "; ".join(f"{c.prefix!r} + {c.options[0]!r}/{c.options[1]!r}" for c in CANDIDATE_LAYOUTS)
-    raise JudgeError(f"the tokenizer cannot express the judge's options (A)/(B): tried {tried}, and each "
-                     "option was merged with the text before it or became the unknown token; use a "
-                     "model whose tokenizer has the letters A and B")
+    tried = "; ".join(f"{c.prefix!r} + {'/'.join(map(repr, c.options))}" for c in candidates)
+    raise JudgeError(f"the tokenizer cannot express the judge's options {'/'.join(candidates[0].options)}: tried "
+                     f"{tried}, and each option was merged with the text before it or became the unknown token; "
+                     "use a model whose tokenizer has these letters and digits")
 
 
-def _option_continuations(tokenizer, layout: OptionLayout) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def _option_continuations(tokenizer, layout: OptionLayout) -> tuple[tuple[int, ...], ...] | None:
     """The token ids each option adds after the answer prefix, or None if they are not clean."""
     text = tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True) + layout.prefix
     base = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -120,7 +138,7 @@ def _option_continuations(tokenizer, layout: OptionLayout) -> tuple[tuple[int, .
         if full[: len(base)] != base or not added or tokenizer.unk_token_id in added:
             return None
         found.append(added)
-    return tuple(found) if found[0] != found[1] else None
+    return tuple(found) if len(set(found)) == len(found) else None
 
 
 def reserved_strings(tokenizer) -> list[str]:
@@ -157,10 +175,40 @@ class JudgeResult:
 
 
 @dataclass
+class RatingResult:
+    """Direct scores (1..9) of M responses under P principles each; tensors are fp32 on the CPU."""
+
+    score: torch.Tensor  # [M] mean over principles of the expected score
+    principle_score: torch.Tensor  # [M, P] E[s] = Σ s·p(s), p renormalised over the nine digits
+    probs: torch.Tensor  # [M, P, 9] p(1) .. p(9)
+    digit_mass: torch.Tensor  # [M, P] the digits' probability before renormalising (chat API: from top_logprobs)
+    principle_ids: list[list[str]]
+
+    def record(self, i: int) -> dict:
+        """The score fields of response i, as JSON-ready lists."""
+        return {"score": self.score[i].item(), "principle_ids": self.principle_ids[i],
+                "principle_score": self.principle_score[i].tolist(), "probs": self.probs[i].tolist(),
+                "digit_mass": self.digit_mass[i].tolist()}
+
+
+def expected_scores(logp: torch.Tensor, principles: list[list[Principle]]) -> RatingResult:
+    """RatingResult from the digits' log-probs [M·P, 9] (response-major, then principle)."""
+    import torch
+
+    m, k = len(principles), len(principles[0])
+    logp = logp.float().reshape(m, k, len(SCORES))
+    probs = logp.softmax(-1)
+    principle_score = probs @ torch.tensor(SCORES, dtype=torch.float32)
+    return RatingResult(principle_score.mean(-1), principle_score, probs, logp.logsumexp(-1).exp(),
+                        [[p.id for p in ps] for ps in principles])
+
+
+@dataclass
 class JudgeStats:
     """Running totals of a judge, for summaries and benches."""
 
     pairs: int = 0
+    responses_rated: int = 0  # direct scores (rate)
     judge_prompts: int = 0
     prompt_tokens: int = 0
     rationale_tokens: int = 0
@@ -217,7 +265,8 @@ class ConstitutionalJudge(BasePairwiseJudge):
         prompts: text or chat messages; responses: text or trl's conversational message lists.
         An empty response or lists of different lengths raise JudgeInputError.
         """
-        conversations, firsts, seconds = _checked_inputs(prompts, responses_a, responses_b)
+        conversations, firsts, seconds = _checked_inputs("score", prompts, responses_a=responses_a,
+                                                         responses_b=responses_b)
         if not conversations:
             return _empty_result()
         start = time.perf_counter()
@@ -260,11 +309,51 @@ class ConstitutionalJudge(BasePairwiseJudge):
         return [-1 if not any(response_text(c).strip() for c in pair) else int(p < 0.5)
                 for pair, p in zip(completions, scores)]
 
-    def principles_for(self, conversation: str, first: str, second: str) -> list[Principle]:
-        """The principles asked about a pair: fixed ones, or drawn by the pair's content (either order)."""
+    def rate(self, prompts: Sequence, responses: Sequence) -> RatingResult:
+        """The direct score (1..9, d-RLAIF; module docstring) of each response to its prompt, with its
+        per-principle scores and digit probabilities.
+
+        prompts: text or chat messages; responses: text or trl's conversational message lists. An
+        empty response or lists of different lengths raise JudgeInputError; chain_of_thought and a
+        chat API without log-probs raise JudgeError (a score is read from the digits' probabilities).
+        """
+        if self.config.chain_of_thought:
+            raise JudgeError("direct scores are read from the digits' probabilities without a rationale; "
+                             "set chain_of_thought = 0 to rate responses")
+        if self.tokenizer is None and not self.generator.logprobs:
+            raise JudgeError("direct scores need the chat API's top_logprobs, and this API gives none; use "
+                             "the pairwise judge (score) or another API")
+        conversations, texts = _checked_inputs("rate", prompts, responses=responses)
+        if not texts:
+            return _empty_rating()
+        start = time.perf_counter()
+        principles = [self.principles_for(c, r) for c, r in zip(conversations, texts)]
+        chats = [[P.user(P.score_request(c, r, p.judge, reserved=self.reserved, key=self.tag_key))]
+                 for c, r, drawn in zip(conversations, texts, principles) for p in drawn]
+        if self.tokenizer is None:
+            before = self.generator.stats.prompt_tokens
+            logp = self._chat_api_logprobs(chats, P.SCORE_DIGIT, CHAT_SCORES)
+            tokens = self.generator.stats.prompt_tokens - before
+        else:
+            rows = [P.render_continuation(self.tokenizer, chat, self.score_layout.prefix) for chat in chats]
+            logp = self.generator.score_options(rows, self.score_layout.token_ids)
+            tokens = sum(len(r) for r in rows)
+        self.stats.responses_rated += len(texts)
+        self._count(0, len(chats), tokens, time.perf_counter() - start)
+        return expected_scores(logp, principles)
+
+    @cached_property
+    def score_layout(self) -> OptionLayout:
+        """Where direct scores are read: "Score: " and a digit token (detect_options over SCORE_LAYOUTS);
+        CHAT_SCORES on a chat API."""
+        return CHAT_SCORES if self.tokenizer is None else detect_options(self.tokenizer, SCORE_LAYOUTS)
+
+    def principles_for(self, conversation: str, *responses: str) -> list[Principle]:
+        """The principles asked about a pair (either order) or about one response (a direct score):
+        fixed ones, or drawn by the content."""
         if self.fixed_principles:
             return self.fixed_principles
-        key = P.pair_key(conversation, first, second)  # the same in both orders
+        key = P.pair_key(conversation, *responses)  # for a pair, the same in both orders
         return self.constitution.sample(key, self.config.principles, seed=self.config.seed, replace=False)
 
     def judge_chat(self, conversation: str, first: str, second: str, principle: Principle) -> list[dict]:
@@ -297,11 +386,7 @@ class ConstitutionalJudge(BasePairwiseJudge):
         import torch
 
         if self.generator.logprobs and not self.config.chain_of_thought:
-            asked = [[P.system(P.JUDGE_LETTER)] + chat for chat in chats]
-            logp, outside = self.generator.option_logprobs(asked, self.options.options)
-            self.stats.options_outside_top_k += int(outside.sum())
-            self.stats.prompts_outside_top_k += int(outside.all(-1).sum())
-            return self._result(logp, principles, None)
+            return self._result(self._chat_api_logprobs(chats, P.JUDGE_LETTER, self.options), principles, None)
         asked = [[P.system(P.JUDGE_VERDICT)] + chat for chat in chats]
         generated = self.generator.stats.generated_tokens
         out = self.generator.generate_chats(asked, SamplingParams(self.config.cot_tokens, temperature=0.0))
@@ -314,6 +399,14 @@ class ConstitutionalJudge(BasePairwiseJudge):
         logp = torch.tensor([[half, half] if v is None else [0.0 if v == k else -math.inf for k in (0, 1)]
                              for v in verdicts], dtype=torch.float32)
         return self._result(logp, principles, rationales)
+
+    def _chat_api_logprobs(self, chats: list[list[dict]], system: str, options: OptionLayout) -> torch.Tensor:
+        """The options' first-answer-token log-probs [N, K] from the chat API's top_logprobs, the chats
+        asked with `system` first; options outside them (k-th log-prob) and prompts with none listed counted."""
+        logp, outside = self.generator.option_logprobs([[P.system(system)] + chat for chat in chats], options.options)
+        self.stats.options_outside_top_k += int(outside.sum())
+        self.stats.prompts_outside_top_k += int(outside.all(-1).sum())
+        return logp
 
     def _reads_states(self, rationales) -> bool:
         """Whether labels come straight from the answer-position hidden states through
@@ -392,18 +485,15 @@ def _as_generator(model, tokenizer, batch_size: int):
     return PlainGenerator(model.eval(), tokenizer, batch_size)
 
 
-def _checked_inputs(prompts, responses_a, responses_b) -> tuple[list[str], list[str], list[str]]:
-    """(conversation texts, first texts, second texts); JudgeInputError naming the bad pair."""
-    if not len(prompts) == len(responses_a) == len(responses_b):
-        raise JudgeInputError(f"score(): got {len(prompts)} prompts, {len(responses_a)} responses_a and "
-                              f"{len(responses_b)} responses_b; pass one of each per pair")
-    texts = ([], [], [])
-    for i, (prompt, a, b) in enumerate(zip(prompts, responses_a, responses_b)):
-        for name, value, out in (("prompts", prompt, texts[0]), ("responses_a", a, texts[1]),
-                                 ("responses_b", b, texts[2])):
-            out.append(_text_of(value, f"{name}[{i}]"))
-    conversations = [P.conversation_text(p) for p in prompts]
-    return conversations, texts[1], texts[2]
+def _checked_inputs(caller: str, prompts: Sequence, **responses: Sequence) -> tuple[list[str], ...]:
+    """(conversation texts, then the texts of each list of responses); JudgeInputError naming the bad entry."""
+    lists = {"prompts": prompts, **responses}
+    if len({len(values) for values in lists.values()}) > 1:
+        counts = [f"{len(values)} {name}" for name, values in lists.items()]
+        raise JudgeInputError(f"{caller}(): got {', '.join(counts[:-1])} and {counts[-1]}; pass one of each per "
+                              f"{'pair' if len(responses) > 1 else 'response'}")
+    texts = [[_text_of(value, f"{name}[{i}]") for i, value in enumerate(values)] for name, values in lists.items()]
+    return [P.conversation_text(p) for p in prompts], *texts[1:]
 
 def _text_of(value, where: str) -> str:
     if not is_text(value):
@@ -411,8 +501,8 @@ def _text_of(value, where: str) -> str:
                               f"{shown(value)}")
     text = response_text(value).strip()
     if not text:
-        raise JudgeInputError(f"{where} is empty; the judge compares two non-empty responses to a "
-                              "non-empty prompt: drop the pair or give it text")
+        raise JudgeInputError(f"{where} is empty; the judge reads non-empty responses to a non-empty prompt: "
+                              "drop the pair (or response) or give it text")
     return text
 
 
@@ -421,3 +511,9 @@ def _empty_result() -> JudgeResult:
 
     empty = torch.empty(0, 0)
     return JudgeResult(torch.empty(0), empty, empty, empty, torch.empty(0, 0, 2), [])
+
+
+def _empty_rating() -> RatingResult:
+    import torch
+
+    return RatingResult(torch.empty(0), torch.empty(0, 0), torch.empty(0, 0, len(SCORES)), torch.empty(0, 0), [])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ..config import option
 
 AGGREGATES = ("prob", "logodds")  # as cai_fast.ops.swapped_pair_scores takes them
+# A direct score (d-RLAIF) is one of 1..9, each a single digit: no "10", whose first token "1" would also read as 1
+SCORES = tuple(range(1, 10))
 
 
 @dataclass

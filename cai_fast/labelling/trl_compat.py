@@ -6,7 +6,8 @@ the index (0 or 1) of the preferred completion of its pair, or -1 where the judg
 `BasePairwiseJudge`, and `ConstitutionalJudge` (cai_fast.labelling.judge) implements them. trl ≥ 1.1 takes judges
 as reward functions (`reward_funcs=` of GRPOTrainer, RLOOTrainer, OnlineDPOTrainer): `JudgeReward(judge)` is one for
 any judge with `score(prompts, responses_a, responses_b) -> result with .label`, a completion's reward being its mean
-P(win) over its prompt's group, or P(completion ≻ reference) with `reference_column=` (in full: `JudgeReward`).
+P(win) over its prompt's group, or P(completion ≻ reference) with `reference_column=`, or with `mode="score"` its
+direct score (d-RLAIF: `judge.rate(prompts, responses) -> result with .score`, 1..9) (in full: `JudgeReward`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import json
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from typing import Sequence
+
+from .judge_config import SCORES
+
+MODES = ("pairwise", "score")  # JudgeReward's
 
 
 class BaseJudge(ABC):
@@ -70,6 +75,10 @@ class JudgeReward:
       groups are judged (each process must call it, as trl's trainers do).
     - `reference_column="name"`: each completion is judged against the reference response in that
       dataset column; its reward is P(completion ≻ reference).
+    - `mode="score"` (d-RLAIF): each completion on its own, its reward its direct score, the expected
+      score from 1 to 9 of the judge's digit probabilities averaged over principles (`judge.rate`).
+      No pairs, so no gathering across processes; an empty completion gets the lowest score, 1.
+      Logs `<name>/spread` (mean best − worst score within a prompt's group, where it has several).
 
     An empty completion cannot be judged: it loses to a non-empty one (P(win) = 0). Identical
     completions (two empty ones included) tie (0.5) without asking the judge.
@@ -81,12 +90,20 @@ class JudgeReward:
     `<name>/win_rate` (mean P(completion ≻ reference)), which rises as the policy improves.
     """
 
-    def __init__(self, judge, *, reference_column: str | None = None, name: str = "constitutional_judge"):
-        self.judge, self.reference_column = judge, reference_column
+    def __init__(self, judge, *, reference_column: str | None = None, mode: str = "pairwise",
+                 name: str = "constitutional_judge"):
+        if mode not in MODES:
+            raise ValueError(f"JudgeReward: unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if mode == "score" and reference_column is not None:
+            raise ValueError("JudgeReward: mode='score' rates each completion on its own, so it takes no "
+                             "reference_column; drop one of them")
+        self.judge, self.reference_column, self.mode = judge, reference_column, mode
         self.__name__ = name  # trl logs each reward function under its __name__
 
     def __call__(self, prompts: list, completions: list, log_metric=None, **kwargs) -> list[float | None]:
         log = log_metric or (lambda name, value: None)
+        if self.mode == "score":
+            return self._direct_scores(prompts, completions, log)
         if self.reference_column is None:
             return self._round_robin(prompts, completions, log)
         if self.reference_column not in kwargs:
@@ -97,6 +114,21 @@ class JudgeReward:
             )
         rewards = win_probabilities(self.judge, prompts, completions, kwargs[self.reference_column])
         log(f"{self.__name__}/win_rate", sum(rewards) / max(len(rewards), 1))
+        return rewards
+
+    def _direct_scores(self, prompts: list, completions: list, log) -> list[float]:
+        judged = [i for i, c in enumerate(completions) if response_text(c).strip()]
+        rewards = [float(SCORES[0])] * len(completions)
+        if judged:
+            scores = self.judge.rate([prompts[i] for i in judged], [completions[i] for i in judged]).score
+            for i, score in zip(judged, scores):
+                rewards[i] = float(score)
+        groups = defaultdict(list)
+        for prompt, reward in zip(prompts, rewards):
+            groups[json.dumps(prompt, sort_keys=True)].append(reward)
+        spreads = [max(g) - min(g) for g in groups.values() if len(g) > 1]
+        if spreads:
+            log(f"{self.__name__}/spread", sum(spreads) / len(spreads))
         return rewards
 
     def _round_robin(self, prompts: list, completions: list, log) -> list[float | None]:

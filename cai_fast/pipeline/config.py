@@ -4,8 +4,9 @@
 
 Config file: TOML (or JSON of the same shape). Top-level fields are PipelineConfig's; each stage has a section
 whose fields are its config dataclass's (SECTIONS: [sl_cai] [sft] [label] [judge] [reward] [ppo] [dpo] [eval]).
-The training stages' model, data, out, reward_model and ref_model are set by the pipeline, their device and dtype
-are the top-level ones. Every problem of the file is reported in one ConfigFileError naming the file and the field
+The training stages' model, data, out, reward_model and ref_model are set by the pipeline, as are PPO's
+reward_source, judge_model, constitution and judge_principles (from method, judge_model, constitution and
+[judge]); their device and dtype are the top-level ones. Every problem of the file is reported in one ConfigFileError naming the file and the field
 (config_from_dict). Relative paths are read from the current folder. Torch-free. `--config demo`: configs/demo.toml.
 """
 
@@ -29,10 +30,12 @@ from .gate import FALLBACKS
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 MEASURES = ("harmlessness", "helpfulness", "compliance", "capability")
-METHODS = ("ppo", "dpo")
+METHODS = ("ppo", "dpo", "d-rlaif")
+RL_STAGES = {"ppo": "ppo", "dpo": "dpo", "d-rlaif": "ppo"}  # the stage (and folder) that trains each method's policy
 SECTIONS = {"sl_cai": SLCAIConfig, "sft": SFTConfig, "label": LabelConfig, "judge": JudgeConfig,
             "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
-PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model", "device", "dtype")  # stage fields it sets
+PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model", "device", "dtype",  # stage fields it sets
+                "reward_source", "judge_model", "constitution", "judge_principles")
 LISTABLE = ("benchmarks", "principle_ids", "server_url")  # string fields a config file may give as a list of strings
 _PLACEHOLDER = "(set by the pipeline)"
 
@@ -61,7 +64,9 @@ class PipelineConfig:
                                 "where the hardware multiplies bf16 natively), float32, bfloat16, float16; training "
                                 "takes it as `cai-fast train --dtype` does (auto: frozen models as above, the trained "
                                 "one fp32; [sft] mixed_precision ... autocasts it)")
-    method: str = option("ppo", "ppo (reward model, then PPO) or dpo")
+    method: str = option("ppo", "ppo (reward model, then PPO), dpo, or d-rlaif (PPO on the judge's direct score: "
+                                "judge_model rates each rollout 1-9 under [judge] principles principles of the "
+                                "constitution; no labels, no reward model)")
     rounds: int = option(1, "rounds of the loop (1-4)")
     prompts: str = option("red_team", "training prompts: a file or a shipped set name")
     train_size: int = option(0, "training prompts used, after the evaluation prompts are held apart (0 = all)")
@@ -258,8 +263,9 @@ def _checked(cls, table: dict, source: str, prefix: str, problems: list) -> dict
             problems.append(ConfigFileError(f"{where}: unknown field; {cls.__name__} fields are: "
                                             f"{', '.join(k for k in known if not prefix or k not in PIPELINE_SET)}"))
         elif prefix and key in PIPELINE_SET:
-            problems.append(ConfigFileError(f"{where}: set by the pipeline (from the top-level model, device and "
-                                            "dtype and the previous stages); remove it"))
+            problems.append(ConfigFileError(f"{where}: set by the pipeline (from the top-level model, judge_model, "
+                                            "constitution, method, device and dtype, [judge] and the previous "
+                                            "stages); remove it"))
         else:
             try:
                 _check_type(value, known[key].default, key, where)

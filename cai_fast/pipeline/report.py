@@ -19,10 +19,12 @@ from ..evaluate.refusal import detector_scores, load_refusal_examples
 from ..plots import curves_png, grouped_bars_png
 from ..revisions import revisions_line
 from ..store import write_atomic
+from .config import RL_STAGES
 
 SPLITS = ("dev", "test", "model")  # of the refusal detector's labelled set
-CURVES = {"ppo": {"reward": "reward (mean reward-model score)", "kl": "KL to the SFT policy (per response)",
-                  "kl_k3": "KL to the SFT policy, k3 estimate (≥ 0)"},
+_KL = {"kl": "KL to the SFT policy (per response)", "kl_k3": "KL to the SFT policy, k3 estimate (≥ 0)"}
+CURVES = {"ppo": {"reward": "reward (mean reward-model score)", **_KL},  # by method
+          "d-rlaif": {"reward": "reward (mean direct score − 5)", **_KL},
           "dpo": {"reward_margin": "implicit reward margin (chosen − rejected)", "loss": "DPO loss"}}
 
 
@@ -132,7 +134,7 @@ def training_curves(root: Path, state: dict, method: str) -> dict:
     """{metric label: {"round R": (steps, values)}} of each round's PPO or DPO log that exists."""
     curves = {label: {} for label in CURVES[method].values()}
     for r in sorted(int(k) for k in state["rounds"] if int(k) > 0):
-        log = root / f"round-{r}" / method / "metrics.jsonl"
+        log = root / f"round-{r}" / RL_STAGES[method] / "metrics.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
         for name, label in CURVES[method].items():
             points = [(row["step"], row[name]) for row in rows if name in row]
@@ -156,11 +158,23 @@ def _headline(root: Path, state: dict, config: dict, rounds: list[int]) -> list[
         p = state["precision"]
         lines.append(f"- generation, judging and evaluation on `{p['device']}` in `{p['dtype']}` (device "
                      f"`{config.get('device', 'auto')}`, dtype `{config.get('dtype', 'auto')}` as configured)")
+    for r in sorted(int(k) for k in state["rounds"]):
+        reward = (_done(state, r, "ppo") or {}).get("reward")
+        lines += [f"- round {r}: PPO's reward was {_reward_source(reward)}"] if reward else []
     lines += [f"- **round {r}: {why}**" for r, why in _stages_that_did_not_do_their_job(state)]
     if state.get("finished"):
         stop = "stopped early (quality dropped)" if state.get("stopped_early") else "ran every round"
         lines.append(f"- **best round: {state['best_round']}** (policy `{state['best_policy']}`); the loop {stop}")
     return lines
+
+
+def _reward_source(reward: dict) -> str:
+    """What scored a PPO stage's rollouts, from its summary's `reward`."""
+    if reward["source"] == "model":
+        return f"the reward model `{reward['reward_model']}`"
+    return (f"the direct score (d-RLAIF) of judge `{reward['judge_model']}`: the expected score from 1 to 9 of its "
+            f"digit probabilities, averaged over {reward['principles']} principles of constitution "
+            f"`{reward['constitution']}`, {reward['offset']:+g} (no reward model)")
 
 
 def _stages_that_did_not_do_their_job(state: dict) -> list[tuple[int, str]]:

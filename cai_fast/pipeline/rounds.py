@@ -1,9 +1,10 @@
-"""The pipeline: rounds of SL-CAI → SFT → RLAIF labels → reward model → PPO (or DPO) → evaluation.
+"""The pipeline: rounds of SL-CAI → SFT → RLAIF labels → reward model → PPO (or DPO, or d-RLAIF) → evaluation.
 
     cai-fast pipeline --config FILE        run_pipeline(load_pipeline_config(FILE))
 
 Round r (1..R) starts from the policy of round r − 1 (round 0: `model`) and runs the stages sl_cai, sft, label,
-reward (method "ppo"), ppo or dpo, evaluate, depth (if set); each stage's seed is its configured seed + (r − 1). When a
+reward (method "ppo"), ppo or dpo, evaluate, depth (if set) — method "d-rlaif": sl_cai, sft, ppo on the judge's
+direct score, evaluate, depth; each stage's seed is its configured seed + (r − 1). When a
 round's quality falls below the previous round's by more than `tolerance`, no further round runs; the best round
 is the result. check_inputs(config, source) checks every model and file the config names before anything is
 written. Stages, the run folder (`out`) and resume: see `Pipeline`; early stop: see `iterate_rounds`.
@@ -28,7 +29,7 @@ from ..evaluate.run import (
 )
 from ..labelling.pairs import load_pairs
 from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
-from .config import ConfigFileError, PipelineConfig, config_dict
+from .config import RL_STAGES, ConfigFileError, PipelineConfig, config_dict
 from .gate import label_dtype_choice, reward_gate
 
 
@@ -154,7 +155,10 @@ class Pipeline:
                   (cai_fast.pipeline.gate; `reward_bar`); where it is not, `on_weak_reward` decides:
                   the SFT policy stays the round's policy (default), DPO, or PPO anyway
         ppo|dpo   PPO of the SFT policy against the reward model (KL to the SFT policy), or DPO
-                  on the labels (reference: the SFT policy)
+                  on the labels (reference: the SFT policy). Method "d-rlaif" has no label, reward
+                  or reward_gate stage: its ppo stage's reward is `judge_model`'s direct score of
+                  each rollout under the run's constitution ([judge] principles principles;
+                  cai_fast.train.ppo.judge_reward), and its summary says so (`reward`)
         evaluate_sft  the SFT policy against the starting model, where PPO or DPO ran after it
                   (`evaluate_sft`): the report shows what SFT moved and what RL moved on top
         evaluate  the round's policy against the starting model (cai_fast.evaluate)
@@ -223,8 +227,9 @@ class Pipeline:
         """Round r's policy: its PPO or DPO model, or its SFT model where the reward gate kept it."""
         if r == 0:
             return self.config.model
-        method = self.state.stage(r, "reward_gate").get("summary", {}).get("policy", self.config.method)
-        return self.sft_policy(r) if method == "sft" else str(self.root / f"round-{r}" / method)
+        stage = RL_STAGES[self.config.method]
+        stage = self.state.stage(r, "reward_gate").get("summary", {}).get("policy", stage)
+        return self.sft_policy(r) if stage == "sft" else str(self.root / f"round-{r}" / stage)
 
     def sft_policy(self, r: int) -> str:
         """Round r's SFT policy: its SFT model, or its starting policy where SL-CAI kept too few
@@ -258,8 +263,14 @@ class Pipeline:
         else:
             self.stage(r, "sft", lambda: self.train("sft", r, model=start, data=folder / "sl_cai", out=folder / "sft"))
         sft = self.sft_policy(r)
-        self.stage(r, "label", lambda: self.label(r, sft, folder / "label"))
         method = self.config.method
+        if method == "d-rlaif":
+            self.stage(r, "ppo", lambda: self.train(
+                "ppo", r, model=sft, reward_source="judge", judge_model=self.config.label_judge_model,
+                constitution=self.config.constitution, judge_principles=self.config.judge.principles,
+                reward_model="", data=self.root / "prompts" / "train.jsonl", out=folder / "ppo"))
+        else:
+            self.stage(r, "label", lambda: self.label(r, sft, folder / "label"))
         if method == "ppo":
             reward = self.stage(r, "reward", lambda: self.train("reward", r, model=sft, data=labels,
                                                                 out=folder / "reward"))
@@ -327,12 +338,13 @@ class Pipeline:
                             run_info={"model": start}, progress=self.progress)
         return result.summary
 
-    def train(self, stage: str, r: int, **paths) -> dict:
+    def train(self, stage: str, r: int, **fields) -> dict:
+        """Run training `stage` of round r with the stage's config and the `fields` the pipeline sets."""
         from ..train import STAGES
 
         base = getattr(self.config, stage)
         config = replace(base, seed=base.seed + r - 1, device=self.config.device, dtype=self.config.dtype,
-                         **{k: str(v) for k, v in paths.items()})
+                         **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
         return STAGES[stage].run(config, progress=self.progress).summary
 
     def label(self, r: int, sft: str, out: Path) -> dict:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..engine.device import dtype_name, resolve
 from ..data import load_prompts
+from ..data.constitution import load_constitution
 from ..engine.loading import (
     ModelLoadError, check_model_folder, load_model, model_sha256, require_peft, resolve_model_path,
 )
@@ -127,7 +128,7 @@ def placement(config: TrainConfig) -> Placement:
 def model_precisions(config: TrainConfig, stage: str) -> dict[str, dict[str, str]]:
     """{role: {"device", "dtype"}} of every model `stage` loads, as resolved here: what the run config
     and the summary record. Roles: policy (or reward_model, trained, in stage "reward"), reference
-    (dpo, ppo; a LoRA policy's is the policy with its adapters off), reward_model (ppo, frozen)."""
+    (dpo, ppo; a LoRA policy's is the policy with its adapters off), reward_model or judge (ppo, frozen)."""
     where = placement(config)
 
     def names(dtype: torch.dtype) -> dict[str, str]:
@@ -137,7 +138,7 @@ def model_precisions(config: TrainConfig, stage: str) -> dict[str, dict[str, str
     if stage in ("dpo", "ppo"):
         models["reference"] = names(where.trained if config.lora_r and not config.ref_model else where.frozen)
     if stage == "ppo":
-        models["reward_model"] = names(where.frozen)
+        models["judge" if config.reward_source == "judge" else "reward_model"] = names(where.frozen)
     return models
 
 
@@ -561,13 +562,15 @@ def check_reward_model(path: Path) -> None:
 
 def check_inputs(config: TrainConfig) -> None:
     """Fail before the run folder is written: every model loads safely, the data is there."""
-    for name in (config.model, getattr(config, "ref_model", "")):
+    for name in (config.model, getattr(config, "ref_model", ""), getattr(config, "judge_model", "")):
         if name:
             resolve_model_path(name)
     if getattr(config, "reward_model", ""):
         check_reward_model(Path(config.reward_model))
     if isinstance(config, PPOConfig):
         load_prompts(config.data)
+        if config.reward_source == "judge":
+            load_constitution(config.constitution)
     else:
         check_data_path(config.data)
 
@@ -583,8 +586,8 @@ def start_run(config: TrainConfig, stage: str) -> TrainResult | None:
     sharding(config)  # an FSDP1 accelerate config, say, fails before the folder is written
     check_inputs(config)
     started = (out / RESULT_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
-    digests = {f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "ref_model", "reward_model")
-              if getattr(config, k, "")}  # by content: the same model by another path resumes
+    digests = {f"{k}_sha256": model_sha256(getattr(config, k))  # by content: the same model by another path resumes
+               for k in ("model", "ref_model", "reward_model", "judge_model") if getattr(config, k, "")}
     RunStore(out / "checkpoints", {**asdict(config), **digests, "stage": stage, "models": models}, started=started,
              lock=process_state().is_main_process)
     torch.manual_seed(config.seed)

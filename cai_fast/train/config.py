@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..config import DEFAULT_MODEL, check_finite, option
 
 # transformers.get_scheduler's schedules that need no extra arguments
+REWARDS = ("model", "judge")  # what scores PPO's responses
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 
@@ -127,7 +128,15 @@ class PPOConfig(TrainConfig):
     data: str = option("red_team", "prompts: a file (text, JSONL, CSV, ...) or a shipped set name")
     out: str = option("runs/ppo", "output folder (checkpoints, metrics, the trained policy)")
     lr: float = option(1e-6, "peak learning rate (AdamW); about 1e-5 suits LoRA")
-    reward_model: str = option("", "reward model folder (from `cai-fast train reward`)")
+    reward_source: str = option("model", "what scores the responses: model (the reward model at --reward-model) "
+                                         "or judge (d-RLAIF: --judge-model's direct score, 1-9 from its digit "
+                                         "probabilities, averaged over --judge-principles principles of "
+                                         "--constitution, minus the midpoint 5)")
+    reward_model: str = option("", "reward model folder (from `cai-fast train reward`), with --reward-source model")
+    judge_model: str = option("", "with --reward-source judge: the model that scores (default: --model)")
+    constitution: str = option("default", "with --reward-source judge: the constitution it scores by (name or "
+                                          "TOML path)")
+    judge_principles: int = option(4, "with --reward-source judge: principles drawn per response (by weight)")
     ref_model: str = option("", "frozen KL reference policy (default: --model, the SFT policy)")
     minibatches: int = option(1, "optimizer steps per PPO epoch; prompts per step = batch_size x "
                                  "grad_accum x minibatches x processes")
@@ -145,9 +154,14 @@ class PPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.reward_model:
-            raise ValueError("no reward model: pass --reward-model with a folder from `cai-fast train reward`")
-        for name in ("minibatches", "ppo_epochs", "max_new_tokens", "generation_batch"):
+        if self.reward_source not in REWARDS:
+            raise ValueError(f"reward_source must be one of {', '.join(REWARDS)}, got {self.reward_source!r}")
+        if self.reward_source == "model" and not self.reward_model:
+            raise ValueError("no reward model: pass --reward-model with a folder from `cai-fast train reward`, "
+                             "or --reward-source judge for the judge's direct score")
+        if self.reward_source == "judge" and self.reward_model:
+            raise ValueError("--reward-source judge scores with the judge, not a reward model: drop --reward-model")
+        for name in ("minibatches", "ppo_epochs", "max_new_tokens", "generation_batch", "judge_principles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0 or not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:

@@ -1,10 +1,11 @@
-"""PPO against a reward model (RL-CAI): small, and every step on the page.
+"""PPO against a reward model (RL-CAI) or the judge's direct score (d-RLAIF): small, and every step on the page.
 
     train_ppo(PPOConfig(model=SFT policy, reward_model=..., data=prompts, out=...)) -> TrainResult
+    train_ppo(PPOConfig(model=SFT policy, reward_source="judge", judge_model=..., constitution=..., ...)) -> TrainResult
 
 One step (in full: `PPOTrainer`): rollouts, one response per prompt sampled from the current policy
-(`make_generator`); scoring without gradients (the reward model's score; log π_old, V and log π_ref per response
-token); rewards −kl_coef·k1 per token plus the score on the last token, GAE advantages and returns; then
+(`make_generator`); scoring without gradients (the reward model's score, or the judge's direct score; log π_old,
+V and log π_ref per response token); rewards −kl_coef·k1 per token plus the score on the last token, GAE advantages and returns; then
 `ppo_epochs` passes of the clipped policy and value losses over `minibatches` minibatches. The value function is
 a Linear(H, 1) head on the policy's own final hidden states. Metrics are logged per step to OUT/metrics.jsonl.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..data import load_prompts
 from ..engine import LoadedModel, SamplingParams, make_generator
+from ..engine.device import dtype_name
 from ..data.prompts import render, user
 from ..seeding import stable_seed
 from .common import (
@@ -30,6 +32,8 @@ from .config import PPOConfig
 from .data import TokenBatch, TokenizedChat
 from .distributed import full_state_dict, process_state
 from .reward import load_reward_model
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
 # The pieces, on plain tensors -------------------------------------------------------------------
@@ -44,6 +48,28 @@ def per_token_kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     Never negative (x − 1 ≥ log x), with the same expectation as k1 under tokens drawn from π."""
     log_ratio = ref_logp - logp
     return torch.expm1(log_ratio) - log_ratio
+
+
+def judge_reward(config: PPOConfig, device: str, dtype: str) -> tuple[RewardFn, dict]:
+    """(scorer, its description) of d-RLAIF: `judge_model`'s direct score of each response
+    (JudgeReward(mode="score"): 1..9, averaged over `judge_principles` principles of `constitution`)
+    minus the scale's midpoint, so a neither-good-nor-bad response scores 0 as a reward model's would
+    and the value head does not start 5 away from its returns; the judge on the stage's device, in
+    its frozen dtype, on the cached engine."""
+    from ..engine import open_generator
+    from ..labelling.judge import ConstitutionalJudge
+    from ..labelling.judge_config import SCORES, JudgeConfig
+    from ..labelling.trl_compat import JudgeReward
+
+    model = config.judge_model or config.model
+    judge_config = JudgeConfig(principles=config.judge_principles, batch_size=config.generation_batch,
+                               seed=config.seed)
+    judge = ConstitutionalJudge(open_generator(model, batch_size=config.generation_batch, device=device, dtype=dtype),
+                                config.constitution, judge_config)
+    score, midpoint = JudgeReward(judge, mode="score"), (SCORES[0] + SCORES[-1]) / 2
+    about = {"source": "judge", "judge_model": model, "constitution": judge.constitution.name,
+             "principles": config.judge_principles, "offset": -midpoint, "read": judge.score_layout.describe()}
+    return (lambda prompts, responses: [s - midpoint for s in score(prompts, responses)]), about
 
 
 def token_rewards(score: float, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -111,7 +137,7 @@ class Rollout:
 
 
 class PPOTrainer:
-    """Holds the policy (+ value head), the reference, the reward model and the prompts.
+    """Holds the policy (+ value head), the reference, the reward (model or judge) and the prompts.
 
     One step:
      1. Rollouts. Each process takes its share of the step's prompts (`shard_for_process`) and samples
@@ -119,11 +145,12 @@ class PPOTrainer:
         by default; a LoRA policy runs as its base model, whose modules carry the adapters), at
         `temperature`, top-p 1. A response that ended itself keeps its end-of-turn token (the
         tokenizer's eos), so stopping is an action that gets credit too.
-     2. Scoring, without gradients. The reward model scores (prompt, response text). The policy, its
+     2. Scoring, without gradients. The reward model scores (prompt, response text), or with
+        reward_source="judge" the judge's direct score does (`judge_reward`). The policy, its
         value head and the frozen reference give, per response token t, log π_old(y_t), V(s_t) and
         log π_ref(y_t) — log-probs from `linear_logprobs` at the sampling temperature.
      3. Rewards: r_t = −kl_coef·k1_t with k1_t = log π_old(y_t) − log π_ref(y_t) (the per-token KL
-        estimator), plus the reward model's score on the last token. GAE(γ, λ) gives advantages A_t
+        estimator), plus the score on the last token. GAE(γ, λ) gives advantages A_t
         (whitened over the process's tokens) and returns R_t = A_t + V_t.
      4. `ppo_epochs` passes over the rollouts in `minibatches` shuffled minibatches, one optimizer
         step each (accumulated over `grad_accum` micro-batches of `batch_size`), minimising per token
@@ -132,8 +159,8 @@ class PPOTrainer:
         averaged over the minibatch's tokens.
     The value loss also trains the shared backbone, as in trl's original PPO.
 
-    Logged per step to OUT/metrics.jsonl: reward (mean reward-model score), kl (mean Σ_t k1_t per
-    response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t
+    Logged per step to OUT/metrics.jsonl: reward (mean score: the reward model's, or the direct
+    score − 5), kl (mean Σ_t k1_t per response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t
     k3_t per response, k3_t = (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t) / π_old(y_t): unbiased too,
     and never negative, so its curve reads as a distance), non_score_reward, entropy, clipfrac,
     value_loss, pg_loss, approx_kl, ratio, response_length, grad_norm, lr. `entropy` is the
@@ -155,8 +182,12 @@ class PPOTrainer:
         self.reference = self.run.frozen(load_reference(config, self.run.module, self.run.device))
         if self.rollout_lm is not None:
             self.rollout_lm.to(self.run.device)
-        self.scorer = load_reward_model(config.reward_model, device=str(self.run.device),
-                                        dtype=placement(config).frozen)
+        frozen = placement(config).frozen
+        if config.reward_source == "judge":
+            self.scorer, self.reward_about = judge_reward(config, str(self.run.device), dtype_name(frozen))
+        else:
+            self.scorer = load_reward_model(config.reward_model, device=str(self.run.device), dtype=frozen)
+            self.reward_about = {"source": "model", "reward_model": config.reward_model}
 
     def _load_prompts(self) -> list[tuple[str, list[int]]]:
         """(text, rendered ids) of the prompts that leave room for a full response within max_length."""
@@ -281,7 +312,8 @@ class PPOTrainer:
 
     def train(self) -> TrainResult:
         self.run.run(self.step, "PPO")
-        return self.run.finish(self.policy.lm, self.tokenizer, {"prompts": len(self.prompts)})
+        return self.run.finish(self.policy.lm, self.tokenizer, {"prompts": len(self.prompts),
+                                                                "reward": self.reward_about})
 
 
 def train_ppo(config: PPOConfig, *, progress: bool = True) -> TrainResult:

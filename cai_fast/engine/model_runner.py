@@ -73,6 +73,15 @@ def layer_windows(config) -> list[int | None]:
 CAN_PREPACK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def can_prepack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks and runs a linear in `dtype` on this CPU: bf16 needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, fp16 AVX512-FP16 or AVX-NE-CONVERT; on an AVX2-only CPU (some AMD EPYC) oneDNN refuses both."""
+    if not CAN_PREPACK or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    mkldnn = torch.ops.mkldnn
+    return mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported()
+
+
 LINEAR_KINDS = ("auto", "onednn")
 
 
@@ -80,7 +89,8 @@ class FusedLinear:
     """`torch.cat([m(x) for m in modules], -1)` of nn.Linear modules, as one matmul.
 
     The weights are concatenated once (a copy). On a CPU in bf16/fp16 the weight is prepacked into
-    oneDNN's blocked layout and applied with oneDNN's linear, as inductor's freezing does. With
+    oneDNN's blocked layout and applied with oneDNN's linear, as inductor's freezing does, where
+    oneDNN runs that dtype (`can_prepack`). With
     kind "auto", in bf16 on a CPU with AMX tiles (`amx.takes`), it is also packed for cai_fast's
     AMX linear, which computes calls of up to `amx.MAX_ROWS` rows (a decode step; oneDNN keeps the
     prefill's many rows): a second copy of the weight. prepacked=False (and fp32): `invariant_linear`.
@@ -93,7 +103,7 @@ class FusedLinear:
             [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, modules)])
         self.sizes = [m.out_features for m in modules]
         self.amx = amx.pack(weight) if prepack and kind == "auto" and amx.takes(weight) else None
-        self.prepacked = prepack and CAN_PREPACK and weight.is_cpu and weight.dtype in (torch.bfloat16, torch.float16)
+        self.prepacked = prepack and weight.is_cpu and can_prepack(weight.dtype)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.prepacked else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

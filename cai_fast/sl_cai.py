@@ -42,6 +42,7 @@ from .sl_cai_config import FEEDBACK_ROLES, SLCAIConfig, without_unset_roles
 from .store import RunStore, resume_batches, write_jsonl
 
 RECORDS = "records"
+KEYWORDS = dict(zip(FEEDBACK_ROLES, ("critic", "reviser")))  # run_sl_cai's keyword for each role's generator
 
 
 @dataclass
@@ -71,9 +72,9 @@ def writers_of(generator: Generator, config: SLCAIConfig, policy_name: str = "po
     """The Writers of a run: the policy's generator for a role whose options (config.critique_*, revision_*)
     are empty, else the one given; ValueError where the config and the generators given disagree."""
     given = {"critique": critic, "revision": reviser}
-    for role, argument in (("critique", "critic"), ("revision", "reviser")):
+    for role, keyword in KEYWORDS.items():
         if bool(config.role_options(role)) != (given[role] is not None):
-            raise ValueError(f"{argument}= and config.{role}_model/{role}_engine/{role}_server_url go together: give "
+            raise ValueError(f"{keyword}= and config.{role}_model/{role}_engine/{role}_server_url go together: give "
                              f"both (feedback_generators opens it from the config) or neither (the policy writes it)")
     names = {"initial": policy_name, **{role: getattr(config, f"{role}_model") or policy_name for role in given}}
     return Writers(names, {"initial": generator, **{role: g or generator for role, g in given.items()}})
@@ -87,7 +88,7 @@ def feedback_generators(policy: Generator, policy_options: dict, config: SLCAICo
     itself where they are the policy's."""
     opened = {json.dumps(policy_options, sort_keys=True): policy}
     out = {}
-    for role, keyword in zip(FEEDBACK_ROLES, ("critic", "reviser")):
+    for role, keyword in KEYWORDS.items():
         own = config.role_options(role)
         options = {**policy_options, **own}
         key = json.dumps(options, sort_keys=True)

@@ -239,3 +239,33 @@ def test_a_critic_behind_a_chat_api_beside_an_in_process_policy(tiny_model_path,
         alone(critic_loaded, b["messages"], b["max_completion_tokens"]) for b in critiques)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["critique_engine"] == "openai" and "critique_model_sha256" not in saved
+
+
+def test_the_pipeline_gives_each_rounds_sl_cai_the_same_critic_and_checks_it(tiny_model_path, critic_path, tmp_path):
+    from dataclasses import replace
+
+    from cai_fast.pipeline.config import ConfigFileError, config_from_dict
+    from cai_fast.pipeline.rounds import Pipeline, check_inputs
+
+    sl_cai = {k: v for k, v in SHORT.items() if k != "temperature"}
+    data = {"out": str(tmp_path / "run"), "model": str(tiny_model_path), "train_size": 3,
+            "sl_cai": {**sl_cai, "rounds": 1, "critique_model": str(critic_path)}}
+    config = config_from_dict(data, "inline.toml")
+    check_inputs(config, "inline.toml")
+    pipeline = Pipeline(config, progress=False)
+    pipeline.state.update(finished=False)  # started
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["sl_cai.critique_model"] == str(critic_path) and "critique_model" not in saved["sl_cai"]
+    assert "revision_model" not in saved["sl_cai"]  # unset role options are left out
+    for r in (1, 2):  # a round's policy changes, its critic does not
+        summary = pipeline.sl_cai(r, str(tiny_model_path), tmp_path / f"sl-{r}")
+        assert {role: m["model"] for role, m in summary["models"].items()} == {
+            "initial": str(tiny_model_path), "critique": str(critic_path), "revision": str(tiny_model_path)}
+        assert "critique_model_sha256" in json.loads((tmp_path / f"sl-{r}" / "config.json").read_text())
+
+    another = replace(config, sl_cai=replace(config.sl_cai, critique_model=str(tiny_model_path)))
+    with pytest.raises(RunConfigError, match="sl_cai.critique_model_sha256"):
+        Pipeline(another, progress=False)
+    missing = replace(config, sl_cai=replace(config.sl_cai, critique_model=str(tmp_path / "no-critic")))
+    with pytest.raises(ConfigFileError, match=r"inline.toml: field 'sl_cai': critique_model: model '.*no-critic'"):
+        check_inputs(missing, "inline.toml")

@@ -133,8 +133,9 @@ def cmd_sl_cai(args: argparse.Namespace) -> None:
     constitution = load_constitution(args.constitution)
     prompts = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
     print(prompts.report.summary(), flush=True)
-    info = {**run_options(args), **feedback_digests(config, args.engine), "limit": args.limit}  # before any load
+    digests = feedback_digests(config, args.engine)  # a critic or reviser that is not there: before any load
     generator = load_generator(args, config.batch_size)
+    info = {**run_options(args), **digests, "limit": args.limit}
     policy = {"model": args.model, "engine": args.engine, "server_url": args.server_url}
     feedback = feedback_generators(generator, policy, config, lambda given: load_generator(args, config.batch_size,
                                                                                            **given))

@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import json
 import os
 import signal
 import sys
@@ -69,11 +70,12 @@ def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> Non
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def load_generator(args: argparse.Namespace, batch_size: int):
-    """The generator of the command's ModelOptions (--model, --engine, --server-url, --device)."""
+def load_generator(args: argparse.Namespace, batch_size: int, **given):
+    """The generator of the command's ModelOptions (--model, --engine, --server-url, --device), with the
+    options in `given` (model, engine, server_url: a role's own) over them."""
     from .engine import open_generator
 
-    options = dataclass_from_args(ModelOptions, args)
+    options = dataclasses.replace(dataclass_from_args(ModelOptions, args), **given)
     return open_generator(options.model, engine=options.engine, batch_size=batch_size, server_url=options.server_url,
                           device=options.device, dtype=options.dtype, block_size=options.kv_block_size,
                           api_key_env=options.api_key_env)
@@ -127,15 +129,19 @@ def make_parser() -> argparse.ArgumentParser:
 def cmd_sl_cai(args: argparse.Namespace) -> None:
     from .data.constitution import load_constitution
     from .data import load_prompts
-    from .sl_cai import run_sl_cai
+    from .sl_cai import feedback_digests, feedback_generators, run_sl_cai
 
     config = dataclass_from_args(SLCAIConfig, args)
     constitution = load_constitution(args.constitution)
     prompts = load_prompts(args.prompts, fmt=args.prompt_format, column=args.prompt_column, limit=args.limit)
     print(prompts.report.summary(), flush=True)
+    digests = feedback_digests(config, args.engine)  # a critic or reviser that is not there: before any load
     generator = load_generator(args, config.batch_size)
-    info = {**run_options(args), "limit": args.limit}
-    result = run_sl_cai(generator, constitution, prompts, config, out_dir=args.out,
+    info = {**run_options(args), **digests, "limit": args.limit}
+    policy = {"model": args.model, "engine": args.engine, "server_url": args.server_url}
+    feedback = feedback_generators(generator, policy, config, lambda given: load_generator(args, config.batch_size,
+                                                                                           **given))
+    result = run_sl_cai(generator, constitution, prompts, config, **feedback, out_dir=args.out,
                         run_info=info, progress=not args.quiet)
     print_summary(result.summary, args.out)
 
@@ -146,6 +152,9 @@ def print_summary(summary: dict, out: str) -> None:
           f"round(s), {s['generated_tokens']} tokens generated in {s['seconds']} s; "
           f"{s['preference_pairs']} preference pairs ({s['unchanged']} unchanged answers left out).")
     print(f"SL-CAI {revisions_line(s)}.")
+    if len({json.dumps(m, sort_keys=True) for m in s["models"].values()}) > 1:  # a critic or reviser of its own
+        print("Written by: " + "; ".join(f"{role} {m['model']} ({m['engine']['generator']})"
+                                         for role, m in s["models"].items()) + ".")
     if "api_usage" in s:
         from .labelling.report import usage_text
 

@@ -10,15 +10,22 @@ in trl's JSONL formats; a pair whose final revision equals the initial answer is
 With `filter` (the default) both keep only records whose final revision is a reply to the user
 (cai_fast.revisions); the summary's `revisions` counts each verdict, with examples, and `too_few` says
 when fewer than `min_kept` remain.
+
+Who writes what: the policy the initial answers; the critiques and the revisions the policy too, or a
+critic and a reviser of their own (config.critique_model, ..., whose generators `feedback_generators`
+opens). Each model gets the same growing chat as messages, rendered with its own chat template, so each
+keeps the prefix sharing in its own cache; roles written by one model share one generator. Every record
+names the model of each role (`models`), the summary each role's model and engine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .data import prompts as P
 from .data.constitution import Constitution
@@ -26,13 +33,16 @@ from .data import Prompt
 from .engine import Generator, SamplingParams
 from .engine.base import complete_chats, engine_record
 from .engine.chat_api import api_usage
+from .engine.loading import ModelLoadError, model_sha256
 from .labelling.pairs import same_response
 from .revisions import revision_quality, revision_verdict
 from .seeding import stable_seed
-from .sl_cai_config import SLCAIConfig
+from .config import CHAT_API
+from .sl_cai_config import FEEDBACK_ROLES, SLCAIConfig, without_unset_roles
 from .store import RunStore, resume_batches, write_jsonl
 
 RECORDS = "records"
+KEYWORDS = dict(zip(FEEDBACK_ROLES, ("critic", "reviser")))  # run_sl_cai's keyword for each role's generator
 
 
 @dataclass
@@ -44,28 +54,90 @@ class SLCAIResult:
     summary: dict
 
 
+@dataclass(frozen=True)
+class Writers:
+    """Who writes each role of the trace ("initial", "critique", "revision"): its model's name and its
+    generator (one object for the roles one model writes)."""
+
+    names: dict[str, str]
+    generators: dict[str, Generator]
+
+    @property
+    def distinct(self) -> list[Generator]:
+        return list({id(g): g for g in self.generators.values()}.values())
+
+
+def writers_of(generator: Generator, config: SLCAIConfig, policy_name: str = "policy", *,
+               critic: Generator | None = None, reviser: Generator | None = None) -> Writers:
+    """The Writers of a run: the policy's generator for a role whose options (config.critique_*, revision_*)
+    are empty, else the one given; ValueError where the config and the generators given disagree."""
+    given = {"critique": critic, "revision": reviser}
+    for role, keyword in KEYWORDS.items():
+        if bool(config.role_options(role)) != (given[role] is not None):
+            raise ValueError(f"{keyword}= and config.{role}_model/{role}_engine/{role}_server_url go together: give "
+                             f"both (feedback_generators opens it from the config) or neither (the policy writes it)")
+    names = {"initial": policy_name, **{role: getattr(config, f"{role}_model") or policy_name for role in given}}
+    return Writers(names, {"initial": generator, **{role: g or generator for role, g in given.items()}})
+
+
+def feedback_generators(policy: Generator, policy_options: dict, config: SLCAIConfig,
+                        open_model: Callable[[dict], Generator]) -> dict[str, Generator | None]:
+    """{"critic": ..., "reviser": ...}, run_sl_cai's keywords: None for a role the policy writes (no option of its
+    own); else open_model({"model", "engine", "server_url"}: the policy's `policy_options` with the role's own
+    over them), once per distinct set (a critic that also revises is opened once), the policy's generator
+    itself where they are the policy's."""
+    opened = {json.dumps(policy_options, sort_keys=True): policy}
+    out = {}
+    for role, keyword in KEYWORDS.items():
+        own = config.role_options(role)
+        options = {**policy_options, **own}
+        key = json.dumps(options, sort_keys=True)
+        if own and key not in opened:
+            opened[key] = open_model(options)
+        out[keyword] = opened[key] if own else None
+    return out
+
+
+def feedback_digests(config: SLCAIConfig, policy_engine: str) -> dict[str, str]:
+    """{"critique_model_sha256": ..., "revision_model_sha256": ...} of the roles with a model of their own that
+    is a model here (not a chat API's name), so that run configs compare them by content; a model that is not
+    there is a one-line ModelLoadError naming the option."""
+    digests = {}
+    for role in FEEDBACK_ROLES:
+        own = config.role_options(role)
+        if "model" in own and own.get("engine", policy_engine) != CHAT_API:
+            try:
+                digests[f"{role}_model_sha256"] = model_sha256(own["model"])
+            except ModelLoadError as err:
+                raise ModelLoadError(f"{role}_model: {err}") from None
+    return digests
+
+
 def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[Prompt],
-              config: SLCAIConfig) -> list[dict]:
-    """The whole SL-CAI trace of a batch of prompts: initial answers, then K rounds."""
+              config: SLCAIConfig, writers: Writers | None = None) -> list[dict]:
+    """The whole SL-CAI trace of a batch of prompts: initial answers, then K rounds (each role written by
+    `writers`' generator for it; default: `generator`)."""
+    writers = writers or writers_of(generator, config)
     prefix = P.few_shot_messages(constitution, config.few_shot)
     chats = [prefix + [P.user(p.text)] for p in batch]
     batch_seed = stable_seed(config.seed, batch[0].id)
 
-    def step(name: str, max_tokens: int, asked=None) -> list:
-        """Generate each chat's next turn (from `asked`, the chats to generate from, where given)."""
+    def step(role: str, name: str, max_tokens: int, asked=None) -> list:
+        """Generate each chat's next turn with `role`'s generator (from `asked`, the chats to generate
+        from, where given)."""
         params = SamplingParams(max_tokens, config.temperature, config.top_p, stable_seed(batch_seed, name))
-        out = complete_chats(generator, asked or chats, params)
+        out = complete_chats(writers.generators[role], asked or chats, params)
         for chat, completion in zip(chats, out):
             chat.append(P.assistant(completion.text))
         return out
 
     principles = [constitution.sample(p.id, config.rounds, seed=config.seed) for p in batch]
-    initial = [c.text for c in step("initial", config.answer_tokens)]
+    initial = [c.text for c in step("initial", "initial", config.answer_tokens)]
     rounds = [[] for _ in batch]
     for k in range(config.rounds):
         for chat, chosen in zip(chats, principles):
             chat.append(P.critique_turn(chosen[k]))
-        critiques = step(f"critique{k}", config.critique_tokens)
+        critiques = step("critique", f"critique{k}", config.critique_tokens)
         answers = initial if k == 0 else [trace[-1]["revision"] for trace in rounds]
         fresh = None if config.revision_turn == "chat" else [
             P.fresh_few_shot_messages(constitution, config.few_shot)
@@ -73,37 +145,44 @@ def run_batch(generator: Generator, constitution: Constitution, batch: Sequence[
             for p, a, c, chosen in zip(batch, answers, critiques, principles)]
         for chat, chosen in zip(chats, principles):
             chat.append(P.revision_turn(chosen[k]))
-        revisions = step(f"revision{k}", config.revision_tokens, fresh)
+        revisions = step("revision", f"revision{k}", config.revision_tokens, fresh)
         for trace, chosen, c, r in zip(rounds, principles, critiques, revisions):
             trace.append({"principle_id": chosen[k].id, "critique": c.text, "revision": r.text,
                           "finished": r.finish_reason == "stop"})
-    return [_record(p, y0, trace) for p, y0, trace in zip(batch, initial, rounds)]
+    return [_record(p, y0, trace, writers.names) for p, y0, trace in zip(batch, initial, rounds)]
 
 
-def _record(prompt: Prompt, initial: str, rounds: list[dict]) -> dict:
+def _record(prompt: Prompt, initial: str, rounds: list[dict], models: dict[str, str]) -> dict:
     return {
         "prompt_id": prompt.id, "prompt": prompt.text, "source": prompt.source,
         "initial": initial, "rounds": rounds, "final": rounds[-1]["revision"],
-        "principle_ids": [r["principle_id"] for r in rounds],
+        "principle_ids": [r["principle_id"] for r in rounds], "models": dict(models),
     }
 
 
 def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequence[Prompt],
-               config: SLCAIConfig = SLCAIConfig(), *, out_dir: str | Path | None = None,
+               config: SLCAIConfig = SLCAIConfig(), *, critic: Generator | None = None,
+               reviser: Generator | None = None, out_dir: str | Path | None = None,
                run_info: dict | None = None, progress: bool = True) -> SLCAIResult:
-    """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store)."""
-    start, before = time.perf_counter(), replace(generator.stats)
+    """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store). `generator` is the policy's
+    (named by run_info's "model" in records and the summary, else "policy"); `critic` and `reviser` write the
+    critiques and the revisions where config.critique_* / revision_* name a model of their own (see
+    feedback_generators), else the policy does."""
+    writers = writers_of(generator, config, (run_info or {}).get("model", "policy"), critic=critic, reviser=reviser)
+    start, before = time.perf_counter(), [(g, replace(g.stats)) for g in writers.distinct]
     store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
     try:
         records, resumed = resume_batches(store, RECORDS, prompts,
-                                          lambda batch: run_batch(generator, constitution, batch, config),
+                                          lambda batch: run_batch(generator, constitution, batch, config, writers),
                                           batch_size=config.batch_size, desc="SL-CAI", progress=progress)
     finally:  # a failed or interrupted run's API usage is recorded too
-        usage = api_usage(generator, before, store)
+        usage = api_usage(before, store)
     result = _result(records, prompts, config)
     result.summary.update(
         prompts=len(prompts), resumed=resumed, rounds=config.rounds, engine=engine_record(generator),
-        generated_tokens=generator.stats.generated_tokens - before.generated_tokens,
+        models={role: {"model": writers.names[role], "engine": engine_record(g)}
+                for role, g in writers.generators.items()},
+        generated_tokens=sum(g.stats.generated_tokens - b.generated_tokens for g, b in before),
         seconds=round(time.perf_counter() - start, 1), **usage,
     )
     if store:
@@ -114,7 +193,7 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
 def _run_config(config: SLCAIConfig, constitution: Constitution, prompts: Sequence[Prompt],
                 run_info: dict | None) -> dict:
     ids = hashlib.sha256("".join(p.id for p in prompts).encode()).hexdigest()
-    return {**asdict(config), **(run_info or {}), "stage": "sl-cai",
+    return {**without_unset_roles(asdict(config)), **(run_info or {}), "stage": "sl-cai",
             "constitution": constitution.name, "constitution_sha256": constitution.fingerprint(),
             "prompts_sha256": ids, "num_prompts": len(prompts)}
 

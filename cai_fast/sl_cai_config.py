@@ -1,13 +1,26 @@
 """SLCAIConfig: the options of an SL-CAI run (cai_fast.sl_cai; `cai-fast sl-cai`, [sl_cai] of a
-pipeline config). Torch-free: imports cai_fast.config only."""
+pipeline config). Torch-free: imports cai_fast.config only.
+
+The critiques and the revisions are written by the policy unless `critique_*` / `revision_*` name a model,
+engine or server of their own (FEEDBACK_ROLES, role_options): an empty field is the policy's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import check_finite, option
+from .config import CHAT_API, ENGINES, check_finite, option
 
 REVISION_TURNS = ("chat", "fresh")
+FEEDBACK_ROLES = ("critique", "revision")  # the parts of the trace a model other than the policy may write
+ROLE_OPTIONS = ("model", "engine", "server_url")  # what a role may take of its own (ModelOptions' names)
+ROLE_FIELDS = tuple(f"{role}_{name}" for role in FEEDBACK_ROLES for name in ROLE_OPTIONS)
+
+
+def without_unset_roles(fields: dict) -> dict:
+    """An SLCAIConfig's fields (asdict) without the role options left empty: the run config of a run whose
+    policy writes everything is what it was before these options existed, so such runs resume."""
+    return {k: v for k, v in fields.items() if v or k not in ROLE_FIELDS}
 
 
 @dataclass
@@ -28,6 +41,15 @@ class SLCAIConfig:
                                 "user, not commentary, loops, truncated, empty or unchanged (cai_fast.revisions)")
     min_kept: int = option(4, "fewest revisions the filter may keep to train on: below it the run says so, and the "
                               "pipeline's SFT does not run (the round goes on from its starting policy)")
+    critique_model: str = option("", "model that writes the critiques: transformers id or local folder, or the "
+                                     "model name its server or chat API serves (default: the policy, --model)")
+    critique_engine: str = option("", "backend of the critique model: cached, plain, server or openai (default: "
+                                      "--engine)")
+    critique_server_url: str = option("", "server or chat-API URL(s) of the critique model (default: --server-url)")
+    revision_model: str = option("", "model that writes the revisions, as critique_model (default: the policy); "
+                                     "the same as critique_model: one model, loaded once, writes both")
+    revision_engine: str = option("", "backend of the revision model (default: --engine)")
+    revision_server_url: str = option("", "server or chat-API URL(s) of the revision model (default: --server-url)")
 
     def __post_init__(self):
         check_finite(self)
@@ -43,3 +65,14 @@ class SLCAIConfig:
         for name in ("few_shot", "min_kept"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for role in FEEDBACK_ROLES:
+            engine = getattr(self, f"{role}_engine")
+            if engine not in ("", *ENGINES, CHAT_API):
+                raise ValueError(f"{role}_engine must be one of {', '.join((*ENGINES, CHAT_API))} (or empty: the "
+                                 f"policy's), got {engine!r}")
+
+    def role_options(self, role: str) -> dict:
+        """The options `role` ("critique" or "revision") sets of its own: {"model": ..., "engine": ...,
+        "server_url": ...} without the empty ones ({}: the policy writes it)."""
+        values = {name: getattr(self, f"{role}_{name}") for name in ROLE_OPTIONS}
+        return {name: value for name, value in values.items() if value}

@@ -89,17 +89,17 @@ class ChatAPI:
         return f"check the API key in ${self.api_key_env} (or name another variable with --api-key-env)"
 
 
-def api_usage(generator, before: GenerationStats, store=None) -> dict:
-    """For a chat-API generator, {"api_usage": what its `usage` counted since `before` (a copy of its
-    stats taken earlier: prompt and completion tokens, requests, retries), "api_usage_all_runs": the
-    same summed over every invocation recorded in `store` (a RunStore, to which this one's is
-    appended; without one, this one's)}; {} for other generators. Callers call it even when their
-    run fails or is interrupted, so a resumed run's total holds what its earlier tries cost (all
-    but a SIGKILLed one's)."""
-    if not isinstance(generator.stats, ChatAPIStats):
+def api_usage(used: Sequence[tuple[object, GenerationStats]], store=None) -> dict:
+    """For the chat-API generators of `used` ((generator, a copy of its stats taken earlier) pairs),
+    {"api_usage": what their `usage` counted since then, summed (prompt and completion tokens, requests,
+    retries), "api_usage_all_runs": the same summed over every invocation recorded in `store` (a RunStore,
+    to which this one's is appended; without one, this one's)}; {} where none is one. Callers call it even
+    when their run fails or is interrupted, so a resumed run's total holds what its earlier tries cost
+    (all but a SIGKILLed one's)."""
+    counted = [(g.stats.usage(), before.usage()) for g, before in used if isinstance(g.stats, ChatAPIStats)]
+    if not counted:
         return {}
-    now, then = generator.stats.usage(), before.usage()
-    usage = {name: now[name] - then[name] for name in now}
+    usage = {name: sum(now[name] - then[name] for now, then in counted) for name in counted[0][0]}
     if store is None:
         return {"api_usage": usage, "api_usage_all_runs": usage}
     store.append(USAGE, [usage])

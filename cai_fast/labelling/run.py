@@ -61,7 +61,7 @@ def run_labelling(judge: ConstitutionalJudge, source: Sequence[Prompt] | Sequenc
             pairs = items
         records, judging = _label_all(judge, pairs, store, progress)
     finally:  # a failed or interrupted run's API usage is recorded too
-        usage = api_usage(judge.generator, usage_before, store)
+        usage = api_usage([(judge.generator, usage_before)], store)
     summary.update(judging, seconds=round(time.perf_counter() - start, 1), **usage)
     return _finish(judge, records, summary, store)
 

@@ -28,6 +28,8 @@ from ..evaluate.run import (
     outputs_of,
 )
 from ..labelling.pairs import load_pairs
+from ..sl_cai import feedback_digests
+from ..sl_cai_config import without_unset_roles
 from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 from .config import RL_STAGES, ConfigFileError, PipelineConfig, config_dict
 from .gate import label_dtype_choice, reward_gate
@@ -132,6 +134,10 @@ def run_config(config: PipelineConfig, prompts: Sequence[Prompt], sets: EvalSets
     saved["prompts"] = content_sha256([(p.id, p.text) for p in prompts])
     saved.update({f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "judge_model")
                   if getattr(config, k)})
+    saved["sl_cai"] = without_unset_roles(saved["sl_cai"])
+    for key, digest in feedback_digests(config.sl_cai, config.engine).items():  # the critic by content too
+        name = key.removesuffix("_sha256")
+        saved.update({f"sl_cai.{name}": saved["sl_cai"].pop(name), f"sl_cai.{key}": digest})
     for name in ("harmless_prompts", "helpful_prompts", "over_refusal_prompts", "benchmarks"):
         del saved["eval"][name]
     saved["eval"]["sets_sha256"] = content_sha256(
@@ -330,12 +336,16 @@ class Pipeline:
                         progress=self.progress)
 
     def sl_cai(self, r: int, start: str, out: Path) -> dict:
-        from ..sl_cai import run_sl_cai
+        from ..sl_cai import feedback_generators, run_sl_cai
 
         config = replace(self.config.sl_cai, seed=self.config.sl_cai.seed + r - 1)
         generator = self.generator(start, config.batch_size)
-        result = run_sl_cai(generator, self.constitution, self.prompts, config, out_dir=out,
-                            run_info={"model": start}, progress=self.progress)
+        policy = {"model": start, "engine": self.config.engine, "server_url": self.config.server_url}
+        feedback = feedback_generators(generator, policy, config,  # the critic is the same every round
+                                       lambda given: self.generator(batch_size=config.batch_size, **given))
+        result = run_sl_cai(generator, self.constitution, self.prompts, config, **feedback, out_dir=out,
+                            run_info={"model": start, **feedback_digests(config, self.config.engine)},
+                            progress=self.progress)
         return result.summary
 
     def train(self, stage: str, r: int, **fields) -> dict:
@@ -397,13 +407,14 @@ class Pipeline:
         return {"engine": self.config.engine, "server_url": self.config.server_url, "device": self.config.device,
                 "dtype": self.config.dtype}
 
-    def generator(self, model: str, batch_size: int, dtype: str | None = None):
+    def generator(self, model: str, batch_size: int, dtype: str | None = None, **given):
         """The generator of a stage: through the servers (engine "server") when they serve `model`,
-        else (a policy this run trained) in this process; in `dtype` where given, else the run's."""
+        else (a policy this run trained) in this process; in `dtype` where given, else the run's; the
+        engine options in `given` (a critic's engine and server_url) over the run's."""
         from ..engine import open_generator
 
         return open_generator(model, batch_size=batch_size, fallback="cached",
-                              **{**self.engine_options, **({"dtype": dtype} if dtype else {})})
+                              **{**self.engine_options, **({"dtype": dtype} if dtype else {}), **given})
 
     def write_report(self) -> Path:
         from .report import write_report
@@ -432,6 +443,7 @@ def _input_checks(config: PipelineConfig) -> list[tuple[str, Callable]]:
     e, call = config.eval, functools.partial
     models = {"model": config.model, "judge_model": config.judge_model, "eval.judge_model": e.judge_model}
     checks = [(name, call(resolve_model_path, value)) for name, value in models.items() if value]
+    checks.append(("sl_cai", call(feedback_digests, config.sl_cai, config.engine)))  # the critic and reviser
     checks += [(name, call(load_constitution, value)) for name, value in (
         ("constitution", config.constitution), ("eval.harmless_constitution", e.harmless_constitution),
         ("eval.helpful_constitution", e.helpful_constitution))]

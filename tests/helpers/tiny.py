@@ -10,7 +10,7 @@ from pathlib import Path
 from cai_fast.engine.loading import CHATML
 
 
-def _train_tokenizer():
+def _train_tokenizer(vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -19,7 +19,7 @@ def _train_tokenizer():
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     corpus = ["Please rewrite the response to remove harmful content. Critique request: identify ways"
               " the answer is unhelpful, harmful or dishonest. (A) (B) Which response is better?"] * 20
@@ -32,12 +32,13 @@ def _train_tokenizer():
     return fast
 
 
-def build_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    """Write a tiny random Llama + tokenizer to `path` and return it."""
+def build_tiny_model(path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, vocab_size: int = 400) -> Path:
+    """Write a tiny random Llama + tokenizer (of `vocab_size` tokens: another size, other merges) to `path`
+    and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _train_tokenizer()
+    tokenizer = _train_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,

@@ -66,6 +66,14 @@ def default_loaded():
     return load_model(dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def constitution():
+    """The default constitution (the SL-CAI tests')."""
+    from cai_fast.data.constitution import load_constitution
+
+    return load_constitution("default")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from cai_fast.data.constitution import load_constitution
 from cai_fast.data import prompts_from_texts
 from cai_fast.engine import make_generator
 from cai_fast.sl_cai import SLCAIConfig, run_batch, run_sl_cai
@@ -27,11 +26,6 @@ class RecordingGenerator:
         out = self.inner.generate(prompts, params)
         self.calls.append([(list(p), c.token_ids) for p, c in zip(prompts, out)])
         return out
-
-
-@pytest.fixture(scope="module")
-def constitution():
-    return load_constitution("default")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 
 from cai_fast.data import prompts as P
 from cai_fast.data import prompts_from_texts
-from cai_fast.data.constitution import load_constitution
 from cai_fast.data.prompts import render
 from cai_fast.engine import SamplingParams, load_model, make_generator
 from cai_fast.engine.base import complete_chats
@@ -36,11 +35,6 @@ def critic_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def critic_loaded(critic_path):
     return load_model(str(critic_path), dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def constitution():
-    return load_constitution("default")
 
 
 @pytest.fixture(scope="module")

@@ -84,8 +84,8 @@ def test_reward_trainer_takes_the_labels_and_their_margin(preference_file, tiny_
 
 
 class RecordingReward(JudgeReward):
-    def __init__(self, judge):
-        super().__init__(judge)
+    def __init__(self, judge, **options):
+        super().__init__(judge, **options)
         self.calls = []
 
     def __call__(self, prompts, completions, **kwargs):
@@ -94,18 +94,25 @@ class RecordingReward(JudgeReward):
         return rewards
 
 
-def test_grpo_trainer_steps_with_the_judge_as_reward(judge, tiny_model_path, tiny_loaded, tmp_path):
+def one_grpo_step(reward: RecordingReward, model_path, tokenizer, out):
+    """One trl GRPO step of the tiny model on two prompts with `reward`: the trainer (reward.calls[0] holds
+    what the reward was given and gave: prompts, completions, rewards)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    reward = RecordingReward(judge)
     prompts = [[{"role": "user", "content": text}] for text in ("Say hi.", "Name a colour.")]
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **TRAIN)
-    trainer = GRPOTrainer(model=str(tiny_model_path), reward_funcs=reward, args=args,
+    args = GRPOConfig(output_dir=str(out), num_generations=2, max_completion_length=6, **TRAIN)
+    trainer = GRPOTrainer(model=str(model_path), reward_funcs=reward, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-                          processing_class=tiny_loaded.tokenizer)
+                          processing_class=tokenizer)
     trainer.train()
     assert trainer.state.global_step == 1 and reward.calls
+    return trainer
+
+
+def test_grpo_trainer_steps_with_the_judge_as_reward(judge, tiny_model_path, tiny_loaded, tmp_path):
+    reward = RecordingReward(judge)
+    one_grpo_step(reward, tiny_model_path, tiny_loaded.tokenizer, tmp_path)
     seen_prompts, completions, rewards = reward.calls[0]
     assert len(rewards) == len(completions) == len(seen_prompts) == 2 and seen_prompts[0] == seen_prompts[1]
     assert all(isinstance(r, float) for r in rewards)  # a group of two: P(win) against each other
@@ -227,25 +234,8 @@ def test_score_mode_refuses_a_reference_column_and_unknown_modes_are_named():
 
 
 def test_grpo_trainer_steps_with_the_direct_score_as_reward(judge, tiny_model_path, tiny_loaded, tmp_path):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    class Recording(JudgeReward):
-        calls = []
-
-        def __call__(self, prompts, completions, **kwargs):
-            rewards = super().__call__(prompts, completions, **kwargs)
-            self.calls.append((prompts, completions, rewards))
-            return rewards
-
-    reward = Recording(judge, mode="score", name="direct_score")
-    prompts = [[{"role": "user", "content": text}] for text in ("Say hi.", "Name a colour.")]
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **TRAIN)
-    trainer = GRPOTrainer(model=str(tiny_model_path), reward_funcs=reward, args=args,
-                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-                          processing_class=tiny_loaded.tokenizer)
-    trainer.train()
-    assert trainer.state.global_step == 1 and reward.calls
+    reward = RecordingReward(judge, mode="score", name="direct_score")
+    trainer = one_grpo_step(reward, tiny_model_path, tiny_loaded.tokenizer, tmp_path)
     seen_prompts, completions, rewards = reward.calls[0]
     judged = [i for i, c in enumerate(completions) if response_text(c).strip()]
     want = judge.rate([seen_prompts[i] for i in judged], [completions[i] for i in judged]).score

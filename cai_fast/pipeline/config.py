@@ -34,8 +34,13 @@ METHODS = ("ppo", "dpo", "d-rlaif")
 RL_STAGES = {"ppo": "ppo", "dpo": "dpo", "d-rlaif": "ppo"}  # the stage (and folder) that trains each method's policy
 SECTIONS = {"sl_cai": SLCAIConfig, "sft": SFTConfig, "label": LabelConfig, "judge": JudgeConfig,
             "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig}
-PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model", "device", "dtype",  # stage fields it sets
-                "reward_source", "judge_model", "constitution", "judge_principles")
+PIPELINE_SET = ("model", "data", "out", "reward_model", "ref_model", "device", "dtype")  # stage fields it sets
+PPO_SET = ("reward_source", "judge_model", "constitution", "judge_principles")  # PPO's reward: method, [judge]
+
+
+def pipeline_set(cls) -> tuple[str, ...]:
+    """The fields of stage config `cls` that the pipeline sets (a file may not)."""
+    return PIPELINE_SET + (PPO_SET if cls is PPOConfig else ())
 LISTABLE = ("benchmarks", "principle_ids", "server_url")  # string fields a config file may give as a list of strings
 _PLACEHOLDER = "(set by the pipeline)"
 
@@ -256,13 +261,14 @@ def _checked(cls, table: dict, source: str, prefix: str, problems: list) -> dict
     """The table's fields that are known to `cls`, not set by the pipeline, and of the default's
     type; each other field adds a problem."""
     known = {f.name: f for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+    fixed = pipeline_set(cls)
     values = {}
     for key, value in table.items():
         where = f"{source}: field '{prefix}{key}'"
         if key not in known:
             problems.append(ConfigFileError(f"{where}: unknown field; {cls.__name__} fields are: "
-                                            f"{', '.join(k for k in known if not prefix or k not in PIPELINE_SET)}"))
-        elif prefix and key in PIPELINE_SET:
+                                            f"{', '.join(k for k in known if not prefix or k not in fixed)}"))
+        elif prefix and key in fixed:
             problems.append(ConfigFileError(f"{where}: set by the pipeline (from the top-level model, judge_model, "
                                             "constitution, method, device and dtype, [judge] and the previous "
                                             "stages); remove it"))
@@ -296,5 +302,6 @@ def config_dict(config: PipelineConfig) -> dict:
     top = {f.name: getattr(config, f.name) for f in dataclasses.fields(PipelineConfig)
            if f.name not in SECTIONS and f.name != "out"}
     for name in SECTIONS:
-        top[name] = {k: v for k, v in asdict(getattr(config, name)).items() if k not in PIPELINE_SET}
+        section = getattr(config, name)
+        top[name] = {k: v for k, v in asdict(section).items() if k not in pipeline_set(type(section))}
     return top

@@ -6,8 +6,9 @@ Config file: TOML (or JSON of the same shape). Top-level fields are PipelineConf
 whose fields are its config dataclass's (SECTIONS: [sl_cai] [sft] [label] [judge] [reward] [ppo] [dpo] [eval]).
 The training stages' model, data, out, reward_model and ref_model are set by the pipeline, as are PPO's
 reward_source, judge_model, constitution and judge_principles (from method, judge_model, constitution and
-[judge]); their device and dtype are the top-level ones. Every problem of the file is reported in one ConfigFileError naming the file and the field
-(config_from_dict). Relative paths are read from the current folder. Torch-free. `--config demo`: configs/demo.toml.
+[judge]); their device and dtype are the top-level ones. Every problem of the file is reported in one
+ConfigFileError naming the file and the field (config_from_dict). Relative paths are read from the current
+folder. Torch-free. `--config demo`: configs/demo.toml.
 """
 
 from __future__ import annotations

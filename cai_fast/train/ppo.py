@@ -1,13 +1,14 @@
 """PPO against a reward model (RL-CAI) or the judge's direct score (d-RLAIF): small, and every step on the page.
 
     train_ppo(PPOConfig(model=SFT policy, reward_model=..., data=prompts, out=...)) -> TrainResult
-    train_ppo(PPOConfig(model=SFT policy, reward_source="judge", judge_model=..., constitution=..., ...)) -> TrainResult
+    train_ppo(PPOConfig(model=SFT policy, reward_source="judge", judge_model=..., data=prompts, out=...))
 
 One step (in full: `PPOTrainer`): rollouts, one response per prompt sampled from the current policy
 (`make_generator`); scoring without gradients (the reward model's score, or the judge's direct score; log π_old,
-V and log π_ref per response token); rewards −kl_coef·k1 per token plus the score on the last token, GAE advantages and returns; then
-`ppo_epochs` passes of the clipped policy and value losses over `minibatches` minibatches. The value function is
-a Linear(H, 1) head on the policy's own final hidden states. Metrics are logged per step to OUT/metrics.jsonl.
+V and log π_ref per response token); rewards −kl_coef·k1 per token plus the score on the last token, GAE
+advantages and returns; then `ppo_epochs` passes of the clipped policy and value losses over `minibatches`
+minibatches. The value function is a Linear(H, 1) head on the policy's own final hidden states. Metrics are
+logged per step to OUT/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -159,14 +160,13 @@ class PPOTrainer:
         averaged over the minibatch's tokens.
     The value loss also trains the shared backbone, as in trl's original PPO.
 
-    Logged per step to OUT/metrics.jsonl: reward (mean score: the reward model's, or the direct
-    score − 5), kl (mean Σ_t k1_t per response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t
-    k3_t per response, k3_t = (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t) / π_old(y_t): unbiased too,
-    and never negative, so its curve reads as a distance), non_score_reward, entropy, clipfrac,
-    value_loss, pg_loss, approx_kl, ratio, response_length, grad_norm, lr. `entropy` is the
-    Monte-Carlo estimate −mean log π_old(y_t) over the sampled tokens: unbiased for the per-token
-    entropy of the sampling distribution (the tokens are drawn from it), without the full
-    [tokens × vocab] distribution.
+    Logged per step to OUT/metrics.jsonl: reward (mean score: the reward model's, or the direct score − 5), kl (mean
+    Σ_t k1_t per response: the estimate the penalty uses, unbiased but negative on some steps), kl_k3 (mean Σ_t k3_t
+    per response, k3_t = (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t) / π_old(y_t): unbiased too, and never negative,
+    so its curve reads as a distance), non_score_reward, entropy, clipfrac, value_loss, pg_loss, approx_kl, ratio,
+    response_length, grad_norm, lr. `entropy` is the Monte-Carlo estimate −mean log π_old(y_t) over the sampled
+    tokens: unbiased for the per-token entropy of the sampling distribution (the tokens are drawn from it), without
+    the full [tokens × vocab] distribution.
     """
 
     def __init__(self, config: PPOConfig, *, progress: bool = True):

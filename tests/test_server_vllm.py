@@ -120,3 +120,39 @@ def test_a_tiny_pipeline_labels_and_judges_through_vllm(vllm, tmp_path, tiny_mod
     assert len(state["qualities"]) == 1
     assert line_count(tmp_path / "run" / "round-1" / "label" / "labels" / "preference" / "train-00000.jsonl") >= 1
     assert prefix_cache_counters(vllm.url)["prompt_tokens"] > before  # the judge ran on the server
+
+
+def test_the_chat_api_judge_and_sl_cai_through_vllms_chat_completions(vllm, tmp_path, default_loaded, monkeypatch):
+    """`--engine openai` against vLLM's own /v1/chat/completions (the server applies its chat template and
+    lists the answer token's top-20 log-probs): labels order-invariant by construction, near the exact
+    labels of the same model's in-process judge (which reads its option rows after "The answer is: ("
+    instead, so the two questions differ in form and the labels only approximately agree), and SL-CAI end
+    to end."""
+    from cai_fast.engine.chat_api import connect_chat_api
+    from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
+
+    prompts = ["How do I pick a lock?", "Write a rude joke about my neighbour.", "How can I make my code faster?",
+               "How do I get back at my ex?"]
+    helpful = ["Call a locksmith; picking locks you do not own is illegal.", "I'd rather not; how about a kind one?",
+               "Profile it first, then optimise the hot loops.", "Talking to a friend helps more than revenge."]
+    harmful = ["Insert a tension wrench and rake the pins.", "Your neighbour is an idiot.", "Just delete the tests.",
+               "Post their private photos online."]
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")  # vLLM started without --api-key takes any, as OpenAI's client
+    config = JudgeConfig(principles=2)
+    chat = ConstitutionalJudge(connect_chat_api(vllm.url, vllm.model), "default", config)
+    forward, backward = chat.score(prompts, helpful, harmful), chat.score(prompts, harmful, helpful)
+    assert (forward.label + backward.label - 1).abs().max() < 1e-6
+    assert chat.stats.prompts_outside_top_k == 0  # the model answers with a letter: both are listed
+    exact = ConstitutionalJudge(default_loaded, "default", config).score(prompts, helpful, harmful)
+    difference = (forward.label - exact.label).abs().max().item()
+    print(f"chat-API labels {forward.label.tolist()} against exact {exact.label.tolist()}: max |diff| {difference:.4f}")
+    assert difference < 0.1, (forward.label, exact.label)
+
+    out = tmp_path / "sl"
+    run = cai_fast("sl-cai", "--engine", "openai", "--server-url", vllm.url, "--model", vllm.model, "--prompts",
+                   "red_team", "--limit", "2", "--out", str(out), "--rounds", "1", "--batch-size", "2", "--few-shot",
+                   "1", "--answer-tokens", "16", "--critique-tokens", "12", "--revision-tokens", "16", "--quiet")
+    stdout, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    records = [json.loads(line) for line in (out / "records-00000.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["final"].strip() for r in records)

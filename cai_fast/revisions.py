@@ -69,9 +69,13 @@ def revision_quality(records: Sequence[dict], verdicts: Sequence[str]) -> dict:
 
 
 def revisions_line(summary: dict) -> str:
-    """One sentence on an SL-CAI summary's revisions: the verdicts, and what the filter kept."""
-    q = summary["revisions"]
+    """One sentence on an SL-CAI summary's revisions: the verdicts, what the filter kept, and the helpful
+    answers mixed in."""
+    q, mix = summary["revisions"], summary.get("helpful", {})
     counts = ", ".join(f"{n} {v}" for v, n in q["verdicts"].items() if n)
     kept = (f"the filter kept {q['kept']} for SFT and dropped {q['dropped']}" if summary["filter"]
             else "the filter is off: all of them are trained on")
-    return f"final revisions: {counts}; {kept} ({q['declines']} of the replies decline or redirect)"
+    mixed = (f"; {mix['rows']} of the policy's answers to {mix['prompts']} prompts mixed in (helpful_mix = "
+             f"{mix['mix']:g}{', fewer prompts than asked' if mix['rows'] < mix['asked'] else ''})"
+             if mix.get("mix") else "")
+    return f"final revisions: {counts}; {kept} ({q['declines']} of the replies decline or redirect){mixed}"

@@ -7,6 +7,8 @@ Records keep the whole trace; every step's prompt extends the one before (see ca
   sft_prompt_completion/ {"prompt": [user x], "completion": [assistant y_K]} (SFTTrainer)
   preference/            {"prompt", "chosen": y_K, "rejected": y0, ...}      (DPOTrainer, RewardTrainer)
 in trl's JSONL formats; a pair whose final revision equals the initial answer is left out of preference/ (counted).
+With `helpful_mix` > 0 the SFT sets also hold the policy's own answers to the first round(helpful_mix × kept)
+helpful prompts (`helpful_rows`), as the paper mixes helpfulness samples in; preference/ does not.
 With `filter` (the default) both keep only records whose final revision is a reply to the user
 (cai_fast.revisions); the summary's `revisions` counts each verdict, with examples, and `too_few` says
 when fewer than `min_kept` remain.
@@ -29,7 +31,7 @@ from typing import Callable, Sequence
 
 from .data import prompts as P
 from .data.constitution import Constitution
-from .data import Prompt
+from .data import Prompt, load_prompts
 from .engine import Generator, SamplingParams
 from .engine.base import complete_chats, engine_record
 from .engine.chat_api import api_usage
@@ -38,10 +40,12 @@ from .labelling.pairs import same_response
 from .revisions import revision_quality, revision_verdict
 from .seeding import stable_seed
 from .config import CHAT_API
-from .sl_cai_config import FEEDBACK_ROLES, SLCAIConfig, without_unset_roles
+from .sl_cai_config import FEEDBACK_ROLES, SLCAIConfig, without_unset_options
+from .responses import sample_responses
 from .store import RunStore, resume_batches, write_jsonl
 
 RECORDS = "records"
+HELPFUL = "helpful"
 KEYWORDS = dict(zip(FEEDBACK_ROLES, ("critic", "reviser")))  # run_sl_cai's keyword for each role's generator
 
 
@@ -162,22 +166,27 @@ def _record(prompt: Prompt, initial: str, rounds: list[dict], models: dict[str, 
 
 def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequence[Prompt],
                config: SLCAIConfig = SLCAIConfig(), *, critic: Generator | None = None,
-               reviser: Generator | None = None, out_dir: str | Path | None = None,
-               run_info: dict | None = None, progress: bool = True) -> SLCAIResult:
+               reviser: Generator | None = None, helpful: Sequence[Prompt] | None = None,
+               out_dir: str | Path | None = None, run_info: dict | None = None, progress: bool = True) -> SLCAIResult:
     """Run SL-CAI over `prompts`; with `out_dir`, resumably (see cai_fast.store). `generator` is the policy's
     (named by run_info's "model" in records and the summary, else "policy"); `critic` and `reviser` write the
     critiques and the revisions where config.critique_* / revision_* name a model of their own (see
-    feedback_generators), else the policy does."""
+    feedback_generators), else the policy does. `helpful`: the helpful mix's prompts (default: those of
+    config.helpful_prompts, read where config.helpful_mix > 0)."""
     writers = writers_of(generator, config, (run_info or {}).get("model", "policy"), critic=critic, reviser=reviser)
+    if helpful is None and config.helpful_mix:
+        helpful = list(load_prompts(config.helpful_prompts))
     start, before = time.perf_counter(), [(g, replace(g.stats)) for g in writers.distinct]
-    store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info))
+    store = None if out_dir is None else RunStore(out_dir, _run_config(config, constitution, prompts, run_info,
+                                                                        helpful))
     try:
         records, resumed = resume_batches(store, RECORDS, prompts,
                                           lambda batch: run_batch(generator, constitution, batch, config, writers),
                                           batch_size=config.batch_size, desc="SL-CAI", progress=progress)
+        result = _result(records, prompts, config)
+        result.summary["helpful"] = _mix_helpful(result, generator, helpful or [], config, store, progress)
     finally:  # a failed or interrupted run's API usage is recorded too
         usage = api_usage(before, store)
-    result = _result(records, prompts, config)
     result.summary.update(
         prompts=len(prompts), resumed=resumed, rounds=config.rounds, engine=engine_record(generator),
         models={role: {"model": writers.names[role], "engine": engine_record(g)}
@@ -191,11 +200,40 @@ def run_sl_cai(generator: Generator, constitution: Constitution, prompts: Sequen
 
 
 def _run_config(config: SLCAIConfig, constitution: Constitution, prompts: Sequence[Prompt],
-                run_info: dict | None) -> dict:
-    ids = hashlib.sha256("".join(p.id for p in prompts).encode()).hexdigest()
-    return {**without_unset_roles(asdict(config)), **(run_info or {}), "stage": "sl-cai",
+                run_info: dict | None, helpful: Sequence[Prompt] | None) -> dict:
+    mixed = {"helpful_prompts_sha256": _ids_sha256(helpful)} if config.helpful_mix else {}
+    return {**without_unset_options(asdict(config)), **(run_info or {}), "stage": "sl-cai",
             "constitution": constitution.name, "constitution_sha256": constitution.fingerprint(),
-            "prompts_sha256": ids, "num_prompts": len(prompts)}
+            "prompts_sha256": _ids_sha256(prompts), "num_prompts": len(prompts), **mixed}
+
+
+def _ids_sha256(prompts: Sequence[Prompt]) -> str:
+    return hashlib.sha256("".join(p.id for p in prompts).encode()).hexdigest()
+
+
+def helpful_rows(generator: Generator, helpful: Sequence[Prompt], count: int, config: SLCAIConfig,
+                 store: RunStore | None = None, progress: bool = True) -> list[dict]:
+    """The policy's own answers to the first `count` helpful prompts, sampled as the initial answers are
+    (answer_tokens, temperature, top_p, seed), as records sft_rows takes ({prompt_id, prompt, final}); resumable
+    in `store` (kind "helpful")."""
+    params = SamplingParams(config.answer_tokens, config.temperature, config.top_p, config.seed)
+    records, _ = sample_responses(generator, helpful[:count], params, 1, store=store, kind=HELPFUL,
+                                  batch_size=config.batch_size, progress=progress)
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "final": r["samples"][0]} for r in records]
+
+
+def _mix_helpful(result: SLCAIResult, generator: Generator, helpful: Sequence[Prompt], config: SLCAIConfig,
+                 store: RunStore | None, progress: bool) -> dict:
+    """Add round(helpful_mix × the SFT rows kept) helpful rows (at most all of `helpful`) to result's SFT sets;
+    what was asked and mixed, for the summary."""
+    from datasets import Dataset, concatenate_datasets
+
+    asked = round(config.helpful_mix * result.summary["sft_rows"])
+    rows = helpful_rows(generator, helpful, asked, config, store, progress) if asked else []
+    if rows:
+        for name, added in zip(("sft_messages", "sft_prompt_completion"), sft_rows(rows)):
+            setattr(result, name, concatenate_datasets([getattr(result, name), Dataset.from_list(added)]))
+    return {"mix": config.helpful_mix, "prompts": config.helpful_prompts, "asked": asked, "rows": len(rows)}
 
 
 def sft_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:

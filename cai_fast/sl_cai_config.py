@@ -17,10 +17,16 @@ ROLE_OPTIONS = ("model", "engine", "server_url")  # what a role may take of its 
 ROLE_FIELDS = tuple(f"{role}_{name}" for role in FEEDBACK_ROLES for name in ROLE_OPTIONS)
 
 
-def without_unset_roles(fields: dict) -> dict:
-    """An SLCAIConfig's fields (asdict) without the role options left empty: the run config of a run whose
-    policy writes everything is what it was before these options existed, so such runs resume."""
-    return {k: v for k, v in fields.items() if v or k not in ROLE_FIELDS}
+HELPFUL_FIELDS = ("helpful_mix", "helpful_prompts")
+
+
+def without_unset_options(fields: dict) -> dict:
+    """An SLCAIConfig's fields (asdict) without the role options left empty, and without the helpful mix's while
+    it is off: the run config of a run whose policy writes everything and that mixes nothing in is what it was
+    before these options existed, so such runs resume."""
+    mix_off = not fields.get("helpful_mix")
+    return {k: v for k, v in fields.items()
+            if not (k in ROLE_FIELDS and not v or k in HELPFUL_FIELDS and mix_off)}
 
 
 @dataclass
@@ -41,6 +47,11 @@ class SLCAIConfig:
                                 "user, not commentary, loops, truncated, empty or unchanged (cai_fast.revisions)")
     min_kept: int = option(4, "fewest revisions the filter may keep to train on: below it the run says so, and the "
                               "pipeline's SFT does not run (the round goes on from its starting policy)")
+    helpful_mix: float = option(0.0, "helpfulness rows in the SFT data per revision kept: the policy's own answers to "
+                                     "helpful_prompts mixed in, as the paper mixes helpfulness samples into SL-CAI's "
+                                     "SFT so that the model keeps being helpful (0 = none; 1 = as many as revisions)")
+    helpful_prompts: str = option("helpful", "prompts the helpful rows answer, first ones first (file or shipped "
+                                             "set; the pipeline holds its evaluation prompts apart)")
     critique_model: str = option("", "model that writes the critiques: transformers id or local folder, or the "
                                      "model name its server or chat API serves (default: the policy, --model)")
     critique_engine: str = option("", "backend of the critique model: cached, plain, server or openai (default: "
@@ -57,6 +68,8 @@ class SLCAIConfig:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         if self.revision_turn not in REVISION_TURNS:
             raise ValueError(f"revision_turn must be one of {', '.join(REVISION_TURNS)}, got {self.revision_turn!r}")
+        if self.helpful_mix < 0:
+            raise ValueError(f"helpful_mix must be >= 0, got {self.helpful_mix}")
         if not 1 <= self.rounds <= 4:
             raise ValueError(f"rounds must be between 1 and 4, got {self.rounds}")
         for name in ("batch_size", "answer_tokens", "critique_tokens", "revision_tokens"):

@@ -16,7 +16,9 @@ import torch
 
 from cai_fast.cli import main
 from cai_fast.evaluate import load_eval_sets
-from cai_fast.pipeline.rounds import Pipeline, best_round, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts
+from cai_fast.pipeline.rounds import (
+    Pipeline, best_round, helpful_prompts, iterate_rounds, quality_of, run_pipeline, should_stop, training_prompts,
+)
 from cai_fast.pipeline.config import ConfigFileError, config_from_dict, load_pipeline_config
 from cai_fast.pipeline.gate import FALLBACKS, reward_gate
 from cai_fast.store import RunConfigError
@@ -138,6 +140,15 @@ def test_training_prompts_are_held_apart_from_every_evaluation_prompt():
     train = training_prompts(config, sets)
     assert len(train) == 108 - 20 and not {p.id for p in train} & sets.prompt_ids()
     assert len(training_prompts(replace(config, train_size=5), sets)) == 5
+
+
+def test_the_helpful_mix_holds_the_evaluation_prompts_apart_too():
+    config = config_from_dict({"sl_cai": {"helpful_mix": 1.0, "helpful_prompts": "benign"}}, "inline")
+    sets = load_eval_sets(config.eval)  # the helpfulness win-rate's prompts are drawn from "benign" too
+    mixed = helpful_prompts(config, sets)
+    assert mixed and len(mixed) == 50 - len(sets.helpful) - len(sets.over_refusal)
+    assert not {p.id for p in mixed} & sets.prompt_ids()
+    assert helpful_prompts(replace(config, sl_cai=replace(config.sl_cai, helpful_mix=0.0)), sets) == []
 
 
 def test_another_config_on_the_same_run_folder_is_refused(tmp_path, tiny_model_path):

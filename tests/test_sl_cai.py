@@ -109,6 +109,53 @@ def test_datasets_load_from_the_run_folder(tiny_loaded, constitution, prompts, t
     assert result.summary["files"]["preference"].endswith("train-00000.jsonl")
 
 
+HELPFUL = ["How do I bake bread?", "Name three rivers in Europe.", "What is 12 times 7?", "Say hello in French."]
+
+
+@pytest.mark.parametrize("mix, asked, mixed", [(0.6, 3, 3), (2.0, 10, 4)])
+def test_the_helpful_mix_adds_the_policys_own_answers_to_sft_only(tiny_loaded, constitution, prompts, tmp_path,
+                                                                   mix, asked, mixed):
+    from cai_fast.data import prompts as P
+    from cai_fast.engine import SamplingParams
+    from cai_fast.engine.base import complete_chats
+    from cai_fast.revisions import revisions_line
+
+    generator = make_generator(tiny_loaded)
+    config = SLCAIConfig(rounds=1, temperature=0.0, **SHORT)
+    plain = run_sl_cai(generator, constitution, prompts, config, progress=False)
+    helpful = list(prompts_from_texts(HELPFUL))
+    mixed_config = SLCAIConfig(rounds=1, temperature=0.0, helpful_mix=mix, **SHORT)
+    result = run_sl_cai(generator, constitution, prompts, mixed_config, helpful=helpful, out_dir=tmp_path,
+                        progress=False)
+    assert result.summary["helpful"] == {"mix": mix, "prompts": "helpful", "asked": asked, "rows": mixed}
+    assert ("fewer prompts than asked" in revisions_line(result.summary)) == (mixed < asked)
+    assert result.preference.to_list() == plain.preference.to_list()  # the mix is for SFT only
+    assert result.sft_messages.to_list()[: len(TEXTS)] == plain.sft_messages.to_list()
+    answers = complete_chats(generator, [[P.user(t)] for t in HELPFUL[:mixed]], SamplingParams(6, 0.0, 0.9, 0))
+    added = result.sft_messages.to_list()[len(TEXTS):]
+    assert [row["messages"] for row in added] == [[P.user(t), P.assistant(a.text)]
+                                                  for t, a in zip(HELPFUL, answers)]
+    assert [row["completion"] for row in result.sft_prompt_completion.to_list()[len(TEXTS):]] == [
+        [P.assistant(a.text)] for a in answers]
+    files = {name: (tmp_path / name / "train-00000.jsonl").read_bytes() for name in ("sft_messages", "preference")}
+    again = run_sl_cai(generator, constitution, prompts, mixed_config, helpful=helpful, out_dir=tmp_path,
+                       progress=False)  # resumed: every record and helpful answer read back, nothing generated
+    assert again.summary["resumed"] == len(TEXTS) and again.summary["generated_tokens"] == 0
+    assert files == {name: (tmp_path / name / "train-00000.jsonl").read_bytes() for name in files}
+
+
+def test_a_run_that_mixes_nothing_in_keeps_its_run_config_and_the_mix_is_validated(tiny_loaded, constitution,
+                                                                                   prompts, tmp_path):
+    import json
+
+    run_sl_cai(make_generator(tiny_loaded), constitution, prompts[:2], SLCAIConfig(rounds=1, **SHORT),
+               out_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"helpful_mix", "helpful_prompts", "helpful_prompts_sha256"} & set(saved)  # old runs resume
+    with pytest.raises(ValueError, match="helpful_mix"):
+        SLCAIConfig(helpful_mix=-0.5)
+
+
 def _one_step_args(config_cls, tmp_path, **extra):
     return config_cls(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
                       report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, **extra)

@@ -29,7 +29,7 @@ from ..evaluate.run import (
 )
 from ..labelling.pairs import load_pairs
 from ..sl_cai import feedback_digests
-from ..sl_cai_config import without_unset_roles
+from ..sl_cai_config import without_unset_options
 from ..store import RunStore, content_sha256, read_json, write_atomic, write_jsonl
 from .config import RL_STAGES, ConfigFileError, PipelineConfig, config_dict
 from .gate import label_dtype_choice, reward_gate
@@ -126,6 +126,15 @@ def training_prompts(config: PipelineConfig, sets: EvalSets) -> list[Prompt]:
     return prompts
 
 
+def helpful_prompts(config: PipelineConfig, sets: EvalSets) -> list[Prompt]:
+    """The helpful mix's prompts (sl_cai.helpful_prompts where sl_cai.helpful_mix > 0) minus every
+    evaluation prompt, so that the helpfulness win-rate is not measured on prompts trained on."""
+    if not config.sl_cai.helpful_mix:
+        return []
+    held_apart = sets.prompt_ids()
+    return [p for p in load_prompts(config.sl_cai.helpful_prompts) if p.id not in held_apart]
+
+
 def run_config(config: PipelineConfig, prompts: Sequence[Prompt], sets: EvalSets) -> dict:
     """What the run folder's config.json holds: config_dict, with the prompt and benchmark files
     recorded by the content they gave (the same files under other paths resume), not by path, and
@@ -134,7 +143,7 @@ def run_config(config: PipelineConfig, prompts: Sequence[Prompt], sets: EvalSets
     saved["prompts"] = content_sha256([(p.id, p.text) for p in prompts])
     saved.update({f"{k}_sha256": model_sha256(getattr(config, k)) for k in ("model", "judge_model")
                   if getattr(config, k)})
-    saved["sl_cai"] = without_unset_roles(saved["sl_cai"])
+    saved["sl_cai"] = without_unset_options(saved["sl_cai"])
     for key, digest in feedback_digests(config.sl_cai, config.engine).items():  # the critic by content too
         name = key.removesuffix("_sha256")
         saved.update({f"sl_cai.{name}": saved["sl_cai"].pop(name), f"sl_cai.{key}": digest})
@@ -210,6 +219,7 @@ class Pipeline:
             resolve_model_path(name)
         self.sets = load_eval_sets(config.eval)
         self.prompts = training_prompts(config, self.sets)
+        self.helpful = helpful_prompts(config, self.sets)
         # Validated; now the run folder (started once a stage has: state.json says which).
         RunStore(self.root, run_config(config, self.prompts, self.sets), started=(self.root / "state.json").exists())
         if source is not None:
@@ -343,8 +353,8 @@ class Pipeline:
         policy = {"model": start, "engine": self.config.engine, "server_url": self.config.server_url}
         feedback = feedback_generators(generator, policy, config,  # the critic is the same every round
                                        lambda given: self.generator(batch_size=config.batch_size, **given))
-        result = run_sl_cai(generator, self.constitution, self.prompts, config, **feedback, out_dir=out,
-                            run_info={"model": start, **feedback_digests(config, self.config.engine)},
+        result = run_sl_cai(generator, self.constitution, self.prompts, config, **feedback, helpful=self.helpful,
+                            out_dir=out, run_info={"model": start, **feedback_digests(config, self.config.engine)},
                             progress=self.progress)
         return result.summary
 
@@ -450,6 +460,8 @@ def _input_checks(config: PipelineConfig) -> list[tuple[str, Callable]]:
     checks += [(name, call(load_prompts, value)) for name, value in (
         ("prompts", config.prompts), ("eval.harmless_prompts", e.harmless_prompts),
         ("eval.helpful_prompts", e.helpful_prompts), ("eval.over_refusal_prompts", e.over_refusal_prompts))]
+    if config.sl_cai.helpful_mix:
+        checks.append(("sl_cai.helpful_prompts", call(load_prompts, config.sl_cai.helpful_prompts)))
     files = [] if e.skip_missing_benchmarks else e.benchmark_paths
     checks += [("eval.benchmarks", call(load_benchmark, path, e.benchmark_size, e.subset_seed)) for path in files]
     if e.human_preferences and not e.skip_missing_benchmarks:

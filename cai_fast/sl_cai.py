@@ -277,8 +277,10 @@ def _too_few(kept: int, config: SLCAIConfig) -> str:
         return ""
     return (f"only {kept} final revisions are replies to the user (min_kept = {config.min_kept}), too few to "
             "train on: the model's revisions are mostly commentary about the response or loops (see "
-            "'revisions' in the summary). A stronger critique/revision model, more few-shot examples "
-            "(few_shot) or longer revisions (revision_tokens) would help")
+            "'revisions' in the summary). To move harmful compliance, give SL-CAI a stronger critique and revision "
+            "model (critique_model, revision_model; README, 'Using a stronger feedback model'): on SmolLM2-135M no "
+            "few-shot count, wording, revision turn, rounds or temperature gave replies that decline "
+            "(benches/README.md, issue 28)")
 
 
 def _write_datasets(root: Path, result: SLCAIResult) -> dict:

@@ -190,13 +190,15 @@ def test_ppo_config_needs_a_reward_model():
 def test_ppo_on_the_judges_direct_score_runs_without_a_reward_model(tiny_model_path, prompts_file, tmp_path):
     """d-RLAIF: the judge (here the tiny model itself) scores the rollouts; the reward is its direct
     score − 5, and the summary says which reward drove PPO."""
+    from cai_fast.engine import open_generator
     from cai_fast.labelling.judge import ConstitutionalJudge, JudgeConfig
 
     config = ppo_config(tiny_model_path, "", prompts_file, tmp_path / "run", reward_source="judge", judge_principles=2,
                         max_steps=1)
     trainer = PPOTrainer(config, progress=False)
     texts = [text for text, _ in trainer.prompts[:2]]
-    judge = ConstitutionalJudge(str(tiny_model_path), "default", JudgeConfig(principles=2, seed=config.seed))
+    reference = open_generator(str(tiny_model_path), dtype="float32")  # the stage's dtype (auto: bf16 on some CPUs)
+    judge = ConstitutionalJudge(reference, "default", JudgeConfig(principles=2, seed=config.seed))
     want = judge.rate(texts, ["a reply", "another reply"]).score - 5
     assert trainer.scorer(texts, ["a reply", "another reply"]) == pytest.approx(want.tolist(), abs=1e-4)
     result = trainer.train()

@@ -11,8 +11,8 @@ backend (cai_fast.engine.attention), with the step's plan passed down as the for
 `PAGED` as their attention implementation; before and after they name what they named.
 
 `probe` runs the model once on two tokens with a recording attention (`PROBE`) and once as it is:
-what each layer passes (heads, head size, scale, window, score cap) builds the backend, and a model
-whose calls or logits the runner could not reproduce is refused with the reason.
+what each layer passes (heads, head size, scale, window, score cap, attention sinks) builds the
+backend, and a model whose calls or logits the runner could not reproduce is refused with the reason.
 
 `GenericRunner` is the twin of the fused `PagedRunner` (the Llama family's fast path): tests hold
 the two equal on Llama, Qwen2 and Mistral. `make_runner` picks one, once, when the engine is built.
@@ -21,7 +21,7 @@ the two equal on Llama, Qwen2 and Mistral. `make_runner` picks one, once, when t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import AttentionInterface
@@ -60,12 +60,22 @@ class LayerCall:
     scaling: float | None
     window: int | None
     softcap: float | None
+    sinks: torch.Tensor | None = field(default=None, compare=False, repr=False)  # the module's, as passed
+
+
+def _sinks(module, kwargs) -> torch.Tensor | None:
+    """The attention sinks a layer has (GPT-OSS and its kin pass them as `s_aux`; a module may hold
+    them as `sinks`): one logit a query head that joins the softmax's denominator."""
+    for found in (kwargs.get("s_aux"), kwargs.get("sinks"), getattr(module, "sinks", None)):
+        if isinstance(found, torch.Tensor):
+            return found
+    return None
 
 
 def _probe_forward(module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
                    probe_calls=None, **kwargs):
     probe_calls[module.layer_idx] = LayerCall(query.shape[1], key.shape[1], key.shape[-1], value.shape[-1], scaling,
-                                              sliding_window, softcap)
+                                              sliding_window, softcap, _sinks(module, kwargs))
     return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
@@ -113,11 +123,14 @@ def probe(model) -> Probe:
     elif any(c.head_dim != c.value_dim for c in found.calls):
         reason = f"{name}'s keys and values differ in head size (latent attention); the KV pool holds one size"
     elif {(c.kv_heads, c.head_dim) for c in found.calls} != {(shape.kv_heads, shape.head_dim)}:
-        reason = f"{name}'s layers attend with KV heads x head size other than its config's {shape.kv_heads} x {shape.head_dim}"
+        reason = (f"{name}'s layers attend with KV heads x head size other than its config's "
+                  f"{shape.kv_heads} x {shape.head_dim}")
     elif len({c.scaling for c in found.calls}) != 1 or found.calls[0].scaling is None:
         reason = f"{name}'s layers attend with different (or no) score scales"
     elif [c.window for c in found.calls] != layer_windows(config):
         reason = f"{name}'s layers attend with sliding windows {[c.window for c in found.calls]}, not its config's"
+    elif any(c.sinks is not None and c.sinks.shape != (c.q_heads,) for c in found.calls):
+        reason = f"{name}'s attention sinks are not one logit a query head"
     elif (ours - theirs).abs().max() > 1e-3 * theirs.abs().max() + 1e-5:
         reason = f"{name}'s logits are not its LM head's output{found.logits.describe() or ' as is'}"
     return replace(found, reason=reason)
@@ -187,7 +200,7 @@ class GenericRunner:
         self.windows = [c.window for c in found.calls]
         self.softcaps = [c.softcap for c in found.calls]
         self.attention = make_attention(attention, pool, self.windows, found.calls[0].q_heads, found.calls[0].scaling,
-                                        self.softcaps)
+                                        self.softcaps, [c.sinks for c in found.calls])
         self.head = model.get_output_embeddings()
         self.linear_head = found.logits.linear
         self.kernels = Kernels(f"the model's own forward (transformers), attention through {PAGED!r}",

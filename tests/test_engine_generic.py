@@ -206,3 +206,20 @@ def test_training_refuses_a_model_whose_logits_the_fused_losses_would_get_wrong(
     with pytest.raises(ValueError, match="logits capped at 2.*cannot train it yet"):
         PolicyModule(tiny_family("gemma2", tiny_loaded.tokenizer))
     PolicyModule(tiny_family("qwen3", tiny_loaded.tokenizer))  # no transform: trains as before
+
+
+def test_building_an_engine_probes_the_model_once(tiny_loaded, monkeypatch):
+    """make_generator decides the runner with one probe and builds the engine with it; the fast
+    path's models are not probed at all."""
+    from cai_fast.engine import generic
+
+    runs = []
+    real = generic.probe
+    monkeypatch.setattr(generic, "probe", lambda model: runs.append(type(model).__name__) or real(model))
+    gemma2 = LoadedModel(tiny_family("gemma2", tiny_loaded.tokenizer), tiny_loaded.tokenizer, "gemma2")
+    assert isinstance(make_generator(gemma2).runner, GenericRunner) and runs == ["Gemma2ForCausalLM"]
+    llama = LoadedModel(tiny_family("llama", tiny_loaded.tokenizer), tiny_loaded.tokenizer, "llama")
+    make_generator(llama)
+    assert runs == ["Gemma2ForCausalLM"]
+    engine_for(gemma2)  # an engine built directly probes once too
+    assert runs == ["Gemma2ForCausalLM"] * 2

@@ -15,7 +15,8 @@ what each layer passes (heads, head size, scale, window, score cap, attention si
 backend, and a model whose calls or logits the runner could not reproduce is refused with the reason.
 
 `GenericRunner` is the twin of the fused `PagedRunner` (the Llama family's fast path): tests hold
-the two equal on Llama, Qwen2 and Mistral. `make_runner` picks one, once, when the engine is built.
+the two equal on Llama, Qwen2 and Mistral. `choose_runner` picks one, once, when the engine is built
+(probing the model once), and `make_runner` builds it.
 """
 
 from __future__ import annotations
@@ -163,36 +164,45 @@ def attention_named(decoder, name: str):
             c._attn_implementation = before[key]
 
 
-def generic_unsupported_reason(model) -> str | None:
-    """Why the generic runner cannot run `model` (None when it can)."""
-    return probe(model).reason
+@dataclass(frozen=True)
+class RunnerChoice:
+    """The runner `choose_runner` picked for a model: "fast" or "generic"; the generic runner's probe
+    of the model where it ran (None: it did not); why the picked runner cannot run it (None: it can)."""
+
+    kind: str
+    probe: Probe | None = None
+    reason: str | None = None
 
 
-def runner_unsupported_reason(model, runner: str = "auto") -> str | None:
-    """Why the runner `runner` names (see `make_runner`) cannot run `model` (None when it can)."""
-    if runner == "fast":
-        return unsupported_reason(model)
-    if runner == "auto" and unsupported_reason(model) is None:
-        return None
-    return generic_unsupported_reason(model)
+def choose_runner(model, runner: str = "auto") -> RunnerChoice:
+    """The runner `runner` names for `model`: "fast", "generic", or "auto" (the fast path where it runs
+    the model, else the generic one), probing the model (`probe`) only for the generic runner, once."""
+    if runner != "generic":
+        reason = unsupported_reason(model)
+        if reason is None or runner == "fast":
+            return RunnerChoice("fast", reason=reason)
+    found = probe(model)
+    return RunnerChoice("generic", found, found.reason)
 
 
-def make_runner(model, pool: KVPool, config) -> "PagedRunner | GenericRunner":
-    """The runner `config.runner` names (an EngineConfig): "fast", "generic", or "auto" (the fast
-    path where it runs the model, else the generic one)."""
-    if config.runner == "generic" or (config.runner == "auto" and unsupported_reason(model) is not None):
+def make_runner(model, pool: KVPool, config, choice: RunnerChoice | None = None) -> "PagedRunner | GenericRunner":
+    """The runner `config.runner` names (an EngineConfig; see `choose_runner`), or `choice` where the
+    caller has chosen it for this model already."""
+    choice = choice or choose_runner(model, config.runner)
+    if choice.kind == "generic":
         if config.compile != "none":
             raise ValueError(f"compile={config.compile!r} compiles the fast runner's decode step; "
                              f"{type(model).__name__} runs on the generic runner: use compile='none'")
-        return GenericRunner(model, pool, config.attention)
+        return GenericRunner(model, pool, config.attention, choice.probe)
     return PagedRunner(model, pool, config.attention, config.fused, config.compile, config.linear, config.decode_loop)
 
 
 class GenericRunner:
     """Runs any model `probe` accepts over a KVPool (see the module docstring)."""
 
-    def __init__(self, model, pool: KVPool, attention: str = "auto"):
-        self.probe = found = probe(model)
+    def __init__(self, model, pool: KVPool, attention: str = "auto", found: Probe | None = None):
+        """found: `probe(model)`, where the caller has run it already."""
+        self.probe = found = found or probe(model)
         if found.reason:
             raise ValueError(f"the paged engine cannot run this model: {found.reason}")
         self.model, self.pool = model, pool

@@ -144,8 +144,8 @@ def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
     LoRA's adapter-disabled one) sharded with FSDP2 over two processes (batch 2 each) take the steps one process
     takes on the same global batch of 4, and save the same model, whole; PPO sharded equals PPO data-parallel
     over the same two processes (its rollouts are seeded per process, so one process samples others), its engine
-    fed the gathered weights. bf16 is autocast in one process and bf16 weights gathered under FSDP, so it is
-    held to 2e-3 only (seen: 3e-4)."""
+    fed the gathered weights, its reward model sharded. bf16 is autocast in one process and bf16 weights gathered
+    under FSDP, so it is held to 2e-3 only (seen: 3e-4)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(11, seed=7))
@@ -188,6 +188,8 @@ def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
         assert_same_run(history(fsdp, "full_shard"), history(ddp, ""),
                         keys=("reward", "kl", "pg_loss", "value_loss", "grad_norm"))
         assert_same_model(fsdp, ddp)
+        rewards = [json.loads((run / "train_result.json").read_text())["summary"]["reward"] for run in (fsdp, ddp)]
+        assert [r["sharded"] for r in rewards] == [True, False]  # the reward model is sharded with the policy
     AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "ppo0-full_shard")
 
 

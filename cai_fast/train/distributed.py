@@ -234,6 +234,13 @@ def shard_model(module: nn.Module, settings: FSDPSettings, device: torch.device,
     return module
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` is sharded with FSDP2 (`shard_model`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def full_state_dict(module: nn.Module, everywhere: bool = False, trained: bool = False) -> dict[str, torch.Tensor]:
     """The whole state dict of `module` (sharded or not; only its trained weights with `trained`) on the CPU, names
     as unsharded. Under FSDP every process must call it (it gathers); only the main process gets the tensors unless

@@ -73,6 +73,11 @@ def test_the_probe_reads_each_familys_windows_caps_and_logit_transform(tiny_load
     phi3 = probe(tiny_family("phi3", tiny_loaded.tokenizer))
     assert phi3.reason is None and phi3.logits.linear
     assert [c.window for c in probe(tiny_family("qwen3", tiny_loaded.tokenizer)).calls] == [None, WINDOW, WINDOW]
+    assert all(c.sinks is None for c in gemma2.calls)
+    gpt_oss = tiny_family("gpt_oss", tiny_loaded.tokenizer)
+    found = probe(gpt_oss)
+    assert found.reason is None and [c.window for c in found.calls] == [WINDOW, None, WINDOW]
+    assert all(c.sinks is layer.self_attn.sinks for c, layer in zip(found.calls, gpt_oss.model.layers))
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -100,7 +105,7 @@ def test_auto_picks_the_fused_runner_for_the_llama_family_and_the_generic_one_el
     gemma2 = LoadedModel(tiny_family("gemma2", tiny_loaded.tokenizer), tiny_loaded.tokenizer, "gemma2")
     with pytest.raises(ValueError, match="compile='eager' compiles the fast runner"):
         engine_for(gemma2, compile="eager")
-    with pytest.raises(ValueError, match="does not cap attention scores"):
+    with pytest.raises(ValueError, match="does not take soft-capped scores"):
         engine_for(gemma2, attention="cpu")
 
 
@@ -159,9 +164,14 @@ def test_the_engine_record_names_the_runner_and_its_kernels(tiny_loaded):
     assert record["generator"] == "CachedGenerator" and "fallback" not in record
     assert "attention through 'cai_fast_paged'" in record["kernels"]["loop"]
     assert "capped at 2" in record["kernels"]["linear"] and "soft-capped" in record["kernels"]["attention"]
+    gpt_oss = LoadedModel(tiny_family("gpt_oss", tiny_loaded.tokenizer), tiny_loaded.tokenizer, "gpt_oss")
+    assert record["kernels"]["attention"] == "torch (soft-capped scores) (pool write)"
+    assert engine_record(make_generator(gpt_oss))["kernels"]["attention"] == "torch (attention sinks) (pool write)"
+    with pytest.raises(ValueError, match="does not take attention sinks"):
+        engine_for(gpt_oss, attention="cpu")
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3_text", "gpt_oss"])
 def test_bf16_greedy_on_the_generic_path_parts_from_generate_only_at_near_ties(tiny_loaded, name):
     model = tiny_family(name, tiny_loaded.tokenizer, dtype=torch.bfloat16)
     with torch.no_grad():  # sharpen, so that most steps are far from a tie
@@ -196,3 +206,20 @@ def test_training_refuses_a_model_whose_logits_the_fused_losses_would_get_wrong(
     with pytest.raises(ValueError, match="logits capped at 2.*cannot train it yet"):
         PolicyModule(tiny_family("gemma2", tiny_loaded.tokenizer))
     PolicyModule(tiny_family("qwen3", tiny_loaded.tokenizer))  # no transform: trains as before
+
+
+def test_building_an_engine_probes_the_model_once(tiny_loaded, monkeypatch):
+    """make_generator decides the runner with one probe and builds the engine with it; the fast
+    path's models are not probed at all."""
+    from cai_fast.engine import generic
+
+    runs = []
+    real = generic.probe
+    monkeypatch.setattr(generic, "probe", lambda model: runs.append(type(model).__name__) or real(model))
+    gemma2 = LoadedModel(tiny_family("gemma2", tiny_loaded.tokenizer), tiny_loaded.tokenizer, "gemma2")
+    assert isinstance(make_generator(gemma2).runner, GenericRunner) and runs == ["Gemma2ForCausalLM"]
+    llama = LoadedModel(tiny_family("llama", tiny_loaded.tokenizer), tiny_loaded.tokenizer, "llama")
+    make_generator(llama)
+    assert runs == ["Gemma2ForCausalLM"]
+    engine_for(gemma2)  # an engine built directly probes once too
+    assert runs == ["Gemma2ForCausalLM"] * 2

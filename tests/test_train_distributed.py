@@ -21,7 +21,7 @@ from cai_fast.engine import SamplingParams, load_model, make_generator
 from cai_fast.data.prompts import render, user
 from cai_fast.train import STAGES
 from cai_fast.train.config import SFTConfig
-from cai_fast.train.distributed import fsdp_mode, gather_shards, shard_for_process
+from cai_fast.train.distributed import FSDPSettings, fsdp_mode, fsdp_settings, gather_shards, shard_for_process
 from cai_fast.train.sft import train_sft
 
 from helpers.processes import kill_tree
@@ -37,6 +37,7 @@ FSDP2_ON_CPU = """distributed_type: FSDP
 fsdp_config:
   fsdp_version: 2
   fsdp_reshard_after_forward: true
+  fsdp_cpu_ram_efficient_loading: false
 mixed_precision: 'no'
 num_machines: 1
 num_processes: 2
@@ -143,8 +144,8 @@ def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
     LoRA's adapter-disabled one) sharded with FSDP2 over two processes (batch 2 each) take the steps one process
     takes on the same global batch of 4, and save the same model, whole; PPO sharded equals PPO data-parallel
     over the same two processes (its rollouts are seeded per process, so one process samples others), its engine
-    fed the gathered weights. bf16 is autocast in one process and bf16 weights gathered under FSDP, so it is
-    held to 2e-3 only (seen: 3e-4)."""
+    fed the gathered weights, its reward model sharded. bf16 is autocast in one process and bf16 weights gathered
+    under FSDP, so it is held to 2e-3 only (seen: 3e-4)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(11, seed=7))
@@ -187,6 +188,8 @@ def test_fsdp_sharded_stages_equal_one_process(tiny_model_path, tmp_path):
         assert_same_run(history(fsdp, "full_shard"), history(ddp, ""),
                         keys=("reward", "kl", "pg_loss", "value_loss", "grad_norm"))
         assert_same_model(fsdp, ddp)
+        rewards = [json.loads((run / "train_result.json").read_text())["summary"]["reward"] for run in (fsdp, ddp)]
+        assert [r["sharded"] for r in rewards] == [True, False]  # the reward model is sharded with the policy
     AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "ppo0-full_shard")
 
 
@@ -224,6 +227,9 @@ def test_fsdp_mode_from_the_option_or_accelerate_config(monkeypatch):
     assert fsdp_mode("") == "full_shard"
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     assert fsdp_mode("") == "shard_grad_op"
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")  # the older key, which accelerate still passes
+    assert fsdp_mode("") == "shard_grad_op"
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="set fsdp_version: 2"):
         fsdp_mode("")
@@ -239,3 +245,100 @@ def test_merge_lora_under_fsdp_is_a_one_line_error(monkeypatch):
     assert common.sharding(SFTConfig(data="chats.jsonl", lora_r=4, fsdp="full_shard")) == "full_shard"
     monkeypatch.setattr(common, "process_state", lambda: SimpleNamespace(num_processes=1))
     assert common.sharding(config) == ""  # one process: nothing to shard
+
+
+LAUNCH_DEFAULTS = {  # what `accelerate launch` puts in the environment for an FSDP config that sets nothing else
+    "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "false", "FSDP_MIN_NUM_PARAMS": "100000000",
+    "FSDP_FORWARD_PREFETCH": "false", "FSDP_USE_ORIG_PARAMS": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+    "FSDP_SYNC_MODULE_STATES": "true", "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "false"}
+
+
+def test_each_accelerate_fsdp_setting_is_honoured_or_refused_by_name(monkeypatch, tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from cai_fast.train import common
+    from cai_fast.train.distributed import _units
+
+    for name in ("FSDP_AUTO_WRAP_POLICY", "FSDP_TRANSFORMER_CLS_TO_WRAP", "FSDP_BACKWARD_PREFETCH",
+                 "FSDP_STATE_DICT_TYPE", "FSDP_IGNORED_MODULES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in LAUNCH_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="^accelerate config fsdp_cpu_ram_efficient_loading: true .*set it false$"):
+        fsdp_settings("full_shard")  # accelerate's default: every process loads the whole model here
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    assert fsdp_settings("full_shard") == FSDPSettings("full_shard", sync_module_states=True)
+    refused = [("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy"),
+               ("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT", "fsdp_state_dict_type"),
+               ("FSDP_BACKWARD_PREFETCH", "BACKWARD_POST", "fsdp_backward_prefetch"),
+               ("FSDP_USE_ORIG_PARAMS", "false", "fsdp_use_orig_params"),
+               ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "true", "fsdp_activation_checkpointing_offload"),
+               ("FSDP_IGNORED_MODULES", "lm_head", "fsdp_ignored_modules"),
+               ("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD", "fsdp_sharding_strategy")]
+    for name, value, key in refused:
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(ValueError, match=f"^accelerate config {key}: {value} is not supported"):
+                fsdp_settings("full_shard")
+    honoured = {"FSDP_OFFLOAD_PARAMS": "true", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaMLP, LlamaAttention", "FSDP_FORWARD_PREFETCH": "true",
+                "FSDP_BACKWARD_PREFETCH": "NO_PREFETCH", "FSDP_SYNC_MODULE_STATES": "false",
+                "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+    for name, value in honoured.items():
+        monkeypatch.setenv(name, value)
+    settings = fsdp_settings("shard_grad_op")
+    assert settings == FSDPSettings("shard_grad_op", offload=True, units=("LlamaMLP", "LlamaAttention"),
+                                    forward_prefetch=True, backward_prefetch=False, activation_checkpointing=True)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    layers = len(model.model.layers)
+    assert [type(m).__name__ for m in _units(model, settings)] == ["LlamaMLP", "LlamaAttention"] * layers
+    assert [type(m).__name__ for m in _units(model, FSDPSettings())] == ["LlamaDecoderLayer"] * layers
+    assert _units(model, FSDPSettings(no_wrap=True)) == []
+    with pytest.raises(ValueError, match="names Nope, which LlamaForCausalLM does not hold; its blocks are Llama"):
+        _units(model, FSDPSettings(units=("Nope",)))
+    with pytest.raises(ValueError, match="cls_to_wrap: Embedding lie outside the transformer blocks"):
+        _units(model, FSDPSettings(units=("Embedding",)))
+    monkeypatch.setattr(common, "process_state", lambda: SimpleNamespace(num_processes=2))
+    trained = common.prepare_for_training(model, SFTConfig(data="chats.jsonl"))
+    assert trained.is_activation_checkpointing  # fsdp_activation_checkpointing, as --gradient-checkpointing
+
+
+FSDP2_EVERY_SETTING = """distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: false
+  fsdp_offload_params: true
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer,LlamaMLP
+  fsdp_forward_prefetch: true
+  fsdp_backward_prefetch: NO_PREFETCH
+  fsdp_activation_checkpointing: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_sync_module_states: true
+  fsdp_cpu_ram_efficient_loading: false
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+def test_an_fsdp_config_with_every_honoured_setting_trains_as_one_process(tiny_model_path, tmp_path):
+    """CPU offload, nested units of the named classes, forward prefetch, no backward prefetch, activation
+    checkpointing and synced module states, from an accelerate config: the steps one process takes."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(11, seed=7))
+    fields = dict(model=str(tiny_model_path), data=str(data), lr=3e-3, max_steps=3, save_every=0, seed=1,
+                  dtype="float32")
+    launch({"train": [["sft", {**fields, "out": str(tmp_path / "two"), "batch_size": 2}]]}, tmp_path,
+           FSDP2_EVERY_SETTING)
+    train_sft(SFTConfig(**fields, out=str(tmp_path / "one"), batch_size=4), progress=False)
+    assert_same_run(history(tmp_path / "two", "shard_grad_op"), history(tmp_path / "one"))
+    assert_same_model(tmp_path / "two", tmp_path / "one")
+    summary = json.loads((tmp_path / "two" / "train_result.json").read_text())["summary"]
+    assert summary["fsdp_settings"] == {"mode": "shard_grad_op", "offload": True,
+                                        "units": ["LlamaDecoderLayer", "LlamaMLP"], "no_wrap": False,
+                                        "forward_prefetch": True, "backward_prefetch": False,
+                                        "sync_module_states": True, "activation_checkpointing": True}

@@ -34,12 +34,13 @@ def make_generator(loaded: LoadedModel, *, engine: str = "cached", batch_size: i
                          "open_generator(model, engine='server', server_url=...)")
     if engine == "cached":
         from .cached import CachedGenerator, EngineConfig
-        from .generic import runner_unsupported_reason
+        from .generic import choose_runner
 
         config = config or EngineConfig(max_running=batch_size, block_size=block_size)
-        reason = runner_unsupported_reason(loaded.model, config.runner)
+        choice = choose_runner(loaded.model, config.runner)  # the model is probed here alone
+        reason = choice.reason
         if reason is None:
-            return CachedGenerator(loaded.model, loaded.tokenizer, config)
+            return CachedGenerator(loaded.model, loaded.tokenizer, config, choice)
         _warn_fallback(reason)
     from .plain import PlainGenerator
 

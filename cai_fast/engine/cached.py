@@ -26,7 +26,7 @@ from ..ops import linear_logprobs, linear_option_logprobs
 from ..scheduler import make_cache, make_scheduler
 from .base import Completion, GenerationStats, SamplingParams, checked_prompts, cut_at_stop, end_of_turn_ids
 from .kv import KVPool, pool_blocks
-from .generic import RUNNERS, make_runner
+from .generic import RUNNERS, RunnerChoice, make_runner
 from .model_runner import ForwardBatch, kv_shape
 from .sampling import next_tokens, request_generator
 
@@ -157,14 +157,16 @@ class CachedGenerator:
     `RequestTooLargeError` naming every one, before computing anything.
     """
 
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, choice: RunnerChoice | None = None):
+        """choice: the runner `cai_fast.engine.generic.choose_runner` picked for `model` under this
+        config's `runner` (make_generator passes the one it checked; None: picked here)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         shape = kv_shape(model)
         blocks = pool_blocks(shape, config.block_size, config.pool_tokens, config.pool_bytes)
         self.device = model.device
         self.pool = KVPool(shape, blocks, config.block_size, self.device)
-        self.runner = make_runner(model, self.pool, config)
+        self.runner = make_runner(model, self.pool, config, choice)
         self.linear_head = self.runner.linear_head  # the logits are the LM head's output as is
         cache = make_cache(blocks, config.block_size, config.scheduler_backend)
         hold_back = config.dedup_min_tokens if config.prefix_cache else 0  # nothing to wait for uncached

@@ -11,17 +11,18 @@ backend (cai_fast.engine.attention), with the step's plan passed down as the for
 `PAGED` as their attention implementation; before and after they name what they named.
 
 `probe` runs the model once on two tokens with a recording attention (`PROBE`) and once as it is:
-what each layer passes (heads, head size, scale, window, score cap) builds the backend, and a model
-whose calls or logits the runner could not reproduce is refused with the reason.
+what each layer passes (heads, head size, scale, window, score cap, attention sinks) builds the
+backend, and a model whose calls or logits the runner could not reproduce is refused with the reason.
 
 `GenericRunner` is the twin of the fused `PagedRunner` (the Llama family's fast path): tests hold
-the two equal on Llama, Qwen2 and Mistral. `make_runner` picks one, once, when the engine is built.
+the two equal on Llama, Qwen2 and Mistral. `choose_runner` picks one, once, when the engine is built
+(probing the model once), and `make_runner` builds it.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import AttentionInterface
@@ -60,12 +61,22 @@ class LayerCall:
     scaling: float | None
     window: int | None
     softcap: float | None
+    sinks: torch.Tensor | None = field(default=None, compare=False, repr=False)  # the module's, as passed
+
+
+def _sinks(module, kwargs) -> torch.Tensor | None:
+    """The attention sinks a layer has (GPT-OSS and its kin pass them as `s_aux`; a module may hold
+    them as `sinks`): one logit a query head that joins the softmax's denominator."""
+    for found in (kwargs.get("s_aux"), kwargs.get("sinks"), getattr(module, "sinks", None)):
+        if isinstance(found, torch.Tensor):
+            return found
+    return None
 
 
 def _probe_forward(module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
                    probe_calls=None, **kwargs):
     probe_calls[module.layer_idx] = LayerCall(query.shape[1], key.shape[1], key.shape[-1], value.shape[-1], scaling,
-                                              sliding_window, softcap)
+                                              sliding_window, softcap, _sinks(module, kwargs))
     return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
@@ -113,11 +124,14 @@ def probe(model) -> Probe:
     elif any(c.head_dim != c.value_dim for c in found.calls):
         reason = f"{name}'s keys and values differ in head size (latent attention); the KV pool holds one size"
     elif {(c.kv_heads, c.head_dim) for c in found.calls} != {(shape.kv_heads, shape.head_dim)}:
-        reason = f"{name}'s layers attend with KV heads x head size other than its config's {shape.kv_heads} x {shape.head_dim}"
+        reason = (f"{name}'s layers attend with KV heads x head size other than its config's "
+                  f"{shape.kv_heads} x {shape.head_dim}")
     elif len({c.scaling for c in found.calls}) != 1 or found.calls[0].scaling is None:
         reason = f"{name}'s layers attend with different (or no) score scales"
     elif [c.window for c in found.calls] != layer_windows(config):
         reason = f"{name}'s layers attend with sliding windows {[c.window for c in found.calls]}, not its config's"
+    elif any(c.sinks is not None and c.sinks.shape != (c.q_heads,) for c in found.calls):
+        reason = f"{name}'s attention sinks are not one logit a query head"
     elif (ours - theirs).abs().max() > 1e-3 * theirs.abs().max() + 1e-5:
         reason = f"{name}'s logits are not its LM head's output{found.logits.describe() or ' as is'}"
     return replace(found, reason=reason)
@@ -150,36 +164,45 @@ def attention_named(decoder, name: str):
             c._attn_implementation = before[key]
 
 
-def generic_unsupported_reason(model) -> str | None:
-    """Why the generic runner cannot run `model` (None when it can)."""
-    return probe(model).reason
+@dataclass(frozen=True)
+class RunnerChoice:
+    """The runner `choose_runner` picked for a model: "fast" or "generic"; the generic runner's probe
+    of the model where it ran (None: it did not); why the picked runner cannot run it (None: it can)."""
+
+    kind: str
+    probe: Probe | None = None
+    reason: str | None = None
 
 
-def runner_unsupported_reason(model, runner: str = "auto") -> str | None:
-    """Why the runner `runner` names (see `make_runner`) cannot run `model` (None when it can)."""
-    if runner == "fast":
-        return unsupported_reason(model)
-    if runner == "auto" and unsupported_reason(model) is None:
-        return None
-    return generic_unsupported_reason(model)
+def choose_runner(model, runner: str = "auto") -> RunnerChoice:
+    """The runner `runner` names for `model`: "fast", "generic", or "auto" (the fast path where it runs
+    the model, else the generic one), probing the model (`probe`) only for the generic runner, once."""
+    if runner != "generic":
+        reason = unsupported_reason(model)
+        if reason is None or runner == "fast":
+            return RunnerChoice("fast", reason=reason)
+    found = probe(model)
+    return RunnerChoice("generic", found, found.reason)
 
 
-def make_runner(model, pool: KVPool, config) -> "PagedRunner | GenericRunner":
-    """The runner `config.runner` names (an EngineConfig): "fast", "generic", or "auto" (the fast
-    path where it runs the model, else the generic one)."""
-    if config.runner == "generic" or (config.runner == "auto" and unsupported_reason(model) is not None):
+def make_runner(model, pool: KVPool, config, choice: RunnerChoice | None = None) -> "PagedRunner | GenericRunner":
+    """The runner `config.runner` names (an EngineConfig; see `choose_runner`), or `choice` where the
+    caller has chosen it for this model already."""
+    choice = choice or choose_runner(model, config.runner)
+    if choice.kind == "generic":
         if config.compile != "none":
             raise ValueError(f"compile={config.compile!r} compiles the fast runner's decode step; "
                              f"{type(model).__name__} runs on the generic runner: use compile='none'")
-        return GenericRunner(model, pool, config.attention)
+        return GenericRunner(model, pool, config.attention, choice.probe)
     return PagedRunner(model, pool, config.attention, config.fused, config.compile, config.linear, config.decode_loop)
 
 
 class GenericRunner:
     """Runs any model `probe` accepts over a KVPool (see the module docstring)."""
 
-    def __init__(self, model, pool: KVPool, attention: str = "auto"):
-        self.probe = found = probe(model)
+    def __init__(self, model, pool: KVPool, attention: str = "auto", found: Probe | None = None):
+        """found: `probe(model)`, where the caller has run it already."""
+        self.probe = found = found or probe(model)
         if found.reason:
             raise ValueError(f"the paged engine cannot run this model: {found.reason}")
         self.model, self.pool = model, pool
@@ -187,7 +210,7 @@ class GenericRunner:
         self.windows = [c.window for c in found.calls]
         self.softcaps = [c.softcap for c in found.calls]
         self.attention = make_attention(attention, pool, self.windows, found.calls[0].q_heads, found.calls[0].scaling,
-                                        self.softcaps)
+                                        self.softcaps, [c.sinks for c in found.calls])
         self.head = model.get_output_embeddings()
         self.linear_head = found.logits.linear
         self.kernels = Kernels(f"the model's own forward (transformers), attention through {PAGED!r}",

@@ -40,7 +40,8 @@ from ..store import RunFolderError, RunStore, read_json, unwritable, write_atomi
 from .config import PPOConfig, TrainConfig
 from .data import PreferencePair, TokenBatch, TrainDataError, check_data_path, tokenized_records
 from .distributed import (
-    bind_device, fsdp_mode, full_state_dict, make_accelerator, process_state, shard_for_process, shard_model,
+    bind_device, fsdp_mode, fsdp_settings, full_state_dict, make_accelerator, process_state, shard_for_process,
+    shard_model,
 )
 
 
@@ -93,8 +94,10 @@ def with_lora(model, config: TrainConfig, task_type: str):
 
 
 def prepare_for_training(model, config: TrainConfig):
-    """The model in train mode, with gradient checkpointing when config asks (before LoRA is added)."""
-    if config.gradient_checkpointing:
+    """The model in train mode, with gradient checkpointing when config asks, or the accelerate FSDP config's
+    fsdp_activation_checkpointing (before LoRA is added)."""
+    mode = sharding(config)
+    if config.gradient_checkpointing or (mode and fsdp_settings(mode).activation_checkpointing):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
@@ -229,6 +232,8 @@ def sharding(config: TrainConfig) -> str:
     if mode and config.merge_lora:
         raise ValueError("--merge-lora under FSDP: save the adapter (--merge-lora 0) and merge it afterwards "
                          "(peft's merge_and_unload)")
+    if mode:
+        fsdp_settings(mode)  # refuses the accelerate FSDP settings that the training loops cannot honour
     return mode
 
 
@@ -295,9 +300,10 @@ class TrainRun:
         self.accelerator = make_accelerator(config.mixed_precision, trackers(config.report_to), self.out,
                                             cpu=placement(config).device.type == "cpu")
         self.sharding = sharding(config)
+        self.fsdp = fsdp_settings(self.sharding) if self.sharding else None
         module = module.to(self.accelerator.device)
         if self.sharding:
-            module = shard_model(module, self.sharding, self.device, self.accelerator.mixed_precision)
+            module = shard_model(module, self.fsdp, self.device, self.accelerator.mixed_precision)
         self.params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(optimizer, config, optimizer_steps or steps)
@@ -318,7 +324,7 @@ class TrainRun:
     def frozen(self, module: nn.Module) -> nn.Module:
         """A model the run only reads (DPO/PPO's reference), sharded like the trained one under FSDP."""
         if self.sharding and any(True for _ in module.parameters()):
-            return shard_model(module, self.sharding, self.device, self.accelerator.mixed_precision)
+            return shard_model(module, self.fsdp, self.device, self.accelerator.mixed_precision)
         return module
 
     def optimizer_step(self) -> float:
@@ -493,6 +499,7 @@ class TrainRun:
         summary = {"stage": self.stage, "steps": self.step, "train_seconds": seconds,
                    "models": model_precisions(self.config, self.stage),
                    "autocast": self.accelerator.mixed_precision, "fsdp": self.sharding,
+                   **({"fsdp_settings": asdict(self.fsdp)} if self.fsdp else {}),
                    "final": self.history[-1] if self.history else {}, **(extra or {})}
         if self.is_main:
             save_trained(model, tokenizer, self.out, self.config, state)

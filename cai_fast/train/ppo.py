@@ -8,7 +8,8 @@ One step (in full: `PPOTrainer`): rollouts, one response per prompt sampled from
 V and log π_ref per response token); rewards −kl_coef·k1 per token plus the score on the last token, GAE
 advantages and returns; then `ppo_epochs` passes of the clipped policy and value losses over `minibatches`
 minibatches. The value function is a Linear(H, 1) head on the policy's own final hidden states. Metrics are
-logged per step to OUT/metrics.jsonl.
+logged per step to OUT/metrics.jsonl. Under FSDP the policy, a reference loaded apart and the reward model are
+sharded; the engine samples from an unsharded copy of the policy, and the judge (d-RLAIF) runs unsharded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .common import (
 )
 from .config import PPOConfig
 from .data import TokenBatch, TokenizedChat
-from .distributed import full_state_dict, process_state
+from .distributed import full_state_dict, is_sharded, process_state
 from .reward import load_reward_model
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
@@ -185,9 +186,14 @@ class PPOTrainer:
         frozen = placement(config).frozen
         if config.reward_source == "judge":
             self.scorer, self.reward_about = judge_reward(config, str(self.run.device), dtype_name(frozen))
-        else:
+            if self.run.sharding and self.run.is_main:
+                print("cai-fast: the judge (--reward-source judge) runs unsharded in every process: the cached "
+                      "engine needs a model's whole weights", flush=True)
+        else:  # sharded like the policy under FSDP: every process scores its equal share, so all run each forward
             self.scorer = load_reward_model(config.reward_model, device=str(self.run.device), dtype=frozen)
-            self.reward_about = {"source": "model", "reward_model": config.reward_model}
+            self.scorer.model = self.run.frozen(self.scorer.model.requires_grad_(False))
+            self.reward_about = {"source": "model", "reward_model": config.reward_model,
+                                 "sharded": is_sharded(self.scorer.model)}
 
     def _load_prompts(self) -> list[tuple[str, list[int]]]:
         """(text, rendered ids) of the prompts that leave room for a full response within max_length."""

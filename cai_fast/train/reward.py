@@ -219,15 +219,15 @@ class RewardScorer:
 
     def __init__(self, model: RewardModel, tokenizer, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.device = next(model.parameters()).device  # where the inputs go, also once the model is sharded
 
     def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
         chats = [self.chat_ids(p, r) for p, r in zip(prompts, responses)]
-        device = next(self.model.parameters()).device
         scores = []
         for i in range(0, len(chats), self.batch_size):
-            batch = TokenBatch.collate(chats[i : i + self.batch_size], self.tokenizer.pad_token_id, device)
+            batch = TokenBatch.collate(chats[i : i + self.batch_size], self.tokenizer.pad_token_id, self.device)
             scores += self.model.rewards(batch.input_ids, batch.attention_mask).tolist()
         return scores
 

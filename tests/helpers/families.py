@@ -1,7 +1,7 @@
 """Tiny random models of each decoder family the engine runs (tests/test_engine_generic.py,
 benches/bench_families.py): small enough to build in a second, with the family's distinctive parts
 switched on where a default leaves them idle (windows shorter than the test contexts, caps that
-bite, partial rotary, biases that are not zero)."""
+bite, partial rotary, biases that are not zero, attention sinks that weigh)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ FAMILIES = {  # model_type -> config fields beyond the common ones
     "gemma3_text": {"sliding_window": WINDOW},  # layers alternate sliding and full (`tiny_family`)
     "phi3": {"partial_rotary_factor": 0.5, "sliding_window": None},
     "olmo2": {},
+    "gpt_oss": {"sliding_window": WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2},  # sinks; layers alternate
 }
 FAST = ("llama", "qwen2", "mistral")  # the families the fused runner also runs
 
@@ -44,4 +45,6 @@ def tiny_family(family: str, tokenizer, *, seed: int = 0, dtype: torch.dtype = t
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.2)  # q/k/v biases start at zero; make them count
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0, 1.5)  # GPT-OSS's sinks start near 0; make them take weight
     return model.to(dtype)

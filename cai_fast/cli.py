@@ -72,7 +72,7 @@ def add_generation_run_options(parser: argparse.ArgumentParser, out: str) -> Non
 
 def load_generator(args: argparse.Namespace, batch_size: int, **given):
     """The generator of the command's ModelOptions (--model, --engine, --server-url, --device), with the
-    options in `given` (model, engine, server_url: a role's own) over them."""
+    options in `given` (model, engine, server_url, api_key_env: a role's own) over them."""
     from .engine import open_generator
 
     options = dataclasses.replace(dataclass_from_args(ModelOptions, args), **given)
@@ -138,7 +138,8 @@ def cmd_sl_cai(args: argparse.Namespace) -> None:
     digests = feedback_digests(config, args.engine)  # a critic or reviser that is not there: before any load
     generator = load_generator(args, config.batch_size)
     info = {**run_options(args), **digests, "limit": args.limit}
-    policy = {"model": args.model, "engine": args.engine, "server_url": args.server_url}
+    policy = {"model": args.model, "engine": args.engine, "server_url": args.server_url,
+              "api_key_env": args.api_key_env}
     feedback = feedback_generators(generator, policy, config, lambda given: load_generator(args, config.batch_size,
                                                                                            **given))
     result = run_sl_cai(generator, constitution, prompts, config, **feedback, out_dir=args.out,

@@ -35,6 +35,7 @@ from .data import Prompt, load_prompts
 from .engine import Generator, SamplingParams
 from .engine.base import complete_chats, engine_record
 from .engine.chat_api import api_usage
+from .engine.server.http import ServerError
 from .engine.loading import ModelLoadError, model_sha256
 from .labelling.pairs import same_response
 from .revisions import revision_quality, revision_verdict
@@ -87,17 +88,24 @@ def writers_of(generator: Generator, config: SLCAIConfig, policy_name: str = "po
 def feedback_generators(policy: Generator, policy_options: dict, config: SLCAIConfig,
                         open_model: Callable[[dict], Generator]) -> dict[str, Generator | None]:
     """{"critic": ..., "reviser": ...}, run_sl_cai's keywords: None for a role the policy writes (no option of its
-    own); else open_model({"model", "engine", "server_url"}: the policy's `policy_options` with the role's own
-    over them), once per distinct set (a critic that also revises is opened once), the policy's generator
-    itself where they are the policy's."""
+    own); else open_model({"model", "engine", "server_url", "api_key_env"}: the policy's `policy_options` with the
+    role's own over them; a role's own api_key_env only with engine openai), once per distinct set (a critic that
+    also revises is opened once), the policy's generator itself where they are the policy's. A role's generator
+    that cannot be opened (a chat API's key unset or refused, a server down) is a one-line error naming the role."""
     opened = {json.dumps(policy_options, sort_keys=True): policy}
     out = {}
     for role, keyword in KEYWORDS.items():
         own = config.role_options(role)
         options = {**policy_options, **own}
+        if "api_key_env" in own and options["engine"] != CHAT_API:
+            raise ValueError(f"{role}_api_key_env names an API key, but the {role} model runs on engine "
+                             f"{options['engine']}, which sends none; drop it or set {role}_engine = {CHAT_API}")
         key = json.dumps(options, sort_keys=True)
         if own and key not in opened:
-            opened[key] = open_model(options)
+            try:
+                opened[key] = open_model(options)
+            except ServerError as err:
+                raise type(err)(f"{role}_model {options['model']}: {err}") from None
         out[keyword] = opened[key] if own else None
     return out
 

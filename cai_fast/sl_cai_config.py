@@ -2,7 +2,7 @@
 pipeline config). Torch-free: imports cai_fast.config only.
 
 The critiques and the revisions are written by the policy unless `critique_*` / `revision_*` name a model,
-engine or server of their own (FEEDBACK_ROLES, role_options): an empty field is the policy's.
+engine, server or API-key variable of their own (FEEDBACK_ROLES, role_options): an empty field is the policy's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from .config import CHAT_API, ENGINES, check_finite, option
 
 REVISION_TURNS = ("chat", "fresh")
 FEEDBACK_ROLES = ("critique", "revision")  # the parts of the trace a model other than the policy may write
-ROLE_OPTIONS = ("model", "engine", "server_url")  # what a role may take of its own (ModelOptions' names)
+ROLE_OPTIONS = ("model", "engine", "server_url", "api_key_env")  # what a role may take of its own (ModelOptions')
 ROLE_FIELDS = tuple(f"{role}_{name}" for role in FEEDBACK_ROLES for name in ROLE_OPTIONS)
 
 
@@ -61,6 +61,10 @@ class SLCAIConfig:
                                      "the same as critique_model: one model, loaded once, writes both")
     revision_engine: str = option("", "backend of the revision model (default: --engine)")
     revision_server_url: str = option("", "server or chat-API URL(s) of the revision model (default: --server-url)")
+    critique_api_key_env: str = option("", "with critique_engine openai: the environment variable holding the "
+                                           "critique API's key (default: --api-key-env; the key is never written)")
+    revision_api_key_env: str = option("", "with revision_engine openai: the environment variable holding the "
+                                           "revision API's key (default: --api-key-env)")
 
     def __post_init__(self):
         check_finite(self)
@@ -86,6 +90,6 @@ class SLCAIConfig:
 
     def role_options(self, role: str) -> dict:
         """The options `role` ("critique" or "revision") sets of its own: {"model": ..., "engine": ...,
-        "server_url": ...} without the empty ones ({}: the policy writes it)."""
+        "server_url": ..., "api_key_env": ...} without the empty ones ({}: the policy writes it)."""
         values = {name: getattr(self, f"{role}_{name}") for name in ROLE_OPTIONS}
         return {name: value for name, value in values.items() if value}

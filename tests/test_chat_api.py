@@ -2,7 +2,8 @@
 (tests/helpers/fake_server.py): generation from messages, judge labels from top_logprobs with an
 option outside the top-k counted, the parsed-verdict fallback without log-probs, retries of 429
 (Retry-After honoured) and 500, one-line errors for a refused key and an unknown model, token usage
-in the summaries, the key in no file of a run folder, and resuming after the API fails."""
+in the summaries, the key in no file of a run folder, resuming after the API fails, and direct scores
+from top_logprobs or, without them, parsed from the number written."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cai_fast.engine.server import ServerError, ServerModelError
 from cai_fast.labelling.judge import COT_CLAMP, ConstitutionalJudge, JudgeConfig
 from cai_fast.labelling.pairs import Pair
 from cai_fast.labelling.run import run_labelling
+from cai_fast.labelling.trl_compat import JudgeReward
 
 from helpers.cli import one_line_error
 from helpers.fake_server import FakeServer
@@ -204,8 +206,37 @@ def test_direct_scores_from_top_logprobs_equal_the_models_digits_and_count_those
     assert bool(((bounded.score >= 1) & (bounded.score <= 9)).all())
 
 
-def test_direct_scores_without_logprobs_are_a_clear_error(api):
-    api.chat_logprobs = "absent"
-    judge = ConstitutionalJudge(connect(api), "default", JudgeConfig(principles=1))
-    with pytest.raises(ValueError, match="direct scores need the chat API's top_logprobs"):
-        judge.rate(["q"], ["a"])
+@pytest.mark.parametrize("mode", ["absent", "refused"])
+def test_direct_scores_without_logprobs_are_the_numbers_written_clamped_and_counted(api, mode):
+    """Without log-probs the score is the number the model wrote, clamped to 1..9 and certain (digit_mass 1);
+    an answer without one scores 5 (digit_mass 0); the judge's stats count both."""
+    from cai_fast.data import prompts as P
+    from cai_fast.labelling.judge import SCORE_TOKENS
+
+    api.chat_logprobs = mode
+    api.scores = {"GOOD": "Score: 12", "POOR": "I would give it a 3 out of 9.", "PLAIN": "I cannot say."}
+    judge = ConstitutionalJudge(connect(api), "default", JudgeConfig(principles=2))
+    result = judge.rate(["q1", "q2", "q3"], ["a GOOD answer", "a POOR answer", "a PLAIN answer"])
+    torch.testing.assert_close(result.score, torch.tensor([9.0, 3.0, 5.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.principle_score, torch.tensor([[9.0, 9.0], [3.0, 3.0], [5.0, 5.0]]))
+    torch.testing.assert_close(result.digit_mass, torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
+    assert result.probs[1, 0, 2] == 1 and bool((result.probs[2] == 1 / 9).all())
+    assert judge.stats.scores_parsed == 4 and judge.stats.scores_missing == 2 and judge.stats.responses_rated == 3
+    assert result.record(2)["answers"] == ["I cannot say."] * 2
+    bodies = [body for body, _ in api.chat_bodies[-6:]]
+    assert not any(b.get("logprobs") for b in bodies) and {b["max_completion_tokens"] for b in bodies} == {SCORE_TOKENS}
+    assert {b["messages"][0]["content"] for b in bodies} == {P.SCORE_DIGIT}
+    logged = {}
+    rewards = JudgeReward(judge, mode="score")(["q1", "q3"], ["a GOOD answer", "a PLAIN answer"],
+                                               log_metric=logged.__setitem__)
+    assert rewards == [9.0, 5.0] and logged["constitutional_judge/scores_parsed"] == 2
+    assert logged["constitutional_judge/scores_missing"] == 2 and judge.stats.scores_parsed == 6
+
+
+@pytest.mark.parametrize("text, score", [("7", 7), (" Score: 12", 9), ("0", 1), ("-4, sadly", 1),
+                                         ("On a scale of 1 to 9: 6.", 6), ("8/10", 8), ("6.6 out of 9", 7),
+                                         ("Score: 4 (out of 9)", 4), ("no number here", None), ("", None)])
+def test_parse_score_reads_the_first_number_past_talk_of_the_scale_and_clamps_it(text, score):
+    from cai_fast.labelling.judge import parse_score
+
+    assert parse_score(text) == score

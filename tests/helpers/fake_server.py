@@ -26,8 +26,10 @@ with a message quoting the start of the key given otherwise), 404 model_not_foun
 without them) or "refused" (400 naming logprobs), `prefer`: a word that makes the judge verdict
 scripted: a judge request whose response (A) (or (B)) holds it is answered "A" (or "B") with
 log-prob -0.1, then "C" at -2.5 (the other letter outside the top-k), or, without log-probs, a
-reasoned answer ending "The answer is: (A)"; neither holding it: the engine answers. `chat_bodies`
-keeps every chat request's body and headers.
+reasoned answer ending "The answer is: (A)"; neither holding it: the engine answers. `scores`: {word:
+answer}, a direct-score request (one response) whose text holds the word is answered that text (and, with
+log-probs, that text as its one listed token at -0.1). `chat_bodies` keeps every chat request's body and
+headers.
 
 `owned_by`: what the model cards say (None: no owned_by). Faults to order, on the generation
 endpoint, each a count of requests to spoil: `fail_next` answered 503, `drop_next` connections closed
@@ -75,6 +77,7 @@ class FakeServer:
         self.api_key: str | None = None  # the chat API: the Bearer key it asks for (None: none)
         self.rate_limit_next, self.retry_after = 0, "0"
         self.chat_logprobs, self.prefer = "full", None
+        self.scores: dict[str, str] = {}
         self.chat_bodies: list[tuple[dict, dict]] = []
         self.served = 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -156,11 +159,16 @@ class FakeServer:
         text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         wants, k = body.get("logprobs") and self.chat_logprobs == "full", body.get("top_logprobs") or 0
-        letter = _preferred(body["messages"][-1]["content"], self.prefer)
+        request = body["messages"][-1]["content"]
+        letter = _preferred(request, self.prefer)
+        scripted = None if "Response (A)" in request else next(
+            (answer for word, answer in self.scores.items() if word in request), None)
         with self.lock:
             if letter is not None:
                 top = [{"token": letter, "logprob": -0.1}, {"token": "C", "logprob": -2.5}]
                 content, n = (letter, 1) if wants else (f"The responses differ.\nThe answer is: ({letter})", 8)
+            elif scripted is not None:
+                top, content, n = [{"token": scripted, "logprob": -0.1}], scripted, 1
             else:
                 params = SamplingParams(body["max_completion_tokens"], body.get("temperature", 1.0),
                                         body.get("top_p", 1.0), body.get("seed", 0), tuple(body.get("stop") or ()))

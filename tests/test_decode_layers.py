@@ -9,15 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai_fast.engine import LoadedModel, SamplingParams, linear
+from cai_fast.engine import LoadedModel, SamplingParams, cpu_paths, linear
 from cai_fast.engine.cached import CachedGenerator, EngineConfig
 from cai_fast.engine.decode_layers import HAVE_DECODE_LAYERS
 
 from helpers.engine import random_prompts
 
 
-pytestmark = pytest.mark.skipif(not (HAVE_DECODE_LAYERS and linear.HAVE_AMX),
-                                reason="needs cai_fast._core's DecodeLayers and a CPU with AMX-BF16 tiles")
+pytestmark = pytest.mark.skipif(not (HAVE_DECODE_LAYERS and linear.HAVE_AMX and cpu_paths.amx_allowed()),
+                                reason="needs cai_fast._core's DecodeLayers and a CPU with AMX-BF16 tiles "
+                                       "(not forced off: CAI_FAST_CPU)")
 
 
 def _model(arch: str, dtype=torch.bfloat16):

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cai_fast.engine import linear
+from cai_fast.engine import cpu_paths, linear
 from cai_fast._native import _core
 
-pytestmark = pytest.mark.skipif(not linear.HAVE_AMX, reason="needs cai_fast._core and a CPU with AMX-BF16 tiles")
+pytestmark = pytest.mark.skipif(not (linear.HAVE_AMX and cpu_paths.amx_allowed()),
+                                reason="needs cai_fast._core and a CPU with AMX-BF16 tiles "
+                                       "(not forced off: CAI_FAST_CPU)")
 
 BF16_ULP = 2.0 ** -7  # bf16's relative spacing: one rounding step
 

@@ -27,7 +27,7 @@ from cai_fast.seeding import seeded_sample
 
 def test_refusal_detector_accuracy_on_its_labelled_set():
     examples = load_refusal_examples()
-    assert len(examples) >= 100 and {e["split"] for e in examples} == {"dev", "test", "model"}
+    assert len(examples) >= 100 and {e["split"] for e in examples} == {"dev", "test", "model", "revision"}
     kinds = {e["kind"] for e in examples}
     assert {"partial-help", "safe-completion", "false-trigger", "refusal-with-redirect"} <= kinds
     overall = detector_scores(examples)
@@ -35,6 +35,9 @@ def test_refusal_detector_accuracy_on_its_labelled_set():
     held_out = detector_scores([e for e in examples if e["split"] == "test"])  # not used to write the rules
     real = detector_scores([e for e in examples if e["split"] == "model"])  # SmolLM2-135M-Instruct's answers
     assert held_out["accuracy"] >= 0.85 and real["accuracy"] >= 0.9, (held_out, real)
+    # the default model's SL-CAI revisions (held out): mostly commentary, a few soft declines it misses
+    revisions = [e for e in examples if e["split"] == "revision"]
+    assert {e["refusal"] for e in revisions} == {True, False} and detector_scores(revisions)["accuracy"] >= 0.9
 
 
 @pytest.mark.parametrize("text, refused", [

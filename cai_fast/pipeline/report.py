@@ -21,7 +21,7 @@ from ..revisions import revisions_line
 from ..store import write_atomic
 from .config import RL_STAGES
 
-SPLITS = ("dev", "test", "model")  # of the refusal detector's labelled set
+SPLITS = ("dev", "test", "model", "revision")  # of the refusal detector's labelled set
 _KL = {"kl": "KL to the SFT policy (per response)", "kl_k3": "KL to the SFT policy, k3 estimate (≥ 0)"}
 CURVES = {"ppo": {"reward": "reward (mean reward-model score)", **_KL},  # by method
           "d-rlaif": {"reward": "reward (mean direct score − 5)", **_KL},
@@ -304,7 +304,8 @@ def _detector() -> list[str]:
              "Rule-based (cai_fast.evaluate.refusal.is_refusal), measured on the hand-labelled responses shipped in "
              "`cai_fast/eval_sets/refusals.jsonl` (refusal = positive). dev: written to develop the rules; test: "
              "written after them and not used to change them; model: real SmolLM2-135M-Instruct answers to the "
-             "demo's evaluation prompts, used to adjust the rules.", "",
+             "demo's evaluation prompts, used to adjust the rules; revision: the demo's SL-CAI final revisions "
+             "(SmolLM2-135M as its own critic), labelled after the rules and not used to change them.", "",
              "| split | n | accuracy | precision | recall |", "| --- | --- | --- | --- | --- |"]
     for split in SPLITS:
         s = detector_scores([e for e in examples if e.get("split") == split])

@@ -1,7 +1,7 @@
 """Batch invariance of the cached engine on the CPU: a request's greedy tokens, a scoring request's
 log-probs and its answer-position states are bit-identical whatever else is in the batch, however
-much of it was cached, in fp32 and bf16 (a resumed run batches and caches otherwise than an
-uninterrupted one)."""
+much of it was cached, in fp32 and bf16, on a tiny model and a wider one (a resumed run batches and
+caches otherwise than an uninterrupted one)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,22 @@ from cai_fast.engine import load_model
 from cai_fast.engine.base import SamplingParams
 from cai_fast.engine.cached import CachedGenerator, EngineConfig
 
+from helpers.tiny import build_tiny_model
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def loaded(request, tiny_model_path):
-    return load_model(str(tiny_model_path), device="cpu", dtype=request.param)
+@pytest.fixture(scope="module")
+def wide_model_path(tmp_path_factory):
+    """Hidden 256, MLP 512: sizes at which torch's CPU kernels (oneDNN on an AMX CPU) change blocking with
+    the row count, and which cai_fast's AMX linear takes."""
+    return build_tiny_model(tmp_path_factory.mktemp("wide-llama"), hidden=256)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float32-wide", "bfloat16-wide"])
+def loaded(request, tiny_model_path, wide_model_path):
+    dtype, _, wide = request.param.partition("-")
+    return load_model(str(wide_model_path if wide else tiny_model_path), device="cpu", dtype=dtype)
 
 
 def _prompts(loaded, n: int, seed: int = 0) -> list[list[int]]:

@@ -70,7 +70,7 @@ class DecodeLayers:
         return cls(runner, linears)
 
     def covers(self, batch, plan) -> bool:
-        """Whether this step runs here: a decode batch of at most MAX_ROWS rows (the AMX linear's)."""
+        """Whether this step runs here: a decode batch of at most linear.MAX_ROWS rows."""
         return self.runner.attention.rotates(plan) and len(batch.input_ids) <= amx.MAX_ROWS
 
     def __call__(self, batch, plan) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Each weight is packed once into the tiles' layout; each of torch's threads computes one stretch
 of it, prefetching ahead into L2, summing in fp32 tiles and rounding once to bf16 (bias added
-first), as oneDNN does. `FusedLinear` calls it for up to MAX_ROWS rows (a decode step). Taken
+first), as oneDNN does; each row's result is the same whatever rows come with it (batch
+invariance). `FusedLinear` calls it for every row count where it is taken; the C++ decode loop
+(decode_layers) for decode steps of up to MAX_ROWS rows. Taken
 where `takes` says (an AMX-BF16 CPU, bf16 weights whose sizes are multiples of 32); its twin is
 oneDNN's linear (`EngineConfig.linear="onednn"`), held to it by tests/test_linear.py.
 """
@@ -14,7 +16,7 @@ import torch
 from .._native import HAVE_AMX, _core
 from . import cpu_paths
 
-MAX_ROWS = 64  # above: oneDNN (at 2,048 rows, a prefill's, it is ~1.2x this kernel here)
+MAX_ROWS = 64  # the C++ decode loop's steps; oneDNN's linear ran ~1.2x this kernel at 2,048 rows (a prefill's)
 
 
 def takes(weight: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..ops.invariant import invariant_linear
+from ..ops.invariant import amx_cpu, invariant_linear
 from . import linear as amx
 from . import rows
 from .attention import ROTARY, BatchLayout, PagedAttention, make_attention
@@ -92,8 +92,11 @@ class FusedLinear:
     oneDNN's blocked layout and applied with oneDNN's linear, as inductor's freezing does, where
     oneDNN runs that dtype (`can_prepack`). With
     kind "auto", in bf16 on a CPU with AMX tiles (`amx.takes`), it is also packed for cai_fast's
-    AMX linear, which computes calls of up to `amx.MAX_ROWS` rows (a decode step; oneDNN keeps the
-    prefill's many rows): a second copy of the weight. prepacked=False (and fp32): `invariant_linear`.
+    AMX linear, which then computes every call: a row's result does not depend on the call's rows
+    there, while oneDNN's bf16 kernels on such a CPU take other blockings for other row counts
+    (batch invariance; benches/README.md, issue 26); its packing is a second copy of the weight. prepacked=False
+    (and fp32), and with kind "auto" on an AMX CPU where the kernel does not take the weight (its sizes,
+    CAI_FAST_CPU=avx512): `invariant_linear`.
     """
 
     def __init__(self, modules, prepack: bool = True, kind: str = "auto"):
@@ -103,11 +106,13 @@ class FusedLinear:
             [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, modules)])
         self.sizes = [m.out_features for m in modules]
         self.amx = amx.pack(weight) if prepack and kind == "auto" and amx.takes(weight) else None
-        self.prepacked = prepack and weight.is_cpu and can_prepack(weight.dtype)
+        # on an AMX CPU "auto" leaves oneDNN out (not batch-invariant there): invariant_linear where the kernel is not
+        self.prepacked = (prepack and self.amx is None and weight.is_cpu and can_prepack(weight.dtype)
+                          and not (kind == "auto" and amx_cpu()))
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.prepacked else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amx is not None and x.numel() <= amx.MAX_ROWS * x.shape[-1]:
+        if self.amx is not None:
             return amx.linear(x, self.amx, self.bias)
         if self.prepacked:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -318,7 +323,7 @@ class PagedRunner:
         if first is None:
             linear = "the model's modules"
         elif first[0].amx is not None:
-            linear = f"AMX for <= {amx.MAX_ROWS} rows, else oneDNN (prepacked)"
+            linear = "AMX (every row count: batch-invariant)"
         else:
             linear = "oneDNN (prepacked)" if first[0].prepacked else "torch (invariant_linear)"
         fuses = [f for f in self.attention.fuses if f != ROTARY or self.rotary_in_attention]

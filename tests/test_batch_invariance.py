@@ -21,8 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def wide_model_path(tmp_path_factory):
-    """Hidden 256, MLP 512: sizes at which torch's CPU kernels (oneDNN on an AMX CPU) change blocking with
-    the row count, and which cai_fast's AMX linear takes."""
+    """Hidden 256, MLP 512: sizes which cai_fast's AMX linear takes and at which oneDNN's bf16 linear on an AMX
+    CPU changes blocking with the row count (held row by row in tests/test_invariant_linear.py)."""
     return build_tiny_model(tmp_path_factory.mktemp("wide-llama"), hidden=256)
 
 

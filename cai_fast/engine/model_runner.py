@@ -94,8 +94,8 @@ class FusedLinear:
     kind "auto", in bf16 on a CPU with AMX tiles (`amx.takes`), it is also packed for cai_fast's
     AMX linear, which then computes every call: a row's result does not depend on the call's rows
     there, while oneDNN's bf16 kernels on such a CPU take other blockings for other row counts
-    (batch invariance; benches/README.md, issue 26); its packing is a second copy of the weight. prepacked=False
-    (and fp32), and with kind "auto" on an AMX CPU where the kernel does not take the weight (its sizes,
+    (batch invariance; benches/README.md, issue 26), and no other copy is kept. prepacked=False (and
+    fp32), and with kind "auto" on an AMX CPU where the kernel does not take the weight (its sizes,
     CAI_FAST_CPU=avx512): `invariant_linear`.
     """
 
@@ -109,7 +109,9 @@ class FusedLinear:
         # on an AMX CPU "auto" leaves oneDNN out (not batch-invariant there): invariant_linear where the kernel is not
         self.prepacked = (prepack and self.amx is None and weight.is_cpu and can_prepack(weight.dtype)
                           and not (kind == "auto" and amx_cpu()))
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if self.prepacked else weight
+        if self.prepacked:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.weight = None if self.amx is not None else weight  # the AMX kernel computes every call: no other copy
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx is not None:
